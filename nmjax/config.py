@@ -1,0 +1,93 @@
+"""Config helpers shared by configs/*.py and the jobs: the `file.py:k=v,flag` argument parser,
+duration arithmetic (epochs <-> steps) and field validation that fails with one clear line."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import ml_collections
+
+from nmjax.errors import ConfigError
+
+
+def _coerce(key: str, text: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if text.lower() in ("1", "true", "yes", ""):
+      return True
+    if text.lower() in ("0", "false", "no"):
+      return False
+    raise ConfigError(f"config argument {key}={text!r} is not a boolean; allowed: true/false")
+  for kind in (int, float):
+    if isinstance(default, kind):
+      try:
+        return kind(text)
+      except ValueError:
+        raise ConfigError(
+            f"config argument {key}={text!r} is not {kind.__name__}-valued") from None
+  return text
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'k=v,k2=v2,flag' against typed defaults.
+
+  A bare word sets a boolean default to True (e.g. `smoke`). Values are converted to the type of
+  their default; unknown keys fail with the list of known ones.
+  """
+  parsed = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return parsed
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(
+          f"config argument {key!r} is unknown; known: {', '.join(sorted(defaults))}")
+    if "=" not in item and not isinstance(defaults[key], bool):
+      raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
+    parsed[key] = _coerce(key, value.strip(), defaults[key])
+  return parsed
+
+
+def check_choice(config: ml_collections.ConfigDict, field: str, allowed: Iterable[str]) -> None:
+  allowed = tuple(allowed)
+  value = config[field]
+  if value not in allowed:
+    raise ConfigError(f"config.{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def check_range(config: ml_collections.ConfigDict, field: str, *, low: float | None = None,
+                high: float | None = None, low_inclusive: bool = True,
+                high_inclusive: bool = True, integer: bool = False) -> None:
+  """Fails with 'config.field=value is out of range; allowed: low <= field < high'."""
+  value = config[field]
+  ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+  if isinstance(value, bool) or not ok_type:
+    kind = "an integer" if integer else "a number"
+    raise ConfigError(f"config.{field}={value!r} is not {kind}")
+  ok = True
+  bounds = []
+  if low is not None:
+    ok &= value >= low if low_inclusive else value > low
+    bounds.append(f"{low} {'<=' if low_inclusive else '<'} ")
+  bounds.append(field)
+  if high is not None:
+    ok &= value <= high if high_inclusive else value < high
+    bounds.append(f" {'<=' if high_inclusive else '<'} {high}")
+  if not ok:
+    raise ConfigError(f"config.{field}={value} is out of range; allowed: {''.join(bounds)}")
+
+
+def total_steps(*, num_examples: int, global_batch_size: int, num_epochs: float,
+                num_train_steps: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps): num_train_steps > 0 wins over num_epochs."""
+  steps_per_epoch = num_examples // global_batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(
+        f"config.batch_size={global_batch_size} is larger than the training set"
+        f" ({num_examples} examples); allowed: 1 <= batch_size <= {num_examples}")
+  if num_train_steps > 0:
+    return steps_per_epoch, int(num_train_steps)
+  return steps_per_epoch, max(1, int(round(num_epochs * steps_per_epoch)))

@@ -1,0 +1,42 @@
+"""The model zoo: a registry from config names to ResNet factories, and their feature widths.
+
+`get_model(config.model, num_classes)` is the one way jobs build an encoder; a name outside the
+registry is a ConfigError that lists the known names.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from nmjax.errors import ConfigError
+from nmjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnet_small
+
+MODELS: dict[str, Callable[..., ResNet]] = {
+    "resnet_small": resnet_small,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+}
+
+def _check_name(name: str) -> None:
+  if name not in MODELS:
+    raise ConfigError(
+        f"config.model={name!r} is unknown; known models: {', '.join(sorted(MODELS))}")
+
+
+def get_model(name: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+  """Builds the registered model `name` with a `num_classes`-way head and compute `dtype`."""
+  _check_name(name)
+  return MODELS[name](num_classes, dtype=dtype)
+
+
+def feature_dim(name: str) -> int:
+  """Width of the pooled pre-logit features that model `name` returns."""
+  # Constructing a Linen module only fills in its dataclass fields; nothing is initialized.
+  return get_model(name, num_classes=1).feature_dim
+
+
+__all__ = [
+    "MODELS", "BasicBlock", "Bottleneck", "ResNet", "feature_dim", "get_model", "resnet18",
+    "resnet50", "resnet_small",
+]

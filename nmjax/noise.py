@@ -1,0 +1,132 @@
+"""Label and caption noise: pure numpy functions of (labels, ratio, seed) with exact counts.
+
+Every function here is a pure function of its inputs: the same call gives the same noisy labels on
+every host and after every restart, which is what lets a pre-training run be resumed or spread over
+many processes without storing the noisy labels anywhere.
+
+Conventions (REFERENCE.md s.2):
+- symmetric (default, include_true=False): exactly round(ratio * N) examples are chosen with a
+  seeded permutation and each gets a label drawn uniformly from the other C - 1 classes, so the
+  realised flip rate is exactly `ratio`.
+- symmetric with include_true=True: the chosen examples draw from all C classes (the reference's
+  downstream helper); the expected flip rate is ratio * (1 - 1/C).
+- pairflip (asymmetric): the chosen examples move to the next class, (y + 1) mod C.
+- captions: round(ratio * N) pairs get a caption from another chosen pair (a derangement), so
+  exactly that many captions are wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import numpy as np
+
+from nmjax.errors import ConfigError
+
+NOISE_TYPES = ("symmetric", "pairflip")
+
+T = TypeVar("T")
+
+
+def _check_ratio(ratio: float, field: str = "noise_ratio") -> float:
+  try:
+    ratio = float(ratio)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{field}={ratio!r} is not a number; allowed: 0 <= {field} < 1") from None
+  if not 0.0 <= ratio < 1.0:
+    raise ConfigError(f"{field}={ratio} is out of range; allowed: 0 <= {field} < 1")
+  return ratio
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  if int(num_classes) != num_classes or num_classes < 2:
+    raise ConfigError(f"num_classes={num_classes} is invalid; allowed: an integer >= 2")
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ConfigError(
+        f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ConfigError(
+        f"labels must lie in [0, {num_classes}); found values in [{labels.min()}, {labels.max()}]")
+  return labels.astype(np.int64)
+
+
+def _chosen(n: int, ratio: float, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+  """The seeded generator and exactly round(ratio * n) distinct indices to corrupt."""
+  # SeedSequence mixes a fixed tag so noise streams never coincide with other uses of `seed`.
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6E6F697A]))
+  count = int(round(ratio * n))
+  return rng, np.sort(rng.permutation(n)[:count])
+
+
+def symmetric_noise(labels: np.ndarray, ratio: float, num_classes: int, seed: int, *,
+                    include_true: bool = False) -> np.ndarray:
+  """Uniform label noise with exactly round(ratio * N) examples re-labelled.
+
+  Args:
+    labels: clean integer labels, shape (N,), values in [0, num_classes).
+    ratio: fraction of examples to corrupt, 0 <= ratio < 1.
+    num_classes: C >= 2.
+    seed: any integer; the result is a pure function of (labels, ratio, num_classes, seed).
+    include_true: False (default) draws the new label from the other C - 1 classes, so every
+      chosen label really changes; True draws from all C classes, as the reference's helper does.
+
+  Returns:
+    Noisy labels, np.int64 array of shape (N,).
+  """
+  ratio = _check_ratio(ratio)
+  labels = _check_labels(labels, num_classes)
+  rng, idx = _chosen(labels.size, ratio, seed)
+  noisy = labels.copy()
+  if include_true:
+    noisy[idx] = rng.integers(0, num_classes, size=idx.size)
+  else:
+    # An offset in [1, C) added modulo C is uniform over the C - 1 other classes.
+    noisy[idx] = (labels[idx] + rng.integers(1, num_classes, size=idx.size)) % num_classes
+  return noisy
+
+
+def pairflip_noise(labels: np.ndarray, ratio: float, num_classes: int, seed: int) -> np.ndarray:
+  """Asymmetric noise: exactly round(ratio * N) examples move from class y to (y + 1) mod C."""
+  ratio = _check_ratio(ratio)
+  labels = _check_labels(labels, num_classes)
+  _, idx = _chosen(labels.size, ratio, seed)
+  noisy = labels.copy()
+  noisy[idx] = (labels[idx] + 1) % num_classes
+  return noisy
+
+
+def apply_label_noise(labels: np.ndarray, ratio: float, num_classes: int, seed: int,
+                      noise_type: str = "symmetric") -> np.ndarray:
+  """Dispatches on the config's noise_type ('symmetric' or 'pairflip')."""
+  if noise_type == "symmetric":
+    return symmetric_noise(labels, ratio, num_classes, seed)
+  if noise_type == "pairflip":
+    return pairflip_noise(labels, ratio, num_classes, seed)
+  raise ConfigError(
+      f"config.noise_type={noise_type!r} is unknown; allowed: {', '.join(NOISE_TYPES)}")
+
+
+def shuffle_captions(captions: Sequence[T], ratio: float, seed: int) -> list[T]:
+  """Caption noise: exactly round(ratio * N) pairs receive another chosen pair's caption.
+
+  The chosen positions are permuted by a seeded derangement (no fixed point), so each of them
+  holds a caption that came from a different pair. With a single chosen pair no derangement
+  exists; then nothing can be swapped and a ConfigError explains it.
+  """
+  ratio = _check_ratio(ratio)
+  captions = list(captions)
+  rng, idx = _chosen(len(captions), ratio, seed)
+  if idx.size == 1:
+    raise ConfigError(
+        f"noise_ratio={ratio} selects one caption of {len(captions)}; at least two are needed to"
+        " swap captions")
+  if idx.size == 0:
+    return captions
+  # A random cyclic shift of a random order is a derangement of the chosen set.
+  order = rng.permutation(idx)
+  shift = int(rng.integers(1, idx.size))
+  noisy = list(captions)
+  for src, dst in zip(order, np.roll(order, shift)):
+    noisy[dst] = captions[src]
+  return noisy

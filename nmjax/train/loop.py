@@ -1,0 +1,178 @@
+"""The pre-training loop: resume from the workdir, jitted sharded steps, per-epoch evaluation,
+metrics, checkpoints, and a guard that stops on a non-finite loss.
+
+Exact resume: the checkpoint holds the train state, the data iterator's state and the running
+epoch sums, and every random choice is a function of (seed, step), so a run killed at any point
+and started again ends with bitwise the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from nmjax import parallel
+from nmjax.errors import TrainingError
+from nmjax.progress import Progress, format_seconds
+from nmjax.train import checkpoint
+from nmjax.train.state import TrainState
+from nmjax.train.steps import eval_step, train_step
+from nmjax.writers import MetricWriter
+
+
+@dataclasses.dataclass
+class LoopSpec:
+  """What the loop needs, already built by the job (nothing here reads a config file)."""
+  init_state: Callable[[], TrainState]    # pure: same state every call
+  train_iterator: Callable[[dict | None], Iterator[dict[str, np.ndarray]]]  # from saved state
+  eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+  steps_per_epoch: int
+  total_steps: int
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  compute_dtype: Any
+  label_smoothing: float = 0.0
+  log_every_steps: int = 100
+  checkpoint_every_steps: int = 500
+  max_to_keep: int = 3
+  name: str = "pretrain"
+
+
+_EPOCH_KEYS = ("loss", "correct_noisy", "correct_clean", "count")
+
+
+def _zero_sums() -> dict[str, float]:
+  return {k: 0.0 for k in _EPOCH_KEYS} | {"seconds": 0.0}
+
+
+def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
+             mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Accuracy and loss over every example exactly once (batches are padded and masked)."""
+  totals = None
+  for batch in batches:
+    sums = eval_fn(state, parallel.host_to_global(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = parallel.to_host(totals)
+  count = float(totals["count"])
+  return {"test_acc": float(totals["correct"]) / count,
+          "test_loss": float(totals["loss_sum"]) / count, "test_count": int(count)}
+
+
+def _check_finite(window: list[tuple[int, dict]], mngr, sums: dict[str, float]) -> None:
+  """Adds the window's metrics into the epoch sums, or stops at the first non-finite loss."""
+  fetched = jax.device_get([m for _, m in window])
+  for (step, _), metrics in zip(window, fetched):
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      good = mngr.latest_step()
+      where = (f"last good checkpoint: {mngr.directory / str(good)} (step {good})"
+               if good is not None else "no checkpoint was saved before it")
+      raise TrainingError(f"loss became non-finite ({loss}) at step {step}; training stopped;"
+                          f" {where}")
+    count = float(metrics["count"])
+    sums["loss"] += loss * count
+    for key in ("correct_noisy", "correct_clean", "count"):
+      sums[key] += float(metrics[key])
+
+
+def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
+                       writer: MetricWriter | None = None) -> dict[str, Any]:
+  """Runs (or resumes) training to spec.total_steps; returns the last epoch's record."""
+  mesh = mesh or parallel.make_mesh()
+  replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.data_sharded(mesh)
+  mngr = checkpoint.manager(workdir, max_to_keep=spec.max_to_keep)
+  writer = writer or MetricWriter(workdir)
+
+  abstract = checkpoint.abstract_with_sharding(jax.eval_shape(spec.init_state), replicated)
+  start_step = mngr.latest_step()
+  if start_step is None:
+    state = jax.jit(spec.init_state, out_shardings=replicated)()
+    loop_state = {"data": None, "epoch_sums": _zero_sums(), "last_record": None}
+    start_step = 0
+  else:
+    state, loop_state = checkpoint.restore(mngr, start_step, abstract)
+    print(f"[{spec.name}] resumed from {mngr.directory / str(start_step)} (step {start_step})",
+          flush=True)
+  writer.truncate_after(start_step)
+
+  step_kw = dict(mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
+                 dtype=spec.compute_dtype)
+  p_train = jax.jit(functools.partial(train_step, label_smoothing=spec.label_smoothing,
+                                      **step_kw),
+                    in_shardings=(replicated, batch_sharding),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+  p_eval = jax.jit(functools.partial(eval_step, **step_kw),
+                   in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+  sums = dict(loop_state["epoch_sums"])
+  record = loop_state.get("last_record")
+  iterator = spec.train_iterator(loop_state["data"])
+  progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ")
+  window: list[tuple[int, dict]] = []
+  interval_start = time.perf_counter()
+  num_epochs = math.ceil(spec.total_steps / spec.steps_per_epoch)
+
+  for step in range(start_step, spec.total_steps):
+    batch = parallel.host_to_global(next(iterator), mesh)
+    state, metrics = p_train(state, batch)
+    done = step + 1
+    window.append((done, metrics))
+    if step == start_step:
+      jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
+      progress.started(done)
+      interval_start = time.perf_counter()
+    end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
+    save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch
+    if done % spec.log_every_steps == 0 or save_now:
+      _check_finite(window, mngr, sums)
+      window = []
+      now = time.perf_counter()
+      sums["seconds"] += now - interval_start
+      interval_start = now
+      count = max(sums["count"], 1.0)
+      epoch = (done - 1) // spec.steps_per_epoch + 1
+      rate = progress.steps_per_second(done)
+      speed = "" if rate is None else f" | {rate * batch['image'].shape[0]:.0f} img/s"
+      progress.line(done, f"epoch {epoch}/{num_epochs} loss {sums['loss'] / count:.4f}"
+                    f" acc(noisy) {sums['correct_noisy'] / count:.4f}"
+                    f" acc(clean) {sums['correct_clean'] / count:.4f}{speed}")
+    if end_of_epoch:
+      progress.pause()
+      eval_start = time.perf_counter()
+      test = evaluate(p_eval, state, spec.eval_batches(), mesh)
+      count = max(sums["count"], 1.0)
+      record = {
+          "epoch": (done - 1) // spec.steps_per_epoch + 1,
+          "train_loss": sums["loss"] / count,
+          "train_acc_noisy": sums["correct_noisy"] / count,
+          "train_acc_clean": sums["correct_clean"] / count,
+          **test,
+          "examples_per_sec": sums["count"] / max(sums["seconds"], 1e-9),
+          "eval_seconds": time.perf_counter() - eval_start,
+      }
+      writer.write(done, record)
+      print(f"[{spec.name}] epoch {record['epoch']}: test acc {record['test_acc']:.4f}"
+            f" | train acc vs noisy {record['train_acc_noisy']:.4f}, vs clean"
+            f" {record['train_acc_clean']:.4f} | {record['examples_per_sec']:.0f} img/s",
+            flush=True)
+      sums = _zero_sums()
+      progress.resume()
+      interval_start = time.perf_counter()
+    if save_now:
+      checkpoint.save(mngr, done, state, {"data": iterator.get_state(), "epoch_sums": sums,
+                                          "last_record": record})
+
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  print(f"[{spec.name}] done: {spec.total_steps} steps in {format_seconds(progress.elapsed())};"
+        f" checkpoints in {mngr.directory}", flush=True)
+  return {"step": spec.total_steps, **(record or {})}

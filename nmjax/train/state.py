@@ -1,0 +1,54 @@
+"""Train state (params + BatchNorm statistics + optimizer) and the optimizer recipe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from nmjax.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class TrainState(train_state.TrainState):
+  """flax TrainState plus the model's BatchNorm running statistics."""
+  batch_stats: Any = None
+
+
+def learning_rate_schedule(*, base_lr: float, warmup_steps: int,
+                           total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to base_lr, then cosine decay to 0 at total_steps."""
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on kernels only: never on BatchNorm scale/bias or Dense/Conv biases."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """config.optimizer in {sgd, adamw}; weight_decay is applied to kernels only."""
+  if config.optimizer == "sgd":
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+        optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+  if config.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
+  raise ConfigError(
+      f"config.optimizer={config.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def create_train_state(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...],
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Initializes params and batch_stats with a dummy batch of `input_shape` (batch dim first)."""
+  variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}), tx=tx)

