@@ -26,7 +26,7 @@ _IDENTITY_FIELDS = ("dataset", "model", "noise_ratio", "noise_type", "seed", "ba
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field before any work; raises ConfigError with one line."""
-  sources.get_source(config.dataset)  # Unknown names list the known ones.
+  sources.get_source(config.dataset, data_dir=config.data_dir or None)  # Lists known names.
   models.get_model(config.model, num_classes=2)
   check_range(config, "noise_ratio", low=0.0, high=1.0, high_inclusive=False)
   check_choice(config, "noise_type", noise.NOISE_TYPES)
@@ -87,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
 
-  source = sources.get_source(config.dataset)
+  source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info
   train_records = _Prefix(source.data_source("train"), config.max_train_examples)
   test_records = _Prefix(source.data_source("test"), config.max_test_examples)
@@ -117,8 +117,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   def train_iterator(saved_state):
     return pipeline.train_iterator(
         train_records, labels=noisy, global_batch_size=config.batch_size, seed=config.seed,
-        crop_padding=config.crop_padding, flip=bool(config.flip and info.flip_ok),
-        start_state=saved_state, **process)
+        num_steps=num_steps, crop_padding=config.crop_padding,
+        flip=bool(config.flip and info.flip_ok), start_state=saved_state, **process)
 
   def eval_batches():
     return pipeline.eval_batches(test_records, batch_size=config.eval_batch_size, **process)

@@ -18,6 +18,7 @@ MODELS: dict[str, Callable[..., ResNet]] = {
     "resnet50": resnet50,
 }
 
+
 def _check_name(name: str) -> None:
   if name not in MODELS:
     raise ConfigError(

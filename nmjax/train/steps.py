@@ -16,8 +16,8 @@ from nmjax.train.state import TrainState
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
               dtype: Any = jnp.float32) -> jax.Array:
-  """uint8 images -> (x / 255 - mean) / std, with mean and std per channel in [0, 1] units."""
-  x = images.astype(jnp.float32) / 255.0
+  """uint8 images -> (x - mean) / std, with mean and std per channel in pixel units (0..255)."""
+  x = images.astype(jnp.float32)
   x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x.astype(dtype)
 
