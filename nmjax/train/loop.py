@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nmjax import parallel
@@ -65,17 +66,26 @@ def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, n
           "test_loss": float(totals["loss_sum"]) / count, "test_count": int(count)}
 
 
+def _diverged(mngr, what: str, step: int) -> TrainingError:
+  mngr.wait_until_finished()  # A save still in flight is good: let it commit before naming it.
+  good = mngr.latest_step()
+  where = (f"last good checkpoint: {mngr.directory / str(good)} (step {good})"
+           if good is not None else "no checkpoint was saved before it")
+  return TrainingError(f"{what} became non-finite at step {step}; training stopped; {where}")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _check_finite(window: list[tuple[int, dict]], mngr, sums: dict[str, float]) -> None:
   """Adds the window's metrics into the epoch sums, or stops at the first non-finite loss."""
   fetched = jax.device_get([m for _, m in window])
   for (step, _), metrics in zip(window, fetched):
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-      good = mngr.latest_step()
-      where = (f"last good checkpoint: {mngr.directory / str(good)} (step {good})"
-               if good is not None else "no checkpoint was saved before it")
-      raise TrainingError(f"loss became non-finite ({loss}) at step {step}; training stopped;"
-                          f" {where}")
+      raise _diverged(mngr, f"the loss ({loss})", step)
     count = float(metrics["count"])
     sums["loss"] += loss * count
     for key in ("correct_noisy", "correct_clean", "count"):
@@ -167,6 +177,9 @@ def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh 
       progress.resume()
       interval_start = time.perf_counter()
     if save_now:
+      # The loss of the last step predates its update: only finite parameters are worth saving.
+      if not bool(_all_finite((state.params, state.batch_stats))):
+        raise _diverged(mngr, "the parameters", done)
       checkpoint.save(mngr, done, state, {"data": iterator.get_state(), "epoch_sums": sums,
                                           "last_record": record})
 
