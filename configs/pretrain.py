@@ -8,8 +8,9 @@ Arguments after ':' (comma separated): dataset=NAME, model=NAME, noise=RATIO, no
 seed=INT, epochs=FLOAT, smoke (a seconds-long run on a subset, for tests).
 Any field can also be overridden as --config.FIELD=VALUE (e.g. --config.num_train_steps=200).
 
-Expected on a 2-core CPU (measured, see README): about 45 s per epoch, noise=0 reaches about
-91% test accuracy after 5 epochs.
+Expected on a 2-core CPU (measured 2026-11-27, see README): about 4.5 minutes wall (48 s per
+epoch at ~1,350 img/s); noise=0.0 reaches 90.2% test accuracy after 5 epochs; noise=0.4 reaches
+86.0%, with train accuracy 85.1% against the clean labels and 51.8% against the noisy ones.
 """
 
 from nmjax.config import parse_arg
