@@ -49,7 +49,8 @@ def test_jitted_train_step_reduces_loss_on_a_fixed_batch(optimizer):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses))
-  assert losses[-1] < losses[0] - 0.1, losses
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < 0.97 * losses[0], losses
   assert int(state.step) == 6
   assert int(metrics["count"]) == 64
   assert 0 <= int(metrics["correct_noisy"]) <= 64
