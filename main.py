@@ -24,7 +24,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+    # orbax logs every file it writes at INFO and TFDS warns while probing for datasets: keep the
+    # terminal for nmjax's own lines (--verbosity=0 brings the library logs back).
+    logging.set_verbosity(logging.ERROR)
   from nmjax import jobs
   from nmjax.errors import NmjaxError
   config = _CONFIG.value

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   config.num_epochs = args.epochs
   config.num_train_steps = -1  # > 0 wins over num_epochs.
   config.batch_size = 128      # Global, over all devices and processes.
-  config.eval_batch_size = 500
+  config.eval_batch_size = 512
   config.max_train_examples = -1  # > 0 trains on the first N records only (smoke runs).
   config.max_test_examples = -1
 
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
   if args.smoke:
     config.num_train_steps = 12
     config.batch_size = 32
-    config.eval_batch_size = 100
+    config.eval_batch_size = 80
     config.max_train_examples = 160
     config.max_test_examples = 250
     config.warmup_epochs = 0.0

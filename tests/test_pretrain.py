@@ -112,6 +112,9 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, tmp_p
     ("--config.noise_ratio=1.5", "config.noise_ratio=1.5 is out of range"),
     ("--config.noise_type=bursty", "config.noise_type='bursty' is unknown"),
     ("--config.optimizer=lion", "config.optimizer='lion' is unknown"),
+    ("--config.seed=-1", "config.seed=-1 is out of range"),
+    ("--config.batch_size=0", "config.batch_size=0 is out of range"),
+    ("--config.dataset=cifar10", "TFDS dataset 'cifar10' is not prepared"),
 ])
 def test_bad_config_one_line_nonzero_and_checkpoint_untouched(uninterrupted, override,
                                                               expected):

@@ -32,6 +32,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_choice(config, "noise_type", noise.NOISE_TYPES)
   check_choice(config, "optimizer", state_lib.OPTIMIZERS)
   check_choice(config, "dtype", tuple(DTYPES))
+  check_range(config, "seed", low=0, high=2**32 - 1, integer=True)
   check_range(config, "batch_size", low=1, integer=True)
   check_range(config, "eval_batch_size", low=1, integer=True)
   check_range(config, "num_epochs", low=0, low_inclusive=False)
