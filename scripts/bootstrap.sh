@@ -8,14 +8,23 @@ cd "$root"
 data_dir=${NMJAX_DATA_DIR:-$HOME/.cache/nmjax}
 fmnist_dir=${NMJAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 
+# pip, minus the noise some machines' pip config adds (index locations that do not exist here).
+quiet_pip() {
+  .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v -e "is ignored: it is neither a file nor a directory" -e "BuildBackendWarning" \
+          -e "^ *!!" -e "^ *\*\*\*" -e "Please be careful with folders" -e "name as your package" \
+          -e "with strategy, WheelFile" -e "^ *$" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 # 1. Virtualenv. A stamp holding the hash of requirements.txt + pyproject.toml skips pip when unchanged.
 stamp=.venv/.nmjax-installed
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] creating .venv and installing requirements.txt (about a minute)"
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+  quiet_pip -r requirements.txt
+  quiet_pip --no-deps -e .
   echo "$want" > "$stamp"
 fi
 
