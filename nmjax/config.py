@@ -80,14 +80,19 @@ def check_range(config: ml_collections.ConfigDict, field: str, *, low: float | N
     raise ConfigError(f"config.{field}={value} is out of range; allowed: {''.join(bounds)}")
 
 
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Training steps in one epoch: the last partial batch of an epoch is dropped."""
+  return num_examples // global_batch_size
+
+
 def total_steps(*, num_examples: int, global_batch_size: int, num_epochs: float,
                 num_train_steps: int) -> tuple[int, int]:
   """(steps_per_epoch, total_steps): num_train_steps > 0 wins over num_epochs."""
-  steps_per_epoch = num_examples // global_batch_size
-  if steps_per_epoch < 1:
+  epoch_steps = steps_per_epoch(num_examples, global_batch_size)
+  if epoch_steps < 1:
     raise ConfigError(
         f"config.batch_size={global_batch_size} is larger than the training set"
         f" ({num_examples} examples); allowed: 1 <= batch_size <= {num_examples}")
   if num_train_steps > 0:
-    return steps_per_epoch, int(num_train_steps)
-  return steps_per_epoch, max(1, int(round(num_epochs * steps_per_epoch)))
+    return epoch_steps, int(num_train_steps)
+  return epoch_steps, max(1, int(round(num_epochs * epoch_steps)))

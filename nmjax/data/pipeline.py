@@ -27,15 +27,11 @@ import grain
 import numpy as np
 
 from nmjax.data import transforms
+from nmjax.config import steps_per_epoch
 from nmjax.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 _STATE_VERSION = 1
-
-
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-  """Training steps in one epoch: the last partial batch of an epoch is dropped."""
-  return num_examples // global_batch_size
 
 
 def num_eval_steps(num_examples: int, batch_size: int) -> int:
