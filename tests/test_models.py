@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from nmjax.errors import ConfigError
-from nmjax.models import MODELS, Bottleneck, ResNet, feature_dim, get_model
+from nmjax.models import MODELS, Bottleneck, ResNet, ViT, feature_dim, get_model
+from nmjax.models.vit import sincos_2d_position_embedding
 
 NUM_CLASSES = 7
 
@@ -16,6 +17,7 @@ _INPUT_SHAPES = {
     "resnet_small": (2, 28, 28, 1),
     "resnet18": (2, 32, 32, 3),
     "resnet50": (2, 32, 32, 3),
+    "vit_s16": (2, 224, 224, 3),
 }
 
 
@@ -50,7 +52,7 @@ def test_outputs_are_logits_and_pooled_features(name):
   assert logits.shape == (batch, NUM_CLASSES)
   assert features.shape == (batch, feature_dim(name))
   assert logits.dtype == features.dtype == jnp.float32
-  assert set(variables) == {"params", "batch_stats"}
+  assert set(variables) == ({"params"} if name == "vit_s16" else {"params", "batch_stats"})
 
 
 def test_forward_pass_is_finite(small):
@@ -77,7 +79,7 @@ def test_bottleneck_resnet_with_imagenet_stem_runs():
 
 def test_feature_dims():
   assert {name: feature_dim(name) for name in MODELS} == {
-      "resnet_small": 64, "resnet18": 512, "resnet50": 2048}
+      "resnet_small": 64, "resnet18": 512, "resnet50": 2048, "vit_s16": 384}
 
 
 def test_batch_stats_change_in_train_mode_only(small):
@@ -115,7 +117,8 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params(small):
 
 
 def test_unknown_model_is_a_config_error_listing_known_models():
-  expected = "config.model='vgg16' is unknown; known models: resnet18, resnet50, resnet_small"
+  expected = ("config.model='vgg16' is unknown; known models: resnet18, resnet50, resnet_small,"
+              " vit_s16")
   with pytest.raises(ConfigError) as excinfo:
     get_model("vgg16", NUM_CLASSES)
   assert str(excinfo.value) == expected
@@ -152,3 +155,39 @@ def test_sgd_steps_reduce_loss_on_a_fixed_batch(small):
   assert np.all(np.isfinite(losses))
   assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
   assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_vit_s16_has_the_published_size():
+  # ViT-S/16 at 224: 196 patch tokens of width 384; about 22M parameters (21.7M + a 1000-way head).
+  model = get_model("vit_s16", 1000)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                             jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables))
+  assert 21.5e6 < count < 22.5e6, count
+  assert len([k for k in variables["params"] if k.startswith("block")]) == 12
+
+
+def test_small_vit_forward_is_finite_and_the_same_in_train_and_eval():
+  # vit_s16's code path (patches, sincos positions, pre-LN blocks, pooling) at a tiny width.
+  model = ViT(num_classes=NUM_CLASSES, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32)
+  images = _images((4, 32, 32, 3))
+  with jax.threefry_partitionable(False):
+    params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)["params"]
+  both_modes = jax.jit(lambda p, x: (model.apply({"params": p}, x, train=False),
+                                     model.apply({"params": p}, x, train=True)))
+  (logits, features), (_, train_features) = both_modes(params, images)
+  assert logits.shape == (4, NUM_CLASSES) and features.shape == (4, 16)
+  assert np.all(np.isfinite(features)) and np.std(np.asarray(features)) > 0.1
+  np.testing.assert_array_equal(logits, 0.0)  # zero-initialized head
+  np.testing.assert_array_equal(train_features, features)
+  # Each image's features depend on that image alone, and differ between images.
+  (_, reversed_features), _ = both_modes(params, images[::-1])
+  np.testing.assert_allclose(reversed_features, features[::-1], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(features[0], features[1])
+
+
+def test_sincos_position_embedding_distinguishes_every_patch():
+  embedding = sincos_2d_position_embedding(4, 5, 32)
+  assert embedding.shape == (20, 32)
+  distances = np.linalg.norm(embedding[:, None] - embedding[None], axis=-1)
+  assert np.all(distances[~np.eye(20, dtype=bool)] > 1e-3)

@@ -1,4 +1,4 @@
-"""The model zoo: a registry from config names to ResNet factories, and their feature widths.
+"""The model zoo: a registry from config names to ResNet and ViT factories, and their feature widths.
 
 `get_model(config.model, num_classes)` is the one way jobs build an encoder; a name outside the
 registry is a ConfigError that lists the known names.
@@ -11,11 +11,13 @@ import jax.numpy as jnp
 
 from nmjax.errors import ConfigError
 from nmjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnet_small
+from nmjax.models.vit import ViT, vit_s16
 
-MODELS: dict[str, Callable[..., ResNet]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet_small,
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "vit_s16": vit_s16,
 }
 
 
@@ -38,6 +40,6 @@ def feature_dim(name: str) -> int:
 
 
 __all__ = [
-    "MODELS", "BasicBlock", "Bottleneck", "ResNet", "feature_dim", "get_model", "resnet18",
-    "resnet50", "resnet_small",
+    "MODELS", "BasicBlock", "Bottleneck", "ResNet", "ViT", "feature_dim", "get_model", "resnet18",
+    "resnet50", "resnet_small", "vit_s16",
 ]
