@@ -19,10 +19,14 @@ def format_seconds(seconds: float) -> str:
 
 class Progress:
   """Tracks steps done out of `total`; the clock starts after the first measured step so that
-  compilation does not distort the rate, and `pause()`/`resume()` exclude evaluation time."""
+  compilation does not distort the rate, and `pause()`/`resume()` exclude evaluation time.
+  With `active=False` (every process but 0 of a multi-process run) it keeps time but prints
+  nothing."""
 
-  def __init__(self, total: int, *, start: int = 0, prefix: str = "", stream=None):
+  def __init__(self, total: int, *, start: int = 0, prefix: str = "", stream=None,
+               active: bool = True):
     self.total = total
+    self.active = active
     self.prefix = prefix
     self.stream = stream or sys.stdout
     self._wall_start = time.perf_counter()
@@ -59,6 +63,8 @@ class Progress:
     return None if rate is None else (self.total - step) / rate
 
   def line(self, step: int, text: str) -> None:
+    if not self.active:
+      return
     eta = self.eta(step)
     eta_text = "ETA ?" if eta is None else f"ETA {format_seconds(eta)}"
     print(f"{self.prefix}step {step}/{self.total} {text} | elapsed"

@@ -1,7 +1,8 @@
 """Metric sinks: a JSON-lines file (the record scripts read) and TensorBoard scalars.
 
 Only process 0 writes. On resume, lines past the restored step are dropped so that a replayed
-stretch of training never leaves duplicate records.
+stretch of training never leaves duplicate records; so is a torn last line (a kill in the middle
+of a write), which the replayed stretch writes again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ def _json_value(value: Any) -> Any:
   return value
 
 
+def _step_of(line: str) -> int | None:
+  """The step of a complete record line; None for a blank or torn one."""
+  if not line.endswith("\n"):
+    return None
+  try:
+    return int(json.loads(line).get("step", 0))
+  except (ValueError, AttributeError):
+    return None
+
+
 class MetricWriter:
   """Appends {'step': s, **scalars} to workdir/metrics.jsonl and to TensorBoard (workdir/tb)."""
 
@@ -38,7 +49,7 @@ class MetricWriter:
     if not self.active or not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+      keep = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
@@ -49,7 +60,7 @@ class MetricWriter:
       return
     record = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(json.dumps(record) + "\n")  # One write per record: a kill tears at most one line.
     if self._tb is not None:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):

@@ -46,6 +46,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_range(config, "log_every_steps", low=1, integer=True)
   check_range(config, "checkpoint_every_steps", low=1, integer=True)
   check_range(config, "max_to_keep", low=1, integer=True)
+  parallel.parse_mesh(config.get("mesh", "data:-1"))
+  for field, allowed in (("param_sharding", parallel.PARAM_SHARDINGS),
+                         ("distributed", parallel.DISTRIBUTED_MODES)):
+    if field in config:
+      check_choice(config, field, allowed)
 
 
 class _Prefix(Sequence):
@@ -84,7 +89,7 @@ def _check_resume_identity(config: ml_collections.ConfigDict, workdir: str) -> N
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   parallel.maybe_initialize_distributed(config)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(spec=config.get("mesh", "data:-1"))
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
 
@@ -129,10 +134,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       steps_per_epoch=steps_per_epoch, total_steps=num_steps, num_classes=info.num_classes,
       mean=tuple(info.mean), std=tuple(info.std), compute_dtype=DTYPES[config.dtype],
       label_smoothing=config.label_smoothing, log_every_steps=config.log_every_steps,
-      checkpoint_every_steps=config.checkpoint_every_steps, max_to_keep=config.max_to_keep)
+      checkpoint_every_steps=config.checkpoint_every_steps, max_to_keep=config.max_to_keep,
+      param_sharding=config.get("param_sharding", "replicated"),
+      record_examples=bool(config.get("record_examples", False)))
   changed = float(np.mean(noisy != clean))
-  print(f"[pretrain] {config.model} on {config.dataset}: {len(train_records)} train /"
-        f" {len(test_records)} test examples, noise {config.noise_type} {config.noise_ratio}"
-        f" ({changed:.4f} of labels changed), {num_steps} steps of batch {config.batch_size}"
-        f" on {mesh.devices.size} device(s), workdir {workdir}", flush=True)
+  if parallel.is_main_process():
+    print(f"[pretrain] {config.model} on {config.dataset}: {len(train_records)} train /"
+          f" {len(test_records)} test examples, noise {config.noise_type} {config.noise_ratio}"
+          f" ({changed:.4f} of labels changed), {num_steps} steps of batch {config.batch_size}"
+          f" on {mesh.devices.size} device(s) in {jax.process_count()} process(es), workdir"
+          f" {workdir}", flush=True)
   return loop.train_and_evaluate(spec, workdir, mesh=mesh)

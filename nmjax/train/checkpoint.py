@@ -1,8 +1,15 @@
 """orbax checkpoints of the train state plus the loop's JSON state (data iterator, epoch sums).
 
-A checkpoint is committed atomically by orbax (written under a temporary name and renamed when
-complete), so a kill at any moment leaves either the previous checkpoints or a new complete one;
-restore only ever sees committed steps.
+A checkpoint is committed atomically by orbax (written under a temporary name,
+`<step>.orbax-checkpoint-tmp-*`, and renamed when complete), so a kill at any moment leaves either
+the previous checkpoints or a new complete one; the manager lists and restores committed steps
+only.
+
+Multi-process: the arrays are written collectively (each process writes the shards it holds);
+the JSON loop state is written once, by the primary process, and read by every process. That is
+only right if the loop state is the same on every process, so save() checks it (a collective).
+Restoring takes the shardings from the abstract state, so a checkpoint written on 8 devices (or
+2 processes) restores onto 1 device, or any other mesh.
 """
 
 from __future__ import annotations
@@ -13,16 +20,22 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from nmjax import parallel
+
 
 def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  # Saves are asynchronous (the step loop goes on while the arrays are written); the manager
+  # also answers reached_preemption() for jax's preemption service.
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                         enable_async_checkpointing=True)
   return ocp.CheckpointManager(directory, options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, loop_state: dict[str, Any]) -> None:
+  parallel.assert_same_on_all_processes(loop_state, f"the loop state at step {step}")
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          loop=ocp.args.JsonSave(loop_state)))
+                                          loop=ocp.args.JsonSave(loop_state)), force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -32,6 +45,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
   return restored["state"], dict(restored["loop"])
 
 
-def abstract_with_sharding(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
+def abstract_with_sharding(tree: Any, sharding: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `sharding` (one Sharding, or a matching tree of them)."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, sharding)

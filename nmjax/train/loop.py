@@ -1,9 +1,19 @@
 """The pre-training loop: resume from the workdir, jitted sharded steps, per-epoch evaluation,
-metrics, checkpoints, and a guard that stops on a non-finite loss.
+metrics, checkpoints, preemption, and a guard that stops on a non-finite loss.
 
-Exact resume: the checkpoint holds the train state, the data iterator's state and the running
-epoch sums, and every random choice is a function of (seed, step), so a run killed at any point
-and started again ends with bitwise the same parameters as an uninterrupted one.
+Exact resume: the checkpoint holds the train state (its step included), the data iterator's
+state and the running epoch sums. The step itself draws no random numbers; the only randomness
+is the data order and augmentation, a pure function of (seed, stream position) inside the grain
+pipeline, whose position the iterator state records. So a run killed at any point and started
+again ends with bitwise the same parameters, and sees the same examples, as an uninterrupted one.
+
+Preemption: SIGTERM (what schedulers and TPU maintenance send first) makes the loop save a
+checkpoint after the step in flight and return cleanly. With several processes, jax's preemption
+service owns SIGTERM and picks a step at which every process saves
+(CheckpointManager.reached_preemption); alone, a Python signal handler sets a flag.
+
+Several processes: every process runs the same steps; arrays are global (jit with shardings),
+checkpoints are written collectively by orbax, and process 0 alone writes metrics and logs.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -43,10 +55,18 @@ class LoopSpec:
   log_every_steps: int = 100
   checkpoint_every_steps: int = 500
   max_to_keep: int = 3
+  param_sharding: str = "replicated"  # parallel.leaf_spec rule: replicated | model
+  record_examples: bool = False  # Write each step's example indices to examples_seen.jsonl.
   name: str = "pretrain"
 
 
 _EPOCH_KEYS = ("loss", "correct_noisy", "correct_clean", "count")
+
+
+def _say(text: str) -> None:
+  """A log line, from process 0 only (the others run the same steps)."""
+  if parallel.is_main_process():
+    print(text, flush=True)
 
 
 def _zero_sums() -> dict[str, float]:
@@ -92,6 +112,34 @@ def _check_finite(window: list[tuple[int, dict]], mngr, sums: dict[str, float]) 
       sums[key] += float(metrics[key])
 
 
+class PreemptionWatch:
+  """Says when to save and stop because the job is being preempted.
+
+  With jax.distributed running, jax's preemption service catches SIGTERM on any process and
+  agrees on a step at which all of them save (orbax's reached_preemption); it must be asked at
+  every step by every process. Without it, a SIGTERM handler (main thread only) sets a flag that
+  the next step reads. Use as a context manager: the previous handler comes back on exit.
+  """
+
+  def __init__(self, mngr):
+    self._mngr = mngr
+    self._flag = threading.Event()
+    self._previous = None
+
+  def __enter__(self) -> "PreemptionWatch":
+    if (not jax.distributed.is_initialized()
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    return self._mngr.reached_preemption(step) or self._flag.is_set()
+
+
 def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
                        writer: MetricWriter | None = None) -> dict[str, Any]:
   """Runs (or resumes) training to spec.total_steps; returns the last epoch's record."""
@@ -100,92 +148,111 @@ def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh 
   batch_sharding = parallel.data_sharded(mesh)
   mngr = checkpoint.manager(workdir, max_to_keep=spec.max_to_keep)
   writer = writer or MetricWriter(workdir)
+  examples_log = (MetricWriter(workdir, filename="examples_seen.jsonl", tensorboard=False)
+                  if spec.record_examples else None)
 
-  abstract = checkpoint.abstract_with_sharding(jax.eval_shape(spec.init_state), replicated)
-  start_step = mngr.latest_step()
+  shape = jax.eval_shape(spec.init_state)
+  state_sharding = parallel.state_shardings(shape, mesh, spec.param_sharding)
+  abstract = checkpoint.abstract_with_sharding(shape, state_sharding)
+  start_step = mngr.latest_step()  # Committed steps only: orbax skips its tmp directories.
   if start_step is None:
-    state = jax.jit(spec.init_state, out_shardings=replicated)()
+    state = jax.jit(spec.init_state, out_shardings=state_sharding)()
     loop_state = {"data": None, "epoch_sums": _zero_sums(), "last_record": None}
     start_step = 0
   else:
     state, loop_state = checkpoint.restore(mngr, start_step, abstract)
-    print(f"[{spec.name}] resumed from {mngr.directory / str(start_step)} (step {start_step})",
-          flush=True)
+    _say(f"[{spec.name}] resumed from {mngr.directory / str(start_step)} (step {start_step})")
   writer.truncate_after(start_step)
+  if examples_log is not None:
+    examples_log.truncate_after(start_step)
 
   step_kw = dict(mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
                  dtype=spec.compute_dtype)
   p_train = jax.jit(functools.partial(train_step, label_smoothing=spec.label_smoothing,
                                       **step_kw),
-                    in_shardings=(replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
+                    in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, replicated), donate_argnums=0)
   p_eval = jax.jit(functools.partial(eval_step, **step_kw),
-                   in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+                   in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
 
   sums = dict(loop_state["epoch_sums"])
   record = loop_state.get("last_record")
   iterator = spec.train_iterator(loop_state["data"])
-  progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ")
+  progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ",
+                      active=parallel.is_main_process())
   window: list[tuple[int, dict]] = []
   interval_start = time.perf_counter()
   num_epochs = math.ceil(spec.total_steps / spec.steps_per_epoch)
-
-  for step in range(start_step, spec.total_steps):
-    batch = parallel.host_to_global(next(iterator), mesh)
-    state, metrics = p_train(state, batch)
-    done = step + 1
-    window.append((done, metrics))
-    if step == start_step:
-      jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
-      progress.started(done)
-      interval_start = time.perf_counter()
-    end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
-    save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch
-    if done % spec.log_every_steps == 0 or save_now:
-      _check_finite(window, mngr, sums)
-      window = []
-      now = time.perf_counter()
-      sums["seconds"] += now - interval_start
-      interval_start = now
-      count = max(sums["count"], 1.0)
-      epoch = (done - 1) // spec.steps_per_epoch + 1
-      rate = progress.steps_per_second(done)
-      speed = "" if rate is None else f" | {rate * batch['image'].shape[0]:.0f} img/s"
-      progress.line(done, f"epoch {epoch}/{num_epochs} loss {sums['loss'] / count:.4f}"
-                    f" acc(noisy) {sums['correct_noisy'] / count:.4f}"
-                    f" acc(clean) {sums['correct_clean'] / count:.4f}{speed}")
-    if end_of_epoch:
-      progress.pause()
-      eval_start = time.perf_counter()
-      test = evaluate(p_eval, state, spec.eval_batches(), mesh)
-      count = max(sums["count"], 1.0)
-      record = {
-          "epoch": (done - 1) // spec.steps_per_epoch + 1,
-          "train_loss": sums["loss"] / count,
-          "train_acc_noisy": sums["correct_noisy"] / count,
-          "train_acc_clean": sums["correct_clean"] / count,
-          **test,
-          "examples_per_sec": sums["count"] / max(sums["seconds"], 1e-9),
-          "eval_seconds": time.perf_counter() - eval_start,
-      }
-      writer.write(done, record)
-      print(f"[{spec.name}] epoch {record['epoch']}: test acc {record['test_acc']:.4f}"
-            f" | train acc vs noisy {record['train_acc_noisy']:.4f}, vs clean"
-            f" {record['train_acc_clean']:.4f} | {record['examples_per_sec']:.0f} img/s",
-            flush=True)
-      sums = _zero_sums()
-      progress.resume()
-      interval_start = time.perf_counter()
-    if save_now:
-      # The loss of the last step predates its update: only finite parameters are worth saving.
-      if not bool(_all_finite((state.params, state.batch_stats))):
-        raise _diverged(mngr, "the parameters", done)
-      checkpoint.save(mngr, done, state, {"data": iterator.get_state(), "epoch_sums": sums,
-                                          "last_record": record})
+  preempted = False
+  with PreemptionWatch(mngr) as watch:
+    for step in range(start_step, spec.total_steps):
+      batch = parallel.host_to_global(next(iterator), mesh)
+      state, metrics = p_train(state, batch)
+      done = step + 1
+      window.append((done, metrics))
+      if examples_log is not None:
+        # Gathered from the global batch, i.e. what the step consumed on every process.
+        examples_log.write(done, {"index": parallel.gather_to_host(batch["index"]).tolist()})
+      # Asked at every step by every process (the preemption service's protocol needs that).
+      preempted = watch.reached(done) and done < spec.total_steps
+      if step == start_step:
+        jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
+        progress.started(done)
+        interval_start = time.perf_counter()
+      end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
+      save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch or preempted
+      if done % spec.log_every_steps == 0 or save_now:
+        _check_finite(window, mngr, sums)
+        window = []
+        now = time.perf_counter()
+        sums["seconds"] += now - interval_start
+        interval_start = now
+        count = max(sums["count"], 1.0)
+        epoch = (done - 1) // spec.steps_per_epoch + 1
+        rate = progress.steps_per_second(done)
+        speed = "" if rate is None else f" | {rate * batch['image'].shape[0]:.0f} img/s"
+        progress.line(done, f"epoch {epoch}/{num_epochs} loss {sums['loss'] / count:.4f}"
+                      f" acc(noisy) {sums['correct_noisy'] / count:.4f}"
+                      f" acc(clean) {sums['correct_clean'] / count:.4f}{speed}")
+      if end_of_epoch:
+        progress.pause()
+        eval_start = time.perf_counter()
+        test = evaluate(p_eval, state, spec.eval_batches(), mesh)
+        count = max(sums["count"], 1.0)
+        record = {
+            "epoch": (done - 1) // spec.steps_per_epoch + 1,
+            "train_loss": sums["loss"] / count,
+            "train_acc_noisy": sums["correct_noisy"] / count,
+            "train_acc_clean": sums["correct_clean"] / count,
+            **test,
+            "examples_per_sec": sums["count"] / max(sums["seconds"], 1e-9),
+            "eval_seconds": time.perf_counter() - eval_start,
+        }
+        writer.write(done, record)
+        _say(f"[{spec.name}] epoch {record['epoch']}: test acc {record['test_acc']:.4f}"
+             f" | train acc vs noisy {record['train_acc_noisy']:.4f}, vs clean"
+             f" {record['train_acc_clean']:.4f} | {record['examples_per_sec']:.0f} img/s")
+        sums = _zero_sums()
+        progress.resume()
+        interval_start = time.perf_counter()
+      if save_now:
+        # The loss of the last step predates its update: only finite parameters are worth saving.
+        if not bool(_all_finite((state.params, state.batch_stats))):
+          raise _diverged(mngr, "the parameters", done)
+        checkpoint.save(mngr, done, state, {"data": iterator.get_state(), "epoch_sums": sums,
+                                            "last_record": record})
+      if preempted:
+        break
 
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  print(f"[{spec.name}] done: {spec.total_steps} steps in {format_seconds(progress.elapsed())};"
-        f" checkpoints in {mngr.directory}", flush=True)
+  if examples_log is not None:
+    examples_log.close()
+  if preempted:
+    _say(f"[{spec.name}] preempted: saved {mngr.directory / str(done)} (step {done}) and stopped;"
+         " run the same command to resume")
+    return {"step": done, "preempted": True, **(record or {})}
+  _say(f"[{spec.name}] done: {spec.total_steps} steps in {format_seconds(progress.elapsed())};"
+       f" checkpoints in {mngr.directory}")
   return {"step": spec.total_steps, **(record or {})}
