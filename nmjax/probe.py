@@ -1,0 +1,368 @@
+"""Linear probes on cached frozen features: the reference AdamW protocol and a closed-form ridge.
+
+Both probes take the train and test features as a features file path, a FeatureSet or a
+(features, labels) pair of arrays (nmjax.features.as_feature_set validates them), and return a
+dict with at least
+
+    accuracy       test top-1 in [0, 1]
+    seconds        wall time of the probe (validation, compilation and fitting included)
+    num_train, num_test, feature_dim, num_classes, method ("lp" | "ridge"), train_accuracy
+
+linear_probe: the reference protocol (REFERENCE.md s.3). A Dense(C) head (He-uniform weight, zero
+bias) on the raw features (no normalization), AdamW (lr 1e-2, weight decay 1e-4, betas
+(0.9, 0.999), eps 1e-8) with a per-step cosine decay to 0 and no warm-up, batch 64, 30 epochs,
+a seeded shuffle every epoch, cross-entropy, and the last epoch's test top-1 reported. The last
+partial batch of every epoch is kept: the permutation is padded to whole batches and the padded
+rows are masked out of the loss, so that batch's mean runs over its real rows only. All epochs
+run as one jitted program (a lax.scan over epochs of a lax.scan over batches), so there is no
+Python per step and one compilation per (shapes, batch size, epochs, classes).
+
+ridge_probe: least squares on standardized features (train statistics) against +-1 one-hot
+targets with an unpenalized bias. One eigendecomposition of the centered X^T X (D x D, "primal")
+or of X X^T (N x N, "dual"), whichever is smaller, turns every lambda of the grid into a rescale
+and a matmul. Lambda is chosen by accuracy on a held-out part of the train split (stratified,
+seeded; ties go to the larger lambda), never on test; then the probe is refit on the whole train
+split with that lambda. Lambdas are per example: the penalty on ||W||^2 is lambda * n, so one value
+means the same on the held-out fit part and on the whole split. Gram matrices are accumulated in
+float32 (jitted matmuls), the eigendecompositions and everything after them run in float64 numpy.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nmjax.config import check_range
+from nmjax.errors import ConfigError, DataError
+from nmjax.features import FeatureSet, FeaturesLike, as_feature_set
+
+# How many times each jitted program was traced; tests read it to catch silent recompilation.
+TRACES: collections.Counter[str] = collections.Counter()
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The reference linear-probe defaults plus the ridge probe's grid (a locked ConfigDict)."""
+  config = ml_collections.ConfigDict()
+  config.learning_rate = 1e-2
+  config.weight_decay = 1e-4
+  config.b1 = 0.9
+  config.b2 = 0.999
+  config.eps = 1e-8
+  config.batch_size = 64
+  config.num_epochs = 30
+  config.seed = 0  # Head init and shuffling (linear_probe); the held-out split (ridge_probe).
+  # None: max label + 1 over the train and test splits.
+  config.num_classes = ml_collections.config_dict.placeholder(int)
+  # Per-example penalties (the penalty on ||W||^2 is lambda * n): 10^-6 .. 10^2, half decades.
+  config.ridge_lambdas = tuple(float(10.0 ** e) for e in np.arange(-6.0, 2.01, 0.5))
+  config.ridge_holdout_fraction = 0.2
+  config.lock()
+  return config
+
+
+def _resolve_config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """Defaults overlaid with the caller's fields; unknown fields and bad values fail here."""
+  resolved = default_config()
+  if config is not None:
+    known = set(resolved.keys())
+    for key, value in config.items():
+      if key not in known:
+        raise ConfigError(f"probe config field {key!r} is unknown; known: {', '.join(sorted(known))}")
+      with resolved.unlocked():
+        resolved[key] = value
+  for field in ("learning_rate", "eps"):
+    check_range(resolved, field, low=0.0, low_inclusive=False)
+  check_range(resolved, "weight_decay", low=0.0)
+  for field in ("b1", "b2"):
+    check_range(resolved, field, low=0.0, high=1.0, high_inclusive=False)
+  check_range(resolved, "batch_size", low=1, integer=True)
+  check_range(resolved, "num_epochs", low=1, integer=True)
+  check_range(resolved, "seed", low=0, integer=True)
+  if resolved.num_classes is not None:
+    check_range(resolved, "num_classes", low=2, integer=True)
+  check_range(resolved, "ridge_holdout_fraction", low=0.0, high=1.0, low_inclusive=False,
+              high_inclusive=False)
+  lambdas = resolved.ridge_lambdas
+  if (not isinstance(lambdas, (tuple, list)) or not lambdas
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                 for v in lambdas)):
+    raise ConfigError(f"config.ridge_lambdas={lambdas!r} is not allowed; allowed: a non-empty"
+                      " tuple of positive numbers")
+  return resolved
+
+
+def _load_splits(train: FeaturesLike, test: FeaturesLike, num_classes: int | None
+                 ) -> tuple[FeatureSet, FeatureSet, int]:
+  """Validated train/test features with the same dimension, and the number of classes."""
+  train_set = as_feature_set(train, name="probe train features", num_classes=num_classes)
+  test_set = as_feature_set(test, name="probe test features", num_classes=num_classes,
+                            feature_dim=train_set.feature_dim)
+  if num_classes is None:
+    num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
+    if num_classes < 2:
+      raise DataError("probe features: every train and test label is 0; a probe needs at least"
+                      " 2 classes")
+  return train_set, test_set, num_classes
+
+
+def _summary(method: str, train_set: FeatureSet, test_set: FeatureSet,
+             num_classes: int) -> dict[str, Any]:
+  return {"method": method, "num_train": train_set.num_examples,
+          "num_test": test_set.num_examples, "feature_dim": train_set.feature_dim,
+          "num_classes": num_classes}
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+class LinearHead(nn.Module):
+  """Dense(C) with the reference's He-uniform weight and zero bias."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.he_uniform(),
+                    bias_init=nn.initializers.zeros)(features)
+
+
+def epoch_batches(key: jax.Array, num_examples: int, batch_size: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """One epoch's shuffled batches as (indices (S, B) int32, mask (S, B) bool), S = ceil(N / B).
+
+  Every example appears exactly once with mask True; the last batch is padded with index 0 and
+  mask False, so a masked mean over it runs over its real rows only.
+  """
+  num_steps = -(-num_examples // batch_size)
+  order = jax.random.permutation(key, num_examples)
+  padding = num_steps * batch_size - num_examples
+  indices = jnp.concatenate([order, jnp.zeros((padding,), order.dtype)])
+  mask = jnp.arange(num_steps * batch_size) < num_examples
+  return indices.reshape(num_steps, batch_size), mask.reshape(num_steps, batch_size)
+
+
+def _accuracy(head: LinearHead, params: Any, features: jax.Array, labels: jax.Array) -> jax.Array:
+  predictions = jnp.argmax(head.apply({"params": params}, features), axis=-1)
+  return jnp.mean((predictions == labels).astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "batch_size", "num_epochs"))
+def train_linear_head(train_x: jax.Array, train_y: jax.Array, test_x: jax.Array,
+                      test_y: jax.Array, key: jax.Array, hparams: dict[str, jax.Array], *,
+                      num_classes: int, batch_size: int, num_epochs: int
+                      ) -> tuple[Any, jax.Array, jax.Array]:
+  """The whole reference protocol as one program: (params, test accuracy per epoch, train acc).
+
+  hparams holds learning_rate, weight_decay, b1, b2, eps as traced scalars, so changing them
+  does not recompile.
+  """
+  TRACES["train_linear_head"] += 1
+  num_examples = train_x.shape[0]
+  steps_per_epoch = -(-num_examples // batch_size)
+  head = LinearHead(num_classes)
+  init_key, shuffle_key = jax.random.split(key)
+  params = head.init(init_key, train_x[:1])["params"]
+  schedule = optax.cosine_decay_schedule(hparams["learning_rate"],
+                                         decay_steps=steps_per_epoch * num_epochs)
+  tx = optax.adamw(schedule, b1=hparams["b1"], b2=hparams["b2"], eps=hparams["eps"],
+                   weight_decay=hparams["weight_decay"])
+
+  def loss_fn(params, features, labels, mask):
+    logits = head.apply({"params": params}, features)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.sum(mask)
+
+  def train_step(carry, batch):
+    params, opt_state = carry
+    indices, mask = batch
+    grads = jax.grad(loss_fn)(params, train_x[indices], train_y[indices], mask)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), None
+
+  def train_epoch(carry, epoch_key):
+    carry, _ = jax.lax.scan(train_step, carry, epoch_batches(epoch_key, num_examples, batch_size))
+    return carry, _accuracy(head, carry[0], test_x, test_y)
+
+  epoch_keys = jax.random.split(shuffle_key, num_epochs)
+  (params, _), test_accuracy = jax.lax.scan(train_epoch, (params, tx.init(params)), epoch_keys)
+  return params, test_accuracy, _accuracy(head, params, train_x, train_y)
+
+
+def linear_probe(train: FeaturesLike, test: FeaturesLike,
+                 config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """The reference linear probe (module docstring); returns the result dict.
+
+  Extra keys: test_accuracy_per_epoch (list of floats, one per epoch; the last is "accuracy").
+  """
+  start = time.perf_counter()
+  config = _resolve_config(config)
+  train_set, test_set, num_classes = _load_splits(train, test, config.num_classes)
+  hparams = {k: jnp.float32(config[k]) for k in ("learning_rate", "weight_decay", "b1", "b2",
+                                                  "eps")}
+  _, test_accuracy, train_accuracy = train_linear_head(
+      jnp.asarray(train_set.features), jnp.asarray(train_set.labels, jnp.int32),
+      jnp.asarray(test_set.features), jnp.asarray(test_set.labels, jnp.int32),
+      jax.random.key(config.seed), hparams, num_classes=num_classes,
+      batch_size=config.batch_size, num_epochs=config.num_epochs)
+  per_epoch = [float(a) for a in np.asarray(test_accuracy)]
+  return {**_summary("lp", train_set, test_set, num_classes), "accuracy": per_epoch[-1],
+          "train_accuracy": float(train_accuracy), "test_accuracy_per_epoch": per_epoch,
+          "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------ ridge probe
+
+
+@jax.jit
+def _gram(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(X^T X, X^T T) in float32: the only pass over the rows that costs N * D^2."""
+  TRACES["ridge_gram"] += 1
+  return x.T @ x, x.T @ targets
+
+
+def _standardize(train_x: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+  """Every array standardized with the train split's per-feature mean and std (float32)."""
+  mean = train_x.mean(axis=0, dtype=np.float64)
+  std = train_x.std(axis=0, dtype=np.float64)
+  # A constant feature carries nothing; dividing by 1 keeps it at 0 instead of NaN.
+  std = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max())), std, 1.0)
+  mean, std = mean.astype(np.float32), std.astype(np.float32)
+  return [(x - mean) / std for x in (train_x, *others)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Moments:
+  """Sufficient statistics of a least-squares fit, float64; additive over disjoint row sets."""
+  count: int
+  sum_x: np.ndarray   # (D,)
+  sum_t: np.ndarray   # (C,)
+  xx: np.ndarray      # (D, D) X^T X
+  xt: np.ndarray      # (D, C) X^T T
+
+  @classmethod
+  def of(cls, x: np.ndarray, targets: np.ndarray) -> Moments:
+    xx, xt = _gram(jnp.asarray(x, jnp.float32), jnp.asarray(targets, jnp.float32))
+    return cls(len(x), x.sum(axis=0, dtype=np.float64), targets.sum(axis=0, dtype=np.float64),
+               np.asarray(xx, np.float64), np.asarray(xt, np.float64))
+
+  def __add__(self, other: Moments) -> Moments:
+    return Moments(self.count + other.count, self.sum_x + other.sum_x, self.sum_t + other.sum_t,
+                   self.xx + other.xx, self.xt + other.xt)
+
+
+def _shrink(eigenvalues: np.ndarray, projected: np.ndarray, penalties: np.ndarray) -> np.ndarray:
+  """projected / (eigenvalue + penalty) for every penalty: (L, K, C), the per-lambda rescale."""
+  return projected[None] / (np.maximum(eigenvalues, 0.0)[None, :, None]
+                            + penalties[:, None, None])
+
+
+def primal_solutions(moments: Moments, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Ridge weights (L, D, C) and biases (L, C) from one eigendecomposition of the D x D scatter.
+
+  Minimizes ||X W + 1 b^T - T||^2 + lambda * n * ||W||^2 with b unpenalized, for every
+  per-example lambda.
+  """
+  n = moments.count
+  mean_x, mean_t = moments.sum_x / n, moments.sum_t / n
+  # Centering as a rank-one correction keeps the pass over the rows a plain matmul.
+  scatter = moments.xx - n * np.outer(mean_x, mean_x)
+  cross = moments.xt - n * np.outer(mean_x, mean_t)
+  eigenvalues, eigenvectors = np.linalg.eigh(scatter)
+  penalties = np.asarray(lambdas, np.float64) * n
+  weights = eigenvectors @ _shrink(eigenvalues, eigenvectors.T @ cross, penalties)
+  return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
+
+
+def dual_solutions(x: np.ndarray, targets: np.ndarray, lambdas: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The same solutions as primal_solutions from one eigendecomposition of the n x n Gram."""
+  n = len(x)
+  mean_x = x.mean(axis=0, dtype=np.float64)
+  mean_t = targets.mean(axis=0, dtype=np.float64)
+  centered = np.asarray(x, np.float64) - mean_x
+  eigenvalues, eigenvectors = np.linalg.eigh(centered @ centered.T)
+  penalties = np.asarray(lambdas, np.float64) * n
+  coefficients = eigenvectors @ _shrink(eigenvalues, eigenvectors.T @ (targets - mean_t),
+                                        penalties)                      # (L, n, C)
+  weights = centered.T @ coefficients                                    # (L, D, C)
+  return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
+
+
+def _ridge_accuracies(x: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                      biases: np.ndarray) -> np.ndarray:
+  """Top-1 accuracy of every (weights[l], biases[l]) on (x, labels), one matmul for all l."""
+  num_lambdas, dim, num_classes = weights.shape
+  stacked = weights.transpose(1, 0, 2).reshape(dim, num_lambdas * num_classes)
+  scores = np.asarray(jnp.asarray(x) @ jnp.asarray(stacked, jnp.float32))
+  scores = scores.reshape(len(x), num_lambdas, num_classes) + biases[None].astype(np.float32)
+  return (scores.argmax(axis=-1) == labels[:, None]).mean(axis=0)
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(fit indices, held-out indices): round(fraction * n_c) of each class c held out, seeded."""
+  rng = np.random.default_rng(seed)
+  held_out = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    held_out.append(rng.permutation(members)[:int(round(fraction * len(members)))])
+  held = np.zeros(len(labels), bool)
+  held[np.concatenate(held_out)] = True
+  return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def ridge_probe(train: FeaturesLike, test: FeaturesLike,
+                config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """The closed-form ridge probe (module docstring); returns the result dict.
+
+  Extra keys: lambda (the chosen per-example lambda), holdout_accuracy (one per grid lambda,
+  in config.ridge_lambdas order), num_holdout, solver ("primal" | "dual" for the refit).
+  """
+  start = time.perf_counter()
+  config = _resolve_config(config)
+  train_set, test_set, num_classes = _load_splits(train, test, config.num_classes)
+  fit_idx, holdout_idx = holdout_split(train_set.labels, config.ridge_holdout_fraction,
+                                       config.seed)
+  if len(fit_idx) < 2 or len(holdout_idx) < 1:
+    raise DataError(
+        f"probe train features: {train_set.num_examples} examples leave {len(fit_idx)} to fit"
+        f" and {len(holdout_idx)} to hold out at config.ridge_holdout_fraction="
+        f"{config.ridge_holdout_fraction}; ridge_probe needs at least 2 and 1")
+  train_x, test_x = _standardize(train_set.features, test_set.features)
+  targets = (2.0 * np.eye(num_classes, dtype=np.float32)[train_set.labels] - 1.0)
+  lambdas = np.asarray(config.ridge_lambdas, np.float64)
+
+  primal = train_set.feature_dim <= len(fit_idx)
+  if primal:
+    # Two Gram passes over disjoint rows; their sum is the whole split's, so the refit costs no
+    # further pass over the data.
+    fit_moments = Moments.of(train_x[fit_idx], targets[fit_idx])
+    holdout_moments = Moments.of(train_x[holdout_idx], targets[holdout_idx])
+    weights, biases = primal_solutions(fit_moments, lambdas)
+  else:
+    weights, biases = dual_solutions(train_x[fit_idx], targets[fit_idx], lambdas)
+  holdout_accuracy = _ridge_accuracies(train_x[holdout_idx], train_set.labels[holdout_idx],
+                                       weights, biases)
+  # Ties go to the larger lambda: the smoother of equally good solutions.
+  best = max(range(len(lambdas)), key=lambda i: (holdout_accuracy[i], lambdas[i]))
+  if primal:
+    weights, biases = primal_solutions(fit_moments + holdout_moments, lambdas[best:best + 1])
+  else:
+    weights, biases = dual_solutions(train_x, targets, lambdas[best:best + 1])
+  test_accuracy = _ridge_accuracies(test_x, test_set.labels, weights, biases)[0]
+  train_accuracy = _ridge_accuracies(train_x, train_set.labels, weights, biases)[0]
+  return {**_summary("ridge", train_set, test_set, num_classes),
+          "accuracy": float(test_accuracy), "train_accuracy": float(train_accuracy),
+          "lambda": float(lambdas[best]),
+          "holdout_accuracy": [float(a) for a in holdout_accuracy],
+          "num_holdout": int(len(holdout_idx)),
+          "solver": "primal" if primal else "dual",
+          "seconds": time.perf_counter() - start}

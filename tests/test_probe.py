@@ -1,0 +1,241 @@
+"""nmjax.probe: accuracy against scikit-learn, the reference loop semantics, the ridge algebra,
+compilation counts and refusals of bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import threadpoolctl
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from nmjax import features as features_lib
+from nmjax import probe
+from nmjax.data.sources import get_source
+from nmjax.errors import ConfigError, DataError
+
+
+def _mnist_random_features(split: str, dim: int = 512) -> tuple[np.ndarray, np.ndarray]:
+  """Embedded MNIST through a fixed random ReLU layer (a randomly initialized one-layer encoder)
+  over 2x2-pooled pixels: real data, features that are not linearly trivial, cheap to make."""
+  images, labels, _ = get_source("mnist").load_arrays(split)
+  pixels = images.astype(np.float32).reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)) / 255.0
+  pixels = pixels.reshape(len(pixels), -1)
+  rng = np.random.default_rng(0)
+  weight = rng.standard_normal((pixels.shape[1], dim)).astype(np.float32) * 2.0 / 14.0
+  bias = rng.uniform(-1.0, 1.0, dim).astype(np.float32)
+  return np.maximum(pixels @ weight + bias, 0.0), labels
+
+
+def test_probes_match_sklearn_logistic_regression():
+  train, test = _mnist_random_features("train"), _mnist_random_features("test")
+  scaler = StandardScaler().fit(train[0])
+  # One BLAS thread: on a shared 2-core machine OpenBLAS threads spin against each other.
+  with threadpoolctl.threadpool_limits(1):
+    logistic = LogisticRegression(max_iter=1000).fit(scaler.transform(train[0]), train[1])
+  reference = logistic.score(scaler.transform(test[0]), test[1])
+  assert reference > 0.9  # The features carry real signal, so a tie is not a trivial one.
+
+  lp = probe.linear_probe(train, test)
+  ridge = probe.ridge_probe(train, test)
+  assert abs(lp["accuracy"] - reference) <= 0.015, (lp["accuracy"], reference)
+  assert abs(ridge["accuracy"] - reference) <= 0.015, (ridge["accuracy"], reference)
+  assert lp["accuracy"] == lp["test_accuracy_per_epoch"][-1]
+  assert len(lp["test_accuracy_per_epoch"]) == 30
+  for result in (lp, ridge):
+    assert (result["num_train"], result["num_test"]) == (8004, 1996)
+    assert (result["feature_dim"], result["num_classes"]) == (512, 10)
+    assert result["seconds"] > 0 and 0.0 <= result["train_accuracy"] <= 1.0
+  assert ridge["solver"] == "primal" and ridge["lambda"] in probe.default_config().ridge_lambdas
+
+
+def test_epoch_batches_cover_every_example_once():
+  indices, mask = probe.epoch_batches(jax.random.key(3), 130, 64)
+  assert indices.shape == mask.shape == (3, 64)
+  assert np.sort(np.asarray(indices)[np.asarray(mask)]).tolist() == list(range(130))
+  assert np.asarray(mask).sum(axis=1).tolist() == [64, 64, 2]
+
+
+# A tiny problem whose train size is not a multiple of the batch: 70 = 64 + 6.
+_N, _DIM, _CLASSES, _EPOCHS = 70, 6, 3, 2
+_HPARAMS = dict(learning_rate=1e-2, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def _tiny(seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((_N, _DIM)).astype(np.float32),
+          rng.integers(0, _CLASSES, _N).astype(np.int32))
+
+
+def _fit_tiny(x, y, key, num_epochs=_EPOCHS):
+  hparams = {k: jnp.float32(v) for k, v in _HPARAMS.items()}
+  params, _, _ = probe.train_linear_head(
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(x[:5]), jnp.asarray(y[:5]), key, hparams,
+      num_classes=_CLASSES, batch_size=64, num_epochs=num_epochs)
+  return params
+
+
+def test_scanned_training_equals_a_plain_loop_over_real_rows():
+  """The jitted scan with padded, masked batches does what a Python loop over the real rows
+  of each batch (the last one holding 6) does, step for step."""
+  x, y = _tiny()
+  key = jax.random.key(7)
+  params = _fit_tiny(x, y, key)
+
+  head = probe.LinearHead(_CLASSES)
+  init_key, shuffle_key = jax.random.split(key)
+  expected = head.init(init_key, x[:1])["params"]
+  tx = optax.adamw(optax.cosine_decay_schedule(_HPARAMS["learning_rate"], 2 * _EPOCHS),
+                   b1=_HPARAMS["b1"], b2=_HPARAMS["b2"], eps=_HPARAMS["eps"],
+                   weight_decay=_HPARAMS["weight_decay"])
+  opt_state = tx.init(expected)
+
+  def loss_fn(params, features, labels):
+    logits = head.apply({"params": params}, features)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def step(params, opt_state, features, labels):
+    updates, opt_state = tx.update(jax.grad(loss_fn)(params, features, labels), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  batch_sizes = []
+  for epoch_key in jax.random.split(shuffle_key, _EPOCHS):
+    indices, mask = (np.asarray(a) for a in probe.epoch_batches(epoch_key, _N, 64))
+    for batch_indices, batch_mask in zip(indices, mask):
+      real = batch_indices[batch_mask]
+      batch_sizes.append(len(real))
+      expected, opt_state = step(expected, opt_state, x[real], y[real])
+  assert batch_sizes == [64, 6] * _EPOCHS
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(params["Dense_0"][name], expected["Dense_0"][name], atol=2e-6)
+
+
+def test_an_example_only_in_the_last_batch_moves_the_head():
+  """One epoch of 70 = 64 + 6: an example of the 6-row last batch is seen nowhere else, so its
+  label would not matter if that batch were dropped."""
+  x, y = _tiny()
+  key = jax.random.key(7)
+  _, shuffle_key = jax.random.split(key)
+  indices, mask = (np.asarray(a) for a in probe.epoch_batches(
+      jax.random.split(shuffle_key, 1)[0], _N, 64))
+  example = int(indices[-1][mask[-1]][0])
+  changed = y.copy()
+  changed[example] = (changed[example] + 1) % _CLASSES
+  before = _fit_tiny(x, y, key, num_epochs=1)["Dense_0"]["kernel"]
+  after = _fit_tiny(x, changed, key, num_epochs=1)["Dense_0"]["kernel"]
+  assert not np.allclose(before, after, atol=1e-7)
+
+
+def test_linear_probe_compiles_once_per_shape():
+  config = probe.default_config()
+  config.num_epochs = 3
+  first = probe.linear_probe(_tiny(0), _tiny(1), config)
+  traced = probe.TRACES["train_linear_head"]
+  config.seed = 5
+  config.learning_rate = 0.05
+  second = probe.linear_probe(_tiny(2), _tiny(3), config)
+  assert probe.TRACES["train_linear_head"] == traced  # New data, seed and lr: no new trace.
+  assert len(first["test_accuracy_per_epoch"]) == len(second["test_accuracy_per_epoch"]) == 3
+
+
+@pytest.mark.parametrize("rows", [50, 12])
+def test_ridge_solutions_match_a_direct_solve(rows):
+  rng = np.random.default_rng(rows)
+  x = rng.standard_normal((rows, 20)) + 1.5
+  targets = rng.standard_normal((rows, 4))
+  lambdas = np.array([1e-3, 0.1, 3.0])
+  # Direct: [X 1] [W; b] = T with the penalty lambda * n on W only, in float64.
+  augmented = np.hstack([x, np.ones((rows, 1))])
+  for i, lam in enumerate(lambdas):
+    penalty = np.diag(np.r_[np.full(20, lam * rows), 0.0])
+    direct = np.linalg.solve(augmented.T @ augmented + penalty, augmented.T @ targets)
+    dual_w, dual_b = probe.dual_solutions(x, targets, lambdas)
+    np.testing.assert_allclose(dual_w[i], direct[:20], atol=1e-8)
+    np.testing.assert_allclose(dual_b[i], direct[20], atol=1e-8)
+    if rows >= 20:  # The primal form accumulates X^T X in float32.
+      primal_w, primal_b = probe.primal_solutions(
+          probe.Moments.of(x.astype(np.float32), targets.astype(np.float32)), lambdas)
+      np.testing.assert_allclose(primal_w[i], direct[:20], atol=1e-4)
+      np.testing.assert_allclose(primal_b[i], direct[20], atol=1e-4)
+
+
+def test_ridge_lambda_is_chosen_without_the_test_labels():
+  rng = np.random.default_rng(0)
+  means = rng.standard_normal((4, 16)) * 1.5
+  labels = rng.integers(0, 4, 400)
+  x = (means[labels] + rng.standard_normal((400, 16))).astype(np.float32)
+  train, test = (x[:300], labels[:300]), (x[300:], labels[300:])
+  shuffled = (x[300:], rng.permutation(labels[300:]))
+  result = probe.ridge_probe(train, test)
+  blind = probe.ridge_probe(train, shuffled)
+  assert result["lambda"] == blind["lambda"]
+  assert result["holdout_accuracy"] == blind["holdout_accuracy"]
+  assert result["num_holdout"] == 60 and result["accuracy"] > 0.6
+
+
+def test_small_train_split_uses_the_dual_form():
+  rng = np.random.default_rng(1)
+  labels = np.arange(40) % 2
+  x = (rng.standard_normal((40, 64)) + labels[:, None]).astype(np.float32)
+  result = probe.ridge_probe((x[:30], labels[:30]), (x[30:], labels[30:]))
+  assert result["solver"] == "dual" and 0.0 <= result["accuracy"] <= 1.0
+
+
+def _one_line(error: pytest.ExceptionInfo) -> None:
+  assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("fn", [probe.linear_probe, probe.ridge_probe])
+def test_bad_features_are_refused_before_any_work(fn, tmp_path):
+  good = _tiny()
+  nan = good[0].copy()
+  nan[3, 2] = np.nan
+  with pytest.raises(DataError, match="probe train features: features hold 1 non-finite") as e:
+    fn((nan, good[1]), good)
+  _one_line(e)
+  config = probe.default_config()
+  config.num_classes = 2
+  with pytest.raises(DataError, match=r"labels outside \[0, 2\)") as e:
+    fn(good, good, config)
+  _one_line(e)
+  with pytest.raises(DataError, match="feature dimension 5 != expected 6") as e:
+    fn(good, (good[0][:, :5], good[1]), None)
+  _one_line(e)
+  path = str(tmp_path / "bad.npz")
+  np.savez(path, features=nan, labels=good[1])
+  with pytest.raises(DataError, match=f"features file {path}: .*non-finite") as e:
+    fn(path, good)
+  _one_line(e)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("batch_size", 0, "config.batch_size=0 is out of range"),
+    ("learning_rate", -1.0, "config.learning_rate=-1.0 is out of range"),
+    ("ridge_holdout_fraction", 1.0, "config.ridge_holdout_fraction=1.0 is out of range"),
+    ("ridge_lambdas", (), "config.ridge_lambdas=.* a non-empty tuple of positive numbers"),
+    ("num_classes", 1, "config.num_classes=1 is out of range"),
+])
+def test_bad_config_values_give_one_line(field, value, match):
+  config = probe.default_config()
+  config[field] = value
+  with pytest.raises(ConfigError, match=match) as e:
+    probe.ridge_probe(_tiny(), _tiny(), config)
+  _one_line(e)
+
+
+def test_unknown_config_field_lists_the_known_ones():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="'epochs' is unknown; known: .*num_epochs") as e:
+    probe.linear_probe(_tiny(), _tiny(), ml_collections.ConfigDict({"epochs": 3}))
+  _one_line(e)
+
+
+def test_features_files_are_accepted(tmp_path):
+  x, y = _tiny()
+  train = features_lib.save(str(tmp_path / "train.npz"), x, y)
+  test = features_lib.save(str(tmp_path / "test.npz"), x, y)
+  from_files = probe.ridge_probe(train, test)
+  from_arrays = probe.ridge_probe((x, y), (x, y))
+  assert from_files["accuracy"] == from_arrays["accuracy"]
