@@ -13,7 +13,7 @@ import numpy as np
 
 from nmjax import models, noise, parallel
 from nmjax.config import check_choice, check_range, total_steps
-from nmjax.data import pipeline, sources
+from nmjax.data import imagenet, pipeline, sources
 from nmjax.errors import ConfigError
 from nmjax.jobs import prepare_workdir
 from nmjax.train import loop, state as state_lib
@@ -51,6 +51,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          ("distributed", parallel.DISTRIBUTED_MODES)):
     if field in config:
       check_choice(config, field, allowed)
+  imagenet.check_config(config)  # input_pipeline (default | imagenet) and its fields.
 
 
 class _Prefix(Sequence):
@@ -114,6 +115,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)), total_steps=num_steps)
   tx = state_lib.make_optimizer(config, schedule)
   input_shape = (1, *info.image_shape)
+  jpeg_input = config.get("input_pipeline", "default") == "imagenet"
+  if jpeg_input:
+    # Encoded JPEGs, decoded and cropped to image_size in grain workers (data/imagenet.py).
+    input_shape = (1, config.image_size, config.image_size, 3)
+    data_dir = config.data_dir or None
+    train_records = _Prefix(imagenet.jpeg_records(config.dataset, "train", data_dir=data_dir),
+                            config.max_train_examples)
+    test_records = _Prefix(imagenet.jpeg_records(config.dataset, config.eval_split,
+                                                 data_dir=data_dir), config.max_test_examples)
 
   def init_state():
     return state_lib.create_train_state(model, jax.random.key(config.seed), input_shape, tx)
@@ -121,12 +131,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
   def train_iterator(saved_state):
+    if jpeg_input:
+      return imagenet.train_iterator(
+          train_records, labels=noisy, global_batch_size=config.batch_size, seed=config.seed,
+          num_steps=num_steps, image_size=config.image_size, flip=bool(config.flip),
+          num_workers=config.data_workers, start_state=saved_state, **process)
     return pipeline.train_iterator(
         train_records, labels=noisy, global_batch_size=config.batch_size, seed=config.seed,
         num_steps=num_steps, crop_padding=config.crop_padding,
         flip=bool(config.flip and info.flip_ok), start_state=saved_state, **process)
 
   def eval_batches():
+    if jpeg_input:
+      return imagenet.eval_batches(test_records, batch_size=config.eval_batch_size,
+                                   image_size=config.image_size,
+                                   num_threads=max(1, config.data_workers), **process)
     return pipeline.eval_batches(test_records, batch_size=config.eval_batch_size, **process)
 
   spec = loop.LoopSpec(

@@ -1,0 +1,215 @@
+"""The ImageNet config, the JPEG input pipeline on a tiny synthetic imagenet2012, and the first
+train step of the ImageNet job on CPU at a reduced image size."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nmjax.data import imagenet, sources
+from nmjax.errors import ConfigError, DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = os.path.join(ROOT, "configs", "pretrain_imagenet.py")
+# Small JPEGs of several shapes (landscape, portrait, one thinner than any allowed aspect ratio).
+_SIZES = ((64, 48), (48, 64), (80, 60), (90, 30))
+_SPLITS = {"train": 48, "validation": 20, "test": 4}
+
+
+def _get_config(arg=None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("pretrain_imagenet", _CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("imagenet_data")
+  imagenet.write_synthetic(root, splits=_SPLITS, sizes=_SIZES, seed=1)
+  return root
+
+
+@pytest.fixture(scope="module")
+def train_records(data_dir):
+  return imagenet.jpeg_records("imagenet2012", "train", data_dir=data_dir)
+
+
+def _stream(records, n, **kw):
+  kw = dict(labels=np.arange(len(records)) % 5 + 100, global_batch_size=8, seed=7, num_steps=10,
+            image_size=32) | kw
+  iterator = imagenet.train_iterator(records, **kw)
+  batches = [next(iterator) for _ in range(n)]
+  return batches, iterator
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_config_builds_with_the_standard_recipe():
+  config = _get_config("noise=0.2")
+  assert (config.model, config.dataset, config.input_pipeline) == (
+      "resnet50", "imagenet2012", "imagenet")
+  assert (config.image_size, config.batch_size, config.num_epochs) == (224, 1024, 90.0)
+  assert config.learning_rate == pytest.approx(0.4)  # 0.1 x 1024 / 256
+  assert (config.optimizer, config.momentum, config.weight_decay, config.warmup_epochs) == (
+      "sgd", 0.9, 1e-4, 5.0)
+  assert (config.noise_ratio, config.eval_split, config.dtype) == (0.2, "validation", "bfloat16")
+  assert _get_config("batch=512,label_smoothing=0.1,nesterov").learning_rate == pytest.approx(0.2)
+  vit = _get_config("model=vit_s16")
+  assert (vit.optimizer, vit.learning_rate, vit.label_smoothing) == ("adamw", 1e-3, 0.1)
+  smoke = _get_config("smoke,model=vit_s16")
+  assert (smoke.image_size, smoke.dtype, smoke.data_workers) == (32, "float32", 0)
+  with pytest.raises(ConfigError, match="model='vgg' is unknown; allowed: resnet50, vit_s16"):
+    _get_config("model=vgg")
+
+
+def test_job_validation_accepts_the_config_and_names_bad_fields(data_dir):
+  from nmjax.jobs import pretrain  # pylint: disable=g-import-not-at-top
+  config = _get_config("smoke")
+  config.data_dir = str(data_dir)
+  pretrain.validate(config)
+  config.image_size = 4
+  with pytest.raises(ConfigError, match=r"config.image_size=4 is out of range"):
+    pretrain.validate(config)
+  config.image_size, config.input_pipeline = 32, "tf.data"
+  with pytest.raises(ConfigError, match=r"input_pipeline='tf.data' is unknown; allowed: default"):
+    pretrain.validate(config)
+
+
+def test_synthetic_dataset_reads_like_imagenet2012(data_dir, train_records):
+  source = sources.get_source("imagenet2012", data_dir=data_dir)
+  assert source.info.num_classes == 1000
+  assert source.info.image_shape == (None, None, 3)
+  assert dict(source.info.splits) == _SPLITS
+  assert len(train_records) == 48
+  example = train_records[3]
+  assert isinstance(example["image"], bytes) and example["image"][:2] == b"\xff\xd8"  # JPEG
+  assert example["index"] == 3
+  # Labels read without decoding (the noise's input) match the records, position by position.
+  np.testing.assert_array_equal(source.labels("train"),
+                                [train_records[i]["label"] for i in range(48)])
+  assert {imagenet.decode(train_records[i]["image"]).size for i in range(8)} <= set(_SIZES)
+  with pytest.raises(DataError, match="tfds build imagenet2012 --manual_dir="):
+    imagenet.jpeg_records("imagenet2012", "train", data_dir=data_dir / "elsewhere")
+
+
+def test_decode_turns_greyscale_and_cmyk_into_rgb():
+  for mode in ("L", "CMYK"):
+    buffer = io.BytesIO()
+    Image.new(mode, (20, 10)).save(buffer, format="JPEG")
+    image = imagenet.decode(buffer.getvalue())
+    assert image.mode == "RGB" and np.asarray(image).shape == (10, 20, 3)
+
+
+def test_random_resized_crop_geometry():
+  image = Image.fromarray(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
+  # Whole image at aspect 2 is outside 3/4..4/3: every try fails, the central 4/3 box is used.
+  never_fits = np.ones(imagenet.DRAWS_PER_EXAMPLE) * 0.999
+  never_fits[-1] = 0.9  # no flip
+  crop = imagenet.random_resized_crop(image, never_fits, 16, min_area=1.0)
+  assert crop.shape == (16, 16, 3) and crop.dtype == np.uint8
+  # The central 133x100 box spans columns 33..166: mean column value about 100.
+  assert abs(crop[..., 0].mean() - 99.5) < 2
+  flipped = never_fits.copy()
+  flipped[-1] = 0.1
+  np.testing.assert_array_equal(imagenet.random_resized_crop(image, flipped, 16, min_area=1.0),
+                                crop[:, ::-1])
+  # A small area at the far left: low column values only.
+  left = np.zeros(imagenet.DRAWS_PER_EXAMPLE)
+  left[1] = 0.5  # aspect 1
+  small = imagenet.random_resized_crop(image, left, 16, min_area=0.08)
+  assert small[..., 0].max() < 45
+  centre = imagenet.center_crop(image, 16)
+  assert abs(centre[..., 0].mean() - 99.5) < 2
+
+
+def test_train_stream_shapes_labels_and_determinism(train_records):
+  labels = np.arange(len(train_records)) % 5 + 100
+  batches, _ = _stream(train_records, 6)
+  for batch in batches:
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].dtype == batch["clean_label"].dtype == batch["index"].dtype == np.int32
+    np.testing.assert_array_equal(batch["label"], labels[batch["index"]])
+    np.testing.assert_array_equal(
+        batch["clean_label"], [train_records[int(i)]["label"] for i in batch["index"]])
+  # 48 examples / batch 8 = 6 steps per epoch: the first epoch sees every example once.
+  assert sorted(np.concatenate([b["index"] for b in batches])) == list(range(48))
+  _assert_batches_equal(batches, _stream(train_records, 6)[0])
+  other_seed, _ = _stream(train_records, 1, seed=8)
+  assert not np.array_equal(other_seed[0]["index"], batches[0]["index"])
+
+
+def test_processes_split_each_global_batch_and_resume_from_state(train_records):
+  whole, _ = _stream(train_records, 10)
+  halves = [_stream(train_records, 10, process_index=p, process_count=2)[0] for p in range(2)]
+  for k, batch in enumerate(whole):
+    # Process p holds positions p, p + 2, ...: the same examples with the same crops.
+    for p in range(2):
+      for key in batch:
+        np.testing.assert_array_equal(halves[p][k][key], batch[key][p::2])
+  # A state taken after 4 batches resumes with batch 5 (and the stream runs out after 10).
+  first, iterator = _stream(train_records, 4)
+  state = iterator.get_state()
+  iterator.close()
+  resumed = imagenet.train_iterator(
+      train_records, labels=np.arange(48) % 5 + 100, global_batch_size=8, seed=7, num_steps=10,
+      image_size=32, start_state=state)
+  _assert_batches_equal(first + list(resumed), whole)
+  with pytest.raises(ConfigError, match="image_size=32 -> 64"):
+    imagenet.train_iterator(train_records, labels=np.zeros(48), global_batch_size=8, seed=7,
+                            num_steps=10, image_size=64, start_state=state)
+
+
+def test_worker_processes_give_the_same_batches(train_records):
+  in_process, _ = _stream(train_records, 4)
+  workers, iterator = _stream(train_records, 4, num_workers=2)
+  state = iterator.get_state()
+  iterator.close()
+  _assert_batches_equal(workers, in_process)
+  assert state["grain"] == {"next_batch": 4}  # independent of the worker count
+
+
+def test_eval_batches_are_padded_masked_and_cover_each_example_once(data_dir):
+  records = imagenet.jpeg_records("imagenet2012", "validation", data_dir=data_dir)
+  seen = []
+  for p in range(2):
+    batches = list(imagenet.eval_batches(records, batch_size=8, image_size=32, process_index=p,
+                                         process_count=2, num_threads=2))
+    assert len(batches) == 3  # ceil(20 / 8) on every process
+    for batch in batches:
+      assert batch["image"].shape == (4, 32, 32, 3)
+      assert not batch["image"][~batch["mask"]].any()
+      seen.extend(batch["index"][batch["mask"]].tolist())
+      for image, index in zip(batch["image"][batch["mask"]], batch["index"][batch["mask"]]):
+        expected = imagenet.center_crop(imagenet.decode(records[int(index)]["image"]), 32)
+        np.testing.assert_array_equal(image, expected)
+  assert sorted(seen) == list(range(20))
+
+
+def test_first_train_steps_of_the_imagenet_job_run_on_cpu(data_dir, tmp_path):
+  # ResNet-50 through main.py and the project's jitted train step, at 32x32 on 64 -> 48 images.
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"),
+         "--config=configs/pretrain_imagenet.py:smoke,noise=0.5",
+         f"--config.data_dir={data_dir}", f"--workdir={tmp_path}", "--config.num_train_steps=1",
+         "--config.max_test_examples=8", "--config.eval_batch_size=8"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out
+  assert "resnet50 on imagenet2012: 48 train / 8 test examples" in out
+  assert "1 steps of batch 16" in out
+  import json  # pylint: disable=g-import-not-at-top
+  record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record["step"] == 1 and record["test_count"] == 8
+  assert np.isfinite(record["train_loss"]) and record["train_loss"] > 5  # ~ln(1000) at the start
