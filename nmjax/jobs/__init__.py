@@ -8,7 +8,7 @@ import ml_collections
 
 from nmjax.errors import ConfigError
 
-JOBS = ("pretrain",)
+JOBS = ("pretrain", "transfer")
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -30,4 +30,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if job == "pretrain":
     from nmjax.jobs import pretrain
     return pretrain.run(config, workdir)
+  if job == "transfer":
+    from nmjax.jobs import transfer
+    return transfer.run(config, workdir)
   raise ConfigError(f"config.job={job!r} is unknown; allowed: {', '.join(JOBS)}")

@@ -1,0 +1,44 @@
+r"""Transfer evaluation of a pre-trained (frozen) encoder: linear probes and spectral metrics.
+
+Command (2-core CPU, a Fashion-MNIST checkpoint from configs/pretrain.py, the embedded tasks):
+  .venv/bin/python main.py --config configs/transfer.py \
+      --config.checkpoint=runs/pretrain_fmnist_n0.2 --workdir runs/transfer_fmnist_n0.2
+
+Arguments after ':' (comma separated): tasks=NAMES (task or group names joined by '+', e.g.
+tasks=mnist+digits), methods=lp+ridge, smoke (a seconds-long run: two small tasks, 3 LP epochs).
+Any field can also be overridden as --config.FIELD=VALUE, e.g. --config.tasks=embedded_ood or
+--config.probe.num_epochs=10. Tasks and groups: see nmjax/tasks.py (embedded, embedded_id,
+embedded_ood, paper, paper_id, paper_ood, or single names like mnist->digits).
+
+Writes DIR/results.jsonl (one line per task and method), DIR/results.md (ID and OOD averages and
+a per-task table) and caches features under DIR/features/ (a second run reuses them).
+Expected on a 2-core CPU: about a minute for the six embedded tasks (features of ~30,000 images,
+then 30 LP epochs and a ridge fit per task); numbers in README.
+"""
+
+from nmjax.config import parse_arg
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, tasks="embedded", methods="lp+ridge", smoke=False)
+  from ml_collections import ConfigDict
+  from nmjax import probe
+  config = ConfigDict()
+  config.job = "transfer"
+  config.checkpoint = ""        # A pre-training workdir (its config.json and checkpoints/).
+  config.step = -1              # Checkpoint step; -1: the latest.
+  config.tasks = args.tasks.replace("+", ",")
+  config.methods = args.methods.replace("+", ",")  # lp (reference AdamW probe) | ridge
+  config.probe = probe.default_config()
+  config.spectral_center = "row"  # row (the reference's) | feature | none
+  config.batch_size = 512       # Feature extraction batch (global; divisible by the devices).
+  config.max_examples = -1      # > 0: at most this many examples per view (smoke runs).
+  config.data_dir = ""          # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+  config.distributed = "none"   # none | auto | explicit (see nmjax/parallel.py).
+  if args.smoke:
+    config.tasks = "digits,mnist->digits"
+    config.max_examples = 400
+    config.batch_size = 200
+    with config.probe.unlocked():
+      config.probe.num_epochs = 3
+  return config

@@ -1,0 +1,149 @@
+"""The transfer job end to end: a real (smoke) pre-training checkpoint, embedded and TFDS tasks,
+the features cache, the results files, and bad input."""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from nmjax import jobs
+from nmjax.errors import ConfigError, DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import pretrain as pretrain_config  # pylint: disable=wrong-import-position
+from configs import transfer as transfer_config  # pylint: disable=wrong-import-position
+
+REQUIRED = ("task", "kind", "method", "accuracy", "sve", "lsvr", "num_train", "num_test",
+            "feature_dim", "step", "noise_ratio", "seconds")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """A pre-training workdir from the real job: 12 smoke steps of the small ResNet on digits."""
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  jobs.run(pretrain_config.get_config("dataset=digits,noise=0.1,smoke"), workdir)
+  return workdir
+
+
+def _transfer(checkpoint_dir, workdir, arg="smoke", **fields):
+  config = transfer_config.get_config(arg)
+  config.checkpoint = checkpoint_dir
+  for key, value in fields.items():
+    config[key] = value
+  return jobs.run(config, str(workdir))
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "results.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_smoke_writes_results_and_a_second_run_reuses_features(checkpoint, tmp_path):
+  first = _transfer(checkpoint, tmp_path)
+  rows = _rows(tmp_path)
+  assert [(r["task"], r["method"]) for r in rows] == [
+      ("digits", "lp"), ("digits", "ridge"), ("mnist->digits", "lp"), ("mnist->digits", "ridge")]
+  for row in rows:
+    for key in REQUIRED:
+      assert key in row, key
+    assert 0.0 <= row["accuracy"] <= 1.0
+    assert math.isfinite(row["sve"]) and 0.0 < row["lsvr"] <= 1.0
+    assert row["feature_dim"] == 64 and row["step"] == 12 and row["noise_ratio"] == 0.1
+  digits, transfer = rows[0], rows[2]
+  assert digits["kind"] == "id" and transfer["kind"] == "ood"
+  assert (digits["num_train"], digits["num_test"]) == (400, 355)   # max_examples=400
+  assert (transfer["num_train"], transfer["num_test"]) == (400, 355)
+  assert first["features_extracted"] == 3  # digits/train, digits/test, mnist/train
+  table = open(os.path.join(tmp_path, "results.md")).read()
+  assert "| lp |" in table and "ID avg" in table and "mnist->digits" in table
+
+  second = _transfer(checkpoint, tmp_path)
+  assert second["features_extracted"] == 0
+  assert [r["accuracy"] for r in _rows(tmp_path)] == [r["accuracy"] for r in rows]
+
+
+class FakeCifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Written by the test under TFDS's own name and feature spec for cifar10 (never downloaded)."""
+
+  name = "cifar10"
+  VERSION = tfds.core.Version("3.0.2")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "image": tfds.features.Image(shape=(32, 32, 3)),
+            "label": tfds.features.ClassLabel(num_classes=10)}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(60, 0), "test": self._generate_examples(30, 1)}
+
+  def _generate_examples(self, n, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+      label = i % 10
+      image = np.full((32, 32, 3), label * 20, np.uint8) + rng.integers(0, 30, (32, 32, 3),
+                                                                       dtype=np.uint8)
+      png = io.BytesIO()
+      Image.fromarray(image).save(png, format="PNG")  # Encoded here: TFDS needs no TensorFlow.
+      png.seek(0)
+      yield i, {"id": f"{seed}_{i}", "image": png, "label": label}
+
+
+def test_paper_task_reads_a_locally_written_tfds_dataset(checkpoint, tmp_path):
+  data_dir = tmp_path / "data"
+  FakeCifar10(data_dir=str(data_dir / "tfds")).download_and_prepare(file_format="array_record")
+  result = _transfer(checkpoint, tmp_path / "out", tasks="cifar10", data_dir=str(data_dir),
+                     max_examples=-1)
+  rows = result["rows"]
+  assert [r["method"] for r in rows] == ["lp", "ridge"]
+  assert (rows[0]["num_train"], rows[0]["num_test"], rows[0]["num_classes"]) == (60, 30, 10)
+  # 32x32 RGB became the encoder's 28x28 grey input; features are cached under the view's key.
+  cached = os.listdir(os.path.join(tmp_path, "out", "features",
+                                   os.listdir(os.path.join(tmp_path, "out", "features"))[0],
+                                   "step_12"))
+  assert sorted(cached) == ["cifar10-test.npz", "cifar10-train.npz"]
+
+
+def test_unknown_task_lists_known_tasks(checkpoint, tmp_path):
+  with pytest.raises(ConfigError, match="'mnist->svhn' is unknown; known tasks: fashion_mnist"):
+    _transfer(checkpoint, tmp_path, tasks="mnist->svhn")
+
+
+def test_unknown_method(checkpoint, tmp_path):
+  with pytest.raises(ConfigError, match="methods entry 'svm' is unknown; allowed: lp, ridge"):
+    _transfer(checkpoint, tmp_path, methods="lp,svm")
+
+
+def test_checkpoint_dir_without_a_checkpoint(tmp_path):
+  empty = tmp_path / "pretrain"
+  empty.mkdir()
+  (empty / "config.json").write_text(json.dumps(pretrain_config.get_config("smoke").to_dict()))
+  with pytest.raises(DataError, match="has no checkpoint"):
+    _transfer(str(empty), tmp_path / "out")
+  with pytest.raises(ConfigError, match="does not exist"):
+    _transfer(str(tmp_path / "nowhere"), tmp_path / "out")
+  with pytest.raises(ConfigError, match="config.checkpoint is empty"):
+    _transfer("", tmp_path / "out")
+
+
+def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/transfer.py:smoke",
+       f"--config.checkpoint={tmp_path}", f"--workdir={tmp_path / 'out'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and "config.json" in lines[-1], proc.stderr
