@@ -223,20 +223,29 @@ def linear_probe(train: FeaturesLike, test: FeaturesLike,
 
 
 @jax.jit
-def _gram(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(X^T X, X^T T) in float32: the only pass over the rows that costs N * D^2."""
-  TRACES["ridge_gram"] += 1
-  return x.T @ x, x.T @ targets
+def _moments(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
+  """(sum X, sum T, X^T X, X^T T) in float32: X^T X is the only part that costs N * D^2."""
+  return x.sum(axis=0), targets.sum(axis=0), x.T @ x, x.T @ targets
 
 
-def _standardize(train_x: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-  """Every array standardized with the train split's per-feature mean and std (float32)."""
-  mean = train_x.mean(axis=0, dtype=np.float64)
-  std = train_x.std(axis=0, dtype=np.float64)
-  # A constant feature carries nothing; dividing by 1 keeps it at 0 instead of NaN.
-  std = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max())), std, 1.0)
-  mean, std = mean.astype(np.float32), std.astype(np.float32)
-  return [(x - mean) / std for x in (train_x, *others)]
+@jax.jit
+def _mean_std(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-feature mean and std; a constant feature gets std 1, so it stays 0 instead of NaN."""
+  mean, std = x.mean(axis=0), x.std(axis=0)
+  return mean, jnp.where(std > 1e-6 * jnp.abs(mean), std, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_fit", "num_classes"))
+def _split_moments(x: jax.Array, labels: jax.Array, mean: jax.Array, std: jax.Array,
+                   order: jax.Array, *, num_fit: int, num_classes: int
+                   ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """Moments of the standardized features and +-1 targets of rows order[:num_fit] (the fit part)
+  and order[num_fit:] (the held-out part): one pass over the data for both."""
+  TRACES["ridge_moments"] += 1
+  standardized = ((x - mean) / std)[order]
+  targets = 2.0 * jax.nn.one_hot(labels[order], num_classes) - 1.0
+  return (_moments(standardized[:num_fit], targets[:num_fit]),
+          _moments(standardized[num_fit:], targets[num_fit:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,10 +258,13 @@ class Moments:
   xt: np.ndarray      # (D, C) X^T T
 
   @classmethod
+  def from_sums(cls, count: int, sums: tuple[jax.Array, ...]) -> Moments:
+    return cls(count, *(np.asarray(a, np.float64) for a in sums))
+
+  @classmethod
   def of(cls, x: np.ndarray, targets: np.ndarray) -> Moments:
-    xx, xt = _gram(jnp.asarray(x, jnp.float32), jnp.asarray(targets, jnp.float32))
-    return cls(len(x), x.sum(axis=0, dtype=np.float64), targets.sum(axis=0, dtype=np.float64),
-               np.asarray(xx, np.float64), np.asarray(xt, np.float64))
+    return cls.from_sums(len(x), _moments(jnp.asarray(x, jnp.float32),
+                                          jnp.asarray(targets, jnp.float32)))
 
   def __add__(self, other: Moments) -> Moments:
     return Moments(self.count + other.count, self.sum_x + other.sum_x, self.sum_t + other.sum_t,
@@ -302,9 +314,16 @@ def _ridge_accuracies(x: np.ndarray, labels: np.ndarray, weights: np.ndarray,
   """Top-1 accuracy of every (weights[l], biases[l]) on (x, labels), one matmul for all l."""
   num_lambdas, dim, num_classes = weights.shape
   stacked = weights.transpose(1, 0, 2).reshape(dim, num_lambdas * num_classes)
-  scores = np.asarray(jnp.asarray(x) @ jnp.asarray(stacked, jnp.float32))
-  scores = scores.reshape(len(x), num_lambdas, num_classes) + biases[None].astype(np.float32)
+  scores = (x @ stacked.astype(np.float32)).reshape(len(x), num_lambdas, num_classes)
+  scores += biases[None].astype(np.float32)
   return (scores.argmax(axis=-1) == labels[:, None]).mean(axis=0)
+
+
+def _unstandardize(weights: np.ndarray, biases: np.ndarray, mean: np.ndarray, std: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The same predictors on raw features: (x - mean) / std @ W + b = x @ W' + b'."""
+  raw_weights = weights / std[None, :, None]
+  return raw_weights, biases - np.einsum("d,ldc->lc", mean, raw_weights)
 
 
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,29 +355,37 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
         f"probe train features: {train_set.num_examples} examples leave {len(fit_idx)} to fit"
         f" and {len(holdout_idx)} to hold out at config.ridge_holdout_fraction="
         f"{config.ridge_holdout_fraction}; ridge_probe needs at least 2 and 1")
-  train_x, test_x = _standardize(train_set.features, test_set.features)
-  targets = (2.0 * np.eye(num_classes, dtype=np.float32)[train_set.labels] - 1.0)
   lambdas = np.asarray(config.ridge_lambdas, np.float64)
+  train_x, labels = train_set.features, train_set.labels
+  device_x = jnp.asarray(train_x)
+  mean, std = (np.asarray(a, np.float64) for a in _mean_std(device_x))
 
   primal = train_set.feature_dim <= len(fit_idx)
   if primal:
-    # Two Gram passes over disjoint rows; their sum is the whole split's, so the refit costs no
+    fit_sums, holdout_sums = _split_moments(
+        device_x, jnp.asarray(labels, jnp.int32), jnp.asarray(mean, jnp.float32),
+        jnp.asarray(std, jnp.float32), jnp.asarray(np.concatenate([fit_idx, holdout_idx])),
+        num_fit=len(fit_idx), num_classes=num_classes)
+    fit_moments = Moments.from_sums(len(fit_idx), fit_sums)
+    # The held-out part's moments plus the fit part's are the whole split's: the refit needs no
     # further pass over the data.
-    fit_moments = Moments.of(train_x[fit_idx], targets[fit_idx])
-    holdout_moments = Moments.of(train_x[holdout_idx], targets[holdout_idx])
+    all_moments = fit_moments + Moments.from_sums(len(holdout_idx), holdout_sums)
     weights, biases = primal_solutions(fit_moments, lambdas)
   else:
-    weights, biases = dual_solutions(train_x[fit_idx], targets[fit_idx], lambdas)
-  holdout_accuracy = _ridge_accuracies(train_x[holdout_idx], train_set.labels[holdout_idx],
-                                       weights, biases)
+    standardized = ((train_x - mean) / std).astype(np.float32)
+    targets = 2.0 * np.eye(num_classes, dtype=np.float32)[labels] - 1.0
+    weights, biases = dual_solutions(standardized[fit_idx], targets[fit_idx], lambdas)
+  holdout_accuracy = _ridge_accuracies(train_x[holdout_idx], labels[holdout_idx],
+                                       *_unstandardize(weights, biases, mean, std))
   # Ties go to the larger lambda: the smoother of equally good solutions.
   best = max(range(len(lambdas)), key=lambda i: (holdout_accuracy[i], lambdas[i]))
   if primal:
-    weights, biases = primal_solutions(fit_moments + holdout_moments, lambdas[best:best + 1])
+    weights, biases = primal_solutions(all_moments, lambdas[best:best + 1])
   else:
-    weights, biases = dual_solutions(train_x, targets, lambdas[best:best + 1])
-  test_accuracy = _ridge_accuracies(test_x, test_set.labels, weights, biases)[0]
-  train_accuracy = _ridge_accuracies(train_x, train_set.labels, weights, biases)[0]
+    weights, biases = dual_solutions(standardized, targets, lambdas[best:best + 1])
+  weights, biases = _unstandardize(weights, biases, mean, std)
+  test_accuracy = _ridge_accuracies(test_set.features, test_set.labels, weights, biases)[0]
+  train_accuracy = _ridge_accuracies(train_x, labels, weights, biases)[0]
   return {**_summary("ridge", train_set, test_set, num_classes),
           "accuracy": float(test_accuracy), "train_accuracy": float(train_accuracy),
           "lambda": float(lambdas[best]),
