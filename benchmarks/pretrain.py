@@ -1,0 +1,251 @@
+r"""Training throughput of the model zoo on one device, printed as one JSON object.
+
+For each model: images/s of the project's own train step (nmjax.train.steps.train_step with the
+SGD-Nesterov + kernel-only weight decay recipe of nmjax.train.state: uint8 normalization on the
+device, forward, backward, update, BatchNorm statistics), jitted with the state donated as the
+training loop does, timed after a warm-up step so compilation is excluded (reported on its own).
+
+FLOPs: XLA's own count for the compiled step (compiled.cost_analysis()["flops"]: every
+convolution and matmul of forward, backward and update, as XLA lowered them), so MFU = counted
+FLOPs per second / the chip's peak dense bf16 FLOP/s (table below; None for an unknown chip or
+on CPU). The same code runs on CPU, GPU or TPU: it uses the default backend's first device.
+
+Defaults by backend:
+  cpu:  resnet_small 28x28x1 batch 128; resnet18 and resnet50 at 128x128x3, batch 16, float32
+        (a 2-core CPU runs ResNet-50 at a few images/s). Not 64x64: there the last stage is 2x2,
+        where XLA:CPU's 3x3 convolutions run at well under 1 GFLOP/s (measured 1.4 s for one
+        512-channel 3x3 conv on 32x2x2x512 vs 0.1 s at 4x4), which no real input size hits.
+  gpu/tpu: resnet18, resnet50, vit_s16 at 224x224x3, batch 256, bfloat16 compute (float32
+        parameters and optimizer state, as configs/pretrain_imagenet.py trains).
+Optional peer (--torch, CPU): the same ResNet written in PyTorch (this file; torchvision is not
+needed), eager mode, the same batch, size, optimizer and uint8 normalization, timed the same way;
+the JSON gives both rates and jax/torch.
+
+    .venv/bin/python benchmarks/pretrain.py                 # this machine's defaults
+    .venv/bin/python benchmarks/pretrain.py --torch         # + PyTorch eager peer (if installed)
+    .venv/bin/python benchmarks/pretrain.py --models resnet50 --image-size 224 --batch 256
+"""
+
+import argparse
+import functools
+import json
+import os
+import time
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nmjax.models import get_model
+from nmjax.train import state as state_lib
+from nmjax.train.steps import train_step
+
+# Peak dense bf16 TFLOP/s per chip (vendor figures, without sparsity), matched against
+# jax.Device.device_kind; the first matching entry wins (so "H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),   # SXM
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v6 lite", 918.0),  # Trillium (v6e)
+)
+_MEAN, _STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  for name, tflops in PEAK_BF16_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return tflops
+  return None
+
+
+def _defaults(backend: str) -> list[tuple[str, int, tuple[int, int, int]]]:
+  if backend == "cpu":
+    return [("resnet_small", 128, (28, 28, 1)), ("resnet18", 16, (128, 128, 3)),
+            ("resnet50", 16, (128, 128, 3))]
+  return [(name, 256, (224, 224, 3)) for name in ("resnet18", "resnet50", "vit_s16")]
+
+
+def _flops(compiled: Any) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0] if analysis else None
+  flops = analysis.get("flops") if analysis else None
+  return float(flops) if flops and flops > 0 else None
+
+
+def benchmark_jax(name: str, batch: int, image_shape: tuple[int, ...], steps: int,
+                  dtype: Any, num_classes: int) -> dict[str, Any]:
+  model = get_model(name, num_classes, dtype=dtype)
+  rng = np.random.default_rng(0)
+  labels = jnp.asarray(rng.integers(0, num_classes, batch).astype(np.int32))
+  batch_arrays = {
+      "image": jnp.asarray(rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8)),
+      "label": labels, "clean_label": labels,
+  }
+  # The fields make_optimizer reads (a namespace keeps ml_collections off accelerator hosts).
+  config = types.SimpleNamespace(optimizer="sgd", weight_decay=5e-5, momentum=0.9, nesterov=True)
+  tx = state_lib.make_optimizer(config, optax.constant_schedule(0.01))
+  state = state_lib.create_train_state(model, jax.random.key(0), (1, *image_shape), tx)
+  channels = image_shape[-1]
+  step = jax.jit(functools.partial(train_step, mean=_MEAN[:channels], std=_STD[:channels],
+                                   num_classes=num_classes, dtype=dtype), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - start
+  flops = _flops(compiled)
+
+  # The first call also pays one-off allocation costs, so it is warmup, not measurement.
+  state, metrics = compiled(state, batch_arrays)
+  jax.block_until_ready((state, metrics))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch_arrays)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - start
+  if not np.isfinite(float(metrics["loss"])):
+    raise RuntimeError(f"{name}: non-finite loss in the benchmark")
+  result = {
+      "batch": batch, "image_shape": list(image_shape), "dtype": jnp.dtype(dtype).name,
+      "steps": steps, "images_per_s": round(batch * steps / elapsed, 1),
+      "step_ms": round(elapsed / steps * 1e3, 2), "compile_s": round(compile_s, 2),
+      "gflops_per_image": None if flops is None else round(flops / batch / 1e9, 2),
+  }
+  peak = peak_tflops(jax.devices()[0].device_kind)
+  if flops is not None and peak is not None:
+    result["tflops_per_s"] = round(flops * steps / elapsed / 1e12, 1)
+    result["mfu"] = round(flops * steps / elapsed / (peak * 1e12), 4)
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch eager peer (CPU): the same architectures as nmjax.models.resnet, written for torch.
+
+def _torch_resnet(name: str, num_classes: int):
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  class Block(nn.Module):
+    def __init__(self, in_ch: int, width: int, stride: int, bottleneck: bool):
+      super().__init__()
+      out_ch = width * (4 if bottleneck else 1)
+      if bottleneck:  # 1x1 reduce, strided 3x3 (v1.5), 1x1 expand
+        layers = [nn.Conv2d(in_ch, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                  nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
+                  nn.ReLU(), nn.Conv2d(width, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
+      else:
+        layers = [nn.Conv2d(in_ch, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
+                  nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1, bias=False),
+                  nn.BatchNorm2d(width)]
+      self.body = nn.Sequential(*layers)
+      self.proj = None if (in_ch == out_ch and stride == 1) else nn.Sequential(
+          nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+      shortcut = x if self.proj is None else self.proj(x)
+      return torch.relu(self.body(x) + shortcut)
+
+  bottleneck = name == "resnet50"
+  sizes = (3, 4, 6, 3) if bottleneck else (2, 2, 2, 2)
+  layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1)]
+  in_ch = 64
+  for stage, (count, width) in enumerate(zip(sizes, (64, 128, 256, 512))):
+    for block in range(count):
+      layers.append(Block(in_ch, width, 2 if stage > 0 and block == 0 else 1, bottleneck))
+      in_ch = width * (4 if bottleneck else 1)
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes)]
+  return nn.Sequential(*layers)
+
+
+def benchmark_torch(name: str, batch: int, image_shape: tuple[int, ...], steps: int,
+                    num_classes: int) -> dict[str, Any] | None:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  if name not in ("resnet18", "resnet50") or image_shape[-1] != 3:
+    return None
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = _torch_resnet(name, num_classes).train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                              weight_decay=5e-5)
+  rng = np.random.default_rng(0)
+  images = torch.from_numpy(rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8))
+  labels = torch.from_numpy(rng.integers(0, num_classes, batch))
+  mean = torch.tensor(_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(_STD).view(1, 3, 1, 1)
+
+  def step():
+    x = (images.permute(0, 3, 1, 2).float() - mean) / std
+    loss = torch.nn.functional.cross_entropy(model(x), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  step()  # warm-up: allocations and oneDNN kernel selection
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  elapsed = time.perf_counter() - start
+  return {"images_per_s": round(batch * steps / elapsed, 1),
+          "step_ms": round(elapsed / steps * 1e3, 2), "torch": torch.__version__,
+          "threads": torch.get_num_threads(), "final_loss_finite": bool(torch.isfinite(loss))}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="", help="comma-separated; default: per backend")
+  parser.add_argument("--batch", type=int, default=0, help="0: the backend's default")
+  parser.add_argument("--image-size", type=int, default=0, help="0: the backend's default")
+  parser.add_argument("--steps", type=int, default=0, help="timed steps; 0: 3 on CPU, 20 else")
+  parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                      help="auto: float32 on CPU, bfloat16 on accelerators")
+  parser.add_argument("--num-classes", type=int, default=1000)
+  parser.add_argument("--torch", action="store_true", help="also time the PyTorch eager peer")
+  args = parser.parse_args()
+
+  backend = jax.default_backend()
+  device = jax.devices()[0]
+  dtype = {"auto": jnp.float32 if backend == "cpu" else jnp.bfloat16,
+           "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  steps = args.steps or (3 if backend == "cpu" else 20)
+  cases = _defaults(backend)
+  if args.models:
+    wanted = args.models.split(",")
+    cases = [c for c in cases if c[0] in wanted] + [
+        (m, 16 if backend == "cpu" else 256, (224, 224, 3))
+        for m in wanted if m not in {c[0] for c in cases}]
+  results: dict[str, Any] = {
+      "machine": {"backend": backend, "device": device.device_kind,
+                  "peak_bf16_tflops": peak_tflops(device.device_kind),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "load_average": round(os.getloadavg()[0], 2)},
+      "flops_source": "compiled.cost_analysis()['flops'] of the jitted train step",
+  }
+  for name, batch, shape in cases:
+    batch = args.batch or batch
+    if args.image_size and shape[-1] == 3:
+      shape = (args.image_size, args.image_size, 3)
+    entry = benchmark_jax(name, batch, shape, steps, dtype, args.num_classes)
+    if args.torch and backend == "cpu":
+      peer = benchmark_torch(name, batch, shape, steps, args.num_classes)
+      if peer is not None:
+        entry["torch_eager"] = peer
+        entry["jax_over_torch"] = round(entry["images_per_s"] / peer["images_per_s"], 3)
+    results[name] = entry
+    print(json.dumps({name: entry}), flush=True)  # partial results survive a timeout
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()
