@@ -51,7 +51,10 @@ def test_probes_match_sklearn_logistic_regression():
 
 
 def test_epoch_batches_cover_every_example_once():
-  indices, mask = probe.epoch_batches(jax.random.key(3), 130, 64)
+  orders = probe.epoch_orders(3, 130, 2)
+  assert orders.shape == (2, 130) and not np.array_equal(orders[0], orders[1])
+  np.testing.assert_array_equal(orders, probe.epoch_orders(3, 130, 2))  # Seeded.
+  indices, mask = probe.epoch_batches(jnp.asarray(orders[0]), 64)
   assert indices.shape == mask.shape == (3, 64)
   assert np.sort(np.asarray(indices)[np.asarray(mask)]).tolist() == list(range(130))
   assert np.asarray(mask).sum(axis=1).tolist() == [64, 64, 2]
@@ -68,11 +71,11 @@ def _tiny(seed: int = 0):
           rng.integers(0, _CLASSES, _N).astype(np.int32))
 
 
-def _fit_tiny(x, y, key, num_epochs=_EPOCHS):
+def _fit_tiny(x, y, orders, seed=0):
   hparams = {k: jnp.float32(v) for k, v in _HPARAMS.items()}
   params, _, _ = probe.train_linear_head(
-      jnp.asarray(x), jnp.asarray(y), jnp.asarray(x[:5]), jnp.asarray(y[:5]), key, hparams,
-      num_classes=_CLASSES, batch_size=64, num_epochs=num_epochs)
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(x[:5]), jnp.asarray(y[:5]),
+      probe.init_head(seed, _DIM, _CLASSES), jnp.asarray(orders), hparams, batch_size=64)
   return params
 
 
@@ -80,19 +83,19 @@ def test_scanned_training_equals_a_plain_loop_over_real_rows():
   """The jitted scan with padded, masked batches does what a Python loop over the real rows
   of each batch (the last one holding 6) does, step for step."""
   x, y = _tiny()
-  key = jax.random.key(7)
-  params = _fit_tiny(x, y, key)
+  orders = probe.epoch_orders(7, _N, _EPOCHS)
+  params = _fit_tiny(x, y, orders)
 
-  head = probe.LinearHead(_CLASSES)
-  init_key, shuffle_key = jax.random.split(key)
-  expected = head.init(init_key, x[:1])["params"]
+  expected = probe.init_head(0, _DIM, _CLASSES)
+  assert float(jnp.abs(expected["kernel"]).max()) <= np.sqrt(6.0 / _DIM)  # He-uniform.
+  assert not jnp.any(expected["bias"])
   tx = optax.adamw(optax.cosine_decay_schedule(_HPARAMS["learning_rate"], 2 * _EPOCHS),
                    b1=_HPARAMS["b1"], b2=_HPARAMS["b2"], eps=_HPARAMS["eps"],
                    weight_decay=_HPARAMS["weight_decay"])
   opt_state = tx.init(expected)
 
   def loss_fn(params, features, labels):
-    logits = head.apply({"params": params}, features)
+    logits = features @ params["kernel"] + params["bias"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   @jax.jit
@@ -101,31 +104,31 @@ def test_scanned_training_equals_a_plain_loop_over_real_rows():
     return optax.apply_updates(params, updates), opt_state
 
   batch_sizes = []
-  for epoch_key in jax.random.split(shuffle_key, _EPOCHS):
-    indices, mask = (np.asarray(a) for a in probe.epoch_batches(epoch_key, _N, 64))
-    for batch_indices, batch_mask in zip(indices, mask):
-      real = batch_indices[batch_mask]
+  for order in orders:
+    for start in range(0, _N, 64):
+      real = order[start:start + 64]
       batch_sizes.append(len(real))
       expected, opt_state = step(expected, opt_state, x[real], y[real])
   assert batch_sizes == [64, 6] * _EPOCHS
   for name in ("kernel", "bias"):
-    np.testing.assert_allclose(params["Dense_0"][name], expected["Dense_0"][name], atol=2e-6)
+    np.testing.assert_allclose(params[name], expected[name], atol=2e-6)
 
 
 def test_an_example_only_in_the_last_batch_moves_the_head():
   """One epoch of 70 = 64 + 6: an example of the 6-row last batch is seen nowhere else, so its
   label would not matter if that batch were dropped."""
   x, y = _tiny()
-  key = jax.random.key(7)
-  _, shuffle_key = jax.random.split(key)
-  indices, mask = (np.asarray(a) for a in probe.epoch_batches(
-      jax.random.split(shuffle_key, 1)[0], _N, 64))
-  example = int(indices[-1][mask[-1]][0])
+  orders = probe.epoch_orders(7, _N, 1)
+  example = int(orders[0, -1])
   changed = y.copy()
   changed[example] = (changed[example] + 1) % _CLASSES
-  before = _fit_tiny(x, y, key, num_epochs=1)["Dense_0"]["kernel"]
-  after = _fit_tiny(x, changed, key, num_epochs=1)["Dense_0"]["kernel"]
+  before = _fit_tiny(x, y, orders)["kernel"]
+  after = _fit_tiny(x, changed, orders)["kernel"]
   assert not np.allclose(before, after, atol=1e-7)
+  first = int(orders[0, 0])  # And a first-batch example, for contrast, moves it too.
+  changed = y.copy()
+  changed[first] = (changed[first] + 1) % _CLASSES
+  assert not np.allclose(before, _fit_tiny(x, changed, orders)["kernel"], atol=1e-7)
 
 
 def test_linear_probe_compiles_once_per_shape():
