@@ -25,10 +25,12 @@ benchmarks (never a download).
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import os
 import pathlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -209,6 +211,14 @@ class CenterCropRecords(Sequence):
     return [self._convert(e) for e in _records_at(self._records, indices)]
 
 
+def _close_and_release(holder: list) -> None:
+  """Closes the grain iterator in `holder` and lets it be freed now, while modules are alive."""
+  for batches in holder:
+    batches.close()
+  holder.clear()
+  gc.collect()  # grain's iterators clean up in __del__, which fails at interpreter teardown.
+
+
 class _RestartableBatches(grain.DatasetIterator):
   """Batches from `make(start)`; the state is the next batch number, restored by restarting.
 
@@ -220,14 +230,22 @@ class _RestartableBatches(grain.DatasetIterator):
     super().__init__()
     self._make = make
     self._next_batch = 0
-    self._batches: grain.DatasetIterator | None = None  # Started lazily, after any set_state.
+    # The running grain iterator, if any (started lazily, after any set_state). It lives only
+    # in this list so that closing can also free it.
+    self._running: list[grain.DatasetIterator] = []
+    self._finalizer: weakref.finalize | None = None
 
   def __next__(self) -> Batch:
-    if self._batches is None:
-      self._batches = iter(self._make(self._next_batch))
-    batch = next(self._batches)
+    if not self._running:
+      self._running.append(iter(self._make(self._next_batch)))
+      # Callers (the train loop) may never close us: stop the workers and free their shared
+      # memory at exit at the latest, before the interpreter tears down grain's modules.
+      self._finalizer = weakref.finalize(self, _close_and_release, self._running)
+    batch = next(self._running[0])
     self._next_batch += 1
-    return batch
+    # Workers hand over batches in shared memory that grain unlinks when the array dies; a copy
+    # (a few ms per batch) frees it now, so batches kept by callers stay plain numpy arrays.
+    return {key: np.array(value) for key, value in batch.items()}
 
   def get_state(self) -> dict[str, Any]:
     return {"next_batch": self._next_batch}
@@ -237,9 +255,9 @@ class _RestartableBatches(grain.DatasetIterator):
     self._next_batch = int(state["next_batch"])
 
   def close_workers(self) -> None:
-    if self._batches is not None:
-      self._batches.close()
-      self._batches = None
+    if self._finalizer is not None:
+      self._finalizer()  # runs _close_and_release once
+      self._finalizer = None
 
   def close(self) -> None:
     self.close_workers()
