@@ -239,7 +239,13 @@ def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh 
         # The loss of the last step predates its update: only finite parameters are worth saving.
         if not bool(_all_finite((state.params, state.batch_stats))):
           raise _diverged(mngr, "the parameters", done)
-        checkpoint.save(mngr, done, state, {"data": iterator.get_state(), "epoch_sums": sums,
+        data_state = iterator.get_state()
+        # Process 0 alone writes the JSON that every process restores: what steers training
+        # must be identical everywhere (timings are process 0's and need not be).
+        parallel.assert_same_on_all_processes(
+            {"data": data_state, "sums": {k: sums[k] for k in _EPOCH_KEYS}},
+            f"the data position or epoch sums at step {done}")
+        checkpoint.save(mngr, done, state, {"data": data_state, "epoch_sums": sums,
                                             "last_record": record})
       if preempted:
         break
