@@ -79,9 +79,15 @@ def _resolve_config(config: ml_collections.ConfigDict | None) -> ml_collections.
     known = set(resolved.keys())
     for key, value in config.items():
       if key not in known:
-        raise ConfigError(f"probe config field {key!r} is unknown; known: {', '.join(sorted(known))}")
-      with resolved.unlocked():
+        raise ConfigError(
+            f"probe config field {key!r} is unknown; known: {', '.join(sorted(known))}")
+      if key == "ridge_lambdas" and isinstance(value, list):
+        value = tuple(value)
+      try:
         resolved[key] = value
+      except TypeError:
+        raise ConfigError(f"config.{key}={value!r} has the wrong type; expected"
+                          f" {type(resolved[key]).__name__} like the default") from None
   for field in ("learning_rate", "eps"):
     check_range(resolved, field, low=0.0, low_inclusive=False)
   check_range(resolved, "weight_decay", low=0.0)

@@ -3,6 +3,7 @@ compilation counts and refusals of bad input."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -229,7 +230,6 @@ def test_bad_config_values_give_one_line(field, value, match):
 
 
 def test_unknown_config_field_lists_the_known_ones():
-  import ml_collections  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="'epochs' is unknown; known: .*num_epochs") as e:
     probe.linear_probe(_tiny(), _tiny(), ml_collections.ConfigDict({"epochs": 3}))
   _one_line(e)
@@ -242,3 +242,9 @@ def test_features_files_are_accepted(tmp_path):
   from_files = probe.ridge_probe(train, test)
   from_arrays = probe.ridge_probe((x, y), (x, y))
   assert from_files["accuracy"] == from_arrays["accuracy"]
+
+
+def test_wrong_config_type_gives_one_line():
+  with pytest.raises(ConfigError, match="config.batch_size='64' has the wrong type") as e:
+    probe.ridge_probe(_tiny(), _tiny(), ml_collections.ConfigDict({"batch_size": "64"}))
+  _one_line(e)
