@@ -3,7 +3,8 @@ r"""Training throughput of the model zoo on one device, printed as one JSON obje
 For each model: images/s of the project's own train step (nmjax.train.steps.train_step with the
 SGD-Nesterov + kernel-only weight decay recipe of nmjax.train.state: uint8 normalization on the
 device, forward, backward, update, BatchNorm statistics), jitted with the state donated as the
-training loop does, timed after a warm-up step so compilation is excluded (reported on its own).
+training loop does. Compilation is timed on its own; after one warm-up step, images/s is the
+batch over the median of the timed steps (all step times are in the JSON).
 
 FLOPs: XLA's own count for the compiled step (compiled.cost_analysis()["flops"]: every
 convolution and matmul of forward, backward and update, as XLA lowered them), so MFU = counted
@@ -13,13 +14,15 @@ on CPU). The same code runs on CPU, GPU or TPU: it uses the default backend's fi
 Defaults by backend:
   cpu:  resnet_small 28x28x1 batch 128; resnet18 and resnet50 at 128x128x3, batch 16, float32
         (a 2-core CPU runs ResNet-50 at a few images/s). Not 64x64: there the last stage is 2x2,
-        where XLA:CPU's 3x3 convolutions run at well under 1 GFLOP/s (measured 1.4 s for one
-        512-channel 3x3 conv on 32x2x2x512 vs 0.1 s at 4x4), which no real input size hits.
+        where XLA:CPU's 3x3 convolutions are pathologically slow (measured here: 0.5-1.4 s for
+        one 512-channel 3x3 convolution of a 32x2x2x512 batch, 0.02 s for 32x3x3x512), a size
+        that 224 inputs (7x7 last stage) never reach.
   gpu/tpu: resnet18, resnet50, vit_s16 at 224x224x3, batch 256, bfloat16 compute (float32
         parameters and optimizer state, as configs/pretrain_imagenet.py trains).
 Optional peer (--torch, CPU): the same ResNet written in PyTorch (this file; torchvision is not
-needed), eager mode, the same batch, size, optimizer and uint8 normalization, timed the same way;
-the JSON gives both rates and jax/torch.
+needed), eager mode, the same batch, size, optimizer and uint8 normalization. JAX and PyTorch
+steps alternate, so both see the same background load on a shared machine;
+jax_over_torch_speed = torch median step time / JAX median step time (> 1: JAX is faster).
 
     .venv/bin/python benchmarks/pretrain.py                 # this machine's defaults
     .venv/bin/python benchmarks/pretrain.py --torch         # + PyTorch eager peer (if installed)
@@ -32,7 +35,7 @@ import json
 import os
 import time
 import types
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +84,9 @@ def _flops(compiled: Any) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-def benchmark_jax(name: str, batch: int, image_shape: tuple[int, ...], steps: int,
-                  dtype: Any, num_classes: int) -> dict[str, Any]:
+def jax_case(name: str, batch: int, image_shape: tuple[int, ...], dtype: Any,
+             num_classes: int) -> tuple[Callable[[], None], dict[str, Any], float | None]:
+  """Compiles the project's train step; returns (one blocking step, facts, counted FLOPs/step)."""
   model = get_model(name, num_classes, dtype=dtype)
   rng = np.random.default_rng(0)
   labels = jnp.asarray(rng.integers(0, num_classes, batch).astype(np.int32))
@@ -100,29 +104,34 @@ def benchmark_jax(name: str, batch: int, image_shape: tuple[int, ...], steps: in
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(compiled)
+  holder = {"state": state}
 
-  # The first call also pays one-off allocation costs, so it is warmup, not measurement.
-  state, metrics = compiled(state, batch_arrays)
-  jax.block_until_ready((state, metrics))
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = compiled(state, batch_arrays)
-  jax.block_until_ready((state, metrics))
-  elapsed = time.perf_counter() - start
-  if not np.isfinite(float(metrics["loss"])):
-    raise RuntimeError(f"{name}: non-finite loss in the benchmark")
-  result = {
-      "batch": batch, "image_shape": list(image_shape), "dtype": jnp.dtype(dtype).name,
-      "steps": steps, "images_per_s": round(batch * steps / elapsed, 1),
-      "step_ms": round(elapsed / steps * 1e3, 2), "compile_s": round(compile_s, 2),
-      "gflops_per_image": None if flops is None else round(flops / batch / 1e9, 2),
-  }
-  peak = peak_tflops(jax.devices()[0].device_kind)
-  if flops is not None and peak is not None:
-    result["tflops_per_s"] = round(flops * steps / elapsed / 1e12, 1)
-    result["mfu"] = round(flops * steps / elapsed / (peak * 1e12), 4)
-  return result
+  def one_step() -> None:
+    holder["state"], metrics = compiled(holder["state"], batch_arrays)
+    jax.block_until_ready((holder["state"], metrics))
+    if not np.isfinite(float(metrics["loss"])):
+      raise RuntimeError(f"{name}: non-finite loss in the benchmark")
+
+  facts = {"batch": batch, "image_shape": list(image_shape), "dtype": jnp.dtype(dtype).name,
+           "compile_s": round(compile_s, 2)}
+  return one_step, facts, _flops(compiled)
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each step, after one warm-up call each, calling them in turn.
+
+  Taking turns exposes every contender to the same background load on a shared machine; the
+  median of the per-call times then ignores the calls that a burst of other work slowed.
+  """
+  for step in steps.values():
+    step()  # warm-up: one-off allocations (and, for torch, kernel selection)
+  times: dict[str, list[float]] = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return times
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,8 +174,9 @@ def _torch_resnet(name: str, num_classes: int):
   return nn.Sequential(*layers)
 
 
-def benchmark_torch(name: str, batch: int, image_shape: tuple[int, ...], steps: int,
-                    num_classes: int) -> dict[str, Any] | None:
+def torch_case(name: str, batch: int, image_shape: tuple[int, ...],
+               num_classes: int) -> tuple[Callable[[], None], dict[str, Any]] | None:
+  """The PyTorch eager peer's one training step (None without torch or for other models)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -184,22 +194,16 @@ def benchmark_torch(name: str, batch: int, image_shape: tuple[int, ...], steps: 
   mean = torch.tensor(_MEAN).view(1, 3, 1, 1)
   std = torch.tensor(_STD).view(1, 3, 1, 1)
 
-  def step():
+  def one_step() -> None:
     x = (images.permute(0, 3, 1, 2).float() - mean) / std
     loss = torch.nn.functional.cross_entropy(model(x), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss
+    if not torch.isfinite(loss):
+      raise RuntimeError(f"{name}: non-finite loss in the torch peer")
 
-  step()  # warm-up: allocations and oneDNN kernel selection
-  start = time.perf_counter()
-  for _ in range(steps):
-    loss = step()
-  elapsed = time.perf_counter() - start
-  return {"images_per_s": round(batch * steps / elapsed, 1),
-          "step_ms": round(elapsed / steps * 1e3, 2), "torch": torch.__version__,
-          "threads": torch.get_num_threads(), "final_loss_finite": bool(torch.isfinite(loss))}
+  return one_step, {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -232,16 +236,32 @@ def main() -> None:
                   "load_average": round(os.getloadavg()[0], 2)},
       "flops_source": "compiled.cost_analysis()['flops'] of the jitted train step",
   }
+  peak = peak_tflops(device.device_kind)
   for name, batch, shape in cases:
     batch = args.batch or batch
     if args.image_size and shape[-1] == 3:
       shape = (args.image_size, args.image_size, 3)
-    entry = benchmark_jax(name, batch, shape, steps, dtype, args.num_classes)
-    if args.torch and backend == "cpu":
-      peer = benchmark_torch(name, batch, shape, steps, args.num_classes)
-      if peer is not None:
-        entry["torch_eager"] = peer
-        entry["jax_over_torch"] = round(entry["images_per_s"] / peer["images_per_s"], 3)
+    jax_step, entry, flops = jax_case(name, batch, shape, dtype, args.num_classes)
+    contenders = {"jax": jax_step}
+    peer = torch_case(name, batch, shape, args.num_classes) if (
+        args.torch and backend == "cpu") else None
+    if peer is not None:
+      contenders["torch"] = peer[0]
+    times = time_interleaved(contenders, steps)
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    entry |= {"timed_steps": steps, "step_ms_median": round(median["jax"] * 1e3, 2),
+              "step_ms_all": [round(t * 1e3, 1) for t in times["jax"]],
+              "images_per_s": round(batch / median["jax"], 1),
+              "gflops_per_image": None if flops is None else round(flops / batch / 1e9, 2)}
+    if flops is not None and peak is not None:
+      entry["tflops_per_s"] = round(flops / median["jax"] / 1e12, 1)
+      entry["mfu"] = round(flops / median["jax"] / (peak * 1e12), 4)
+    if peer is not None:
+      entry["torch_eager"] = peer[1] | {
+          "step_ms_median": round(median["torch"] * 1e3, 2),
+          "step_ms_all": [round(t * 1e3, 1) for t in times["torch"]],
+          "images_per_s": round(batch / median["torch"], 1)}
+      entry["jax_over_torch_speed"] = round(median["torch"] / median["jax"], 3)
     results[name] = entry
     print(json.dumps({name: entry}), flush=True)  # partial results survive a timeout
   print(json.dumps(results))
