@@ -1,8 +1,9 @@
-"""The pre-training job end to end through main.py: a smoke run, exact kill-and-resume, bad input,
-and the non-finite-loss guard."""
+"""The pre-training job end to end through main.py: a smoke run, exact resume after SIGTERM
+(preemption) and SIGKILL at random steps, bad input, and the non-finite-loss guard."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def _assert_trees_equal(a, b):
 
 
 LONGER = ("--config.num_train_steps=30", "--config.max_train_examples=320",
-          "--config.checkpoint_every_steps=3", "--config.log_every_steps=1")
+          "--config.checkpoint_every_steps=3", "--config.log_every_steps=1",
+          "--config.record_examples=true")
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +77,42 @@ def test_smoke_run_writes_metrics_and_checkpoints(uninterrupted):
   assert _final_params(workdir)[0] == 30
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
-  reference, _ = uninterrupted
-  proc = _main(tmp_path, *LONGER)
-  killed_at = None
+def _signal_at(workdir, step, sig):
+  """Starts a LONGER run (resuming whatever the workdir holds) and sends `sig` once the progress
+  line of `step` appears; returns (return code, output)."""
+  proc = _main(workdir, *LONGER)
+  lines = []
   for line in proc.stdout:
-    # Wait for a progress line past the first checkpoints, then kill without warning.
-    if "step 14/30" in line:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = line
+    lines.append(line)
+    if f"step {step}/30 " in line:
+      proc.send_signal(sig)
       break
-  proc.wait(timeout=60)
-  assert killed_at is not None and proc.returncode == -signal.SIGKILL
+  out, _ = proc.communicate(timeout=120)
+  return proc.returncode, "".join(lines) + out
+
+
+def test_sigterm_then_sigkill_at_random_steps_then_resume_is_bitwise_identical(uninterrupted,
+                                                                              tmp_path):
+  reference, _ = uninterrupted
+  rng = random.Random(20261127)  # Seeded: a failure names steps that reproduce it.
+  term_at = rng.randint(2, 12)
+  kill_at = rng.randint(term_at + 5, 27)
+  where = f"(SIGTERM after step {term_at}, SIGKILL after step {kill_at})"
+
+  # Preemption: SIGTERM makes the run save after the step in flight and exit cleanly.
+  code, out = _signal_at(tmp_path, term_at, signal.SIGTERM)
+  assert code == 0, (where, out)
   saved = ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step()
-  assert saved is not None and saved < 30, saved
+  assert saved is not None and term_at <= saved < 30, (where, saved)
+  assert f"preempted: saved {tmp_path / 'checkpoints' / str(saved)} (step {saved})" in out, out
+  assert f"step {saved + 1}/30" not in out, out  # It stopped right there.
+
+  # A kill without warning, later in the resumed run.
+  code, out = _signal_at(tmp_path, kill_at, signal.SIGKILL)
+  assert code == -signal.SIGKILL, (where, out)
+  assert f"resumed from {tmp_path / 'checkpoints' / str(saved)}" in out, out
+  killed_saved = ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step()
+  assert killed_saved is not None and killed_saved < 30, (where, killed_saved)
 
   code, out = _run(tmp_path, *LONGER)
   assert code == 0, out
@@ -97,6 +121,11 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, tmp_p
   step_b, state_b = _final_params(tmp_path)
   assert step_a == step_b == 30
   _assert_trees_equal(state_a, state_b)
+  # The same examples, in the same order, at every step (each step recorded once).
+  ref_seen = [json.loads(l) for l in open(reference / "examples_seen.jsonl")]
+  got_seen = [json.loads(l) for l in open(tmp_path / "examples_seen.jsonl")]
+  assert [r["step"] for r in got_seen] == list(range(1, 31)), where
+  assert got_seen == ref_seen, where
   # Metrics have one record per epoch, no duplicates from the replayed stretch, same values.
   ref = [json.loads(l) for l in open(reference / "metrics.jsonl")]
   got = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
