@@ -25,7 +25,7 @@ targets with an unpenalized bias. One eigendecomposition of the centered X^T X (
 or of X X^T (N x N, "dual"), whichever is smaller, turns every lambda of the grid into a rescale
 and a matmul. Lambda is chosen by accuracy on a held-out part of the train split (stratified,
 seeded; ties go to the larger lambda), never on test; then the probe is refit on the whole train
-split with that lambda. Lambdas are per example: the penalty on ||W||^2 is lambda * n, so one value
+split with that lambda (one linear solve). Lambdas are per example: the penalty on ||W||^2 is lambda * n, so one value
 means the same on the held-out fit part and on the whole split. Gram matrices are accumulated in
 float32 (jitted matmuls), the eigendecompositions and everything after them run in float64 numpy.
 """
@@ -295,20 +295,36 @@ def _shrink(eigenvalues: np.ndarray, projected: np.ndarray, penalties: np.ndarra
                             + penalties[:, None, None])
 
 
+def _centered(moments: Moments) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(scatter (D, D), cross (D, C), mean_x, mean_t): the moments about the means."""
+  n = moments.count
+  mean_x, mean_t = moments.sum_x / n, moments.sum_t / n
+  # Centering as a rank-one correction keeps the pass over the rows a plain matmul.
+  return (moments.xx - n * np.outer(mean_x, mean_x), moments.xt - n * np.outer(mean_x, mean_t),
+          mean_x, mean_t)
+
+
 def primal_solutions(moments: Moments, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Ridge weights (L, D, C) and biases (L, C) from one eigendecomposition of the D x D scatter.
 
   Minimizes ||X W + 1 b^T - T||^2 + lambda * n * ||W||^2 with b unpenalized, for every
   per-example lambda.
   """
-  n = moments.count
-  mean_x, mean_t = moments.sum_x / n, moments.sum_t / n
-  # Centering as a rank-one correction keeps the pass over the rows a plain matmul.
-  scatter = moments.xx - n * np.outer(mean_x, mean_x)
-  cross = moments.xt - n * np.outer(mean_x, mean_t)
+  scatter, cross, mean_x, mean_t = _centered(moments)
   eigenvalues, eigenvectors = np.linalg.eigh(scatter)
-  penalties = np.asarray(lambdas, np.float64) * n
+  penalties = np.asarray(lambdas, np.float64) * moments.count
   weights = eigenvectors @ _shrink(eigenvalues, eigenvectors.T @ cross, penalties)
+  return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
+
+
+def primal_solution(moments: Moments, lam: float) -> tuple[np.ndarray, np.ndarray]:
+  """The primal_solutions entry for one lambda, by a linear solve: (1, D, C) and (1, C).
+
+  The refit needs one lambda only, and an LU solve costs a fraction of an eigendecomposition.
+  """
+  scatter, cross, mean_x, mean_t = _centered(moments)
+  scatter[np.diag_indices_from(scatter)] += lam * moments.count
+  weights = np.linalg.solve(scatter, cross)[None]
   return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
 
 
@@ -381,8 +397,8 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   primal = train_set.feature_dim <= len(fit_idx)
   if primal:
     fit_sums, holdout_sums = _split_moments(
-        device_x, jnp.asarray(labels, jnp.int32), jnp.asarray(mean, jnp.float32),
-        jnp.asarray(std, jnp.float32), jnp.asarray(np.concatenate([fit_idx, holdout_idx])),
+        device_x, labels.astype(np.int32), mean.astype(np.float32), std.astype(np.float32),
+        np.concatenate([fit_idx, holdout_idx]).astype(np.int32),
         num_fit=len(fit_idx), num_classes=num_classes)
     fit_moments = Moments.from_sums(len(fit_idx), fit_sums)
     # The held-out part's moments plus the fit part's are the whole split's: the refit needs no
@@ -398,7 +414,7 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   # Ties go to the larger lambda: the smoother of equally good solutions.
   best = max(range(len(lambdas)), key=lambda i: (holdout_accuracy[i], lambdas[i]))
   if primal:
-    weights, biases = primal_solutions(all_moments, lambdas[best:best + 1])
+    weights, biases = primal_solution(all_moments, float(lambdas[best]))
   else:
     weights, biases = dual_solutions(standardized, targets, lambdas[best:best + 1])
   weights, biases = _unstandardize(weights, biases, mean, std)

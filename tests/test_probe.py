@@ -163,6 +163,10 @@ def test_ridge_solutions_match_a_direct_solve(rows):
           probe.Moments.of(x.astype(np.float32), targets.astype(np.float32)), lambdas)
       np.testing.assert_allclose(primal_w[i], direct[:20], atol=1e-4)
       np.testing.assert_allclose(primal_b[i], direct[20], atol=1e-4)
+      one_w, one_b = probe.primal_solution(
+          probe.Moments.of(x.astype(np.float32), targets.astype(np.float32)), lam)
+      np.testing.assert_allclose(one_w[0], direct[:20], atol=1e-4)
+      np.testing.assert_allclose(one_b[0], direct[20], atol=1e-4)
 
 
 def test_ridge_lambda_is_chosen_without_the_test_labels():
