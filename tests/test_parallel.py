@@ -183,3 +183,26 @@ def test_restore_ignores_an_uncommitted_checkpoint(tmp_path):
   step, restored = checkpoint.load_state(str(tmp_path))
   assert step == 2
   np.testing.assert_array_equal(restored["w"], tree["w"])
+
+
+def test_model_axis_sharded_state_trains_like_replicated(one_and_eight, fmnist_batches,
+                                                         monkeypatch):
+  # The small ResNet's kernels are all below the size threshold: lower it so the rule bites.
+  monkeypatch.setattr(parallel, "MIN_SHARDED_SIZE", 256)
+  mesh = parallel.make_mesh(spec="data:4,model:2")
+  shardings = parallel.state_shardings(_initial_state(), mesh, "model")
+  split = [s for s in jax.tree.leaves(shardings) if "model" in s.spec]
+  assert len(split) >= 6
+  info = sources.get_source("fashion_mnist").info
+  step = jax.jit(functools.partial(train_step, mean=tuple(info.mean), std=tuple(info.std),
+                                   num_classes=10),
+                 in_shardings=(shardings, parallel.data_sharded(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)))
+  state = jax.device_put(_initial_state(), shardings)
+  for batch in fmnist_batches[:5]:
+    state, _ = step(state, parallel.host_to_global(batch, mesh))
+  kernel = state.params["stage3_block1"]["Conv_1"]["kernel"]
+  assert kernel.sharding.spec == P(None, None, None, "model")
+  assert kernel.addressable_shards[0].data.shape == (3, 3, 64, 32)
+  _, eight = one_and_eight
+  assert _max_gap(state.params, eight.params) < 1e-5
