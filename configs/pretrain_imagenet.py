@@ -14,9 +14,10 @@ seed=INT, epochs=FLOAT, batch=INT (global), label_smoothing=FLOAT, nesterov=BOOL
 dtype=bfloat16|float32, image_size=INT, smoke (a seconds-long CPU run on a tiny subset at a small
 image size, for tests). Any field can be overridden with --config.FIELD=VALUE.
 
-One host with several GPUs (one process drives every local GPU through the device mesh):
+One host with several GPUs (one process drives every local GPU through the device mesh; give
+the input pipeline most of the host's cores):
   python main.py --config configs/pretrain_imagenet.py:noise=0.1 \
-      --config.data_workers=12 --workdir /shared/runs/in1k_r50_n0.1
+      --config.data_workers=$(($(nproc) - 4)) --workdir /shared/runs/in1k_r50_n0.1
 A TPU v3-8 / v4-8 (one host) runs the same command. A multi-host TPU pod slice (e.g. v4-32), or
 GPU nodes under SLURM/OpenMPI, start one process per host with jax.distributed auto-detection;
 the workdir must be on a filesystem every host sees (checkpoints are written collectively) and
@@ -43,10 +44,12 @@ Those public recipes also use RandAugment and Mixup (and gradient clipping at no
 does not implement: expect clearly less than the high-70s top-1 they typically report; no figure
 from nmjax is claimed here.
 
-Expected runtime: not measured by nmjax on ImageNet. At the ResNet-50 target of 2,500 images/s
-per GPU, one epoch (1.28M images) is about 8.5 minutes per GPU-equivalent; the input pipeline
-needs roughly one CPU core per 150-250 images/s (benchmarks/input.py), so feed each GPU from
-about 12 or more cores.
+Expected runtime: not measured by nmjax on ImageNet (no accelerator was available). At the
+ResNet-50 target of 2,500 images/s per GPU, one epoch (1.28M images) takes 1.28M / 2,500 = 512 s,
+90 epochs about 13 GPU-hours. The input pipeline decoded and cropped about 250-300 images/s per
+CPU core on the 2-core development machine (benchmarks/input.py, ~70 KB synthetic JPEGs around
+500x375; real ImageNet JPEGs average somewhat larger), so plan on about 10 cores (data_workers)
+per GPU at that rate.
 """
 
 from nmjax.config import parse_arg
@@ -107,7 +110,15 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 3
   config.data_dir = ""         # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
-  config.distributed = "none"  # none | auto | explicit (see nmjax/parallel.py).
+  config.record_examples = False  # Debug: workdir/examples_seen.jsonl, each step's indices.
+
+  # Scale-out (nmjax/parallel.py): the same fields and defaults as configs/pretrain.py.
+  config.mesh = "data:-1"      # e.g. data:4,model:2
+  config.param_sharding = "replicated"  # replicated | model
+  config.distributed = "none"  # none | auto (TPU pods, SLURM, Open MPI) | explicit:
+  config.coordinator_address = ""  # explicit: 'host:port' of process 0, the same everywhere.
+  config.num_processes = 1     # explicit: how many processes in all.
+  config.process_id = 0        # explicit: this process, 0..num_processes-1.
 
   if args.smoke:
     # A CPU run of a few steps on a tiny subset (tests use a synthetic imagenet2012).
