@@ -1,12 +1,12 @@
 r"""Speed of the ImageNet training input pipeline on this machine, printed as one JSON object.
 
 Writes an imagenet2012-format TFDS dataset of real-size synthetic JPEGs (sizes around 500x375,
-photo-like content so the files are as large as ImageNet's; nmjax.data.imagenet.write_synthetic)
-into a temporary folder, then measures images/s of nmjax.data.imagenet.train_iterator (read,
-JPEG decode, random-resized crop to 224, flip, batch) with 0 (in this process), 1 and 2 grain
-worker processes (--workers), and the single-core cost of decode + crop alone. Rates exclude worker start-up:
-they are taken between the first and the last batch. "per_core" divides by the cores the
-workers can use (min(workers, CPU count)).
+photo-like content, about 70 KB per file where ImageNet's average about 110 KB;
+nmjax.data.imagenet.write_synthetic) into a temporary folder, then measures images/s of
+nmjax.data.imagenet.train_iterator (read, JPEG decode, random-resized crop to 224, flip, batch)
+with 0 (in this process), 1 and 2 grain worker processes (--workers), and the single-core cost of
+decode + crop alone. Rates exclude worker start-up: they are taken between the first and the
+last batch. "per_core" divides by the cores the workers can use (min(workers, CPU count)).
 
     .venv/bin/python benchmarks/input.py [--images 192] [--batch 32] [--batches 18] \
         [--workers 0,1,2]

@@ -78,7 +78,7 @@ def get_config(arg: str | None = None):
   config.input_pipeline = "imagenet"  # JPEG decode + random-resized crop in grain workers.
   config.image_size = args.image_size
   config.eval_split = "validation"   # imagenet2012's test split has no labels.
-  config.data_workers = 8             # grain worker processes per host; results do not depend on it.
+  config.data_workers = 8      # grain worker processes per host; the batches do not depend on it.
 
   config.num_epochs = args.epochs
   config.num_train_steps = -1  # > 0 wins over num_epochs.

@@ -313,7 +313,9 @@ def train_iterator(
   clean_label int32, index int32, with b = global_batch_size // process_count.
   """
   num_examples = len(source_records)
-  host_batch = pipeline._host_batch_size(global_batch_size, process_count, process_index)  # pylint: disable=protected-access
+  # pipeline's own helpers, shared rather than copied.
+  # pylint: disable=protected-access
+  host_batch = pipeline._host_batch_size(global_batch_size, process_count, process_index)
   _check_image_size(image_size)
   epoch_steps = steps_per_epoch(num_examples, global_batch_size)
   if epoch_steps == 0:
@@ -372,7 +374,8 @@ def train_iterator(
     if num_workers:
       _use_flag_defaults_unless_parsed()
     # Slicing before the workers start keeps worker w on batches start + w, start + w + W, ...
-    return batches[start:].to_iter_dataset(pipeline._read_options(num_threads)).mp_prefetch(  # pylint: disable=protected-access
+    read_options = pipeline._read_options(num_threads)
+    return batches[start:].to_iter_dataset(read_options).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
 
   fingerprint = {

@@ -22,7 +22,7 @@ _DENSE_INIT = nn.initializers.xavier_uniform()
 
 def sincos_2d_position_embedding(grid_h: int, grid_w: int, width: int,
                                  temperature: float = 10_000.0) -> np.ndarray:
-  """(grid_h * grid_w, width) float32: sin/cos of the row and column index at width/4 frequencies."""
+  """(grid_h * grid_w, width) float32: sin and cos of column and row at width/4 frequencies."""
   if width % 4:
     raise ValueError(f"width={width} must be divisible by 4 for a 2-D sine-cosine embedding")
   rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
