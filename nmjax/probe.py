@@ -25,9 +25,12 @@ targets with an unpenalized bias. One eigendecomposition of the centered X^T X (
 or of X X^T (N x N, "dual"), whichever is smaller, turns every lambda of the grid into a rescale
 and a matmul. Lambda is chosen by accuracy on a held-out part of the train split (stratified,
 seeded; ties go to the larger lambda), never on test; then the probe is refit on the whole train
-split with that lambda (one linear solve). Lambdas are per example: the penalty on ||W||^2 is lambda * n, so one value
-means the same on the held-out fit part and on the whole split. Gram matrices are accumulated in
-float32 (jitted matmuls), the eigendecompositions and everything after them run in float64 numpy.
+split with that lambda (one linear solve). Lambdas are per example: the penalty on ||W||^2 is
+lambda * n, so one value means the same on the held-out fit part and on the whole split.
+Precision: features are standardized in float32 (statistics accumulated in float64); the Gram
+matrices X^T X and X^T T are accumulated in float32 by jitted matmuls (the one pass over the data
+that costs N * D^2, so JAX's threads do it); the eigendecomposition, the linear solve and the
+per-lambda rescales run in float64 numpy.
 """
 
 from __future__ import annotations
@@ -246,24 +249,12 @@ def _moments(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
   return x.sum(axis=0), targets.sum(axis=0), x.T @ x, x.T @ targets
 
 
-@jax.jit
-def _mean_std(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-feature mean and std; a constant feature gets std 1, so it stays 0 instead of NaN."""
-  mean, std = x.mean(axis=0), x.std(axis=0)
-  return mean, jnp.where(std > 1e-6 * jnp.abs(mean), std, 1.0)
-
-
-@functools.partial(jax.jit, static_argnames=("num_fit", "num_classes"))
-def _split_moments(x: jax.Array, labels: jax.Array, mean: jax.Array, std: jax.Array,
-                   order: jax.Array, *, num_fit: int, num_classes: int
-                   ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-  """Moments of the standardized features and +-1 targets of rows order[:num_fit] (the fit part)
-  and order[num_fit:] (the held-out part): one pass over the data for both."""
-  TRACES["ridge_moments"] += 1
-  standardized = ((x - mean) / std)[order]
-  targets = 2.0 * jax.nn.one_hot(labels[order], num_classes) - 1.0
-  return (_moments(standardized[:num_fit], targets[:num_fit]),
-          _moments(standardized[num_fit:], targets[num_fit:]))
+def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean and std (float64); a constant feature gets std 1, so it stays 0, not NaN."""
+  mean = x.mean(axis=0, dtype=np.float64)
+  deviations = x - mean.astype(np.float32)
+  std = np.sqrt(np.square(deviations).mean(axis=0, dtype=np.float64))
+  return mean, np.where(std > 1e-6 * np.abs(mean), std, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,23 +382,20 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
         f"{config.ridge_holdout_fraction}; ridge_probe needs at least 2 and 1")
   lambdas = np.asarray(config.ridge_lambdas, np.float64)
   train_x, labels = train_set.features, train_set.labels
-  device_x = jnp.asarray(train_x)
-  mean, std = (np.asarray(a, np.float64) for a in _mean_std(device_x))
+  mean, std = _mean_std(train_x)
+  # Standardizing, one-hot targets and row selection run in numpy: inside a jitted program they
+  # cost more compilation than they save (each task has new shapes).
+  standardized = (train_x - mean.astype(np.float32)) / std.astype(np.float32)
+  targets = 2.0 * np.eye(num_classes, dtype=np.float32)[labels] - 1.0
 
   primal = train_set.feature_dim <= len(fit_idx)
   if primal:
-    fit_sums, holdout_sums = _split_moments(
-        device_x, labels.astype(np.int32), mean.astype(np.float32), std.astype(np.float32),
-        np.concatenate([fit_idx, holdout_idx]).astype(np.int32),
-        num_fit=len(fit_idx), num_classes=num_classes)
-    fit_moments = Moments.from_sums(len(fit_idx), fit_sums)
+    fit_moments = Moments.of(standardized[fit_idx], targets[fit_idx])
     # The held-out part's moments plus the fit part's are the whole split's: the refit needs no
     # further pass over the data.
-    all_moments = fit_moments + Moments.from_sums(len(holdout_idx), holdout_sums)
+    all_moments = fit_moments + Moments.of(standardized[holdout_idx], targets[holdout_idx])
     weights, biases = primal_solutions(fit_moments, lambdas)
   else:
-    standardized = ((train_x - mean) / std).astype(np.float32)
-    targets = 2.0 * np.eye(num_classes, dtype=np.float32)[labels] - 1.0
     weights, biases = dual_solutions(standardized[fit_idx], targets[fit_idx], lambdas)
   holdout_accuracy = _ridge_accuracies(train_x[holdout_idx], labels[holdout_idx],
                                        *_unstandardize(weights, biases, mean, std))
