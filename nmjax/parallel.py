@@ -93,6 +93,10 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, *, spec: str = "data:
   if len(devices) % known:
     raise ConfigError(f"config.mesh={spec!r} does not fit {len(devices)} devices; allowed: axis"
                       f" sizes whose product divides {len(devices)}")
+  if jax.process_count() > 1 and axes[0][0] != DATA_AXIS:
+    raise ConfigError(f"config.mesh={spec!r} must start with the {DATA_AXIS!r} axis when there"
+                      f" are several processes (each feeds its own rows of the batch); allowed"
+                      f" e.g.: data:-1,model:2")
   sizes = [len(devices) // known if size == -1 else size for _, size in axes]
   if int(np.prod(sizes)) != len(devices):
     raise ConfigError(f"config.mesh={spec!r} covers {int(np.prod(sizes))} devices but there are"

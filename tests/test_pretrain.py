@@ -144,6 +144,8 @@ def test_sigterm_then_sigkill_at_random_steps_then_resume_is_bitwise_identical(u
     ("--config.seed=-1", "config.seed=-1 is out of range"),
     ("--config.batch_size=0", "config.batch_size=0 is out of range"),
     ("--config.dataset=cifar10", "TFDS dataset 'cifar10' is not prepared"),
+    ("--config.mesh=batch:8", "config.mesh='batch:8' is malformed"),
+    ("--config.distributed=explicit", "config.coordinator_address='' is not 'host:port'"),
 ])
 def test_bad_config_one_line_nonzero_and_checkpoint_untouched(uninterrupted, override,
                                                               expected):
