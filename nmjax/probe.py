@@ -68,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Head init and shuffling (linear_probe); the held-out split (ridge_probe).
   # None: max label + 1 over the train and test splits.
   config.num_classes = ml_collections.config_dict.placeholder(int)
+  # None, or the classes the test set may be predicted as (e.g. ImageNet-R's 200 of ImageNet's
+  # 1,000): test predictions are the argmax over these logits only; training is unchanged.
+  config.logit_subset = ml_collections.config_dict.placeholder(tuple)
   # Per-example penalties (the penalty on ||W||^2 is lambda * n): 10^-6 .. 10^2, half decades.
   config.ridge_lambdas = tuple(float(10.0 ** e) for e in np.arange(-6.0, 2.01, 0.5))
   config.ridge_holdout_fraction = 0.2
@@ -126,6 +129,26 @@ def _load_splits(train: FeaturesLike, test: FeaturesLike, num_classes: int | Non
   return train_set, test_set, num_classes
 
 
+def _test_logit_bias(config: ml_collections.ConfigDict, test_set: FeatureSet,
+                     num_classes: int) -> np.ndarray:
+  """(C,) float32 added to test logits: 0 for allowed classes, -inf for the others."""
+  bias = np.zeros(num_classes, np.float32)
+  if config.logit_subset is None:
+    return bias
+  subset = np.asarray(config.logit_subset)
+  if (subset.ndim != 1 or not len(subset) or not np.issubdtype(subset.dtype, np.integer)
+      or subset.min() < 0 or subset.max() >= num_classes or len(np.unique(subset)) != len(subset)):
+    raise ConfigError(f"config.logit_subset={config.logit_subset!r} is not allowed; allowed:"
+                      f" distinct class indices in [0, {num_classes})")
+  outside = np.setdiff1d(np.unique(test_set.labels), subset)
+  if len(outside):
+    raise DataError(f"probe test features: labels {outside[:5].tolist()} are outside"
+                    " config.logit_subset, so they could never be predicted")
+  bias[:] = -np.inf
+  bias[subset] = 0.0
+  return bias
+
+
 def _summary(method: str, train_set: FeatureSet, test_set: FeatureSet,
              num_classes: int) -> dict[str, Any]:
   return {"method": method, "num_train": train_set.num_examples,
@@ -171,8 +194,9 @@ def head_logits(params: dict[str, jax.Array], features: jax.Array) -> jax.Array:
   return features @ params["kernel"] + params["bias"]
 
 
-def _accuracy(params: dict[str, jax.Array], features: jax.Array, labels: jax.Array) -> jax.Array:
-  predictions = jnp.argmax(head_logits(params, features), axis=-1)
+def _accuracy(params: dict[str, jax.Array], features: jax.Array, labels: jax.Array,
+              logit_bias: jax.Array | float = 0.0) -> jax.Array:
+  predictions = jnp.argmax(head_logits(params, features) + logit_bias, axis=-1)
   return jnp.mean((predictions == labels).astype(jnp.float32))
 
 
@@ -186,13 +210,15 @@ def make_optimizer(hparams: dict[str, Any], total_steps: int) -> optax.GradientT
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def train_linear_head(train_x: jax.Array, train_y: jax.Array, test_x: jax.Array,
                       test_y: jax.Array, params: dict[str, jax.Array], orders: jax.Array,
-                      hparams: dict[str, jax.Array], *, batch_size: int
+                      hparams: dict[str, jax.Array], test_logit_bias: jax.Array, *,
+                      batch_size: int
                       ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
   """The whole reference protocol as one program: (params, test accuracy per epoch, train acc).
 
   orders (E, N) holds each epoch's shuffle (epoch_orders); hparams holds learning_rate,
   weight_decay, b1, b2, eps as traced scalars, so new values, data or seeds of the same shapes
-  reuse the compiled program.
+  reuse the compiled program. test_logit_bias (C,) is added to the test logits (0 or -inf: a
+  logit subset).
   """
   TRACES["train_linear_head"] += 1
   num_epochs, num_examples = orders.shape
@@ -211,7 +237,7 @@ def train_linear_head(train_x: jax.Array, train_y: jax.Array, test_x: jax.Array,
 
   def train_epoch(carry, order):
     carry, _ = jax.lax.scan(train_step, carry, epoch_batches(order, batch_size))
-    return carry, _accuracy(carry[0], test_x, test_y)
+    return carry, _accuracy(carry[0], test_x, test_y, test_logit_bias)
 
   (params, _), test_accuracy = jax.lax.scan(train_epoch, (params, tx.init(params)), orders)
   return params, test_accuracy, _accuracy(params, train_x, train_y)
@@ -233,7 +259,8 @@ def linear_probe(train: FeaturesLike, test: FeaturesLike,
       jnp.asarray(test_set.features), jnp.asarray(test_set.labels, jnp.int32),
       init_head(config.seed, train_set.feature_dim, num_classes),
       jnp.asarray(epoch_orders(config.seed, train_set.num_examples, config.num_epochs)),
-      hparams, batch_size=config.batch_size)
+      hparams, jnp.asarray(_test_logit_bias(config, test_set, num_classes)),
+      batch_size=config.batch_size)
   per_epoch = [float(a) for a in np.asarray(test_accuracy)]
   return {**_summary("lp", train_set, test_set, num_classes), "accuracy": per_epoch[-1],
           "train_accuracy": float(train_accuracy), "test_accuracy_per_epoch": per_epoch,
@@ -335,12 +362,12 @@ def dual_solutions(x: np.ndarray, targets: np.ndarray, lambdas: np.ndarray
 
 
 def _ridge_accuracies(x: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                      biases: np.ndarray) -> np.ndarray:
+                      biases: np.ndarray, logit_bias: np.ndarray | float = 0.0) -> np.ndarray:
   """Top-1 accuracy of every (weights[l], biases[l]) on (x, labels), one matmul for all l."""
   num_lambdas, dim, num_classes = weights.shape
   stacked = weights.transpose(1, 0, 2).reshape(dim, num_lambdas * num_classes)
   scores = (x @ stacked.astype(np.float32)).reshape(len(x), num_lambdas, num_classes)
-  scores += biases[None].astype(np.float32)
+  scores += biases[None].astype(np.float32) + logit_bias
   return (scores.argmax(axis=-1) == labels[:, None]).mean(axis=0)
 
 
@@ -373,6 +400,7 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   start = time.perf_counter()
   config = _resolve_config(config)
   train_set, test_set, num_classes = _load_splits(train, test, config.num_classes)
+  test_logit_bias = _test_logit_bias(config, test_set, num_classes)
   fit_idx, holdout_idx = holdout_split(train_set.labels, config.ridge_holdout_fraction,
                                        config.seed)
   if len(fit_idx) < 2 or len(holdout_idx) < 1:
@@ -406,7 +434,8 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   else:
     weights, biases = dual_solutions(standardized, targets, lambdas[best:best + 1])
   weights, biases = _unstandardize(weights, biases, mean, std)
-  test_accuracy = _ridge_accuracies(test_set.features, test_set.labels, weights, biases)[0]
+  test_accuracy = _ridge_accuracies(test_set.features, test_set.labels, weights, biases,
+                                    test_logit_bias)[0]
   train_accuracy = _ridge_accuracies(train_x, labels, weights, biases)[0]
   return {**_summary("ridge", train_set, test_set, num_classes),
           "accuracy": float(test_accuracy), "train_accuracy": float(train_accuracy),

@@ -76,7 +76,8 @@ def _fit_tiny(x, y, orders, seed=0):
   hparams = {k: jnp.float32(v) for k, v in _HPARAMS.items()}
   params, _, _ = probe.train_linear_head(
       jnp.asarray(x), jnp.asarray(y), jnp.asarray(x[:5]), jnp.asarray(y[:5]),
-      probe.init_head(seed, _DIM, _CLASSES), jnp.asarray(orders), hparams, batch_size=64)
+      probe.init_head(seed, _DIM, _CLASSES), jnp.asarray(orders), hparams,
+      jnp.zeros(_CLASSES), batch_size=64)
   return params
 
 
@@ -252,3 +253,32 @@ def test_wrong_config_type_gives_one_line():
   with pytest.raises(ConfigError, match="config.batch_size='64' has the wrong type") as e:
     probe.ridge_probe(_tiny(), _tiny(), ml_collections.ConfigDict({"batch_size": "64"}))
   _one_line(e)
+
+
+@pytest.mark.parametrize("fn", [probe.linear_probe, probe.ridge_probe])
+def test_logit_subset_restricts_test_predictions_to_those_classes(fn):
+  """A test set whose classes are a subset (ImageNet-R style): only those logits compete."""
+  rng = np.random.default_rng(0)
+  means = rng.standard_normal((4, 8)) * 3
+  train_y = np.arange(400) % 4
+  train_x = means[train_y] + rng.standard_normal((400, 8))
+  # Test examples of classes 1 and 3 drawn halfway towards class 0's mean: the full argmax
+  # often says 0, the argmax over {1, 3} cannot.
+  test_y = np.array([1, 3] * 50)
+  test_x = 0.5 * (means[test_y] + means[0]) + 0.3 * rng.standard_normal((100, 8))
+  config = probe.default_config()
+  with config.unlocked():
+    config.num_epochs = 5
+  full = fn((train_x, train_y), (test_x, test_y), config)
+  with config.unlocked():
+    config.logit_subset = (1, 3)
+  subset = fn((train_x, train_y), (test_x, test_y), config)
+  assert subset["accuracy"] > full["accuracy"] + 0.1, (full["accuracy"], subset["accuracy"])
+  with config.unlocked():
+    config.logit_subset = (1, 2)
+  with pytest.raises(DataError, match="outside config.logit_subset"):
+    fn((train_x, train_y), (test_x, test_y), config)
+  with config.unlocked():
+    config.logit_subset = (1, 9)
+  with pytest.raises(ConfigError, match="logit_subset"):
+    fn((train_x, train_y), (test_x, test_y), config)
