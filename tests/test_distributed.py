@@ -22,7 +22,6 @@ CONFIG = ("--config=configs/pretrain.py:dataset=fashion_mnist,noise=0.2,smoke",
           "--config.log_every_steps=1", "--config.record_examples=true")
 
 
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
