@@ -9,14 +9,12 @@ initialization amplifies that rounding about 10x per step. README has the figure
 """
 
 import functools
-import os
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from nmjax import models, parallel
 from nmjax.data import pipeline, sources
