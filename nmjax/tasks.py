@@ -172,25 +172,6 @@ def resolve(spec: str | Sequence[str]) -> list[Task]:
 # ----------------------------------------------------------------------------------------------
 # Views as random-access example sequences at the encoder's input shape.
 
-class _Subset(Sequence):
-  """Records at the given positions (the examples keep their own index)."""
-
-  def __init__(self, records: Sequence[Mapping[str, Any]], positions: np.ndarray):
-    self._records = records
-    self._positions = np.asarray(positions, dtype=np.int64)
-
-  def __len__(self) -> int:
-    return len(self._positions)
-
-  def __getitem__(self, i: int) -> Any:
-    return self._records[int(self._positions[i])]
-
-  def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-    positions = [int(self._positions[int(i)]) for i in indices]
-    getitems = getattr(self._records, "__getitems__", None)
-    return getitems(positions) if getitems else [self._records[p] for p in positions]
-
-
 def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   """uint8 (h, w, c) -> uint8 `shape` (H, W, C): resize the shorter side to H/0.875, centre-crop
   (the standard evaluation transform), grey <-> RGB by luminance or repetition."""
@@ -217,28 +198,6 @@ def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   return image
 
 
-class _Fitted(Sequence):
-  """Records whose images are fitted to the encoder's input shape."""
-
-  def __init__(self, records: Sequence[Mapping[str, Any]], shape: tuple[int, int, int]):
-    self._records = records
-    self._shape = shape
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def _fit(self, example: Mapping[str, Any]) -> dict[str, Any]:
-    return {**example, "image": fit_image(example["image"], self._shape)}
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    return self._fit(self._records[i])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    getitems = getattr(self._records, "__getitems__", None)
-    examples = getitems(indices) if getitems else [self._records[int(i)] for i in indices]
-    return [self._fit(e) for e in examples]
-
-
 def view_records(view: View, *, image_shape: tuple[int, int, int],
                  data_dir: str | None = None) -> tuple[Sequence[Mapping[str, Any]],
                                                        sources.SourceInfo]:
@@ -249,12 +208,13 @@ def view_records(view: View, *, image_shape: tuple[int, int, int],
     if view.part not in PARTS:
       raise ConfigError(f"view part {view.part!r} is unknown; allowed: {', '.join(PARTS)}")
     is_test = sources.every_fifth_per_class_is_test(source.labels(view.split))
-    records = _Subset(records, np.flatnonzero(is_test if view.part == "probe_test"
+    records = sources.SubsetRecords(records, np.flatnonzero(is_test if view.part == "probe_test"
                                               else ~is_test))
   if view.shift is not None:
-    records = shifts.CorruptedRecords(records, view.shift)
+    records = shifts.corrupted_records(records, view.shift)
   if tuple(source.info.image_shape) != tuple(image_shape):
-    records = _Fitted(records, tuple(image_shape))
+    shape = tuple(image_shape)
+    records = sources.MappedRecords(records, lambda e: {**e, "image": fit_image(e["image"], shape)})
   return records, source.info
 
 

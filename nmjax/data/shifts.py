@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from nmjax.data import sources
 from nmjax.errors import ConfigError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -82,24 +83,8 @@ def corrupt(image: np.ndarray, name: str, index: int) -> np.ndarray:
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-class CorruptedRecords(Sequence):
-  """Random-access examples with one corruption applied to every image (label, index kept)."""
-
-  def __init__(self, records: Sequence[Mapping[str, Any]], name: str):
-    parse(name)
-    self._records = records
-    self.name = name
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def _apply(self, example: Mapping[str, Any]) -> dict[str, Any]:
-    return {**example, "image": corrupt(example["image"], self.name, int(example["index"]))}
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    return self._apply(self._records[i])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    getitems = getattr(self._records, "__getitems__", None)
-    examples = getitems(indices) if getitems else [self._records[int(i)] for i in indices]
-    return [self._apply(e) for e in examples]
+def corrupted_records(records: Sequence[Mapping[str, Any]], name: str) -> Sequence[dict[str, Any]]:
+  """Random-access examples with corruption `name` applied to every image (label, index kept)."""
+  parse(name)
+  return sources.MappedRecords(
+      records, lambda e: {**e, "image": corrupt(e["image"], name, int(e["index"]))})

@@ -98,6 +98,44 @@ class ArrayRecords(Sequence):
     return [self[int(i)] for i in indices]
 
 
+class SubsetRecords(Sequence):
+  """The records at the given positions, in that order (examples keep their own index)."""
+
+  def __init__(self, records: Sequence[Example], positions: Sequence[int]):
+    self._records = records
+    self._positions = np.asarray(positions, dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self._positions)
+
+  def __getitem__(self, i: int) -> Example:
+    return self._records[int(self._positions[i])]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Example]:
+    positions = [int(self._positions[int(i)]) for i in indices]
+    getitems = getattr(self._records, "__getitems__", None)
+    return getitems(positions) if getitems else [self._records[p] for p in positions]
+
+
+class MappedRecords(Sequence):
+  """Random-access examples with `fn(example)` applied to each one as it is read."""
+
+  def __init__(self, records: Sequence[Example], fn: Callable[[Example], Example]):
+    self._records = records
+    self._fn = fn
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> Example:
+    return self._fn(self._records[i])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Example]:
+    getitems = getattr(self._records, "__getitems__", None)
+    examples = getitems(indices) if getitems else [self._records[int(i)] for i in indices]
+    return [self._fn(e) for e in examples]
+
+
 class TfdsRecords(Sequence):
   """Random-access examples over a TFDS data source, in nmjax's example format."""
 

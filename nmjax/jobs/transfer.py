@@ -22,7 +22,7 @@ import numpy as np
 from nmjax import features as features_lib
 from nmjax import parallel, probe, spectral, tasks as tasks_lib
 from nmjax.config import check_choice, check_range
-from nmjax.data import pipeline
+from nmjax.data import pipeline, sources
 from nmjax.errors import ConfigError, DataError
 from nmjax.jobs import encoder as encoder_lib
 from nmjax.jobs import prepare_workdir
@@ -60,7 +60,7 @@ def _evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
   if limit <= 0 or len(records) <= limit:
     return records
   positions = np.linspace(0, len(records) - 1, limit).round().astype(np.int64)
-  return tasks_lib._Subset(records, positions)  # pylint: disable=protected-access
+  return sources.SubsetRecords(records, positions)
 
 
 class FeatureCache:
