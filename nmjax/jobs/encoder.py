@@ -2,7 +2,8 @@
 
 Shared by the jobs that evaluate pre-trained models (transfer, nmtune). The weights are restored
 from the workdir's orbax checkpoints onto the current mesh (replicated) from the checkpoint's own
-metadata, so a checkpoint saved on any number of devices loads here.
+metadata (nmjax.train.checkpoint.load_state), so a checkpoint saved on any number of devices
+loads here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 from nmjax import models, parallel
 from nmjax.data import sources
 from nmjax.errors import ConfigError, DataError
+from nmjax.train import checkpoint
 from nmjax.train.steps import normalize
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -48,12 +50,6 @@ class Encoder:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _abstract(metadata: Any, mesh: jax.sharding.Mesh) -> Any:
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-                      metadata)
-
-
 def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
          data_dir: str | None = None) -> Encoder:
   """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint)."""
@@ -71,9 +67,9 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
     config = ml_collections.ConfigDict(json.load(f))
   steps = []
   if os.path.isdir(checkpoints):
-    mngr = ocp.CheckpointManager(checkpoints,
-                                 item_handlers={"state": ocp.StandardCheckpointHandler()})
+    mngr = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(create=False))
     steps = list(mngr.all_steps())
+    mngr.close()
   if not steps:
     raise DataError(f"config.checkpoint={workdir} has no checkpoint (nothing committed under"
                     f" {checkpoints}); finish or resume the pre-training run first")
@@ -83,13 +79,8 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
     raise ConfigError(f"config.step={step} is not a checkpoint of {workdir}; saved steps:"
                       f" {', '.join(map(str, sorted(steps)))}")
   mesh = mesh or parallel.make_mesh()
-  metadata = mngr.item_metadata(step)["state"]
-  tree = metadata.tree if hasattr(metadata, "tree") else metadata
-  subset = {k: tree[k] for k in ("params", "batch_stats")}
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(tree, mesh))))["state"]
-  mngr.close()
-  variables = {k: restored[k] for k in subset}
+  _, state = checkpoint.load_state(workdir, step=step, sharding=parallel.replicated(mesh))
+  variables = {k: state[k] for k in ("params", "batch_stats")}
 
   source = sources.get_source(config.dataset, data_dir=data_dir or config.get("data_dir") or None)
   info = source.info
