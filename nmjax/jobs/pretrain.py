@@ -93,6 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh(spec=config.get("mesh", "data:-1"))
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  # Before any data is read: a bad workdir or a different run's checkpoint fails in a second.
+  workdir = prepare_workdir(workdir)
+  _check_resume_identity(config, workdir)
 
   source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info
@@ -104,9 +107,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   steps_per_epoch, num_steps = total_steps(
       num_examples=len(train_records), global_batch_size=config.batch_size,
       num_epochs=config.num_epochs, num_train_steps=config.num_train_steps)
-
-  workdir = prepare_workdir(workdir)
-  _check_resume_identity(config, workdir)
 
   model = models.get_model(config.model, num_classes=info.num_classes,
                            dtype=DTYPES[config.dtype])
