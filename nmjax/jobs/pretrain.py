@@ -100,7 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info
   train_records = _Prefix(source.data_source("train"), config.max_train_examples)
-  test_records = _Prefix(source.data_source("test"), config.max_test_examples)
+  test_records = _Prefix(source.data_source(config.get("eval_split", "test")),
+                         config.max_test_examples)
   clean = source.labels("train")
   noisy = noise.apply_label_noise(clean, config.noise_ratio, info.num_classes, config.seed,
                                   config.noise_type)

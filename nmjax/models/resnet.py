@@ -170,7 +170,7 @@ def resnet_small(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
   Stem: 3x3/1 conv (8 channels) at 28x28, BN, ReLU, 2x2 average pool. Then one BasicBlock per
   stage: 16 channels at 14x14, 32 at 7x7, 64 at 4x4. Sized for the embedded study on a 2-core
   CPU: wider stages or a second block per stage cost more than the accuracy they add (about 92%
-  on Fashion-MNIST after 5 epochs); benchmarks/models_speed.py measures its train step.
+  on Fashion-MNIST after 5 epochs); benchmarks/pretrain.py measures its train step.
   """
   return ResNet(
       num_classes=num_classes, stage_sizes=(1, 1, 1), stage_widths=(16, 32, 64),
