@@ -52,7 +52,7 @@ CPU core on the 2-core development machine (benchmarks/input.py, ~70 KB syntheti
 per GPU at that rate.
 """
 
-from nmjax.config import parse_arg
+from nmjax.config import add_run_fields, parse_arg
 
 _MODELS = ("resnet50", "vit_s16")
 
@@ -109,16 +109,7 @@ def get_config(arg: str | None = None):
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 3
-  config.data_dir = ""         # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
-  config.record_examples = False  # Debug: workdir/examples_seen.jsonl, each step's indices.
-
-  # Scale-out (nmjax/parallel.py): the same fields and defaults as configs/pretrain.py.
-  config.mesh = "data:-1"      # e.g. data:4,model:2
-  config.param_sharding = "replicated"  # replicated | model
-  config.distributed = "none"  # none | auto (TPU pods, SLURM, Open MPI) | explicit:
-  config.coordinator_address = ""  # explicit: 'host:port' of process 0, the same everywhere.
-  config.num_processes = 1     # explicit: how many processes in all.
-  config.process_id = 0        # explicit: this process, 0..num_processes-1.
+  add_run_fields(config)       # data_dir, record_examples, mesh, distributed, ...
 
   if args.smoke:
     # A CPU run of a few steps on a tiny subset (tests use a synthetic imagenet2012).

@@ -96,3 +96,21 @@ def total_steps(*, num_examples: int, global_batch_size: int, num_epochs: float,
   if num_train_steps > 0:
     return epoch_steps, int(num_train_steps)
   return epoch_steps, max(1, int(round(num_epochs * epoch_steps)))
+
+
+def add_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fields every pre-training config shares: data location, debug log, scale-out.
+
+  The mesh is axis:size pairs over all devices of all processes (-1 takes the rest); 'model'
+  only matters with param_sharding=model, which splits kernels of >= 2**18 elements over it
+  (their optimizer state follows). See nmjax/parallel.py.
+  """
+  config.data_dir = ""              # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+  config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
+  config.mesh = "data:-1"           # e.g. data:4,model:2
+  config.param_sharding = "replicated"  # replicated | model
+  config.distributed = "none"       # none | auto (TPU pods, SLURM, Open MPI) | explicit:
+  config.coordinator_address = ""  # explicit: 'host:port' of process 0, the same everywhere.
+  config.num_processes = 1          # explicit: how many processes in all.
+  config.process_id = 0             # explicit: this process, 0..num_processes-1.
+  return config

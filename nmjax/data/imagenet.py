@@ -38,7 +38,6 @@ import grain
 import numpy as np
 from PIL import Image
 
-from nmjax.config import steps_per_epoch
 from nmjax.data import pipeline, sources
 from nmjax.errors import ConfigError, DataError
 
@@ -317,29 +316,13 @@ def train_iterator(
   # pylint: disable=protected-access
   host_batch = pipeline._host_batch_size(global_batch_size, process_count, process_index)
   _check_image_size(image_size)
-  epoch_steps = steps_per_epoch(num_examples, global_batch_size)
-  if epoch_steps == 0:
-    raise ConfigError(
-        f"batch_size={global_batch_size} is larger than the dataset ({num_examples} examples)")
-  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ConfigError(f"seed={seed!r} must be an integer in 0..2**32-1")
-  if num_epochs is not None and num_steps is not None:
-    raise ConfigError(f"give num_epochs={num_epochs} or num_steps={num_steps}, not both")
-  for name, value in (("num_epochs", num_epochs), ("num_steps", num_steps)):
-    if value is not None and value <= 0:
-      raise ConfigError(f"{name}={value} must be positive")
   if not 0 < min_area <= 1:
     raise ConfigError(f"min_area={min_area} is out of range; allowed: 0 < min_area <= 1")
   if num_workers < 0 or num_threads < 0:
     raise ConfigError(f"num_workers={num_workers} and num_threads={num_threads} must be >= 0")
+  epoch_steps, num_epochs = pipeline.check_stream(num_examples, global_batch_size, seed,
+                                                  num_epochs, num_steps, labels)
   labels = np.asarray(labels)
-  if labels.ndim != 1 or len(labels) < num_examples:
-    raise ValueError(
-        f"labels has shape {labels.shape}; expected a 1-D array with a label for every example "
-        f"index of the {num_examples} source records")
-
-  if num_steps is not None:
-    num_epochs = math.ceil(num_steps / epoch_steps)
   dataset = (
       grain.MapDataset.range(num_examples)
       .seed(seed)

@@ -103,6 +103,33 @@ class TrainIterator(grain.DatasetIterator):
     self._parent.set_state(state["grain"])
 
 
+def check_stream(num_examples: int, global_batch_size: int, seed: int, num_epochs: int | None,
+                 num_steps: int | None, labels: np.ndarray) -> tuple[int, int | None]:
+  """Validates a training stream's settings; returns (steps per epoch, epochs to repeat).
+
+  Shared by every training pipeline (this module's and the ImageNet one).
+  """
+  epoch_steps = steps_per_epoch(num_examples, global_batch_size)
+  if epoch_steps == 0:
+    raise ConfigError(
+        f"batch_size={global_batch_size} is larger than the dataset ({num_examples} examples)")
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ConfigError(f"seed={seed!r} must be an integer in 0..2**32-1")
+  if num_epochs is not None and num_steps is not None:
+    raise ConfigError(f"give num_epochs={num_epochs} or num_steps={num_steps}, not both")
+  for name, value in (("num_epochs", num_epochs), ("num_steps", num_steps)):
+    if value is not None and value <= 0:
+      raise ConfigError(f"{name}={value} must be positive")
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or len(labels) < num_examples:
+    raise ValueError(
+        f"labels has shape {labels.shape}; expected a 1-D array with a label for every example "
+        f"index of the {num_examples} source records")
+  if num_steps is not None:
+    num_epochs = math.ceil(num_steps / epoch_steps)
+  return epoch_steps, num_epochs
+
+
 def train_iterator(
     source_records: Sequence[Mapping[str, Any]],
     *,
@@ -138,27 +165,11 @@ def train_iterator(
   """
   num_examples = len(source_records)
   host_batch = _host_batch_size(global_batch_size, process_count, process_index)
-  epoch_steps = steps_per_epoch(num_examples, global_batch_size)
-  if epoch_steps == 0:
-    raise ConfigError(
-        f"batch_size={global_batch_size} is larger than the dataset ({num_examples} examples)")
-  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ConfigError(f"seed={seed!r} must be an integer in 0..2**32-1")
-  if num_epochs is not None and num_steps is not None:
-    raise ConfigError(f"give num_epochs={num_epochs} or num_steps={num_steps}, not both")
-  for name, value in (("num_epochs", num_epochs), ("num_steps", num_steps)):
-    if value is not None and value <= 0:
-      raise ConfigError(f"{name}={value} must be positive")
   if crop_padding < 0:
     raise ConfigError(f"crop_padding={crop_padding} must be >= 0")
+  epoch_steps, num_epochs = check_stream(num_examples, global_batch_size, seed, num_epochs,
+                                         num_steps, labels)
   labels = np.asarray(labels)
-  if labels.ndim != 1 or len(labels) < num_examples:
-    raise ValueError(
-        f"labels has shape {labels.shape}; expected a 1-D array with a label for every example "
-        f"index of the {num_examples} source records")
-
-  if num_steps is not None:
-    num_epochs = math.ceil(num_steps / epoch_steps)
   dataset = (
       grain.MapDataset.range(num_examples)
       .seed(seed)
