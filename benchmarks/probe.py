@@ -156,7 +156,8 @@ def main() -> None:
     if row:
       report["targets"][name] = {
           "ridge_20x_faster_than_sklearn": row["ridge_speedup_vs_sklearn"] >= 20,
-          "ridge_within_1_point_of_sklearn": abs(row["ridge_minus_sklearn_points"]) <= 1,
+          # "At equal accuracy within 1 point": not more than 1 point below scikit-learn.
+          "ridge_at_most_1_point_below_sklearn": row["ridge_minus_sklearn_points"] >= -1,
           "linear_probe_under_15s": row["linear_probe"]["seconds"] < 15,
       }
   report["load_average_after"] = os.getloadavg()[0]
