@@ -147,3 +147,68 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and "config.json" in lines[-1], proc.stderr
+
+
+class NmjaxFourShades(tfds.core.GeneratorBasedBuilder):
+  """Four classes a, b, c, d of 28x28 grey images, each class its own grey level."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  CLASSES = ("a", "b", "c", "d")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=list(self.CLASSES))}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(80, 0), "test": self._generate_examples(40, 1)}
+
+  def _generate_examples(self, n, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+      label = i % len(self.CLASSES)
+      level = 40 + 60 * self.CLASSES.index(self.CLASSES[label])
+      image = np.clip(level + rng.normal(0, 4, (28, 28, 1)), 0, 255).astype(np.uint8)
+      yield i, {"image": image, "label": label}
+
+
+class NmjaxTwoShades(NmjaxFourShades):
+  """Only classes d and b (in that order), with the same grey levels: a 2-of-4 test set."""
+
+  CLASSES_HERE = ("d", "b")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=list(self.CLASSES_HERE))}),
+        supervised_keys=("image", "label"))
+
+  def _generate_examples(self, n, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+      label = i % 2
+      level = 40 + 60 * self.CLASSES.index(self.CLASSES_HERE[label])
+      image = np.clip(level + rng.normal(0, 4, (28, 28, 1)), 0, 255).astype(np.uint8)
+      yield i, {"image": image, "label": label}
+
+
+def test_logit_subset_task_maps_test_classes_by_name(checkpoint, tmp_path, monkeypatch):
+  """An ImageNet-R-style task end to end: the test set's classes are a named subset."""
+  from nmjax import tasks  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / "data"
+  for builder in (NmjaxFourShades, NmjaxTwoShades):
+    builder(data_dir=str(data_dir / "tfds")).download_and_prepare(file_format="array_record")
+  task = tasks.Task("four->two", "ood", tasks.View("nmjax_four_shades", "train"),
+                    (tasks.View("nmjax_two_shades", "test"),), logit_subset=True)
+  monkeypatch.setitem(tasks.TASKS, task.name, task)
+  rows = _transfer(checkpoint, tmp_path / "out", tasks="four->two", methods="ridge",
+                   data_dir=str(data_dir), max_examples=-1)["rows"]
+  assert (rows[0]["num_classes"], rows[0]["num_test"]) == (4, 40)
+  # Test labels became train classes d=3 and b=1 and only those two logits compete.
+  assert rows[0]["accuracy"] >= 0.9, rows[0]
