@@ -50,22 +50,29 @@ class FeatureSet:
     return int(self.features.shape[1])
 
 
-def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
-           num_classes: int | None, feature_dim: int | None) -> tuple[Array, Array, Array | None]:
-  """Returns (features float32, labels int64, clean_labels int64|None) or raises DataError."""
-  features = np.asarray(features)
-  if features.ndim != 2:
-    raise DataError(f"{name}: features must be 2-D (N, D), got shape {features.shape}")
-  if features.shape[0] == 0 or features.shape[1] == 0:
-    raise DataError(f"{name}: features are empty (shape {features.shape})")
-  if not np.issubdtype(features.dtype, np.number) or np.iscomplexobj(features):
-    raise DataError(f"{name}: features must be real numbers, got dtype {features.dtype}")
-  features = features.astype(np.float32, copy=False)
-  bad = ~np.isfinite(features)
+def check_matrix(name: str, values: Any) -> Array:
+  """`values` as a float32 (N, D) array with N, D > 0 and every entry finite, or a DataError
+  naming `name`. Shared by everything that reads features (features files, spectral metrics)."""
+  values = np.asarray(values)
+  if values.ndim != 2:
+    raise DataError(f"{name}: features must be 2-D (N, D), got shape {values.shape}")
+  if values.shape[0] == 0 or values.shape[1] == 0:
+    raise DataError(f"{name}: features are empty (shape {values.shape})")
+  if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+    raise DataError(f"{name}: features must be real numbers, got dtype {values.dtype}")
+  values = values.astype(np.float32, copy=False)
+  bad = ~np.isfinite(values)
   if bad.any():
     row = int(np.argwhere(bad)[0][0])
     raise DataError(f"{name}: features hold {int(bad.sum())} non-finite values (NaN/inf), first"
                     f" in row {row}")
+  return values
+
+
+def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
+           num_classes: int | None, feature_dim: int | None) -> tuple[Array, Array, Array | None]:
+  """Returns (features float32, labels int64, clean_labels int64|None) or raises DataError."""
+  features = check_matrix(name, features)
   if feature_dim is not None and features.shape[1] != feature_dim:
     raise DataError(f"{name}: feature dimension {features.shape[1]} != expected {feature_dim}")
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from nmjax.errors import ConfigError, DataError
+from nmjax.features import check_matrix
 
 CENTERINGS = ("row", "feature", None)
 DEFAULT_CENTER = "row"
@@ -35,18 +36,8 @@ def _preprocess(features: Any, center: str | None, normalize: bool) -> np.ndarra
                       " 'feature', None")
   if not isinstance(normalize, (bool, np.bool_)):
     raise ConfigError(f"normalize={normalize!r} is not allowed; allowed: True, False")
-  matrix = np.asarray(features)
-  if matrix.ndim != 2:
-    raise DataError(f"spectral metrics need 2-D features (M, D), got shape {matrix.shape}")
-  if matrix.shape[0] == 0 or matrix.shape[1] == 0:
-    raise DataError(f"spectral metrics got empty features (shape {matrix.shape})")
-  if not np.issubdtype(matrix.dtype, np.number) or np.iscomplexobj(matrix):
-    raise DataError(f"spectral metrics need real-valued features, got dtype {matrix.dtype}")
-  matrix = matrix.astype(np.float32)  # A copy: the caller's array is never modified.
-  bad = ~np.isfinite(matrix)
-  if bad.any():
-    raise DataError(f"spectral metrics got {int(bad.sum())} non-finite feature values (NaN/inf),"
-                    f" first in row {int(np.argwhere(bad)[0][0])}; fix the features first")
+  # A copy: the caller's array is never modified by the in-place steps below.
+  matrix = np.array(check_matrix("spectral metrics", features), dtype=np.float32, copy=True)
   if normalize:
     matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
   if center == "row":

@@ -150,7 +150,7 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
 
 
 class NmjaxFourShades(tfds.core.GeneratorBasedBuilder):
-  """Four classes a, b, c, d of 28x28 grey images, each class its own grey level."""
+  """28x28 grey images whose grey level is set by the class name: a 40, b 100, c 160, d 220."""
 
   VERSION = tfds.core.Version("1.0.0")
   CLASSES = ("a", "b", "c", "d")
@@ -171,7 +171,7 @@ class NmjaxFourShades(tfds.core.GeneratorBasedBuilder):
     rng = np.random.default_rng(seed)
     for i in range(n):
       label = i % len(self.CLASSES)
-      level = 40 + 60 * self.CLASSES.index(self.CLASSES[label])
+      level = 40 + 60 * "abcd".index(self.CLASSES[label])
       image = np.clip(level + rng.normal(0, 4, (28, 28, 1)), 0, 255).astype(np.uint8)
       yield i, {"image": image, "label": label}
 
@@ -179,23 +179,7 @@ class NmjaxFourShades(tfds.core.GeneratorBasedBuilder):
 class NmjaxTwoShades(NmjaxFourShades):
   """Only classes d and b (in that order), with the same grey levels: a 2-of-4 test set."""
 
-  CLASSES_HERE = ("d", "b")
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(self.CLASSES_HERE))}),
-        supervised_keys=("image", "label"))
-
-  def _generate_examples(self, n, seed):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-      label = i % 2
-      level = 40 + 60 * self.CLASSES.index(self.CLASSES_HERE[label])
-      image = np.clip(level + rng.normal(0, 4, (28, 28, 1)), 0, 255).astype(np.uint8)
-      yield i, {"image": image, "label": label}
+  CLASSES = ("d", "b")
 
 
 def test_logit_subset_task_maps_test_classes_by_name(checkpoint, tmp_path, monkeypatch):

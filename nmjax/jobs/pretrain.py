@@ -54,19 +54,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   imagenet.check_config(config)  # input_pipeline (default | imagenet) and its fields.
 
 
-class _Prefix(Sequence):
-  """The first `n` records of a random-access source (for smoke runs and subsets)."""
-
-  def __init__(self, records: Sequence, n: int):
-    self._records, self._n = records, min(n, len(records)) if n > 0 else len(records)
-
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, i: int) -> Any:
-    if not 0 <= i < self._n:
-      raise IndexError(i)
-    return self._records[i]
+def _prefix(records: Sequence, n: int) -> Sequence:
+  """The first `n` records (all when n <= 0): smoke runs and subsets."""
+  return records if n <= 0 or n >= len(records) else sources.SubsetRecords(records, range(n))
 
 
 def _check_resume_identity(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -99,8 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info
-  train_records = _Prefix(source.data_source("train"), config.max_train_examples)
-  test_records = _Prefix(source.data_source(config.get("eval_split", "test")),
+  train_records = _prefix(source.data_source("train"), config.max_train_examples)
+  test_records = _prefix(source.data_source(config.get("eval_split", "test")),
                          config.max_test_examples)
   clean = source.labels("train")
   noisy = noise.apply_label_noise(clean, config.noise_ratio, info.num_classes, config.seed,
@@ -121,9 +111,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Encoded JPEGs, decoded and cropped to image_size in grain workers (data/imagenet.py).
     input_shape = (1, config.image_size, config.image_size, 3)
     data_dir = config.data_dir or None
-    train_records = _Prefix(imagenet.jpeg_records(config.dataset, "train", data_dir=data_dir),
+    train_records = _prefix(imagenet.jpeg_records(config.dataset, "train", data_dir=data_dir),
                             config.max_train_examples)
-    test_records = _Prefix(imagenet.jpeg_records(config.dataset, config.eval_split,
+    test_records = _prefix(imagenet.jpeg_records(config.dataset, config.eval_split,
                                                  data_dir=data_dir), config.max_test_examples)
 
   def init_state():

@@ -106,14 +106,19 @@ class FeatureCache:
     return features_lib.FeatureSet(values, labels, domain=str(view), path=path)
 
 
-def _test_set(cache: FeatureCache, task: tasks_lib.Task,
-              label_map: np.ndarray | None) -> features_lib.FeatureSet:
+def _test_set(cache: FeatureCache, task: tasks_lib.Task
+              ) -> tuple[features_lib.FeatureSet, np.ndarray | None]:
+  """The task's test views' features, concatenated, with labels in the train set's classes;
+  and the train class of each test class for a logit-subset task (tasks.label_map)."""
   parts = [cache.get(v) for v in task.test]
-  values = np.concatenate([p.features for p in parts])
   labels = np.concatenate([p.labels for p in parts])
+  label_map = tasks_lib.label_map(cache.infos[task.train.dataset],
+                                  cache.infos[task.test[0].dataset], task)
   if label_map is not None:
     labels = label_map[labels]
-  return features_lib.FeatureSet(values, labels, domain="+".join(str(v) for v in task.test))
+  test_set = features_lib.FeatureSet(np.concatenate([p.features for p in parts]), labels,
+                                     domain="+".join(str(v) for v in task.test))
+  return test_set, label_map
 
 
 def _format_md(rows: list[dict[str, Any]], methods: list[str], header: str) -> str:
@@ -165,10 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for done, task in enumerate(chosen):
     task_start = time.perf_counter()
     train_set = cache.get(task.train)
-    test_infos = [tasks_lib.view_records(v, image_shape=enc.image_shape, data_dir=data_dir)[1]
-                  for v in task.test]
-    label_map = tasks_lib.label_map(cache.infos[task.train.dataset], test_infos[0], task)
-    test_set = _test_set(cache, task, label_map)
+    test_set, label_map = _test_set(cache, task)
     num_classes = cache.infos[task.train.dataset].num_classes
     sve = spectral.sve(test_set.features, center=center)
     lsvr = spectral.lsvr(test_set.features, center=center)
