@@ -68,13 +68,24 @@ def spectrum(features: Any, *, center: str | None = DEFAULT_CENTER, normalize: b
   return p if top_k is None else p[:top_k]
 
 
-def sve(features: Any, *, center: str | None = DEFAULT_CENTER, normalize: bool = True) -> float:
-  """Singular value entropy -sum p log p (natural log) of the preprocessed features."""
-  p = spectrum(features, center=center, normalize=normalize)
+def _entropy(p: np.ndarray) -> float:
   p = p[p > 0]
   return float(-(p * np.log(p)).sum())
+
+
+def sve(features: Any, *, center: str | None = DEFAULT_CENTER, normalize: bool = True) -> float:
+  """Singular value entropy -sum p log p (natural log) of the preprocessed features."""
+  return _entropy(spectrum(features, center=center, normalize=normalize))
 
 
 def lsvr(features: Any, *, center: str | None = DEFAULT_CENTER, normalize: bool = True) -> float:
   """Largest singular value ratio sigma_1 / sum(sigma) of the preprocessed features."""
   return float(spectrum(features, center=center, normalize=normalize)[0])
+
+
+def metrics(features: Any, *, center: str | None = DEFAULT_CENTER, normalize: bool = True,
+            top_k: int | None = None) -> dict[str, Any]:
+  """{"sve", "lsvr", "spectrum" (p, first top_k)} from one SVD: what sve, lsvr and spectrum
+  give one by one."""
+  p = spectrum(features, center=center, normalize=normalize)
+  return {"sve": _entropy(p), "lsvr": float(p[0]), "spectrum": p if top_k is None else p[:top_k]}

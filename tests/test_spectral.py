@@ -95,3 +95,13 @@ def test_bad_options_give_one_line(kwargs, match):
 def test_bad_top_k():
   with pytest.raises(ConfigError, match="top_k=0"):
     spectral.spectrum(_features(10, 4), top_k=0)
+
+
+def test_metrics_gives_sve_lsvr_and_spectrum_from_one_svd():
+  features = _features(60, 12)
+  for center in ("row", "feature", None):
+    got = spectral.metrics(features, center=center, top_k=5)
+    assert got["sve"] == pytest.approx(spectral.sve(features, center=center), rel=1e-12)
+    assert got["lsvr"] == pytest.approx(spectral.lsvr(features, center=center), rel=1e-12)
+    np.testing.assert_allclose(got["spectrum"], spectral.spectrum(features, center=center,
+                                                                  top_k=5))

@@ -64,6 +64,7 @@ def test_smoke_writes_results_and_a_second_run_reuses_features(checkpoint, tmp_p
   assert first["features_extracted"] == 3  # digits/train, digits/test, mnist/train
   table = open(os.path.join(tmp_path, "results.md")).read()
   assert "| lp |" in table and "ID avg" in table and "mnist->digits" in table
+  assert os.path.getsize(os.path.join(tmp_path, "spectra.png")) > 1000
 
   second = _transfer(checkpoint, tmp_path)
   assert second["features_extracted"] == 0

@@ -4,7 +4,8 @@ For each task (nmjax.tasks) the encoder's features of the train view and of the 
 extracted once (cached in the workdir under the checkpoint's identity and step, so a second run
 reuses them), then every requested probe is fit on the train features and scored on the test
 features, and SVE/LSVR are computed on the test features. One JSON line per (task, method) goes
-to DIR/results.jsonl and a markdown summary with ID and OOD averages to DIR/results.md.
+to DIR/results.jsonl, a markdown summary with ID and OOD averages to DIR/results.md, and the
+test features' singular value spectra of every task to DIR/spectra.png.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from nmjax.progress import format_seconds
 METHODS = ("lp", "ridge")
 CENTERS = ("row", "feature", "none")
 _PROBES = {"lp": probe.linear_probe, "ridge": probe.ridge_probe}
+_SPECTRUM_TOP_K = 64  # Singular values per task in spectra.png.
 
 
 def parse_list(config: ml_collections.ConfigDict, field: str, allowed: Sequence[str]) -> list[str]:
@@ -141,6 +143,28 @@ def _format_md(rows: list[dict[str, Any]], methods: list[str], header: str) -> s
   return "\n".join(lines) + "\n"
 
 
+def _plot_spectra(spectra: dict[str, dict[str, Any]], kinds: dict[str, str], path: str,
+                  title: str) -> None:
+  """spectra.png: sigma_k / sum(sigma) of every task's test features (ID solid, OOD dashed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+  for name, values in spectra.items():
+    # Row centering removes one direction exactly: its ~0 value would flatten the plot.
+    p = values["spectrum"][values["spectrum"] > 1e-6 * values["spectrum"][0]]
+    ax.semilogy(np.arange(1, len(p) + 1), p, "-" if kinds[name] == "id" else "--",
+                label=f"{name} (SVE {values['sve']:.2f}, LSVR {values['lsvr']:.3f})")
+  ax.set_xlabel("k")
+  ax.set_ylabel("sigma_k / sum(sigma)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png")
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+
+
 def _write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
@@ -166,14 +190,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f" {pre.get('noise_ratio')}): {len(chosen)} task(s) x {', '.join(methods)}", flush=True)
 
   rows: list[dict[str, Any]] = []
+  spectra: dict[str, dict[str, Any]] = {}
   start = time.perf_counter()
   for done, task in enumerate(chosen):
     task_start = time.perf_counter()
     train_set = cache.get(task.train)
     test_set, label_map = _test_set(cache, task)
     num_classes = cache.infos[task.train.dataset].num_classes
-    sve = spectral.sve(test_set.features, center=center)
-    lsvr = spectral.lsvr(test_set.features, center=center)
+    spectra[task.name] = spectral.metrics(test_set.features, center=center,
+                                          top_k=_SPECTRUM_TOP_K)
+    sve, lsvr = spectra[task.name]["sve"], spectra[task.name]["lsvr"]
     for method in methods:
       probe_config = ml_collections.ConfigDict(config.probe.to_dict())
       probe_config.num_classes = num_classes
@@ -208,7 +234,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               f" (centering: {config.spectral_center}).")
     table = _format_md(rows, methods, header)
     _write_atomic(os.path.join(workdir, "results.md"), table)
+    _plot_spectra(spectra, {t.name: t.kind for t in chosen}, os.path.join(workdir, "spectra.png"),
+                  f"{pre.model}, {pre.dataset}, noise {pre.get('noise_ratio')}, step {enc.step}")
     print(table, flush=True)
   print(f"[transfer] done in {format_seconds(time.perf_counter() - start)}; results in"
-        f" {os.path.join(workdir, 'results.jsonl')} and results.md", flush=True)
+        f" {os.path.join(workdir, 'results.jsonl')}, results.md and spectra.png", flush=True)
   return {"rows": rows, "features_extracted": cache.extracted}
