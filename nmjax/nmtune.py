@@ -40,6 +40,7 @@ running average where PyTorch keeps the unbiased one (a factor n / (n - 1) = 1.0
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -65,6 +66,18 @@ AUGMENT_DRAWS = 5
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _EVAL_CHUNK = 4096  # Test rows per evaluation call.
+
+
+def _single_threaded_lapack() -> contextlib.AbstractContextManager:
+  """On CPU, XLA runs the per-step SVD through LAPACK (OpenBLAS). On a 128-row matrix its
+  threads cost 10-50x (1.2 ms single-threaded, 24-90 ms threaded on a busy 2-core machine), so
+  training limits BLAS to one thread; XLA's own matmuls keep their threads. threadpoolctl comes
+  with scikit-learn; without it nothing is limited."""
+  try:
+    from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return contextlib.nullcontext()
+  return threadpool_limits(1, user_api="blas")
 
 
 # ------------------------------------------------------------------------------ regularizers
@@ -652,31 +665,32 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
   rng = np.random.default_rng([config.seed, 11])
   per_epoch: dict[str, list[float]] = {n: [] for n in test_sets}
   losses: list[np.ndarray] = []
-  for epoch in range(config.epochs):
-    inputs = _epoch_inputs(train, labels, rows_per_step, rng)
-    if isinstance(train, OnlineViews):
-      state, terms = online_epoch(state, train.variables, images, image_labels,
-                                  jnp.asarray(inputs[0]), jnp.asarray(inputs[1]), hparams,
-                                  spec=spec)
-    else:
-      state, terms = table_epoch(state, table, table_labels, jnp.asarray(inputs[0]),
-                                 jnp.asarray(inputs[1]), hparams, spec=spec)
-    terms = np.asarray(terms)
-    if not np.isfinite(terms).all():
-      raise DataError(f"NMTune: the loss became non-finite in epoch {epoch + 1} (terms"
-                      f" {dict(zip(LOSS_TERMS, terms[-1].tolist()))}); lower config.lr or the"
-                      " regularizer weights")
-    losses.append(terms.mean(axis=0))
-    for name, test_set in test_sets.items():
-      logits, _ = _predict_all(model, state[0], state[1], test_set.features)
-      hits = np.argmax(logits + np.asarray(biases[name]), axis=-1) == test_set.labels
-      per_epoch[name].append(float(hits.mean()))
-    if log is not None:
-      elapsed = time.perf_counter() - start
-      eta = elapsed / (epoch + 1) * (config.epochs - epoch - 1)
-      accs = " ".join(f"{n} {a[-1]:.4f}" for n, a in per_epoch.items())
-      log(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1][0]:.4f} (ce {losses[-1][1]:.4f})"
-          f" | test {accs} | {elapsed:.1f}s elapsed, ETA {eta:.1f}s")
+  with _single_threaded_lapack():
+    for epoch in range(config.epochs):
+      inputs = _epoch_inputs(train, labels, rows_per_step, rng)
+      if isinstance(train, OnlineViews):
+        state, terms = online_epoch(state, train.variables, images, image_labels,
+                                    jnp.asarray(inputs[0]), jnp.asarray(inputs[1]), hparams,
+                                    spec=spec)
+      else:
+        state, terms = table_epoch(state, table, table_labels, jnp.asarray(inputs[0]),
+                                   jnp.asarray(inputs[1]), hparams, spec=spec)
+      terms = np.asarray(terms)
+      if not np.isfinite(terms).all():
+        raise DataError(f"NMTune: the loss became non-finite in epoch {epoch + 1} (terms"
+                        f" {dict(zip(LOSS_TERMS, terms[-1].tolist()))}); lower config.lr or the"
+                        " regularizer weights")
+      losses.append(terms.mean(axis=0))
+      for name, test_set in test_sets.items():
+        logits, _ = _predict_all(model, state[0], state[1], test_set.features)
+        hits = np.argmax(logits + np.asarray(biases[name]), axis=-1) == test_set.labels
+        per_epoch[name].append(float(hits.mean()))
+      if log is not None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (epoch + 1) * (config.epochs - epoch - 1)
+        accs = " ".join(f"{n} {a[-1]:.4f}" for n, a in per_epoch.items())
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1][0]:.4f} (ce {losses[-1][1]:.4f})"
+            f" | test {accs} | {elapsed:.1f}s elapsed, ETA {eta:.1f}s")
 
   params, batch_stats = state[0], state[1]
   train_accuracy = None

@@ -25,14 +25,6 @@ REQUIRED = ("task", "kind", "method", "accuracy", "sve", "lsvr", "num_train", "n
             "feature_dim", "step", "noise_ratio", "seconds")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  """A pre-training workdir from the real job: 12 smoke steps of the small ResNet on digits."""
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  jobs.run(pretrain_config.get_config("dataset=digits,noise=0.1,smoke"), workdir)
-  return workdir
-
-
 def _transfer(checkpoint_dir, workdir, arg="smoke", **fields):
   config = transfer_config.get_config(arg)
   config.checkpoint = checkpoint_dir

@@ -8,7 +8,7 @@ import ml_collections
 
 from nmjax.errors import ConfigError
 
-JOBS = ("pretrain", "transfer")
+JOBS = ("pretrain", "transfer", "nmtune")
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -33,4 +33,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if job == "transfer":
     from nmjax.jobs import transfer
     return transfer.run(config, workdir)
+  if job == "nmtune":
+    from nmjax.jobs import nmtune
+    return nmtune.run(config, workdir)
   raise ConfigError(f"config.job={job!r} is unknown; allowed: {', '.join(JOBS)}")

@@ -57,7 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> list[tasks_lib.Task]:
   return chosen
 
 
-def _evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
+def evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
   """At most `limit` records spread evenly over the view (every class of a sorted set shows)."""
   if limit <= 0 or len(records) <= limit:
     return records
@@ -95,7 +95,7 @@ class FeatureCache:
       except DataError as e:
         print(f"[transfer] ignoring a bad cached features file ({e}); extracting again",
               flush=True)
-    records = _evenly_spaced(records, self.max_examples)
+    records = evenly_spaced(records, self.max_examples)
     batches = pipeline.eval_batches(records, batch_size=self.batch_size,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
@@ -108,7 +108,7 @@ class FeatureCache:
     return features_lib.FeatureSet(values, labels, domain=str(view), path=path)
 
 
-def _test_set(cache: FeatureCache, task: tasks_lib.Task
+def test_features(cache: FeatureCache, task: tasks_lib.Task
               ) -> tuple[features_lib.FeatureSet, np.ndarray | None]:
   """The task's test views' features, concatenated, with labels in the train set's classes;
   and the train class of each test class for a logit-subset task (tasks.label_map)."""
@@ -123,7 +123,7 @@ def _test_set(cache: FeatureCache, task: tasks_lib.Task
   return test_set, label_map
 
 
-def _format_md(rows: list[dict[str, Any]], methods: list[str], header: str) -> str:
+def format_md(rows: list[dict[str, Any]], methods: list[str], header: str) -> str:
   """results.md: averages by kind and method, then one row per task."""
   lines = [f"# Transfer results\n\n{header}\n", "| method | ID avg | OOD avg |", "|---|---|---|"]
   for method in methods:
@@ -165,7 +165,7 @@ def _plot_spectra(spectra: dict[str, dict[str, Any]], kinds: dict[str, str], pat
   os.replace(path + ".tmp.png", path)
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     f.write(text)
@@ -195,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for done, task in enumerate(chosen):
     task_start = time.perf_counter()
     train_set = cache.get(task.train)
-    test_set, label_map = _test_set(cache, task)
+    test_set, label_map = test_features(cache, task)
     num_classes = cache.infos[task.train.dataset].num_classes
     spectra[task.name] = spectral.metrics(test_set.features, center=center,
                                           top_k=_SPECTRUM_TOP_K)
@@ -226,14 +226,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f" {format_seconds(elapsed)} | ETA {format_seconds(eta)}", flush=True)
 
   if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, "results.jsonl"),
+    write_atomic(os.path.join(workdir, "results.jsonl"),
                   "".join(json.dumps(r) + "\n" for r in rows))
     header = (f"Encoder: {pre.model} pre-trained on {pre.dataset}, noise"
               f" {pre.get('noise_type', 'symmetric')} {pre.get('noise_ratio')}, checkpoint"
               f" {enc.workdir} step {enc.step}. Accuracy in %, SVE/LSVR of the test features"
               f" (centering: {config.spectral_center}).")
-    table = _format_md(rows, methods, header)
-    _write_atomic(os.path.join(workdir, "results.md"), table)
+    table = format_md(rows, methods, header)
+    write_atomic(os.path.join(workdir, "results.md"), table)
     _plot_spectra(spectra, {t.name: t.kind for t in chosen}, os.path.join(workdir, "spectra.png"),
                   f"{pre.model}, {pre.dataset}, noise {pre.get('noise_ratio')}, step {enc.step}")
     print(table, flush=True)

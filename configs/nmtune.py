@@ -1,0 +1,52 @@
+r"""NMTune over frozen features: lp, mlp and nmtune (REFERENCE.md s.4), from features files or a
+pre-training checkpoint.
+
+Black-box mode (any features files: .npz with features (N, D) and labels (N,)):
+  .venv/bin/python main.py --config configs/nmtune.py --config.train_features=TRAIN.npz \
+      --config.test_features=TEST.npz --config.method=nmtune --workdir DIR
+appends one JSON line per method to DIR/results.jsonl.
+
+Checkpoint mode (2-core CPU, a Fashion-MNIST checkpoint from configs/pretrain.py):
+  .venv/bin/python main.py --config configs/nmtune.py \
+      --config.checkpoint=runs/pretrain_fmnist_n0.2 --workdir runs/nmtune_fmnist_n0.2
+runs lp, mlp and nmtune on the six embedded tasks (three train views, one fit each per method)
+and writes DIR/results.jsonl and DIR/results.md. About 2 minutes with views=features; numbers in
+README.
+
+Arguments after ':' (comma separated): method=lp+mlp+nmtune (also lp_aug), tasks=NAMES (task or
+group names joined by '+'), views=features|online|cached, smoke (a seconds-long run). Every field
+is also --config.FIELD=VALUE: the NMTune hyperparameters (epochs, batch_size = rows per step, lr,
+weight_decay, mse_weight, cov_weight, svd_weight, svd_topk, mlp_ratio, mlp_layers,
+residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...).
+"""
+
+from nmjax.config import parse_arg
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, method="lp+mlp+nmtune", tasks="embedded", views="features", smoke=False)
+  from nmjax import nmtune
+  config = nmtune.default_config()
+  config.unlock()
+  config.job = "nmtune"
+  config.method = args.method.replace("+", ",")  # Comma-separated: lp, lp_aug, mlp, nmtune.
+  # Black-box mode: features files (.npz) of the train and test splits.
+  config.train_features = ""
+  config.test_features = ""
+  # Checkpoint mode: a pre-training workdir and tasks (nmjax/tasks.py names or groups).
+  config.checkpoint = ""
+  config.step = -1               # -1: the latest checkpoint.
+  config.tasks = args.tasks.replace("+", ",")
+  config.views = args.views      # features | online (reference data flow) | cached
+  config.cached_views = 4        # views="cached": augmented views encoded per train image.
+  config.extract_batch_size = 512  # Encoder batch for feature extraction (divisible by devices).
+  config.max_examples = -1       # > 0: at most this many examples per view (smoke runs).
+  config.data_dir = ""           # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+  config.distributed = "none"    # none | auto | explicit (see nmjax/parallel.py).
+  if args.smoke:
+    config.tasks = "digits,mnist->digits"
+    config.max_examples = 400
+    config.extract_batch_size = 200
+    config.epochs = 2
+    config.lp.num_epochs = 2
+  return config
