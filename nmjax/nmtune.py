@@ -56,8 +56,9 @@ import optax
 
 from nmjax import probe, spectral
 from nmjax.config import check_choice, check_range
-from nmjax.errors import ConfigError, DataError
+from nmjax.errors import ConfigError, DataError, TrainingError
 from nmjax.features import FeatureSet, FeaturesLike, as_feature_set
+from nmjax.progress import format_seconds
 
 METHODS = ("nmtune", "mlp", "lp_aug", "lp")
 COVARIANCE_ROUTES = ("auto", "gram", "covariance")
@@ -373,8 +374,8 @@ def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.n
   """Encodes num_views augmented copies of every image (random_resized_crop_flip, numpy-seeded
   draws), batch_size images per call; the view pool of CachedViews."""
   if num_views < 2:
-    raise ConfigError(f"config.cached_views={num_views} is not allowed; allowed: >= 2 (each step"
-                      " pairs two distinct views of an image)")
+    raise ConfigError(f"num_views={num_views} (config.cached_views) is not allowed; allowed: >= 2"
+                      " (each step pairs two distinct views of an image)")
   images = np.asarray(images)
   num_images = len(images)
   rng = np.random.default_rng([seed, 7])
@@ -540,13 +541,10 @@ def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes:
   sets = {}
   for name, test in tests.items():
     where = "NMTune test features" + ("" if name == "test" else f" {name!r}")
-    try:
-      sets[name] = as_feature_set(test, name=where, feature_dim=feature_dim)
-    except DataError as e:
-      if "feature dimension" in str(e):
-        raise DataError(f"{e}: the test features' dimension differs from the train features'"
-                        f" ({feature_dim})") from None
-      raise
+    sets[name] = as_feature_set(test, name=where)
+    if sets[name].feature_dim != feature_dim:
+      raise DataError(f"{where}: feature dimension {sets[name].feature_dim} differs from the"
+                      f" train features' ({feature_dim})")
     high = int(sets[name].labels.max())
     if high >= num_classes:
       raise DataError(
@@ -559,9 +557,8 @@ def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes:
 def _logit_bias(config: ml_collections.ConfigDict, name: str, test_set: FeatureSet,
                 num_classes: int, logit_subsets: Mapping[str, Any] | None) -> np.ndarray:
   subset = (logit_subsets or {}).get(name, config.logit_subset)
-  lp = ml_collections.ConfigDict(config.lp.to_dict())
-  lp.logit_subset = None if subset is None else tuple(int(c) for c in subset)
-  return probe._test_logit_bias(lp, test_set, num_classes)  # pylint: disable=protected-access
+  return probe.test_logit_bias(None if subset is None else tuple(int(c) for c in subset),
+                               test_set, num_classes)
 
 
 def _epoch_inputs(train: Any, labels: np.ndarray, rows_per_step: int, rng: np.random.Generator
@@ -585,6 +582,127 @@ def _epoch_inputs(train: Any, labels: np.ndarray, rows_per_step: int, rng: np.ra
   return ids.astype(np.int32), draws
 
 
+def _fit_linear_probe(train: TrainLike, tests: Mapping[str, FeaturesLike],
+                      config: ml_collections.ConfigDict,
+                      logit_subsets: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+  """Method "lp": nmjax.probe.linear_probe with config.lp, once per test set."""
+  if isinstance(train, (OnlineViews, CachedViews)):
+    raise ConfigError("config.method='lp' trains on plain features; pass train features (the"
+                      " 'lp_aug' method is the linear head on augmented views)")
+  results = {}
+  for name, test in tests.items():
+    lp = probe_config(config)
+    if logit_subsets and logit_subsets.get(name) is not None:
+      lp.logit_subset = tuple(int(c) for c in logit_subsets[name])
+    result = probe.linear_probe(train, test, lp)
+    results[name] = {**result, "method": "lp", "epochs": lp.num_epochs,
+                     "batch_size": lp.batch_size, "lr": lp.learning_rate,
+                     "weight_decay": lp.weight_decay, **_weights(0.0, 0.0, 0.0, None)}
+  return results
+
+
+@dataclasses.dataclass
+class _Run:
+  """A validated NMTune run: the module, its compiled-program spec and its train data."""
+  config: ml_collections.ConfigDict
+  train: Any            # FeatureSet | CachedViews | OnlineViews
+  labels: np.ndarray    # (N,) train labels (images or examples)
+  feature_dim: int
+  num_classes: int
+  model: NMTuneHead
+  spec: _Spec
+  hparams: dict[str, jax.Array]
+
+  @property
+  def views(self) -> str:
+    return ("online" if isinstance(self.train, OnlineViews) else
+            "cached" if isinstance(self.train, CachedViews) else "features")
+
+  def epoch_fn(self) -> Callable[[Any, tuple[np.ndarray, ...]], tuple[Any, jax.Array]]:
+    """(state, numpy epoch inputs) -> (state, per-step loss terms), the data moved once."""
+    labels = jnp.asarray(self.labels, jnp.int32)
+    if isinstance(self.train, OnlineViews):
+      images, variables = jnp.asarray(self.train.images), self.train.variables
+      return lambda state, inputs: online_epoch(
+          state, variables, images, labels, *map(jnp.asarray, inputs), self.hparams,
+          spec=self.spec)
+    table = jnp.asarray(self.train.features.reshape(-1, self.feature_dim))
+    return lambda state, inputs: table_epoch(state, table, labels, *map(jnp.asarray, inputs),
+                                             self.hparams, spec=self.spec)
+
+
+def _prepare(train: TrainLike, config: ml_collections.ConfigDict) -> _Run:
+  """Validates the train data against the config and builds the module and program spec."""
+  train, labels, feature_dim = _train_labels(train, config.num_classes)
+  num_classes = config.num_classes or int(labels.max()) + 1
+  if num_classes < 2:
+    raise DataError("NMTune train features: every label is 0; a classifier needs at least 2"
+                    " classes")
+  rows_per_step = config.batch_size
+  two_view = not isinstance(train, FeatureSet)
+  if two_view and rows_per_step % 2:
+    raise ConfigError(f"config.batch_size={rows_per_step} must be even with two views per image"
+                      " (it counts rows: 2 views x batch_size / 2 images)")
+  images_per_step = rows_per_step // 2 if two_view else rows_per_step
+  if images_per_step > len(labels):
+    raise DataError(
+        f"config.batch_size={rows_per_step} needs {images_per_step} train examples per step but"
+        f" the train set has {len(labels)}; lower config.batch_size")
+  if config.svd_topk > min(rows_per_step, feature_dim):
+    raise ConfigError(f"config.svd_topk={config.svd_topk} is not allowed; allowed: 1 <= svd_topk"
+                      f" <= min(batch_size, D) = {min(rows_per_step, feature_dim)}")
+  model = NMTuneHead(num_classes=num_classes, mlp_ratio=float(config.mlp_ratio),
+                     mlp_layers=0 if config.method == "lp_aug" else config.mlp_layers,
+                     residual_scale_init=float(config.residual_scale_init))
+  spec = _Spec(model=model, svd_topk=config.svd_topk,
+               total_steps=len(labels) // images_per_step * config.epochs, two_view=two_view,
+               encode=train.encode if isinstance(train, OnlineViews) else None)
+  hparams = {k: jnp.float32(config[k]) for k in ("lr", "weight_decay", "mse_weight",
+                                                  "cov_weight", "svd_weight")}
+  return _Run(config, train, labels, feature_dim, num_classes, model, spec, hparams)
+
+
+def _accuracy(run: _Run, state: Any, test_set: FeatureSet, bias: np.ndarray) -> float:
+  logits, _ = _predict_all(run.model, state[0], state[1], test_set.features)
+  return float((np.argmax(logits + bias, axis=-1) == test_set.labels).mean())
+
+
+def _train(run: _Run, test_sets: Mapping[str, FeatureSet], biases: Mapping[str, np.ndarray],
+           log: Callable[[str], None] | None, start: float
+           ) -> tuple[Any, dict[str, list[float]], list[np.ndarray]]:
+  """The epochs: (final state, test accuracy per epoch per test set, mean loss terms per epoch)."""
+  config = run.config
+  variables = init_variables(run.model, run.feature_dim, config.seed)
+  params = variables["params"]
+  state = (params, variables.get("batch_stats", {}),
+           _make_tx(run.hparams, run.spec.total_steps).init(params))
+  epoch_fn = run.epoch_fn()
+  rng = np.random.default_rng([config.seed, 11])
+  per_epoch: dict[str, list[float]] = {n: [] for n in test_sets}
+  losses: list[np.ndarray] = []
+  with _single_threaded_lapack():
+    for epoch in range(config.epochs):
+      state, terms = epoch_fn(state, _epoch_inputs(run.train, run.labels, config.batch_size, rng))
+      terms = np.asarray(terms)
+      bad = np.flatnonzero(~np.isfinite(terms).all(axis=1))
+      if len(bad):
+        raise TrainingError(
+            f"NMTune: the loss became non-finite at step {epoch * len(terms) + bad[0] + 1}"
+            f" (epoch {epoch + 1}; terms {dict(zip(LOSS_TERMS, terms[bad[0]].tolist()))});"
+            " lower config.lr or the regularizer weights")
+      losses.append(terms.mean(axis=0))
+      for name, test_set in test_sets.items():
+        per_epoch[name].append(_accuracy(run, state, test_set, biases[name]))
+      if log is not None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (epoch + 1) * (config.epochs - epoch - 1)
+        accs = " ".join(f"{n} {a[-1]:.4f}" for n, a in per_epoch.items())
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1][0]:.4f} (ce"
+            f" {losses[-1][1]:.4f}) | test {accs} | elapsed {format_seconds(elapsed)}, ETA"
+            f" {format_seconds(eta)}")
+  return state, per_epoch, losses
+
+
 def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
               config: ml_collections.ConfigDict | None = None, *,
               logit_subsets: Mapping[str, Any] | None = None,
@@ -604,124 +722,41 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
   if not tests:
     raise DataError("NMTune: no test sets given")
   if config.method == "lp":
-    if isinstance(train, (OnlineViews, CachedViews)):
-      raise ConfigError("config.method='lp' trains on plain features; pass train features (the"
-                        " 'lp_aug' method is the linear head on augmented views)")
-    results = {}
-    for name, test in tests.items():
-      lp = probe_config(config)
-      if logit_subsets and logit_subsets.get(name) is not None:
-        lp.logit_subset = tuple(int(c) for c in logit_subsets[name])
-      result = probe.linear_probe(train, test, lp)
-      results[name] = {**result, "method": "lp", "epochs": lp.num_epochs,
-                       "batch_size": lp.batch_size, "lr": lp.learning_rate,
-                       "weight_decay": lp.weight_decay, **_weights(0.0, 0.0, 0.0, None)}
-    return results
-
-  config = _method_config(config)
-  train, labels, feature_dim = _train_labels(train, config.num_classes)
-  num_classes = config.num_classes or int(labels.max()) + 1
-  if num_classes < 2:
-    raise DataError("NMTune train features: every label is 0; a classifier needs at least 2"
-                    " classes")
-  test_sets = _test_sets(tests, feature_dim, num_classes)
-  biases = {n: jnp.asarray(_logit_bias(config, n, s, num_classes, logit_subsets))
+    return _fit_linear_probe(train, tests, config, logit_subsets)
+  run = _prepare(train, _method_config(config))
+  test_sets = _test_sets(tests, run.feature_dim, run.num_classes)
+  biases = {n: _logit_bias(run.config, n, s, run.num_classes, logit_subsets)
             for n, s in test_sets.items()}
-  rows_per_step = config.batch_size
-  two_view = not isinstance(train, FeatureSet)
-  if two_view and rows_per_step % 2:
-    raise ConfigError(f"config.batch_size={rows_per_step} must be even with two views per image"
-                      " (it counts rows: 2 views x batch_size / 2 images)")
-  images_per_step = rows_per_step // 2 if two_view else rows_per_step
-  if images_per_step > len(labels):
-    raise DataError(
-        f"config.batch_size={rows_per_step} needs {images_per_step} train examples per step but"
-        f" the train set has {len(labels)}; lower config.batch_size")
-  if config.svd_topk > min(rows_per_step, feature_dim):
-    raise ConfigError(f"config.svd_topk={config.svd_topk} is not allowed; allowed: 1 <= svd_topk"
-                      f" <= min(batch_size, D) = {min(rows_per_step, feature_dim)}")
-  steps_per_epoch = len(labels) // images_per_step
-
-  model = NMTuneHead(num_classes=num_classes, mlp_ratio=float(config.mlp_ratio),
-                     mlp_layers=0 if config.method == "lp_aug" else config.mlp_layers,
-                     residual_scale_init=float(config.residual_scale_init))
-  spec = _Spec(model=model, svd_topk=config.svd_topk,
-               total_steps=steps_per_epoch * config.epochs, two_view=two_view,
-               encode=train.encode if isinstance(train, OnlineViews) else None)
-  hparams = {k: jnp.float32(config[k]) for k in ("lr", "weight_decay", "mse_weight",
-                                                  "cov_weight", "svd_weight")}
-  variables = init_variables(model, feature_dim, config.seed)
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  state = (params, batch_stats, _make_tx(hparams, spec.total_steps).init(params))
-
-  if isinstance(train, FeatureSet):
-    table, table_labels = jnp.asarray(train.features), jnp.asarray(labels, jnp.int32)
-  elif isinstance(train, CachedViews):
-    table = jnp.asarray(train.features.reshape(-1, feature_dim))
-    table_labels = jnp.asarray(labels, jnp.int32)
-  else:
-    images, image_labels = jnp.asarray(train.images), jnp.asarray(labels, jnp.int32)
-
-  rng = np.random.default_rng([config.seed, 11])
-  per_epoch: dict[str, list[float]] = {n: [] for n in test_sets}
-  losses: list[np.ndarray] = []
-  with _single_threaded_lapack():
-    for epoch in range(config.epochs):
-      inputs = _epoch_inputs(train, labels, rows_per_step, rng)
-      if isinstance(train, OnlineViews):
-        state, terms = online_epoch(state, train.variables, images, image_labels,
-                                    jnp.asarray(inputs[0]), jnp.asarray(inputs[1]), hparams,
-                                    spec=spec)
-      else:
-        state, terms = table_epoch(state, table, table_labels, jnp.asarray(inputs[0]),
-                                   jnp.asarray(inputs[1]), hparams, spec=spec)
-      terms = np.asarray(terms)
-      if not np.isfinite(terms).all():
-        raise DataError(f"NMTune: the loss became non-finite in epoch {epoch + 1} (terms"
-                        f" {dict(zip(LOSS_TERMS, terms[-1].tolist()))}); lower config.lr or the"
-                        " regularizer weights")
-      losses.append(terms.mean(axis=0))
-      for name, test_set in test_sets.items():
-        logits, _ = _predict_all(model, state[0], state[1], test_set.features)
-        hits = np.argmax(logits + np.asarray(biases[name]), axis=-1) == test_set.labels
-        per_epoch[name].append(float(hits.mean()))
-      if log is not None:
-        elapsed = time.perf_counter() - start
-        eta = elapsed / (epoch + 1) * (config.epochs - epoch - 1)
-        accs = " ".join(f"{n} {a[-1]:.4f}" for n, a in per_epoch.items())
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1][0]:.4f} (ce {losses[-1][1]:.4f})"
-            f" | test {accs} | {elapsed:.1f}s elapsed, ETA {eta:.1f}s")
+  state, per_epoch, losses = _train(run, test_sets, biases, log, start)
 
   params, batch_stats = state[0], state[1]
   train_accuracy = None
-  if isinstance(train, FeatureSet):
-    logits, _ = _predict_all(model, params, batch_stats, train.features)
-    train_accuracy = float((np.argmax(logits, -1) == labels).mean())
+  if isinstance(run.train, FeatureSet):
+    train_accuracy = _accuracy(run, state, run.train, np.zeros(run.num_classes, np.float32))
   seconds = time.perf_counter() - start
   loss_per_epoch = {t: [float(v[i]) for v in losses] for i, t in enumerate(LOSS_TERMS)}
+  config = run.config
+  settings = {
+      "method": config.method, "train_accuracy": train_accuracy,
+      "loss_per_epoch": loss_per_epoch,
+      "loss_means": {t: v[-1] for t, v in loss_per_epoch.items()},
+      "num_train": int(len(run.labels)), "feature_dim": run.feature_dim,
+      "num_classes": run.num_classes, "views": run.views, "epochs": config.epochs,
+      "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
+      **_weights(config.mse_weight, config.cov_weight, config.svd_weight, config.svd_topk),
+      "mlp_ratio": config.mlp_ratio, "mlp_layers": run.model.mlp_layers,
+      "residual_scale_init": config.residual_scale_init, "seed": config.seed,
+      "residual_scale_mean": (float(np.mean(params["residual_scale"]))
+                              if "residual_scale" in params else None),
+      "seconds": seconds,
+  }
   results = {}
   for name, test_set in test_sets.items():
-    _, z = _predict_all(model, params, batch_stats, test_set.features)
+    _, z = _predict_all(run.model, params, batch_stats, test_set.features)
     spectrum = spectral.metrics(z)
-    results[name] = {
-        "method": config.method, "accuracy": per_epoch[name][-1],
-        "test_accuracy_per_epoch": per_epoch[name], "train_accuracy": train_accuracy,
-        "loss_per_epoch": loss_per_epoch,
-        "loss_means": {t: v[-1] for t, v in loss_per_epoch.items()},
-        "sve": spectrum["sve"], "lsvr": spectrum["lsvr"],
-        "num_train": int(len(labels)), "num_test": test_set.num_examples,
-        "feature_dim": feature_dim, "num_classes": num_classes,
-        "views": ("online" if isinstance(train, OnlineViews) else
-                  "cached" if isinstance(train, CachedViews) else "features"),
-        "epochs": config.epochs, "batch_size": rows_per_step, "lr": config.lr,
-        "weight_decay": config.weight_decay,
-        **_weights(config.mse_weight, config.cov_weight, config.svd_weight, config.svd_topk),
-        "mlp_ratio": config.mlp_ratio, "mlp_layers": model.mlp_layers,
-        "residual_scale_init": config.residual_scale_init, "seed": config.seed,
-        "residual_scale_mean": (float(np.mean(params["residual_scale"]))
-                                if "residual_scale" in params else None),
-        "seconds": seconds,
-    }
+    results[name] = {**settings, "accuracy": per_epoch[name][-1],
+                     "test_accuracy_per_epoch": per_epoch[name], "sve": spectrum["sve"],
+                     "lsvr": spectrum["lsvr"], "num_test": test_set.num_examples}
   return results
 
 

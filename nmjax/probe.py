@@ -129,16 +129,16 @@ def _load_splits(train: FeaturesLike, test: FeaturesLike, num_classes: int | Non
   return train_set, test_set, num_classes
 
 
-def _test_logit_bias(config: ml_collections.ConfigDict, test_set: FeatureSet,
-                     num_classes: int) -> np.ndarray:
-  """(C,) float32 added to test logits: 0 for allowed classes, -inf for the others."""
+def test_logit_bias(logit_subset: Any, test_set: FeatureSet, num_classes: int) -> np.ndarray:
+  """(C,) float32 added to test logits: 0 for the classes of logit_subset (None: every class),
+  -inf for the others."""
   bias = np.zeros(num_classes, np.float32)
-  if config.logit_subset is None:
+  if logit_subset is None:
     return bias
-  subset = np.asarray(config.logit_subset)
+  subset = np.asarray(logit_subset)
   if (subset.ndim != 1 or not len(subset) or not np.issubdtype(subset.dtype, np.integer)
       or subset.min() < 0 or subset.max() >= num_classes or len(np.unique(subset)) != len(subset)):
-    raise ConfigError(f"config.logit_subset={config.logit_subset!r} is not allowed; allowed:"
+    raise ConfigError(f"config.logit_subset={logit_subset!r} is not allowed; allowed:"
                       f" distinct class indices in [0, {num_classes})")
   outside = np.setdiff1d(np.unique(test_set.labels), subset)
   if len(outside):
@@ -210,14 +210,14 @@ def make_optimizer(hparams: dict[str, Any], total_steps: int) -> optax.GradientT
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def train_linear_head(train_x: jax.Array, train_y: jax.Array, test_x: jax.Array,
                       test_y: jax.Array, params: dict[str, jax.Array], orders: jax.Array,
-                      hparams: dict[str, jax.Array], test_logit_bias: jax.Array, *,
+                      hparams: dict[str, jax.Array], logit_bias: jax.Array, *,
                       batch_size: int
                       ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
   """The whole reference protocol as one program: (params, test accuracy per epoch, train acc).
 
   orders (E, N) holds each epoch's shuffle (epoch_orders); hparams holds learning_rate,
   weight_decay, b1, b2, eps as traced scalars, so new values, data or seeds of the same shapes
-  reuse the compiled program. test_logit_bias (C,) is added to the test logits (0 or -inf: a
+  reuse the compiled program. logit_bias (C,) is added to the test logits (0 or -inf: a
   logit subset).
   """
   TRACES["train_linear_head"] += 1
@@ -237,7 +237,7 @@ def train_linear_head(train_x: jax.Array, train_y: jax.Array, test_x: jax.Array,
 
   def train_epoch(carry, order):
     carry, _ = jax.lax.scan(train_step, carry, epoch_batches(order, batch_size))
-    return carry, _accuracy(carry[0], test_x, test_y, test_logit_bias)
+    return carry, _accuracy(carry[0], test_x, test_y, logit_bias)
 
   (params, _), test_accuracy = jax.lax.scan(train_epoch, (params, tx.init(params)), orders)
   return params, test_accuracy, _accuracy(params, train_x, train_y)
@@ -259,7 +259,7 @@ def linear_probe(train: FeaturesLike, test: FeaturesLike,
       jnp.asarray(test_set.features), jnp.asarray(test_set.labels, jnp.int32),
       init_head(config.seed, train_set.feature_dim, num_classes),
       jnp.asarray(epoch_orders(config.seed, train_set.num_examples, config.num_epochs)),
-      hparams, jnp.asarray(_test_logit_bias(config, test_set, num_classes)),
+      hparams, jnp.asarray(test_logit_bias(config.logit_subset, test_set, num_classes)),
       batch_size=config.batch_size)
   per_epoch = [float(a) for a in np.asarray(test_accuracy)]
   return {**_summary("lp", train_set, test_set, num_classes), "accuracy": per_epoch[-1],
@@ -400,7 +400,7 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   start = time.perf_counter()
   config = _resolve_config(config)
   train_set, test_set, num_classes = _load_splits(train, test, config.num_classes)
-  test_logit_bias = _test_logit_bias(config, test_set, num_classes)
+  logit_bias = test_logit_bias(config.logit_subset, test_set, num_classes)
   fit_idx, holdout_idx = holdout_split(train_set.labels, config.ridge_holdout_fraction,
                                        config.seed)
   if len(fit_idx) < 2 or len(holdout_idx) < 1:
@@ -435,7 +435,7 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
     weights, biases = dual_solutions(standardized, targets, lambdas[best:best + 1])
   weights, biases = _unstandardize(weights, biases, mean, std)
   test_accuracy = _ridge_accuracies(test_set.features, test_set.labels, weights, biases,
-                                    test_logit_bias)[0]
+                                    logit_bias)[0]
   train_accuracy = _ridge_accuracies(train_x, labels, weights, biases)[0]
   return {**_summary("ridge", train_set, test_set, num_classes),
           "accuracy": float(test_accuracy), "train_accuracy": float(train_accuracy),

@@ -312,12 +312,13 @@ def _small(rows: int = 100, dim: int = 8, classes: int = 4, seed: int = 0):
 def test_bad_inputs_give_one_line(tmp_path):
   train = _small()
   narrow = features_lib.save(str(tmp_path / "narrow.npz"), train[0][:, :7], train[1])
-  with pytest.raises(DataError, match="test features' dimension differs from the train") as e:
-    nmtune.fit(train, narrow)
+  small_batch = ml_collections.ConfigDict({"batch_size": 32})
+  with pytest.raises(DataError, match=r"dimension 7 differs from the train features' \(8\)") as e:
+    nmtune.fit(train, narrow, small_batch)
   _one_line(e)
   beyond = (train[0], np.where(np.arange(100) == 7, 4, train[1]))
   with pytest.raises(DataError, match="label 4 is outside the 4 classes inferred") as e:
-    nmtune.fit(train, beyond)
+    nmtune.fit(train, beyond, small_batch)
   _one_line(e)
   cases = [
       ({"batch_size": 128}, DataError, "batch_size=128 needs 128 train examples per step but the"
@@ -336,7 +337,7 @@ def test_bad_inputs_give_one_line(tmp_path):
   with pytest.raises(ConfigError, match="batch_size=33 must be even with two views") as e:
     nmtune.fit(views, train, ml_collections.ConfigDict({"batch_size": 33}))
   _one_line(e)
-  with pytest.raises(ConfigError, match="cached_views=1 is not allowed; allowed: >= 2") as e:
+  with pytest.raises(ConfigError, match=r"num_views=1 \(config.cached_views\) is not allowed; allowed: >= 2") as e:
     nmtune.cache_views(_encode, _encoder_variables(), _digits()[0][:4], train[1][:4],
                        num_views=1)
   _one_line(e)
