@@ -126,6 +126,25 @@ def test_repeated_singular_values_give_finite_gradients():
   _assert_close(_value_and_grad(loss, z)[1], _np_dominant(z, 3)[1], 1e-3)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (24, 24)])
+def test_singular_values_through_qr_match_numpy_and_survive_rank_deficiency(shape):
+  z = _inputs(shape, 6)
+  np.testing.assert_allclose(nmtune.singular_values(jnp.asarray(z, jnp.float32)),
+                             np.linalg.svd(z, compute_uv=False), rtol=1e-5, atol=1e-5)
+  # Rank 3: zero singular values, whose directions (and so the gradient's part outside z's
+  # row and column spaces) are arbitrary. The gradient stays finite, and its part inside those
+  # spaces is unique and equals the reference's.
+  low_rank = (z[:, :3] @ _inputs((3, shape[1]), 7)).astype(np.float32).astype(np.float64)
+  value, grad = _value_and_grad(
+      functools.partial(nmtune.dominant_singular_value_loss, k=2), low_rank)
+  ref_value, ref_grad = _np_dominant(low_rank, 2)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-4)
+  assert np.isfinite(grad).all()
+  u, _, vt = np.linalg.svd(low_rank, full_matrices=False)
+  left, right = u[:, :3] @ u[:, :3].T, vt[:3].T @ vt[:3]
+  _assert_close(left @ grad @ right, left @ ref_grad @ right, 1e-3)
+
+
 def test_regularizers_refuse_bad_arguments():
   z = jnp.ones((4, 6))
   with pytest.raises(ConfigError, match="route='dense' is unknown"):
