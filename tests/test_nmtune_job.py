@@ -78,6 +78,8 @@ def test_checkpoint_mode_writes_results_and_reuses_features(checkpoint, tmp_path
   assert [r["mse_weight"] for r in rows if r["method"] == "mlp"] == [0.0, 0.0]
   table = (tmp_path / "results.md").read_text()
   assert "| method | ID avg | OOD avg |" in table and "| nmtune |" in table
+  assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+  assert all(len(r["test_accuracy_per_epoch"]) == 2 for r in rows)  # lp's too (smoke: 2).
   assert first["features_extracted"] == 3  # digits train and test (shared), mnist train.
   second = jobs.run(_config(checkpoint=checkpoint), str(tmp_path))
   assert second["features_extracted"] == 0

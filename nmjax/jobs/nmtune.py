@@ -11,8 +11,9 @@ Two modes, chosen by the config:
     the rows the MLP methods train on: "features" (plain features, one view per image),
     "online" (the reference data flow: two augmented views per image through the frozen encoder
     inside every step) or "cached" (config.cached_views augmented views per image, encoded once
-    and cached). Writes DIR/results.jsonl (one line per task and method, rewritten) and
-    DIR/results.md (ID and OOD averages per method and a per-task table).
+    and cached). Writes DIR/results.jsonl (one line per task and method, rewritten),
+    DIR/results.md (ID and OOD averages per method and a per-task table) and DIR/curves.png
+    (test accuracy per epoch of every method, one panel per task).
 """
 
 from __future__ import annotations
@@ -147,6 +148,37 @@ def _train_views(config: ml_collections.ConfigDict, cache: transfer.FeatureCache
   return views
 
 
+def _plot_curves(rows: list[dict[str, Any]], path: str, title: str) -> None:
+  """curves.png: test accuracy per epoch of every method, one panel per task."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = list(dict.fromkeys(r["task"] for r in rows))
+  columns = min(3, len(names))
+  lines = -(-len(names) // columns)
+  fig, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.6 * lines), dpi=100,
+                           squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    for row in rows:
+      if row["task"] == name and row.get("test_accuracy_per_epoch"):
+        curve = 100 * np.asarray(row["test_accuracy_per_epoch"])
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=row["method"],
+                linestyle="--" if row["method"].startswith("lp") else "-")
+    kind = next(r["kind"] for r in rows if r["task"] == name)
+    ax.set_title(f"{name} ({kind.upper()})", fontsize=9)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("test accuracy (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+  for ax in axes.flat[len(names):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png")
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+
+
 def _run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
                     chosen: list[tasks_lib.Task], workdir: str) -> dict:
   parallel.maybe_initialize_distributed(config)
@@ -222,9 +254,12 @@ def _run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
     table = transfer.format_md(rows, methods, header).replace("# Transfer results",
                                                                "# NMTune results")
     transfer.write_atomic(os.path.join(workdir, "results.md"), table)
+    _plot_curves(rows, os.path.join(workdir, "curves.png"),
+                 f"{pre.model}, {pre.dataset}, noise {pre.get('noise_ratio')}, {config.views}"
+                 " views")
     print(table, flush=True)
   print(f"[nmtune] done in {format_seconds(time.perf_counter() - start)}; results in"
-        f" {os.path.join(workdir, 'results.jsonl')} and results.md", flush=True)
+        f" {os.path.join(workdir, 'results.jsonl')}, results.md and curves.png", flush=True)
   return {"rows": rows, "features_extracted": cache.extracted}
 
 
