@@ -10,8 +10,9 @@ Checkpoint mode (2-core CPU, a Fashion-MNIST checkpoint from configs/pretrain.py
   .venv/bin/python main.py --config configs/nmtune.py \
       --config.checkpoint=runs/pretrain_fmnist_n0.2 --workdir runs/nmtune_fmnist_n0.2
 runs lp, mlp and nmtune on the six embedded tasks (three train views, one fit each per method)
-and writes DIR/results.jsonl and DIR/results.md. About 2 minutes with views=features; numbers in
-README.
+and writes DIR/results.jsonl, DIR/results.md and DIR/curves.png. Measured on 2 CPU cores: about a
+minute with views=features (ID avg lp 86.1, mlp 92.8, nmtune 92.8 on the 20%-noise checkpoint),
+1.5 minutes with views=cached, 10 minutes with views=online; all numbers in README.
 
 Arguments after ':' (comma separated): method=lp+mlp+nmtune (also lp_aug), tasks=NAMES (task or
 group names joined by '+'), views=features|online|cached, smoke (a seconds-long run). Every field
