@@ -291,23 +291,23 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def resolve_config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-  """Defaults overlaid with the caller's fields (extra fields are ignored: job configs hold
-  more); every value is checked here, before any work."""
+def resolve_config(config: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+  """Defaults overlaid with the caller's fields (a ConfigDict or a dict); an unknown field and
+  every bad value fail here, before any work, with one line naming the field."""
   resolved = default_config()
   if config is not None:
-    for key in resolved.keys():
-      if key not in config:
-        continue
+    for key in config.keys():
+      if key not in resolved:
+        raise ConfigError(f"NMTune config field {key!r} is unknown; known:"
+                          f" {', '.join(sorted(resolved.keys()))}")
       value = config[key]
       if key == "lp":
+        try:
+          lp = probe.resolve_config(value)
+        except ConfigError as e:
+          raise ConfigError(str(e).replace("config.", "config.lp.", 1)) from None
         with resolved.unlocked():
-          resolved.lp = probe.default_config()
-        for lp_key, lp_value in value.items():
-          if lp_key not in resolved.lp:
-            raise ConfigError(f"config.lp.{lp_key} is unknown; known:"
-                              f" {', '.join(sorted(resolved.lp.keys()))}")
-          resolved.lp[lp_key] = tuple(lp_value) if isinstance(lp_value, list) else lp_value
+          resolved.lp = lp
         continue
       try:
         resolved[key] = tuple(value) if isinstance(value, list) else value

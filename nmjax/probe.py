@@ -78,8 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _resolve_config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-  """Defaults overlaid with the caller's fields; unknown fields and bad values fail here."""
+def resolve_config(config: Any) -> ml_collections.ConfigDict:
+  """Defaults overlaid with the caller's fields (a ConfigDict or a dict); unknown fields and bad
+  values fail here."""
   resolved = default_config()
   if config is not None:
     known = set(resolved.keys())
@@ -250,7 +251,7 @@ def linear_probe(train: FeaturesLike, test: FeaturesLike,
   Extra keys: test_accuracy_per_epoch (list of floats, one per epoch; the last is "accuracy").
   """
   start = time.perf_counter()
-  config = _resolve_config(config)
+  config = resolve_config(config)
   train_set, test_set, num_classes = _load_splits(train, test, config.num_classes)
   hparams = {k: jnp.float32(config[k]) for k in ("learning_rate", "weight_decay", "b1", "b2",
                                                   "eps")}
@@ -398,7 +399,7 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   in config.ridge_lambdas order), num_holdout, solver ("primal" | "dual" for the refit).
   """
   start = time.perf_counter()
-  config = _resolve_config(config)
+  config = resolve_config(config)
   train_set, test_set, num_classes = _load_splits(train, test, config.num_classes)
   logit_bias = test_logit_bias(config.logit_subset, test_set, num_classes)
   fit_idx, holdout_idx = holdout_split(train_set.labels, config.ridge_holdout_fraction,

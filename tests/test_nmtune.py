@@ -344,6 +344,9 @@ def test_bad_inputs_give_one_line(tmp_path):
                                        " train set has 100"),
       ({"cov_weight": -1}, ConfigError, "config.cov_weight=-1.0 is out of range"),
       ({"method": "ridge"}, ConfigError, "config.method='ridge' is unknown; allowed: nmtune"),
+      ({"svd_wieght": 0.1}, ConfigError, "NMTune config field 'svd_wieght' is unknown; known:"),
+      ({"method": "lp", "lp": {"learning_rate": -1.0}}, ConfigError,
+       "config.lp.learning_rate=-1.0 is out of range"),
       ({"batch_size": 32, "svd_topk": 9}, ConfigError,
        r"svd_topk=9 is not allowed; allowed: 1 <= svd_topk <= min\(batch_size, D\) = 8"),
   ]
