@@ -573,8 +573,8 @@ def _train_labels(train: TrainLike, num_classes: int | None) -> tuple[Any, np.nd
   return train_set, train_set.labels, train_set.feature_dim
 
 
-def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes: int
-               ) -> dict[str, FeatureSet]:
+def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes: int,
+               given_classes: bool) -> dict[str, FeatureSet]:
   sets = {}
   for name, test in tests.items():
     where = "NMTune test features" + ("" if name == "test" else f" {name!r}")
@@ -583,6 +583,8 @@ def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes:
       raise DataError(f"{where}: feature dimension {sets[name].feature_dim} differs from the"
                       f" train features' ({feature_dim})")
     high = int(sets[name].labels.max())
+    if high >= num_classes and given_classes:
+      raise DataError(f"{where}: label {high} is outside config.num_classes={num_classes}")
     if high >= num_classes:
       raise DataError(
           f"{where}: label {high} is outside the {num_classes} classes inferred from the train"
@@ -761,7 +763,8 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
   if config.method == "lp":
     return _fit_linear_probe(train, tests, config, logit_subsets)
   run = _prepare(train, _method_config(config))
-  test_sets = _test_sets(tests, run.feature_dim, run.num_classes)
+  test_sets = _test_sets(tests, run.feature_dim, run.num_classes,
+                         given_classes=config.num_classes is not None)
   biases = {n: _logit_bias(run.config, n, s, run.num_classes, logit_subsets)
             for n, s in test_sets.items()}
   state, per_epoch, losses = _train(run, test_sets, biases, log, start)
