@@ -21,7 +21,7 @@ weight_decay, mse_weight, cov_weight, svd_weight, svd_topk, mlp_ratio, mlp_layer
 residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...).
 """
 
-from nmjax.config import parse_arg
+from nmjax.config import add_encoder_fields, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -34,20 +34,11 @@ def get_config(arg: str | None = None):
   # Black-box mode: features files (.npz) of the train and test splits.
   config.train_features = ""
   config.test_features = ""
-  # Checkpoint mode: a pre-training workdir and tasks (nmjax/tasks.py names or groups).
-  config.checkpoint = ""
-  config.step = -1               # -1: the latest checkpoint.
-  config.tasks = args.tasks.replace("+", ",")
+  # Checkpoint mode: a pre-training workdir, tasks (nmjax/tasks.py names or groups) and views.
+  add_encoder_fields(config, tasks=args.tasks, batch_field="extract_batch_size", smoke=args.smoke)
   config.views = args.views      # features | online (reference data flow) | cached
   config.cached_views = 4        # views="cached": augmented views encoded per train image.
-  config.extract_batch_size = 512  # Encoder batch for feature extraction (divisible by devices).
-  config.max_examples = -1       # > 0: at most this many examples per view (smoke runs).
-  config.data_dir = ""           # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
-  config.distributed = "none"    # none | auto | explicit (see nmjax/parallel.py).
   if args.smoke:
-    config.tasks = "digits,mnist->digits"
-    config.max_examples = 400
-    config.extract_batch_size = 200
     config.epochs = 2
     config.lp.num_epochs = 2
   return config

@@ -16,7 +16,7 @@ Expected on a 2-core CPU: about a minute for the six embedded tasks (features of
 then 30 LP epochs and a ridge fit per task); numbers in README.
 """
 
-from nmjax.config import parse_arg
+from nmjax.config import add_encoder_fields, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -25,20 +25,11 @@ def get_config(arg: str | None = None):
   from nmjax import probe
   config = ConfigDict()
   config.job = "transfer"
-  config.checkpoint = ""        # A pre-training workdir (its config.json and checkpoints/).
-  config.step = -1              # Checkpoint step; -1: the latest.
-  config.tasks = args.tasks.replace("+", ",")
   config.methods = args.methods.replace("+", ",")  # lp (reference AdamW probe) | ridge
   config.probe = probe.default_config()
   config.spectral_center = "row"  # row (the reference's) | feature | none
-  config.batch_size = 512       # Feature extraction batch (global; divisible by the devices).
-  config.max_examples = -1      # > 0: at most this many examples per view (smoke runs).
-  config.data_dir = ""          # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
-  config.distributed = "none"   # none | auto | explicit (see nmjax/parallel.py).
+  add_encoder_fields(config, tasks=args.tasks, batch_field="batch_size", smoke=args.smoke)
   if args.smoke:
-    config.tasks = "digits,mnist->digits"
-    config.max_examples = 400
-    config.batch_size = 200
     with config.probe.unlocked():
       config.probe.num_epochs = 3
   return config

@@ -98,6 +98,15 @@ def total_steps(*, num_examples: int, global_batch_size: int, num_epochs: float,
   return epoch_steps, max(1, int(round(num_epochs * epoch_steps)))
 
 
+def add_distributed_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """How the job's processes find each other (nmjax.parallel.maybe_initialize_distributed)."""
+  config.distributed = "none"       # none | auto (TPU pods, SLURM, Open MPI) | explicit:
+  config.coordinator_address = ""  # explicit: 'host:port' of process 0, the same everywhere.
+  config.num_processes = 1          # explicit: how many processes in all.
+  config.process_id = 0             # explicit: this process, 0..num_processes-1.
+  return config
+
+
 def add_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fields every pre-training config shares: data location, debug log, scale-out.
 
@@ -109,8 +118,23 @@ def add_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
   config.mesh = "data:-1"           # e.g. data:4,model:2
   config.param_sharding = "replicated"  # replicated | model
-  config.distributed = "none"       # none | auto (TPU pods, SLURM, Open MPI) | explicit:
-  config.coordinator_address = ""  # explicit: 'host:port' of process 0, the same everywhere.
-  config.num_processes = 1          # explicit: how many processes in all.
-  config.process_id = 0             # explicit: this process, 0..num_processes-1.
+  return add_distributed_fields(config)
+
+
+def add_encoder_fields(config: ml_collections.ConfigDict, *, tasks: str, batch_field: str,
+                       smoke: bool) -> ml_collections.ConfigDict:
+  """Fields the jobs that evaluate a pre-trained encoder share (transfer, nmtune): which
+  checkpoint, which tasks, the extraction batch (named `batch_field`), data, scale-out; with
+  `smoke`, two small tasks capped at 400 examples per view."""
+  config.checkpoint = ""            # A pre-training workdir (its config.json and checkpoints/).
+  config.step = -1                  # Checkpoint step; -1: the latest.
+  config.tasks = tasks.replace("+", ",")  # nmjax/tasks.py names or groups.
+  config[batch_field] = 512         # Feature extraction batch (global; divisible by the devices).
+  config.max_examples = -1          # > 0: at most this many examples per view (smoke runs).
+  config.data_dir = ""              # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+  add_distributed_fields(config)
+  if smoke:
+    config.tasks = "digits,mnist->digits"
+    config.max_examples = 400
+    config[batch_field] = 200
   return config
