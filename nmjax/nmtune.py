@@ -406,6 +406,14 @@ class CachedViews:
     return int(self.features.shape[2])
 
 
+@functools.partial(jax.jit, static_argnames=("encode",))
+def encode_augmented(encode: Encode, variables: Any, images: jax.Array, draws: jax.Array
+                     ) -> jax.Array:
+  """encode(variables, random_resized_crop_flip(images, draws)) in float32, jitted once per
+  encoder and shape (every call of cache_views with the same encoder shares it)."""
+  return encode(variables, random_resized_crop_flip(images, draws)).astype(jnp.float32)
+
+
 def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.ndarray, *,
                 num_views: int, seed: int = 0, batch_size: int = 512) -> CachedViews:
   """Encodes num_views augmented copies of every image (random_resized_crop_flip, numpy-seeded
@@ -417,11 +425,6 @@ def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.n
   num_images = len(images)
   rng = np.random.default_rng([seed, 7])
   draws = rng.random((num_views, num_images, AUGMENT_DRAWS), dtype=np.float32)
-
-  @jax.jit
-  def encode_views(variables, images, draws):
-    return encode(variables, random_resized_crop_flip(images, draws)).astype(jnp.float32)
-
   chunks = []
   for view in range(num_views):
     parts = []
@@ -429,7 +432,7 @@ def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.n
       stop = min(start + batch_size, num_images)
       # Pad the last chunk to a full batch: one compiled shape for every call.
       idx = np.minimum(np.arange(start, start + batch_size), num_images - 1)
-      parts.append(np.asarray(encode_views(variables, images[idx], draws[view, idx]))
+      parts.append(np.asarray(encode_augmented(encode, variables, images[idx], draws[view, idx]))
                    [:stop - start])
     chunks.append(np.concatenate(parts))
   return CachedViews(np.stack(chunks), np.asarray(labels, np.int64))
