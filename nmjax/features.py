@@ -69,6 +69,24 @@ def check_matrix(name: str, values: Any) -> Array:
   return values
 
 
+def check_labels(name: str, values: Any, num_examples: int, num_classes: int | None, *,
+                 what: str = "labels") -> Array:
+  """`values` as int64 (num_examples,) class indices in [0, num_classes) (in [0, C) when None),
+  or a DataError naming `name`. Shared by features files and NMTune's train views."""
+  values = np.asarray(values)
+  if values.shape != (num_examples,):
+    raise DataError(f"{name}: {what} must have shape ({num_examples},) to match the"
+                    f" features, got {values.shape}")
+  if not np.issubdtype(values.dtype, np.integer):
+    if not (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values))):
+      raise DataError(f"{name}: {what} must be integers, got dtype {values.dtype}")
+  values = values.astype(np.int64)
+  if values.min() < 0 or (num_classes is not None and values.max() >= num_classes):
+    bound = f"[0, {num_classes})" if num_classes is not None else "[0, C)"
+    raise DataError(f"{name}: {what} outside {bound}: min {values.min()}, max {values.max()}")
+  return values
+
+
 def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
            num_classes: int | None, feature_dim: int | None) -> tuple[Array, Array, Array | None]:
   """Returns (features float32, labels int64, clean_labels int64|None) or raises DataError."""
@@ -77,19 +95,7 @@ def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
     raise DataError(f"{name}: feature dimension {features.shape[1]} != expected {feature_dim}")
 
   def as_labels(what: str, values: Any) -> Array:
-    values = np.asarray(values)
-    if values.shape != (features.shape[0],):
-      raise DataError(f"{name}: {what} must have shape ({features.shape[0]},) to match the"
-                      f" features, got {values.shape}")
-    if not np.issubdtype(values.dtype, np.integer):
-      if not (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values))):
-        raise DataError(f"{name}: {what} must be integers, got dtype {values.dtype}")
-    values = values.astype(np.int64)
-    high = num_classes if num_classes is not None else None
-    if values.min() < 0 or (high is not None and values.max() >= high):
-      bound = f"[0, {high})" if high is not None else "[0, C)"
-      raise DataError(f"{name}: {what} outside {bound}: min {values.min()}, max {values.max()}")
-    return values
+    return check_labels(name, values, features.shape[0], num_classes, what=what)
 
   labels = as_labels("labels", labels)
   if clean_labels is not None:

@@ -57,7 +57,7 @@ import optax
 from nmjax import probe, spectral
 from nmjax.config import check_choice, check_range
 from nmjax.errors import ConfigError, DataError, TrainingError
-from nmjax.features import FeatureSet, FeaturesLike, as_feature_set
+from nmjax.features import FeatureSet, FeaturesLike, as_feature_set, check_labels, check_matrix
 from nmjax.progress import format_seconds
 
 METHODS = ("nmtune", "mlp", "lp_aug", "lp")
@@ -557,20 +557,16 @@ TrainLike = Any  # FeaturesLike | OnlineViews | CachedViews
 
 def _train_labels(train: TrainLike, num_classes: int | None) -> tuple[Any, np.ndarray, int]:
   """(validated train source, its labels, D)."""
-  if isinstance(train, (OnlineViews, CachedViews)):
-    labels = np.asarray(train.labels, np.int64)
-    if labels.ndim != 1 or not len(labels) or labels.min() < 0 or (
-        num_classes is not None and labels.max() >= num_classes):
-      raise DataError(f"NMTune train views: labels must be a non-empty 1-D array in [0,"
-                      f" {num_classes or 'C'}), got shape {labels.shape}")
-    if isinstance(train, CachedViews):
-      if train.features.ndim != 3 or train.features.shape[1] != len(labels):
-        raise DataError(f"NMTune cached views: features must be (K, N, D) with N ="
-                        f" {len(labels)}, got shape {train.features.shape}")
-      if not np.isfinite(train.features).all():
-        raise DataError("NMTune cached views: features hold non-finite values (NaN/inf)")
-    elif len(train.images) != len(labels):
-      raise DataError(f"NMTune online views: {len(train.images)} images but {len(labels)} labels")
+  if isinstance(train, CachedViews):
+    if train.features.ndim != 3:
+      raise DataError(f"NMTune cached views: features must be (K, N, D), got shape"
+                      f" {train.features.shape}")
+    check_matrix("NMTune cached views", train.features.reshape(-1, train.feature_dim))
+    labels = check_labels("NMTune cached views", train.labels, train.features.shape[1],
+                          num_classes)
+    return train, labels, train.feature_dim
+  if isinstance(train, OnlineViews):
+    labels = check_labels("NMTune online views", train.labels, len(train.images), num_classes)
     return train, labels, train.feature_dim
   train_set = as_feature_set(train, name="NMTune train features", num_classes=num_classes)
   return train_set, train_set.labels, train_set.feature_dim
