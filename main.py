@@ -1,5 +1,6 @@
 r"""nmjax command line: runs config.job with an ml_collections config.
 
+  python main.py                     # the embedded study (configs/default.py) in runs/study
   python main.py --config configs/pretrain.py:dataset=fashion_mnist,noise=0.2 --workdir DIR
   python main.py --config configs/pretrain.py --config.num_train_steps=200 --workdir DIR
 
@@ -14,7 +15,7 @@ from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "pretrain.py"), "Config file (path[:args]).",
+    "config", os.path.join(_HERE, "configs", "default.py"), "Config file (path[:args]).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go"
                                " (default: runs/<job>).")

@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
   config.flip = True           # Horizontal flip, applied only where the dataset allows it.
   config.dtype = "float32"     # Compute dtype: float32 | bfloat16 (params stay float32).
 
+  config.eval_every_epochs = 1  # Test accuracy every N epochs (0: never) and after the last step.
   config.log_every_steps = 100
   config.checkpoint_every_steps = 500
   config.max_to_keep = 3

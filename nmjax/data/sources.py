@@ -42,6 +42,7 @@ import json
 import os
 import pathlib
 import threading
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -302,10 +303,43 @@ class TfdsSource(Source):
       return labels
     return self._cached(("labels", split), compute)
 
+  def _arrays_file(self, split: str) -> pathlib.Path:
+    """Where an in-memory source keeps a split's decoded arrays, beside the prepared records
+    (same dataset version), so that later processes skip decoding every record (16 s for
+    Fashion-MNIST's 70,000 on 2 cores; the .npy files load in a fraction of a second)."""
+    return pathlib.Path(self._builder.data_dir) / f"nmjax_arrays_{split}.npz"
+
+  def _read_arrays_file(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    path = self._arrays_file(split)
+    if not path.exists():
+      return None
+    try:
+      with np.load(path) as stored:
+        arrays = (stored["image"], stored["label"], stored["index"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+      return None  # Torn or foreign: decode the records again and rewrite it.
+    n = self.info.splits[split]
+    if (arrays[0].shape != (n, *self.info.image_shape) or arrays[0].dtype != np.uint8
+        or arrays[1].shape != (n,) or not np.array_equal(arrays[2], np.arange(n))):
+      return None
+    return arrays
+
+  def _write_arrays_file(self, split: str, arrays: tuple[np.ndarray, ...]) -> None:
+    path = self._arrays_file(split)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+      np.savez(tmp, image=arrays[0], label=arrays[1], index=arrays[2])
+      os.replace(tmp, path)  # Atomic: concurrent processes each write a whole file.
+    except OSError:
+      tmp.unlink(missing_ok=True)  # A read-only data dir: keep decoding at every start.
+
   def load_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     self._check_split(split)
 
     def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+      if self._in_memory and (stored := self._read_arrays_file(split)) is not None:
+        _read_only(*stored)
+        return stored
       records = self._records(split)
       images, labels, index = [], [], []
       for start in range(0, len(records), _READ_CHUNK):
@@ -316,6 +350,8 @@ class TfdsSource(Source):
       index = np.asarray(index, dtype=np.int64)
       order = self._index_order(split, index)
       arrays = (np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order], index[order])
+      if self._in_memory:
+        self._write_arrays_file(split, arrays)
       _read_only(*arrays)
       return arrays
     return self._cached(("arrays", split), compute)

@@ -8,7 +8,7 @@ import ml_collections
 
 from nmjax.errors import ConfigError
 
-JOBS = ("pretrain", "transfer", "nmtune")
+JOBS = ("study", "pretrain", "transfer", "nmtune")
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -27,6 +27,9 @@ def prepare_workdir(workdir: str) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Dispatches on config.job."""
   job = config.get("job")
+  if job == "study":
+    from nmjax.jobs import study
+    return study.run(config, workdir)
   if job == "pretrain":
     from nmjax.jobs import pretrain
     return pretrain.run(config, workdir)

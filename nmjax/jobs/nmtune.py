@@ -179,8 +179,11 @@ def _plot_curves(rows: list[dict[str, Any]], path: str, title: str) -> None:
   os.replace(path + ".tmp.png", path)
 
 
-def _run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
-                    chosen: list[tasks_lib.Task], workdir: str) -> dict:
+def run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
+                   chosen: list[tasks_lib.Task], workdir: str, *, echo: bool = True) -> dict:
+  """Checkpoint mode (the module docstring); returns {"rows", "spectra" (task -> SVE, LSVR and
+  the spectrum of its frozen test features), "features_extracted"}. `echo=False` keeps the
+  results table off the terminal (the study prints its own)."""
   parallel.maybe_initialize_distributed(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.extract_batch_size, mesh)
@@ -198,6 +201,7 @@ def _run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
         f" (views: {config.views})", flush=True)
 
   rows: list[dict[str, Any]] = []
+  all_spectra: dict[str, dict[str, Any]] = {}
   start = time.perf_counter()
   fits_done, num_fits = 0, len(groups) * len(methods)
   for view, group in groups.items():
@@ -207,6 +211,9 @@ def _run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
       tests[task.name], label_map = transfer.test_features(cache, task)
       subsets[task.name] = None if label_map is None else tuple(int(c) for c in label_map)
       spectra[task.name] = spectral.metrics(tests[task.name].features)
+      all_spectra[task.name] = {"sve": spectra[task.name]["sve"],
+                                "lsvr": spectra[task.name]["lsvr"],
+                                "spectrum": [float(v) for v in spectra[task.name]["spectrum"]]}
     num_classes = cache.infos[view.dataset].num_classes
     train_views = None
     for method in methods:
@@ -257,10 +264,12 @@ def _run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
     _plot_curves(rows, os.path.join(workdir, "curves.png"),
                  f"{pre.model}, {pre.dataset}, noise {pre.get('noise_ratio')}, {config.views}"
                  " views")
-    print(table, flush=True)
+    if echo:
+      print(table, flush=True)
   print(f"[nmtune] done in {format_seconds(time.perf_counter() - start)}; results in"
         f" {os.path.join(workdir, 'results.jsonl')}, results.md and curves.png", flush=True)
-  return {"rows": rows, "features_extracted": cache.extracted}
+  return {"rows": rows, "spectra": {t.name: all_spectra[t.name] for t in chosen},
+          "features_extracted": cache.extracted}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -268,4 +277,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = prepare_workdir(workdir)
   if not chosen:
     return _run_files(config, methods, workdir)
-  return _run_checkpoint(config, methods, chosen, workdir)
+  return run_checkpoint(config, methods, chosen, workdir)

@@ -46,6 +46,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_range(config, "log_every_steps", low=1, integer=True)
   check_range(config, "checkpoint_every_steps", low=1, integer=True)
   check_range(config, "max_to_keep", low=1, integer=True)
+  if "eval_every_epochs" in config:
+    check_range(config, "eval_every_epochs", low=0, integer=True)
   parallel.parse_mesh(config.get("mesh", "data:-1"))
   for field, allowed in (("param_sharding", parallel.PARAM_SHARDINGS),
                          ("distributed", parallel.DISTRIBUTED_MODES)):
@@ -146,7 +148,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       label_smoothing=config.label_smoothing, log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.checkpoint_every_steps, max_to_keep=config.max_to_keep,
       param_sharding=config.get("param_sharding", "replicated"),
-      record_examples=bool(config.get("record_examples", False)))
+      record_examples=bool(config.get("record_examples", False)),
+      eval_every_epochs=config.get("eval_every_epochs", 1))
   changed = float(np.mean(noisy != clean))
   if parallel.is_main_process():
     print(f"[pretrain] {config.model} on {config.dataset}: {len(train_records)} train /"

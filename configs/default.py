@@ -1,0 +1,69 @@
+r"""The embedded study, main.py's default job: label noise in pre-training, measured downstream.
+
+  .venv/bin/python main.py                    # this config; the workdir defaults to runs/study
+  .venv/bin/python main.py --config configs/default.py:smoke --workdir /tmp/study_smoke
+
+For each seed in config.seeds and each noise ratio r in config.noise_ratios: pre-train the small
+ResNet on Fashion-MNIST with symmetric label noise r (config.pretrain.*, the same seed and
+schedule for every r), then fit lp, mlp and nmtune over its frozen features on every embedded task
+and compute SVE and LSVR of each task's test features (config.nmtune.*). Stages already done in
+the workdir are reused: a run started again after a crash or a kill continues where it stopped,
+and a run of a finished study only renders the report again. Writes WORKDIR/results.jsonl,
+results.md, accuracy_vs_noise.png, spectra.png, spectral_vs_noise.png and tb/ (TensorBoard).
+
+Overrides, e.g.: --config.noise_ratios=0,0.3 --config.seeds=0,1,2 (mean +- std over seeds)
+  --config.pretrain.num_epochs=5 --config.pretrain.max_train_examples=-1 (all 60,000 images)
+  --config.nmtune.epochs=10 --config.nmtune.cov_weight=0.1 --config.methods=lp,lp_aug,mlp,nmtune
+
+Measured on this project's 2-core CPU machine: see README (the whole default study, about 8
+minutes; the smoke variant, about half a minute).
+"""
+
+import importlib.util
+import os
+
+from nmjax.config import parse_arg
+
+
+def _config_module(name: str):
+  """configs/<name>.py, loaded by path (configs/ is not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_nmjax_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, smoke=False)
+  from ml_collections import ConfigDict
+  from nmjax.jobs import study
+  config = ConfigDict()
+  config.job = "study"
+  config.noise_ratios = "0,0.05,0.1,0.2,0.3"  # Comma-separated, each 0 <= r < 1.
+  config.seeds = "0"                          # Comma-separated; each seeds pre-training and tuning.
+  config.methods = "lp,mlp,nmtune"            # Also lp_aug (nmjax/nmtune.py).
+  config.tasks = "embedded"                   # nmjax/tasks.py names or groups, comma-separated.
+  config.spectrum_tasks = "fashion_mnist,fashion_mnist_c"  # One ID and one OOD task: spectra.png.
+  config.data_dir = ""                        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+
+  smoke = ",smoke" if args.smoke else ""
+  pretrain = _config_module("pretrain").get_config(f"dataset=fashion_mnist,model=resnet_small{smoke}")
+  if not args.smoke:
+    # Sized for 10 minutes on 2 cores (README): the first 20,000 training images, 3 epochs.
+    pretrain.max_train_examples = 20000
+    pretrain.num_epochs = 3.0
+  pretrain.eval_every_epochs = 0  # Test accuracy once, after the last step.
+  nmtune = _config_module("nmtune").get_config("smoke" if args.smoke else None)
+  if args.smoke:
+    config.noise_ratios = "0,0.3"
+    config.tasks = nmtune.tasks
+    config.spectrum_tasks = nmtune.tasks
+  # What the sweep sets per stage (noise ratio, seed, checkpoint, ...) is not a sub-config field.
+  for sub, owned in ((pretrain, study.PRETRAIN_OWNED), (nmtune, study.NMTUNE_OWNED)):
+    for field in owned:
+      if field in sub:
+        del sub[field]
+  config.pretrain = pretrain
+  config.nmtune = nmtune
+  return config

@@ -1,0 +1,205 @@
+"""The embedded study (configs/default.py:smoke) end to end: every report file, finite numbers,
+reuse of finished stages, a kill mid-way then a restart ending with the same numbers, bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import default as default_config  # pylint: disable=wrong-import-position
+from nmjax import jobs  # pylint: disable=wrong-import-position
+from nmjax.errors import ConfigError  # pylint: disable=wrong-import-position
+from nmjax.jobs import study  # pylint: disable=wrong-import-position
+
+SMOKE = "configs/default.py:smoke"
+
+
+def _smoke(**overrides):
+  config = default_config.get_config("smoke")
+  for key, value in overrides.items():
+    target = config
+    *path, field = key.split(".")
+    for part in path:
+      target = target[part]
+    target[field] = value
+  return config
+
+
+def _numbers(value):
+  """Every number in a JSON value (nested lists and dicts included)."""
+  if isinstance(value, bool):
+    return []
+  if isinstance(value, (int, float)):
+    return [value]
+  if isinstance(value, dict):
+    return [n for v in value.values() for n in _numbers(v)]
+  if isinstance(value, list):
+    return [n for v in value for n in _numbers(v)]
+  return []
+
+
+def _read_records(workdir):
+  with open(os.path.join(workdir, "results.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _scores(records):
+  """What a study measures, keyed by where: accuracies, spectral metrics, pre-training."""
+  out = {}
+  for r in records:
+    key = (r["record"], r["seed"], r["noise_ratio"], r.get("task"), r.get("method"))
+    if r["record"] == "task":
+      out[key] = (r["accuracy"], r["sve"], r["lsvr"], r["z_sve"] if "z_sve" in r else None)
+    elif r["record"] == "spectrum":
+      out[key] = (r["sve"], r["lsvr"], tuple(r["spectrum"]))
+    else:
+      out[key] = (r["test_acc"], r["train_loss"], r["step"])
+  return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("study"))
+  result = jobs.run(_smoke(), workdir)
+  return workdir, result
+
+
+def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
+  workdir, result = smoke_run
+  assert result["stages_run"] == 4  # Two noise ratios: pre-training and evaluation each.
+  for name in study.REPORT_FILES:
+    path = os.path.join(workdir, name)
+    assert os.path.getsize(path) > 0, name
+    if name.endswith(".png"):
+      with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+  for seed_dir in ("seed0",):
+    events = os.listdir(os.path.join(workdir, "tb", seed_dir))
+    assert any(e.startswith("events.out.tfevents") for e in events), events
+
+  records = _read_records(workdir)
+  kinds = [r["record"] for r in records]
+  # 2 ratios x (1 pre-training + 2 tasks x 3 methods + 2 spectra).
+  assert (kinds.count("pretrain"), kinds.count("task"), kinds.count("spectrum")) == (2, 12, 4)
+  assert sorted({r["noise_ratio"] for r in records}) == [0.0, 0.3]
+  numbers = [n for r in records for n in _numbers(r)]
+  assert numbers and all(math.isfinite(n) for n in numbers)
+  for r in records:
+    if r["record"] == "task":
+      assert 0.0 <= r["accuracy"] <= 1.0 and r["method"] in ("lp", "mlp", "nmtune")
+    if r["record"] == "spectrum":
+      assert math.isclose(sum(r["spectrum"]), 1.0, rel_tol=1e-4) and r["lsvr"] == r["spectrum"][0]
+  # The pre-training stages really differ only by their noise.
+  pre = {r["noise_ratio"]: r for r in records if r["record"] == "pretrain"}
+  saved = [json.load(open(os.path.join(workdir, "pretrain", f"seed0_r{r:g}", "config.json")))
+           for r in (0.0, 0.3)]
+  assert saved[0]["noise_ratio"] == 0.0 and saved[1]["noise_ratio"] == 0.3
+  assert {k: v for k, v in saved[0].items() if k != "noise_ratio"} == {
+      k: v for k, v in saved[1].items() if k != "noise_ratio"}
+  assert pre[0.0]["step"] == pre[0.3]["step"] == 12
+
+  text = open(os.path.join(workdir, "results.md")).read()
+  assert "| r | pretrain test acc | ID lp | ID mlp | ID nmtune | OOD lp | OOD mlp | OOD nmtune |" in text
+  for row in ("| 0% |", "| 30% |", "## nmtune: test accuracy (%) per task", "## SVE of"):
+    assert row in text, text
+  # The main table's ID cell is the average of that method's ID tasks.
+  lp_id = [r["accuracy"] for r in records if r["record"] == "task" and r["method"] == "lp"
+           and r["kind"] == "id" and r["noise_ratio"] == 0.0]
+  line = next(l for l in text.splitlines() if l.startswith("| 0% |"))
+  assert line.split(" | ")[2] == f"{100 * sum(lp_id) / len(lp_id):.2f}"
+
+
+def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
+  workdir, first = smoke_run
+  before = _scores(first["records"])
+  os.remove(os.path.join(workdir, "spectra.png"))
+  again = jobs.run(_smoke(), workdir)
+  assert again["stages_run"] == 0
+  assert _scores(again["records"]) == before
+  assert os.path.getsize(os.path.join(workdir, "spectra.png")) > 0
+  out = capsys.readouterr().out
+  assert out.count(", reused |") == 4 and "[pretrain] step" not in out, out
+  # A narrower sweep reuses its stages too, and its table has just its rows.
+  narrow = jobs.run(_smoke(noise_ratios="0.3"), workdir)
+  assert narrow["stages_run"] == 0
+  assert {r["noise_ratio"] for r in narrow["records"]} == {0.3}
+
+
+def test_a_changed_stage_config_is_refused_not_mixed(smoke_run):
+  workdir, _ = smoke_run
+  with pytest.raises(ConfigError, match=r"holds the pre-training stage seed0_r0 of a different"
+                     r" study \(learning_rate: saved 0.1 vs now 0.05\)"):
+    jobs.run(_smoke(**{"pretrain.learning_rate": 0.05}), workdir)
+  with pytest.raises(ConfigError, match=r"holds the evaluation stage seed0_r0 of a different"
+                     r" study \(epochs: saved 2 vs now 3\)"):
+    jobs.run(_smoke(**{"nmtune.epochs": 3}), workdir)
+
+
+def test_killed_mid_way_then_restarted_gives_the_same_numbers(smoke_run, tmp_path):
+  """SIGKILL while the second pre-training stage runs (after a checkpoint of it is committed),
+  then the same command: same numbers as the uninterrupted in-process run (both on 8 devices)."""
+  workdir, first = smoke_run
+  killed = tmp_path / "killed"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={SMOKE}",
+         f"--workdir={killed}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  checkpoints = killed / "pretrain" / "seed0_r0.3" / "checkpoints"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and proc.poll() is None:
+    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.communicate()[0]
+  proc.send_signal(signal.SIGKILL)
+  out = proc.communicate(timeout=60)[0]
+  assert not (killed / "pretrain" / "seed0_r0.3" / study.STAGE_FILE).exists(), out
+  assert not (killed / "results.jsonl").exists()
+
+  rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out = rerun.stdout + rerun.stderr
+  assert rerun.returncode == 0, out
+  assert "[study] stage 1/4 pretrain seed 0 r=0: " in out and ", reused |" in out, out
+  assert "resumed from" in out, out
+  assert _scores(_read_records(str(killed))) == _scores(first["records"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"noise_ratios": "0,1.0"}, r"config.noise_ratios entry '1.0' is out of range; allowed:"
+                                r" numbers 0 <= r < 1"),
+    ({"noise_ratios": "0,0"}, r"config.noise_ratios lists '0' twice"),
+    ({"seeds": "0,x"}, r"config.seeds entry 'x' is not an integer"),
+    ({"seeds": ""}, r"config.seeds is empty"),
+    ({"methods": "lp,svm"}, r"config.methods entry 'svm' is unknown"),
+    ({"spectrum_tasks": "digits,cifar10"}, r"config.spectrum_tasks entry 'cifar10' is unknown"),
+    ({"pretrain.num_epochs": -1.0}, r"config.num_epochs=-1.0 is out of range"),
+    ({"nmtune.svd_topk": 0}, r"svd_topk"),
+])
+def test_bad_sweep_config_fails_before_any_work(tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    jobs.run(_smoke(**overrides), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_main_default_config_is_the_study():
+  config = default_config.get_config()
+  assert config.job == "study"
+  assert config.noise_ratios == "0,0.05,0.1,0.2,0.3" and config.methods == "lp,mlp,nmtune"
+  assert config.tasks == "embedded" and config.pretrain.model == "resnet_small"
+  assert config.pretrain.dataset == "fashion_mnist" and config.pretrain.noise_type == "symmetric"
+  for field in study.PRETRAIN_OWNED:
+    assert field not in config.pretrain, field
+  for field in study.NMTUNE_OWNED:
+    assert field not in config.nmtune, field
+  with open(os.path.join(ROOT, "main.py")) as f:
+    assert '"configs", "default.py"' in f.read()
