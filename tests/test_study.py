@@ -4,6 +4,7 @@ reuse of finished stages, a kill mid-way then a restart ending with the same num
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,25 +66,43 @@ def _scores(records):
   return out
 
 
+def _main(workdir, **popen):
+  """main.py on the smoke study, in its own process with one CPU device."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={SMOKE}",
+         f"--workdir={workdir}"]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+  """The uninterrupted smoke study through main.py (what README's smoke command runs)."""
   workdir = str(tmp_path_factory.mktemp("study"))
-  result = jobs.run(_smoke(), workdir)
-  return workdir, result
+  proc = _main(workdir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out
+  return workdir, out
 
 
 def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
-  workdir, result = smoke_run
-  assert result["stages_run"] == 4  # Two noise ratios: pre-training and evaluation each.
+  workdir, out = smoke_run
+  assert "(4 to run, the others done)" in out and "(4 stage(s) run, 0 reused)" in out, out
+  lines = [l for l in out.splitlines() if l.startswith("[study] stage ")]
+  assert [l.split(":")[0] for l in lines] == [
+      "[study] stage 1/4 pretrain seed 0 r=0", "[study] stage 2/4 eval seed 0 r=0",
+      "[study] stage 3/4 pretrain seed 0 r=0.3", "[study] stage 4/4 eval seed 0 r=0.3"]
+  assert all(" | elapsed " in l and " | ETA " in l for l in lines), lines
+  assert "| r | pretrain test acc |" in out and "Report in " in out, out
   for name in study.REPORT_FILES:
     path = os.path.join(workdir, name)
     assert os.path.getsize(path) > 0, name
     if name.endswith(".png"):
       with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
-  for seed_dir in ("seed0",):
-    events = os.listdir(os.path.join(workdir, "tb", seed_dir))
-    assert any(e.startswith("events.out.tfevents") for e in events), events
+  events = os.listdir(os.path.join(workdir, "tb", "seed0"))
+  assert any(e.startswith("events.out.tfevents") for e in events), events
 
   records = _read_records(workdir)
   kinds = [r["record"] for r in records]
@@ -118,8 +137,8 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
 
 
 def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
-  workdir, first = smoke_run
-  before = _scores(first["records"])
+  workdir, _ = smoke_run
+  before = _scores(_read_records(workdir))
   os.remove(os.path.join(workdir, "spectra.png"))
   again = jobs.run(_smoke(), workdir)
   assert again["stages_run"] == 0
@@ -131,6 +150,8 @@ def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
   narrow = jobs.run(_smoke(noise_ratios="0.3"), workdir)
   assert narrow["stages_run"] == 0
   assert {r["noise_ratio"] for r in narrow["records"]} == {0.3}
+  jobs.run(_smoke(), workdir)  # The whole report again, for the other tests.
+  assert _scores(_read_records(workdir)) == before
 
 
 def test_a_changed_stage_config_is_refused_not_mixed(smoke_run):
@@ -144,16 +165,15 @@ def test_a_changed_stage_config_is_refused_not_mixed(smoke_run):
 
 
 def test_killed_mid_way_then_restarted_gives_the_same_numbers(smoke_run, tmp_path):
-  """SIGKILL while the second pre-training stage runs (after a checkpoint of it is committed),
-  then the same command: same numbers as the uninterrupted in-process run (both on 8 devices)."""
-  workdir, first = smoke_run
+  """SIGKILL while the second pre-training stage runs (once a checkpoint of it is committed),
+  then the same command: the same numbers as the uninterrupted run. To save time, the first two
+  stages are copied from the uninterrupted run, as a study killed after
+  them would have left them."""
+  workdir, _ = smoke_run
   killed = tmp_path / "killed"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={SMOKE}",
-         f"--workdir={killed}"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  for part in ("pretrain/seed0_r0", "eval/seed0_r0"):
+    shutil.copytree(os.path.join(workdir, part), killed / part)
+  proc = _main(killed)
   checkpoints = killed / "pretrain" / "seed0_r0.3" / "checkpoints"
   deadline = time.monotonic() + 240
   while time.monotonic() < deadline and proc.poll() is None:
@@ -166,12 +186,13 @@ def test_killed_mid_way_then_restarted_gives_the_same_numbers(smoke_run, tmp_pat
   assert not (killed / "pretrain" / "seed0_r0.3" / study.STAGE_FILE).exists(), out
   assert not (killed / "results.jsonl").exists()
 
-  rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  out = rerun.stdout + rerun.stderr
+  rerun = _main(killed)
+  out = rerun.communicate(timeout=300)[0]
   assert rerun.returncode == 0, out
-  assert "[study] stage 1/4 pretrain seed 0 r=0: " in out and ", reused |" in out, out
+  assert "(2 to run, the others done)" in out, out
+  assert "[study] stage 2/4 eval seed 0 r=0: " in out and ", reused |" in out, out
   assert "resumed from" in out, out
-  assert _scores(_read_records(str(killed))) == _scores(first["records"])
+  assert _scores(_read_records(str(killed))) == _scores(_read_records(workdir))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -203,3 +224,34 @@ def test_main_default_config_is_the_study():
     assert field not in config.nmtune, field
   with open(os.path.join(ROOT, "main.py")) as f:
     assert '"configs", "default.py"' in f.read()
+
+
+def test_several_seeds_show_mean_and_sample_std(tmp_path):
+  from nmjax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  tasks = tasks_lib.resolve("digits,mnist->digits")
+  seeds, ratios = [0, 1, 2], [0.0, 0.3]
+  plan = study.Plan(points=[study.Point(s, r) for s in seeds for r in ratios], ratios=ratios,
+                    seeds=seeds, methods=["lp"], tasks=tasks,
+                    spectrum_tasks=["digits", "mnist->digits"])
+  records = []
+  for seed, acc in zip(seeds, (0.80, 0.82, 0.84)):
+    for ratio in ratios:
+      common = {"seed": seed, "noise_ratio": ratio}
+      records += [
+          {"record": "pretrain", **common, "test_acc": 0.9},
+          {"record": "task", **common, "task": "digits", "kind": "id", "method": "lp",
+           "accuracy": acc - ratio / 10},
+          {"record": "task", **common, "task": "mnist->digits", "kind": "ood", "method": "lp",
+           "accuracy": 0.3},
+      ]
+      for task in tasks:
+        records.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
+                        "sve": 3.0 + seed, "lsvr": 0.2, "spectrum": [0.2, 0.5, 0.3]})
+  table = study.Table(plan, records)
+  text = study.format_summary(table)
+  assert ("| 0% | 90.00 ± 0.00 | 82.00 ± 2.00 | 30.00 ± 0.00 | 4.0000 ± 1.0000 |"
+          " 0.2000 ± 0.0000 |") in text, text
+  assert "| 30% | 90.00 ± 0.00 | 79.00 ± 2.00 |" in text, text
+  study.plot_accuracy(table, str(tmp_path / "a.png"), "t")
+  study.plot_spectral(table, str(tmp_path / "s.png"), "t")
+  assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0

@@ -300,7 +300,7 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
   return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-class _Table:
+class Table:
   """Per-seed numbers of the report, indexed for the tables, plots and scalars."""
 
   def __init__(self, plan: Plan, records: list[dict[str, Any]]):
@@ -345,7 +345,7 @@ def _ratio_label(ratio: float) -> str:
   return f"{100 * ratio:g}%"
 
 
-def format_summary(table: _Table) -> str:
+def format_summary(table: Table) -> str:
   """The study's main table: rows r, ID and OOD averages per method (and the spectral metrics)."""
   plan = table.plan
   head = (["r", "pretrain test acc"] + [f"ID {m}" for m in plan.methods]
@@ -361,7 +361,7 @@ def format_summary(table: _Table) -> str:
   return "\n".join(lines) + "\n"
 
 
-def format_md(table: _Table, header: str) -> str:
+def format_md(table: Table, header: str) -> str:
   """results.md: the main table, then per-task tables (accuracy per method, SVE, LSVR)."""
   plan = table.plan
   names = [t.name for t in plan.tasks]
@@ -406,7 +406,7 @@ def _errorbar(ax, xs: list[float], series: list[list[float]], **kwargs) -> None:
               markersize=3, **kwargs)
 
 
-def plot_accuracy(table: _Table, path: str, title: str) -> None:
+def plot_accuracy(table: Table, path: str, title: str) -> None:
   """accuracy_vs_noise.png: ID and OOD average accuracy against r, one line per method."""
   plt = _pyplot()
   plan = table.plan
@@ -426,7 +426,7 @@ def plot_accuracy(table: _Table, path: str, title: str) -> None:
   _save(fig, path)
 
 
-def plot_spectra(table: _Table, path: str, title: str) -> None:
+def plot_spectra(table: Table, path: str, title: str) -> None:
   """spectra.png: sigma_k / sum(sigma) for each r (first seed) on one ID and one OOD task."""
   plt = _pyplot()
   plan = table.plan
@@ -452,7 +452,7 @@ def plot_spectra(table: _Table, path: str, title: str) -> None:
   _save(fig, path)
 
 
-def plot_spectral(table: _Table, path: str, title: str) -> None:
+def plot_spectral(table: Table, path: str, title: str) -> None:
   """spectral_vs_noise.png: SVE on ID tasks and LSVR on OOD tasks against r (average and each
   task)."""
   plt = _pyplot()
@@ -475,7 +475,7 @@ def plot_spectral(table: _Table, path: str, title: str) -> None:
   _save(fig, path)
 
 
-def write_scalars(table: _Table, root: str) -> None:
+def write_scalars(table: Table, root: str) -> None:
   """TensorBoard: one run per seed under root (rewritten), r in per mille as the step."""
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   shutil.rmtree(root, ignore_errors=True)
@@ -524,12 +524,12 @@ def _describe(config: ml_collections.ConfigDict, plan: Plan) -> str:
 
 
 def render(config: ml_collections.ConfigDict, plan: Plan, stages: dict[Point, tuple[dict, dict]],
-           workdir: str) -> tuple[_Table, str]:
+           workdir: str) -> tuple[Table, str]:
   """Writes the report; returns the table and results.md's text."""
   records = _records(plan, stages)
   transfer.write_atomic(os.path.join(workdir, "results.jsonl"),
                         "".join(json.dumps(r) + "\n" for r in records))
-  table = _Table(plan, records)
+  table = Table(plan, records)
   text = format_md(table, _describe(config, plan))
   transfer.write_atomic(os.path.join(workdir, "results.md"), text)
   title = (f"{config.pretrain.model} pre-trained on {config.pretrain.dataset} with"
@@ -563,6 +563,9 @@ def _use_compile_cache(workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
+    # The default (1 s) leaves out most of the study's programs on 2 cores; writing one costs
+    # milliseconds.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
