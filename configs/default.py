@@ -48,7 +48,8 @@ def get_config(arg: str | None = None):
   config.data_dir = ""                        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
 
   smoke = ",smoke" if args.smoke else ""
-  pretrain = _config_module("pretrain").get_config(f"dataset=fashion_mnist,model=resnet_small{smoke}")
+  pretrain = _config_module("pretrain").get_config(
+      f"dataset=fashion_mnist,model=resnet_small{smoke}")
   if not args.smoke:
     # Sized for 10 minutes on 2 cores (README): the first 20,000 training images, 3 epochs.
     pretrain.max_train_examples = 20000

@@ -109,20 +109,25 @@ def test_fashion_mnist_builder_prepares_local_idx_files(fashion):
   assert time.monotonic() - start < 5
 
 
+def _in_memory_copy(source):
+  """The same dataset as a new source object: what another process would open."""
+  builder = source._builder  # pylint: disable=protected-access
+  return sources.TfdsSource(source.info, builder, image_key="image", label_key="label",
+                            index_key="index", in_memory=True)
+
+
 def test_decoded_arrays_are_kept_beside_the_records_and_a_bad_file_is_ignored(fashion):
   builder_dir = pathlib.Path(fashion._builder.data_dir)  # pylint: disable=protected-access
   images, labels, index = fashion.load_arrays("test")
   stored = builder_dir / "nmjax_arrays_test.npz"
   assert stored.exists()
   # A new process's source (no in-process cache) serves the same arrays from the file.
-  fresh = sources.TfdsSource(fashion.info, fashion._builder, image_key="image",  # pylint: disable=protected-access
-                             label_key="label", index_key="index", in_memory=True)
+  fresh = _in_memory_copy(fashion)
   for got, want in zip(fresh.load_arrays("test"), (images, labels, index)):
     np.testing.assert_array_equal(got, want)
   # A torn file (a kill mid-write elsewhere) is decoded again from the records and rewritten.
   stored.write_bytes(stored.read_bytes()[:1000])
-  torn = sources.TfdsSource(fashion.info, fashion._builder, image_key="image",  # pylint: disable=protected-access
-                            label_key="label", index_key="index", in_memory=True)
+  torn = _in_memory_copy(fashion)
   for got, want in zip(torn.load_arrays("test"), (images, labels, index)):
     np.testing.assert_array_equal(got, want)
   assert stored.stat().st_size > 1000 * 10

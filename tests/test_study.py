@@ -126,7 +126,8 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
   assert pre[0.0]["step"] == pre[0.3]["step"] == 12
 
   text = open(os.path.join(workdir, "results.md")).read()
-  assert "| r | pretrain test acc | ID lp | ID mlp | ID nmtune | OOD lp | OOD mlp | OOD nmtune |" in text
+  assert ("| r | pretrain test acc | ID lp | ID mlp | ID nmtune | OOD lp | OOD mlp | OOD nmtune |"
+          in text)
   for row in ("| 0% |", "| 30% |", "## nmtune: test accuracy (%) per task", "## SVE of"):
     assert row in text, text
   # The main table's ID cell is the average of that method's ID tasks.

@@ -12,14 +12,15 @@ killed evaluation stage runs again, reusing the features it had cached; every fi
 study killed anywhere and started again ends with the same numbers as an uninterrupted one.
 
 The report, rendered from the stages' stage.json files after every run:
-  results.jsonl             every number: one "pretrain" record per (seed, r), one "task" record
-                            per (seed, r, task, method) and one "spectrum" record per (seed, r, task)
+  results.jsonl             every number: one "pretrain" record per (seed, r), one "task"
+                            record per (seed, r, task, method), one "spectrum" record per
+                            (seed, r, task)
   results.md                rows r; ID and OOD averages per method (mean +- std over seeds when
                             there are several), then per-task tables
   accuracy_vs_noise.png     ID and OOD average accuracy against r, one line per method
   spectra.png               singular value spectra for each r on one ID and one OOD task
   spectral_vs_noise.png     SVE (ID tasks) and LSVR (OOD tasks) against r
-  tb/seed<S>/               the same numbers as TensorBoard scalars, with r (per mille) as the step
+  tb/seed<S>/               the same numbers as TensorBoard scalars, r (per mille) as the step
 """
 
 from __future__ import annotations

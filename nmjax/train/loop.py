@@ -57,7 +57,7 @@ class LoopSpec:
   max_to_keep: int = 3
   param_sharding: str = "replicated"  # parallel.leaf_spec rule: replicated | model
   record_examples: bool = False  # Write each step's example indices to examples_seen.jsonl.
-  eval_every_epochs: int = 1  # Test-set evaluation every N epochs (0: never) and after the last step.
+  eval_every_epochs: int = 1  # Test-set evaluation every N epochs (0: never), and after the end.
   name: str = "pretrain"
 
 
