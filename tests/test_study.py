@@ -155,6 +155,18 @@ def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
   assert _scores(_read_records(workdir)) == before
 
 
+def test_a_moved_study_is_reused_where_it_now_is(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  moved = str(tmp_path / "moved")
+  shutil.copytree(workdir, moved)
+  again = jobs.run(_smoke(), moved)
+  assert again["stages_run"] == 0
+  assert _scores(again["records"]) == _scores(_read_records(workdir))
+  for record in again["records"]:
+    if record["record"] == "pretrain":
+      assert record["workdir"].startswith(os.path.abspath(moved)), record["workdir"]
+
+
 def test_a_changed_stage_config_is_refused_not_mixed(smoke_run):
   workdir, _ = smoke_run
   with pytest.raises(ConfigError, match=r"holds the pre-training stage seed0_r0 of a different"

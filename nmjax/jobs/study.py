@@ -197,7 +197,8 @@ def _pretrain_stage(config: ml_collections.ConfigDict, point: Point, workdir: st
   saved = _read_json(os.path.join(stage_dir, STAGE_FILE))
   if saved is not None:
     _check_same(saved["config"], identity, f"the pre-training stage {point.name}", workdir)
-    return saved
+    # Where the stage is now (a study's workdir may have moved since the stage ran).
+    return {**saved, "workdir": os.path.abspath(stage_dir)}
   if not run:
     return None
   started = _read_json(os.path.join(stage_dir, "config.json"))
