@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from nmjax import features as features_lib
-from nmjax import nmtune, parallel, spectral, tasks as tasks_lib
+from nmjax import nmtune, parallel, plots, spectral, tasks as tasks_lib
 from nmjax.config import check_choice, check_range
 from nmjax.data import pipeline
 from nmjax.errors import ConfigError, DataError
@@ -150,9 +150,7 @@ def _train_views(config: ml_collections.ConfigDict, cache: transfer.FeatureCache
 
 def _plot_curves(rows: list[dict[str, Any]], path: str, title: str) -> None:
   """curves.png: test accuracy per epoch of every method, one panel per task."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
   names = list(dict.fromkeys(r["task"] for r in rows))
   columns = min(3, len(names))
   lines = -(-len(names) // columns)
@@ -165,18 +163,13 @@ def _plot_curves(rows: list[dict[str, Any]], path: str, title: str) -> None:
         ax.plot(np.arange(1, len(curve) + 1), curve, label=row["method"],
                 linestyle="--" if row["method"].startswith("lp") else "-")
     kind = next(r["kind"] for r in rows if r["task"] == name)
-    ax.set_title(f"{name} ({kind.upper()})", fontsize=9)
-    ax.set_xlabel("epoch", fontsize=8)
-    ax.set_ylabel("test accuracy (%)", fontsize=8)
-    ax.tick_params(labelsize=7)
+    plots.label_axes(ax, title=f"{name} ({kind.upper()})", xlabel="epoch",
+                     ylabel="test accuracy (%)", legend_fontsize=None)
   for ax in axes.flat[len(names):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=7)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png")
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  plots.save(fig, path)
 
 
 def run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
@@ -201,19 +194,17 @@ def run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
         f" (views: {config.views})", flush=True)
 
   rows: list[dict[str, Any]] = []
-  all_spectra: dict[str, dict[str, Any]] = {}
+  spectra: dict[str, dict[str, Any]] = {}  # Task -> SVE, LSVR, spectrum of its test features.
   start = time.perf_counter()
   fits_done, num_fits = 0, len(groups) * len(methods)
   for view, group in groups.items():
     plain = cache.get(view)
-    tests, subsets, spectra = {}, {}, {}
+    tests, subsets = {}, {}
     for task in group:
       tests[task.name], label_map = transfer.test_features(cache, task)
       subsets[task.name] = None if label_map is None else tuple(int(c) for c in label_map)
-      spectra[task.name] = spectral.metrics(tests[task.name].features)
-      all_spectra[task.name] = {"sve": spectra[task.name]["sve"],
-                                "lsvr": spectra[task.name]["lsvr"],
-                                "spectrum": [float(v) for v in spectra[task.name]["spectrum"]]}
+      metrics = spectral.metrics(tests[task.name].features)
+      spectra[task.name] = {**metrics, "spectrum": [float(v) for v in metrics["spectrum"]]}
     num_classes = cache.infos[view.dataset].num_classes
     train_views = None
     for method in methods:
@@ -268,7 +259,7 @@ def run_checkpoint(config: ml_collections.ConfigDict, methods: list[str],
       print(table, flush=True)
   print(f"[nmtune] done in {format_seconds(time.perf_counter() - start)}; results in"
         f" {os.path.join(workdir, 'results.jsonl')}, results.md and curves.png", flush=True)
-  return {"rows": rows, "spectra": {t.name: all_spectra[t.name] for t in chosen},
+  return {"rows": rows, "spectra": {t.name: spectra[t.name] for t in chosen},
           "features_extracted": cache.extracted}
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from nmjax import nmtune, tasks as tasks_lib
+from nmjax import nmtune, plots, tasks as tasks_lib
 from nmjax.errors import ConfigError
 from nmjax.jobs import nmtune as nmtune_job
 from nmjax.jobs import prepare_workdir
@@ -188,22 +188,22 @@ class _Preempted(Exception):
   pass
 
 
-def _pretrain_stage(config: ml_collections.ConfigDict, point: Point, workdir: str,
-                    run: bool) -> dict[str, Any] | None:
-  """The stage's record: reused when finished; run when `run`, else None."""
-  stage_dir = os.path.join(workdir, "pretrain", point.name)
-  cfg = pretrain_config(config, point)
-  identity = _identity(cfg)
+def _finished(stage_dir: str, cfg: ml_collections.ConfigDict, what: str,
+              workdir: str) -> dict[str, Any] | None:
+  """A finished stage's record (its config checked against `cfg`), or None."""
   saved = _read_json(os.path.join(stage_dir, STAGE_FILE))
   if saved is not None:
-    _check_same(saved["config"], identity, f"the pre-training stage {point.name}", workdir)
-    # Where the stage is now (a study's workdir may have moved since the stage ran).
-    return {**saved, "workdir": os.path.abspath(stage_dir)}
-  if not run:
-    return None
+    _check_same(saved["config"], _identity(cfg), what, workdir)
+    saved["workdir"] = os.path.abspath(stage_dir)  # Where it is now: a workdir may have moved.
+  return saved
+
+
+def _run_pretrain(cfg: ml_collections.ConfigDict, point: Point, stage_dir: str,
+                  workdir: str) -> dict[str, Any]:
+  """Runs (or, after a kill, resumes) a pre-training stage; returns its record."""
   started = _read_json(os.path.join(stage_dir, "config.json"))
   if started is not None:  # Killed mid-way: the pre-training job resumes from its checkpoint.
-    _check_same(_identity(ml_collections.ConfigDict(started)), identity,
+    _check_same(_identity(ml_collections.ConfigDict(started)), _identity(cfg),
                 f"a pre-training run {point.name}", workdir)
   start = time.perf_counter()
   result = pretrain_job.run(cfg, stage_dir)
@@ -211,31 +211,19 @@ def _pretrain_stage(config: ml_collections.ConfigDict, point: Point, workdir: st
     raise _Preempted(f"pre-training {point}")
   keep = ("step", "epoch", "test_acc", "test_loss", "test_count", "train_loss", "train_acc_noisy",
           "train_acc_clean", "examples_per_sec")
-  record = {"config": identity, "workdir": os.path.abspath(stage_dir),
+  record = {"config": _identity(cfg), "workdir": os.path.abspath(stage_dir),
             "result": {k: result[k] for k in keep if k in result},
             "seconds": time.perf_counter() - start}
   _write_json(os.path.join(stage_dir, STAGE_FILE), record)
   return record
 
 
-def _eval_stage(config: ml_collections.ConfigDict, plan: Plan, point: Point, workdir: str,
-                checkpoint: str, run: bool, rerun: bool) -> dict[str, Any] | None:
-  """The stage's record: reused when finished (and `rerun` is False); run when `run`."""
-  stage_dir = os.path.join(workdir, "eval", point.name)
-  cfg = eval_config(config, point, checkpoint)
-  identity = _identity(cfg)
-  if rerun and os.path.isdir(stage_dir):
-    shutil.rmtree(stage_dir)  # Its encoder was trained again: nothing cached there is valid.
-  saved = _read_json(os.path.join(stage_dir, STAGE_FILE))
-  if saved is not None:
-    _check_same(saved["config"], identity, f"the evaluation stage {point.name}", workdir)
-    return saved
-  if not run:
-    return None
+def _run_eval(cfg: ml_collections.ConfigDict, plan: Plan, stage_dir: str) -> dict[str, Any]:
+  """Runs an evaluation stage (reusing the features it cached before a kill); its record."""
   start = time.perf_counter()
   out = nmtune_job.run_checkpoint(cfg, plan.methods, plan.tasks, stage_dir, echo=False)
-  record = {"config": identity, "rows": out["rows"], "spectra": out["spectra"],
-            "seconds": time.perf_counter() - start}
+  record = {"config": _identity(cfg), "workdir": os.path.abspath(stage_dir), "rows": out["rows"],
+            "spectra": out["spectra"], "seconds": time.perf_counter() - start}
   _write_json(os.path.join(stage_dir, STAGE_FILE), record)
   return record
 
@@ -388,29 +376,18 @@ def format_md(table: Table, header: str) -> str:
   return "\n".join(parts) + "\n"
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _save(fig, path: str) -> None:
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png")
-  _pyplot().close(fig)
-  os.replace(path + ".tmp.png", path)
-
-
 def _errorbar(ax, xs: list[float], series: list[list[float]], **kwargs) -> None:
   stats = [_mean_std(v) if v else (math.nan, 0.0) for v in series]
   ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, marker="o",
               markersize=3, **kwargs)
 
 
+_NOISE_AXIS = "pre-training label noise r (%)"
+
+
 def plot_accuracy(table: Table, path: str, title: str) -> None:
   """accuracy_vs_noise.png: ID and OOD average accuracy against r, one line per method."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   plan = table.plan
   xs = [100 * r for r in plan.ratios]
   fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), dpi=100)
@@ -419,18 +396,15 @@ def plot_accuracy(table: Table, path: str, title: str) -> None:
       _errorbar(ax, xs, [[100 * v for v in table.avg_accuracy(r, method, kind)]
                          for r in plan.ratios], label=method,
                 linestyle="--" if method.startswith("lp") else "-")
-    ax.set_title(f"{kind.upper()} average accuracy", fontsize=9)
-    ax.set_xlabel("pre-training label noise r (%)", fontsize=8)
-    ax.set_ylabel("test accuracy (%)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
+    plots.label_axes(ax, title=f"{kind.upper()} average accuracy", xlabel=_NOISE_AXIS,
+                     ylabel="test accuracy (%)")
   fig.suptitle(title, fontsize=9)
-  _save(fig, path)
+  plots.save(fig, path)
 
 
 def plot_spectra(table: Table, path: str, title: str) -> None:
   """spectra.png: sigma_k / sum(sigma) for each r (first seed) on one ID and one OOD task."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   plan = table.plan
   seed = plan.seeds[0]
   fig, axes = plt.subplots(1, len(plan.spectrum_tasks), figsize=(4.0 * len(plan.spectrum_tasks),
@@ -445,19 +419,16 @@ def plot_spectra(table: Table, path: str, title: str) -> None:
       ax.semilogy(np.arange(1, len(p) + 1), p, color=color,
                   label=f"r={_ratio_label(ratio)} (SVE {record['sve']:.3f}, LSVR"
                         f" {record['lsvr']:.3f})")
-    ax.set_title(f"{name} ({table.kinds[name].upper()}) test features, seed {seed}", fontsize=9)
-    ax.set_xlabel("k", fontsize=8)
-    ax.set_ylabel("sigma_k / sum(sigma)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
+    plots.label_axes(ax, title=f"{name} ({table.kinds[name].upper()}) test features, seed {seed}",
+                     xlabel="k", ylabel="sigma_k / sum(sigma)", legend_fontsize=6)
   fig.suptitle(title, fontsize=9)
-  _save(fig, path)
+  plots.save(fig, path)
 
 
 def plot_spectral(table: Table, path: str, title: str) -> None:
   """spectral_vs_noise.png: SVE on ID tasks and LSVR on OOD tasks against r (average and each
   task)."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   plan = table.plan
   xs = [100 * r for r in plan.ratios]
   fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), dpi=100)
@@ -468,13 +439,10 @@ def plot_spectral(table: Table, path: str, title: str) -> None:
                   label=task.name, linewidth=0.8, alpha=0.6)
     _errorbar(ax, xs, [table.spectral(r, metric, kind=kind) for r in plan.ratios],
               label=f"{kind.upper()} average", color="black", linewidth=1.8)
-    ax.set_title(f"{metric.upper()} of frozen features, {kind.upper()} tasks", fontsize=9)
-    ax.set_xlabel("pre-training label noise r (%)", fontsize=8)
-    ax.set_ylabel(metric.upper(), fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
+    plots.label_axes(ax, title=f"{metric.upper()} of frozen features, {kind.upper()} tasks",
+                     xlabel=_NOISE_AXIS, ylabel=metric.upper(), legend_fontsize=6)
   fig.suptitle(title, fontsize=9)
-  _save(fig, path)
+  plots.save(fig, path)
 
 
 def write_scalars(table: Table, root: str) -> None:
@@ -496,16 +464,17 @@ def write_scalars(table: Table, root: str) -> None:
       elif record["record"] == "spectrum":
         writer.add_scalar(f"spectral/{record['task']}/sve", record["sve"], step)
         writer.add_scalar(f"spectral/{record['task']}/lsvr", record["lsvr"], step)
+    # The averages, as the tables compute them, over this seed alone.
+    one_seed = Table(dataclasses.replace(plan, seeds=[seed]), table.records)
     for ratio in plan.ratios:
       step = int(round(1000 * ratio))
-      rows = [r for r in table.records if r["seed"] == seed and r["noise_ratio"] == ratio]
       for method in plan.methods:
-        for kind, value in _averages([r for r in rows if r["record"] == "task"], method).items():
-          writer.add_scalar(f"accuracy/{kind}_avg/{method}", value, step)
+        for kind in tasks_lib.KINDS:
+          for value in one_seed.avg_accuracy(ratio, method, kind):
+            writer.add_scalar(f"accuracy/{kind}_avg/{method}", value, step)
       for metric, kind in (("sve", "id"), ("lsvr", "ood")):
-        values = [r[metric] for r in rows if r["record"] == "spectrum" and r["kind"] == kind]
-        if values:
-          writer.add_scalar(f"spectral/{metric}_{kind}_avg", float(np.mean(values)), step)
+        for value in one_seed.spectral(ratio, metric, kind=kind):
+          writer.add_scalar(f"spectral/{metric}_{kind}_avg", value, step)
     writer.close()
 
 
@@ -575,12 +544,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = prepare_workdir(workdir)
   _use_compile_cache(workdir)
   num_stages = 2 * len(plan.points)
-  # Which stages are finished already (the ETA counts the others).
-  finished = {p: (_pretrain_stage(config, p, workdir, run=False) is not None,
-                  os.path.exists(os.path.join(workdir, "eval", p.name, STAGE_FILE)))
-              for p in plan.points}
-  pending = {"pretrain": sum(not a for a, _ in finished.values()),
-             "eval": sum(not (a and b) for a, b in finished.values())}
+  pre_dirs = {p: os.path.join(workdir, "pretrain", p.name) for p in plan.points}
+  eval_dirs = {p: os.path.join(workdir, "eval", p.name) for p in plan.points}
+  # Finished pre-training stages (a different study's fails here, before any work); the ETA
+  # counts the stages still to run.
+  done = {p: _finished(pre_dirs[p], pretrain_config(config, p),
+                       f"the pre-training stage {p.name}", workdir) for p in plan.points}
+  pending = {"pretrain": sum(done[p] is None for p in plan.points),
+             "eval": sum(done[p] is None
+                         or not os.path.exists(os.path.join(eval_dirs[p], STAGE_FILE))
+                         for p in plan.points)}
   print(f"[study] {len(plan.ratios)} noise ratio(s) x {len(plan.seeds)} seed(s): {num_stages}"
         f" stages ({pending['pretrain'] + pending['eval']} to run, the others done); tasks"
         f" {', '.join(t.name for t in plan.tasks)}; methods {', '.join(plan.methods)}; workdir"
@@ -592,12 +565,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     for point in plan.points:
       start = time.perf_counter()
-      pre = _pretrain_stage(config, point, workdir, run=False)
+      pre = done[point]
       pre_ran = pre is None
       if pre_ran:
-        pre = _pretrain_stage(config, point, workdir, run=True)
+        pre = _run_pretrain(pretrain_config(config, point), point, pre_dirs[point], workdir)
         clock.done("pretrain", time.perf_counter() - start)
         ran += 1
+        # Its encoder was trained again: nothing an earlier evaluation left is valid.
+        shutil.rmtree(eval_dirs[point], ignore_errors=True)
       index += 1
       acc = pre["result"].get("test_acc")
       acc_text = "" if acc is None else f"test acc {acc:.4f} (train acc vs clean labels" \
@@ -607,10 +582,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f" {clock.line()}", flush=True)
 
       start = time.perf_counter()
-      ev = _eval_stage(config, plan, point, workdir, pre["workdir"], run=False, rerun=pre_ran)
+      eval_cfg = eval_config(config, point, pre_dirs[point])
+      ev = _finished(eval_dirs[point], eval_cfg, f"the evaluation stage {point.name}", workdir)
       ev_ran = ev is None
       if ev_ran:
-        ev = _eval_stage(config, plan, point, workdir, pre["workdir"], run=True, rerun=False)
+        ev = _run_eval(eval_cfg, plan, eval_dirs[point])
         clock.done("eval", time.perf_counter() - start)
         ran += 1
       index += 1

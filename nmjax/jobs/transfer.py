@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from nmjax import features as features_lib
-from nmjax import parallel, probe, spectral, tasks as tasks_lib
+from nmjax import parallel, plots, probe, spectral, tasks as tasks_lib
 from nmjax.config import check_choice, check_range
 from nmjax.data import pipeline, sources
 from nmjax.errors import ConfigError, DataError
@@ -146,9 +146,7 @@ def format_md(rows: list[dict[str, Any]], methods: list[str], header: str) -> st
 def _plot_spectra(spectra: dict[str, dict[str, Any]], kinds: dict[str, str], path: str,
                   title: str) -> None:
   """spectra.png: sigma_k / sum(sigma) of every task's test features (ID solid, OOD dashed)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
   for name, values in spectra.items():
     # Row centering removes one direction exactly: its ~0 value would flatten the plot.
@@ -159,10 +157,7 @@ def _plot_spectra(spectra: dict[str, dict[str, Any]], kinds: dict[str, str], pat
   ax.set_ylabel("sigma_k / sum(sigma)")
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png")
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  plots.save(fig, path)
 
 
 def write_atomic(path: str, text: str) -> None:
