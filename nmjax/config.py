@@ -138,3 +138,88 @@ def add_encoder_fields(config: ml_collections.ConfigDict, *, tasks: str, batch_f
     config.max_examples = 400
     config[batch_field] = 200
   return config
+
+
+def overlay(defaults: ml_collections.ConfigDict, given: Any, *, what: str,
+            tuple_fields: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """`defaults` with the fields of `given` (a ConfigDict, a dict or None) set on it.
+
+  An unknown field fails naming `what` and the known fields; a value of the wrong type fails
+  naming the field. Lists become tuples in `tuple_fields` (JSON round trips make lists).
+  """
+  if given is None:
+    return defaults
+  tuple_fields = set(tuple_fields)
+  for key in given.keys():
+    if key not in defaults:
+      raise ConfigError(f"{what} config field {key!r} is unknown; known:"
+                        f" {', '.join(sorted(defaults.keys()))}")
+    value = given[key]
+    if key in tuple_fields and isinstance(value, list):
+      value = tuple(value)
+    try:
+      defaults[key] = value
+    except TypeError:
+      raise ConfigError(f"config.{key}={value!r} has the wrong type; expected"
+                        f" {type(defaults[key]).__name__} like the default") from None
+  return defaults
+
+
+def probe_fields() -> ml_collections.ConfigDict:
+  """The reference linear-probe protocol plus the ridge probe's grid (nmjax.probe), locked."""
+  config = ml_collections.ConfigDict()
+  config.learning_rate = 1e-2
+  config.weight_decay = 1e-4
+  config.b1 = 0.9
+  config.b2 = 0.999
+  config.eps = 1e-8
+  config.batch_size = 64
+  config.num_epochs = 30
+  config.seed = 0  # Head init and shuffling (linear_probe); the held-out split (ridge_probe).
+  # None: max label + 1 over the train and test splits.
+  config.num_classes = ml_collections.config_dict.placeholder(int)
+  # None, or the classes the test set may be predicted as (e.g. ImageNet-R's 200 of ImageNet's
+  # 1,000): test predictions are the argmax over these logits only; training is unchanged.
+  config.logit_subset = ml_collections.config_dict.placeholder(tuple)
+  # Per-example penalties (the penalty on ||W||^2 is lambda * n): 10^-6 .. 10^2, half decades.
+  config.ridge_lambdas = tuple(float(10.0 ** (e / 2)) for e in range(-12, 5))
+  config.ridge_holdout_fraction = 0.2
+  config.lock()
+  return config
+
+
+def nmtune_hparams() -> ml_collections.ConfigDict:
+  """The NMTune fit's hyperparameters (REFERENCE.md s.4 defaults), unlocked: what a sweep sets
+  once for all its fits. The reference's flag names mse_weight / cov_weight / svd_weight weigh
+  nmjax.nmtune's consistency_loss / covariance_loss / dominant_singular_value_loss."""
+  config = ml_collections.ConfigDict()
+  config.epochs = 30
+  config.batch_size = 128       # Rows per step (n): the reference's 2 views x 64 images.
+  config.lr = 1e-3
+  config.weight_decay = 1e-4
+  config.mse_weight = 1.0
+  config.cov_weight = 0.04
+  config.svd_weight = 0.001
+  config.svd_topk = 5
+  config.mlp_ratio = 4.0
+  config.mlp_layers = 1
+  config.residual_scale_init = 1.0
+  # method "lp": the linear probe's own protocol; method "lp_aug": its learning rate and weight
+  # decay (num_classes, logit_subset and seed come from the NMTune config).
+  config.lp = probe_fields()
+  return config
+
+
+def nmtune_fields() -> ml_collections.ConfigDict:
+  """One NMTune fit's config (nmjax.nmtune.default_config): the method, the hyperparameters,
+  the seed and the classes, locked."""
+  config = ml_collections.ConfigDict()
+  config.method = "nmtune"      # nmtune | mlp | lp_aug
+  config.update(nmtune_hparams())
+  config.seed = 0
+  # None: max train label + 1 (test labels must fall below it).
+  config.num_classes = ml_collections.config_dict.placeholder(int)
+  # None, or the classes a test set may be predicted as (see nmjax.probe).
+  config.logit_subset = ml_collections.config_dict.placeholder(tuple)
+  config.lock()
+  return config

@@ -1,4 +1,5 @@
-"""Progress lines a person can follow: rate excluding the first (compile) step, and an ETA."""
+"""Progress a person can follow: elapsed time and an ETA for every loop and job (steps, epochs,
+fits, tasks, stages), the rate excluding the first (compile) step."""
 
 from __future__ import annotations
 
@@ -69,3 +70,44 @@ class Progress:
     eta_text = "ETA ?" if eta is None else f"ETA {format_seconds(eta)}"
     print(f"{self.prefix}step {step}/{self.total} {text} | elapsed"
           f" {format_seconds(self.elapsed())} | {eta_text}", file=self.stream, flush=True)
+
+
+class Countdown:
+  """Elapsed time and ETA over a known amount of work of one or more kinds.
+
+  `done(kind)` marks one unit of `kind` finished; the ETA is the units still pending times the
+  mean time of a unit of their kind so far (of any kind while none of theirs has finished).
+  With one kind (the default) it is the plain elapsed / done * remaining.
+  """
+
+  def __init__(self, total: int | dict[str, int], *, start: float | None = None):
+    self.pending = dict(total) if isinstance(total, dict) else {"": int(total)}
+    self.seconds: dict[str, list[float]] = {kind: [] for kind in self.pending}
+    self.start = time.perf_counter() if start is None else start
+    self._last = self.start
+
+  def done(self, kind: str = "", seconds: float | None = None) -> float:
+    """Marks a unit done; `seconds` defaults to the time since the previous unit. Returns it."""
+    now = time.perf_counter()
+    seconds = now - self._last if seconds is None else seconds
+    self._last = now
+    self.seconds.setdefault(kind, []).append(seconds)
+    self.pending[kind] = max(0, self.pending.get(kind, 0) - 1)
+    return seconds
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def eta(self) -> float | None:
+    measured = [s for values in self.seconds.values() for s in values]
+    if not measured:
+      return None
+    mean_all = sum(measured) / len(measured)
+    return sum(n * (sum(self.seconds[k]) / len(self.seconds[k]) if self.seconds.get(k)
+                    else mean_all) for k, n in self.pending.items())
+
+  def line(self) -> str:
+    """'elapsed 1m05s | ETA 3m10s' ('ETA ?' before the first unit is done)."""
+    eta = self.eta()
+    return (f"elapsed {format_seconds(self.elapsed())} | ETA"
+            f" {'?' if eta is None else format_seconds(eta)}")
