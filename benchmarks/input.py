@@ -1,8 +1,8 @@
 r"""Speed of the ImageNet training input pipeline on this machine, printed as one JSON object.
 
 Writes an imagenet2012-format TFDS dataset of real-size synthetic JPEGs (sizes around 500x375,
-photo-like content, about 70 KB per file where ImageNet's average about 110 KB;
-nmjax.data.imagenet.write_synthetic) into a temporary folder, then measures images/s of
+photo-like content, about 70 KB per file where ImageNet's average about 110 KB; the tests' own
+writer, tests/synthetic_data.py) into a temporary folder, then measures images/s of
 nmjax.data.imagenet.train_iterator (read, JPEG decode, random-resized crop to 224, flip, batch)
 with 0 (in this process), 1 and 2 grain worker processes (--workers), and the single-core cost of
 decode + crop alone. Rates exclude worker start-up: they are taken between the first and the
@@ -18,12 +18,17 @@ measurement, and figures taken under load are lower bounds.
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 
 from nmjax.data import imagenet
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+import synthetic_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SIZES = ((500, 375), (375, 500), (500, 333), (453, 340), (500, 400), (400, 300))
 
@@ -74,7 +79,7 @@ def main() -> None:
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
-    imagenet.write_synthetic(tmp, splits={"train": args.images}, sizes=_SIZES)
+    synthetic_data.write_imagenet(tmp, splits={"train": args.images}, sizes=_SIZES)
     write_s = time.perf_counter() - start
     records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp)
     sizes_kb = [len(records[i]["image"]) / 1e3 for i in range(len(records))]

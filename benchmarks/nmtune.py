@@ -9,13 +9,14 @@ block_until_ready, best and median of --repeats calls:
                   none can be hoisted or skipped), as many as fill about 0.2 s, so dispatch costs
                   nothing on accelerators. The reference rate is the best of them all.
   nmtune_step     nmjax.nmtune.table_epoch exactly as fit runs it in the features mode:
-                  NMTuneHead(C classes, mlp_ratio 4), init_variables, AdamW from _make_tx,
-                  _Spec(two_view=False, svd_topk=5), the reference hparams (lr 1e-3, wd 1e-4,
-                  weights 1.0 / 0.04 / 0.001), over a random (--table x D) feature table with
-                  rows (S, n), S = --steps steps per call. steps/s and rows/s use the median
-                  call. FLOPs: the MLP's matmuls counted analytically (formula in the JSON) and
-                  XLA:CPU's own count of the same program at S = 1 (cost_analysis). Achieved
-                  GFLOP/s = MLP FLOPs x steps/s; fraction_of_matmul = achieved / reference rate.
+                  NMTuneHead(C classes, mlp_ratio 4), init_variables, AdamW from
+                  make_optimizer, ProgramSpec(two_view=False, svd_topk=5), the reference
+                  hparams (lr 1e-3, wd 1e-4, weights 1.0 / 0.04 / 0.001), over a random
+                  (--table x D) feature table with rows (S, n), S = --steps steps per call.
+                  steps/s and rows/s use the median call. FLOPs: the MLP's matmuls counted
+                  analytically (formula in the JSON) and XLA:CPU's own count of the same
+                  program at S = 1 (cost_analysis). Achieved GFLOP/s = MLP FLOPs x steps/s;
+                  fraction_of_matmul = achieved / reference rate.
   regularizers    each regularizer alone, forward + backward (jax.value_and_grad) on random
                   (n, D) inputs, S of them per jitted lax.scan call: where the step's time goes
                   besides the MLP (the step computes every term whatever its weight).
@@ -173,9 +174,9 @@ def _xla_cpu_step_flops(args: tuple[Any, ...], spec: Any) -> float | None:
 
   One step, not S: XLA counts a while loop's body once whatever its trip count."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  state, table, labels, rows, row_labels, hparams = args
+  state, table, rows, row_labels, hparams = args
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
-                          (state, table, labels, rows[:1], row_labels[:1], hparams))
+                          (state, table, rows[:1], row_labels[:1], hparams))
   try:
     return _flops(nmtune.table_epoch.lower(*abstract, spec=spec).compile())
   except Exception as e:  # pylint: disable=broad-except
@@ -190,18 +191,18 @@ def step_case(dim: int, opts: argparse.Namespace, rng: np.random.Generator) -> d
   width = max(1, int(round(model.mlp_ratio * dim)))  # As NMTuneHead sizes its hidden layer.
   hparams = {k: jnp.float32(v) for k, v in REFERENCE_HPARAMS.items()}
   # Every step the benchmark runs (warm-up and timed calls) fits inside the cosine schedule.
-  spec = nmtune._Spec(model=model, svd_topk=opts.svd_topk,  # pylint: disable=protected-access
-                      total_steps=steps * (opts.repeats + 1), two_view=False)
+  spec = nmtune.ProgramSpec(model=model, svd_topk=opts.svd_topk,
+                            total_steps=steps * (opts.repeats + 1), two_view=False)
   variables = nmtune.init_variables(model, dim, seed=0)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  tx = nmtune._make_tx(hparams, spec.total_steps)  # pylint: disable=protected-access
+  tx = nmtune.make_optimizer(hparams, spec.total_steps)
   state = (params, batch_stats, tx.init(params))
   table = jnp.asarray(rng.standard_normal((opts.table, dim), dtype=np.float32))
   table_labels = rng.integers(0, classes, opts.table).astype(np.int32)
   # Distinct rows within each step, as a shuffled epoch gives them.
   step_rows = np.stack([rng.permutation(opts.table)[:rows] for _ in range(steps)]).astype(np.int32)
-  call_args = (state, table, jnp.asarray(table_labels), jnp.asarray(step_rows),
-               jnp.asarray(table_labels[step_rows]), hparams)
+  call_args = (state, table, jnp.asarray(step_rows), jnp.asarray(table_labels[step_rows]),
+               hparams)
 
   xla_flops = _xla_cpu_step_flops(call_args, spec)
   start = time.perf_counter()

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nmjax.models import get_model
+from nmjax.models import DTYPES, get_model
 from nmjax.train import state as state_lib
 from nmjax.train.steps import train_step
 
@@ -225,7 +225,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=0, help="0: the backend's default")
   parser.add_argument("--image-size", type=int, default=0, help="0: the backend's default")
   parser.add_argument("--steps", type=int, default=0, help="timed steps; 0: 3 on CPU, 20 else")
-  parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+  parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                       help="auto: float32 on CPU, bfloat16 on accelerators")
   parser.add_argument("--num-classes", type=int, default=1000)
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch eager peer")
@@ -233,8 +233,8 @@ def main() -> None:
 
   backend = jax.default_backend()
   device = jax.devices()[0]
-  dtype = {"auto": jnp.float32 if backend == "cpu" else jnp.bfloat16,
-           "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  dtype = (DTYPES[args.dtype] if args.dtype != "auto"
+           else jnp.float32 if backend == "cpu" else jnp.bfloat16)
   steps = args.steps or (3 if backend == "cpu" else 20)
   cases = _defaults(backend)
   if args.models:

@@ -20,52 +20,30 @@ wall from a fresh workdir (ID avg lp 82.3 / mlp 91.2 / nmtune 91.5 at r=0); the 
 about 40 s.
 """
 
-import importlib.util
-import os
-
-from nmjax.config import parse_arg
-
-
-def _config_module(name: str):
-  """configs/<name>.py, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_nmjax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from nmjax.config import parse_arg, pretrain_experiment, tuning_fields
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, smoke=False)
   from ml_collections import ConfigDict
-  from nmjax.jobs import study
   config = ConfigDict()
   config.job = "study"
   config.noise_ratios = "0,0.05,0.1,0.2,0.3"  # Comma-separated, each 0 <= r < 1.
   config.seeds = "0"                          # Comma-separated; each seeds pre-training and tuning.
-  config.methods = "lp,mlp,nmtune"            # Also lp_aug (nmjax/nmtune.py).
+  config.methods = "lp,mlp,nmtune"            # Also lp_aug (nmjax/evaluate.py).
   config.tasks = "embedded"                   # nmjax/tasks.py names or groups, comma-separated.
   config.spectrum_tasks = "fashion_mnist,fashion_mnist_c"  # One ID and one OOD task: spectra.png.
   config.data_dir = ""                        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
-
-  smoke = ",smoke" if args.smoke else ""
-  pretrain = _config_module("pretrain").get_config(
-      f"dataset=fashion_mnist,model=resnet_small{smoke}")
+  # What every point of the sweep shares; the study sets each stage's noise ratio, seed,
+  # checkpoint and tasks (nmjax/jobs/study.py).
+  config.pretrain = pretrain_experiment(dataset="fashion_mnist", model="resnet_small",
+                                        noise_type="symmetric", epochs=3.0, smoke=args.smoke)
   if not args.smoke:
     # Sized for 10 minutes on 2 cores (README): the first 20,000 training images, 3 epochs.
-    pretrain.max_train_examples = 20000
-    pretrain.num_epochs = 3.0
-  pretrain.eval_every_epochs = 0  # Test accuracy once, after the last step.
-  nmtune = _config_module("nmtune").get_config("smoke" if args.smoke else None)
+    config.pretrain.max_train_examples = 20000
+  config.pretrain.eval_every_epochs = 0  # Test accuracy once, after the last step.
+  config.nmtune = tuning_fields(smoke=args.smoke)
   if args.smoke:
     config.noise_ratios = "0,0.3"
-    config.tasks = nmtune.tasks
-    config.spectrum_tasks = nmtune.tasks
-  # What the sweep sets per stage (noise ratio, seed, checkpoint, ...) is not a sub-config field.
-  for sub, owned in ((pretrain, study.PRETRAIN_OWNED), (nmtune, study.NMTUNE_OWNED)):
-    for field in owned:
-      if field in sub:
-        del sub[field]
-  config.pretrain = pretrain
-  config.nmtune = nmtune
+    config.tasks = config.spectrum_tasks = "digits,mnist->digits"
   return config

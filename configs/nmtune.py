@@ -21,24 +21,10 @@ weight_decay, mse_weight, cov_weight, svd_weight, svd_topk, mlp_ratio, mlp_layer
 residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...).
 """
 
-from nmjax.config import add_encoder_fields, parse_arg
+from nmjax.config import parse_arg, tuning_config, tuning_fields
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, method="lp+mlp+nmtune", tasks="embedded", views="features", smoke=False)
-  from nmjax import nmtune
-  config = nmtune.default_config()
-  config.unlock()
-  config.job = "nmtune"
-  config.method = args.method.replace("+", ",")  # Comma-separated: lp, lp_aug, mlp, nmtune.
-  # Black-box mode: features files (.npz) of the train and test splits.
-  config.train_features = ""
-  config.test_features = ""
-  # Checkpoint mode: a pre-training workdir, tasks (nmjax/tasks.py names or groups) and views.
-  add_encoder_fields(config, tasks=args.tasks, batch_field="extract_batch_size", smoke=args.smoke)
-  config.views = args.views      # features | online (reference data flow) | cached
-  config.cached_views = 4        # views="cached": augmented views encoded per train image.
-  if args.smoke:
-    config.epochs = 2
-    config.lp.num_epochs = 2
-  return config
+  return tuning_config(tuning_fields(views=args.views, smoke=args.smoke), method=args.method,
+                       tasks=args.tasks, smoke=args.smoke)

@@ -19,52 +19,13 @@ epoch at ~1,350 img/s); noise=0.0 reaches 90.2% test accuracy after 5 epochs; no
 86.0%, with train accuracy 85.1% against the clean labels and 51.8% against the noisy ones.
 """
 
-from nmjax.config import add_run_fields, parse_arg
+from nmjax.config import parse_arg, pretrain_experiment, pretrain_run
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, dataset="fashion_mnist", model="resnet_small", noise=0.0,
                    noise_type="symmetric", seed=0, epochs=5.0, smoke=False)
-  from ml_collections import ConfigDict
-  config = ConfigDict()
-  config.job = "pretrain"
-  config.dataset = args.dataset
-  config.model = args.model
-  config.noise_ratio = args.noise
-  config.noise_type = args.noise_type  # symmetric | pairflip
-  config.seed = args.seed
-
-  config.num_epochs = args.epochs
-  config.num_train_steps = -1  # > 0 wins over num_epochs.
-  config.batch_size = 128      # Global, over all devices and processes.
-  config.eval_batch_size = 512
-  config.max_train_examples = -1  # > 0 trains on the first N records only (smoke runs).
-  config.max_test_examples = -1
-
-  config.optimizer = "sgd"     # sgd (momentum) | adamw
-  config.learning_rate = 0.1   # Peak, after warm-up.
-  config.momentum = 0.9
-  config.nesterov = True
-  config.weight_decay = 5e-4   # Kernels only (not BatchNorm or biases).
-  config.warmup_epochs = 0.5
-  config.label_smoothing = 0.0
-  config.crop_padding = 2      # Random crop after zero padding by this many pixels.
-  config.flip = True           # Horizontal flip, applied only where the dataset allows it.
-  config.dtype = "float32"     # Compute dtype: float32 | bfloat16 (params stay float32).
-
-  config.eval_every_epochs = 1  # Test accuracy every N epochs (0: never) and after the last step.
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 500
-  config.max_to_keep = 3
-  add_run_fields(config)       # data_dir, record_examples, mesh, distributed, ...
-
-  if args.smoke:
-    config.num_train_steps = 12
-    config.batch_size = 32
-    config.eval_batch_size = 80
-    config.max_train_examples = 160
-    config.max_test_examples = 250
-    config.warmup_epochs = 0.0
-    config.log_every_steps = 4
-    config.checkpoint_every_steps = 4
-  return config
+  experiment = pretrain_experiment(dataset=args.dataset, model=args.model,
+                                   noise_type=args.noise_type, epochs=args.epochs,
+                                   smoke=args.smoke)
+  return pretrain_run(experiment, noise_ratio=args.noise, seed=args.seed)

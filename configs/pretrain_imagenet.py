@@ -52,7 +52,7 @@ CPU core on the 2-core development machine (benchmarks/input.py, ~70 KB syntheti
 per GPU at that rate.
 """
 
-from nmjax.config import add_run_fields, parse_arg
+from nmjax.config import ConfigError, add_run_fields, parse_arg
 
 _MODELS = ("resnet50", "vit_s16")
 
@@ -62,7 +62,6 @@ def get_config(arg: str | None = None):
                    batch=1024, label_smoothing=-1.0, nesterov=False, dtype="bfloat16",
                    image_size=224, smoke=False)
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
-  from nmjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if args.model not in _MODELS:
     raise ConfigError(f"config argument model={args.model!r} is unknown; allowed: "
                       f"{', '.join(_MODELS)}")
@@ -102,7 +101,6 @@ def get_config(arg: str | None = None):
   config.momentum = 0.9        # SGD only.
   config.nesterov = args.nesterov
   config.label_smoothing = default_smoothing if args.label_smoothing < 0 else args.label_smoothing
-  config.crop_padding = 0      # Unused by the imagenet pipeline (it crops by area instead).
   config.flip = True
   config.dtype = args.dtype    # Compute dtype: bfloat16 on accelerators, float32 on CPU.
 
@@ -112,17 +110,22 @@ def get_config(arg: str | None = None):
   add_run_fields(config)       # data_dir, record_examples, mesh, distributed, ...
 
   if args.smoke:
-    # A CPU run of a few steps on a tiny subset (tests use a synthetic imagenet2012).
-    config.image_size = 32 if args.image_size == 224 else args.image_size
-    config.dtype = "float32"
-    config.num_train_steps = 2
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.max_train_examples = 64
-    config.max_test_examples = 24
-    config.learning_rate = (1e-3 if vit else 0.1) * 16 / (1024 if vit else 256)
-    config.warmup_epochs = 0.0
-    config.data_workers = 0
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
+    _shrink_for_smoke(config, args)
   return config
+
+
+def _shrink_for_smoke(config, args) -> None:
+  """A CPU run of a few steps on a tiny subset (tests use a synthetic imagenet2012)."""
+  vit = args.model == "vit_s16"
+  config.image_size = 32 if args.image_size == 224 else args.image_size
+  config.dtype = "float32"
+  config.num_train_steps = 2
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.max_train_examples = 64
+  config.max_test_examples = 24
+  config.learning_rate = (1e-3 if vit else 0.1) * 16 / (1024 if vit else 256)
+  config.warmup_epochs = 0.0
+  config.data_workers = 0
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2

@@ -16,19 +16,19 @@ Expected on a 2-core CPU: about a minute for the six embedded tasks (features of
 then 30 LP epochs and a ridge fit per task); numbers in README.
 """
 
-from nmjax.config import add_encoder_fields, parse_arg
+from nmjax.config import add_encoder_fields, add_extraction_fields, parse_arg, probe_fields
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, tasks="embedded", methods="lp+ridge", smoke=False)
   from ml_collections import ConfigDict
-  from nmjax import probe
   config = ConfigDict()
   config.job = "transfer"
   config.methods = args.methods.replace("+", ",")  # lp (reference AdamW probe) | ridge
-  config.probe = probe.default_config()
+  config.probe = probe_fields()
   config.spectral_center = "row"  # row (the reference's) | feature | none
-  add_encoder_fields(config, tasks=args.tasks, batch_field="batch_size", smoke=args.smoke)
+  add_encoder_fields(config, tasks=args.tasks, smoke=args.smoke)
+  add_extraction_fields(config, batch_field="batch_size", smoke=args.smoke)
   if args.smoke:
     with config.probe.unlocked():
       config.probe.num_epochs = 3

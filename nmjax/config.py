@@ -3,6 +3,7 @@ duration arithmetic (epochs <-> steps) and field validation that fails with one 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 import ml_collections
@@ -121,23 +122,26 @@ def add_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return add_distributed_fields(config)
 
 
-def add_encoder_fields(config: ml_collections.ConfigDict, *, tasks: str, batch_field: str,
-                       smoke: bool) -> ml_collections.ConfigDict:
-  """Fields the jobs that evaluate a pre-trained encoder share (transfer, nmtune): which
-  checkpoint, which tasks, the extraction batch (named `batch_field`), data, scale-out; with
-  `smoke`, two small tasks capped at 400 examples per view."""
-  config.checkpoint = ""            # A pre-training workdir (its config.json and checkpoints/).
-  config.step = -1                  # Checkpoint step; -1: the latest.
-  config.tasks = tasks.replace("+", ",")  # nmjax/tasks.py names or groups.
+def add_extraction_fields(config: ml_collections.ConfigDict, *, batch_field: str,
+                          smoke: bool) -> ml_collections.ConfigDict:
+  """How features are extracted: the batch (named `batch_field`) and a cap per split."""
   config[batch_field] = 512         # Feature extraction batch (global; divisible by the devices).
-  config.max_examples = -1          # > 0: at most this many examples per view (smoke runs).
-  config.data_dir = ""              # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
-  add_distributed_fields(config)
+  config.max_examples = -1          # > 0: at most this many examples per split (smoke runs).
   if smoke:
-    config.tasks = "digits,mnist->digits"
     config.max_examples = 400
     config[batch_field] = 200
   return config
+
+
+def add_encoder_fields(config: ml_collections.ConfigDict, *, tasks: str,
+                       smoke: bool) -> ml_collections.ConfigDict:
+  """Which checkpoint an evaluation reads and which tasks it runs (two small ones with
+  `smoke`), where the data is and how its processes find each other."""
+  config.checkpoint = ""            # A pre-training workdir (its config.json and checkpoints/).
+  config.step = -1                  # Checkpoint step; -1: the latest.
+  config.tasks = "digits,mnist->digits" if smoke else tasks.replace("+", ",")
+  config.data_dir = ""              # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+  return add_distributed_fields(config)
 
 
 def overlay(defaults: ml_collections.ConfigDict, given: Any, *, what: str,
@@ -223,3 +227,99 @@ def nmtune_fields() -> ml_collections.ConfigDict:
   config.logit_subset = ml_collections.config_dict.placeholder(tuple)
   config.lock()
   return config
+
+
+def parse_names(config: ml_collections.ConfigDict, field: str,
+                allowed: Iterable[str]) -> list[str]:
+  """A comma-separated config field as a list without repeats, each entry one of `allowed`."""
+  allowed = tuple(allowed)
+  names = [n.strip() for n in str(config[field]).split(",") if n.strip()]
+  if not names:
+    raise ConfigError(f"config.{field} is empty; allowed: {', '.join(allowed)}")
+  for name in names:
+    if name not in allowed:
+      raise ConfigError(f"config.{field} entry {name!r} is unknown; allowed: {', '.join(allowed)}")
+  return list(dict.fromkeys(names))
+
+
+def tuning_fields(*, views: str = "features", smoke: bool = False) -> ml_collections.ConfigDict:
+  """What an NMTune evaluation sets once for all its fits (the study's config.nmtune): the fit
+  hyperparameters, the train views and the feature extraction."""
+  config = nmtune_hparams()
+  config.views = views      # features | online (the reference data flow) | cached
+  config.cached_views = 4   # views="cached": augmented views encoded per train image.
+  add_extraction_fields(config, batch_field="extract_batch_size", smoke=smoke)
+  if smoke:
+    config.epochs = 2
+    with config.lp.unlocked():
+      config.lp.num_epochs = 2
+  return config
+
+
+def tuning_config(tuning: ml_collections.ConfigDict, *, method: str, tasks: str,
+                  smoke: bool = False) -> ml_collections.ConfigDict:
+  """An NMTune job's config (configs/nmtune.py): the fit's fields, `tuning`'s values, the
+  methods, and either features files or a checkpoint and tasks."""
+  config = nmtune_fields()
+  config.unlock()
+  for key in tuning.keys():
+    config[key] = copy.deepcopy(tuning[key])
+  config.job = "nmtune"
+  config.method = method.replace("+", ",")  # Comma-separated: lp, lp_aug, mlp, nmtune.
+  config.train_features = ""  # Black-box mode: features files (.npz) of the train and test sets.
+  config.test_features = ""
+  return add_encoder_fields(config, tasks=tasks, smoke=smoke)
+
+
+def pretrain_experiment(*, dataset: str, model: str, noise_type: str, epochs: float,
+                        smoke: bool) -> ml_collections.ConfigDict:
+  """A pre-training run's fields but its noise ratio, seed and where it runs: what a sweep
+  (the study's config.pretrain) fixes for every point."""
+  config = ml_collections.ConfigDict()
+  config.dataset = dataset
+  config.model = model
+  config.noise_type = noise_type  # symmetric | pairflip
+  config.num_epochs = epochs
+  config.num_train_steps = -1  # > 0 wins over num_epochs.
+  config.batch_size = 128      # Global, over all devices and processes.
+  config.eval_batch_size = 512
+  config.max_train_examples = -1  # > 0 trains on the first N records only (smoke runs).
+  config.max_test_examples = -1
+  config.optimizer = "sgd"     # sgd (momentum) | adamw
+  config.learning_rate = 0.1   # Peak, after warm-up.
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 5e-4   # Kernels only (not BatchNorm or biases).
+  config.warmup_epochs = 0.5
+  config.label_smoothing = 0.0
+  config.crop_padding = 2      # Random crop after zero padding by this many pixels.
+  config.flip = True           # Horizontal flip, applied only where the dataset allows it.
+  config.dtype = "float32"     # Compute dtype: float32 | bfloat16 (params stay float32).
+  config.eval_every_epochs = 1  # Test accuracy every N epochs (0: never) and after the last step.
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 500
+  config.max_to_keep = 3
+  config.mesh = "data:-1"      # e.g. data:4,model:2 (nmjax/parallel.py)
+  config.param_sharding = "replicated"  # replicated | model
+  if smoke:
+    config.num_train_steps = 12
+    config.batch_size = 32
+    config.eval_batch_size = 80
+    config.max_train_examples = 160
+    config.max_test_examples = 250
+    config.warmup_epochs = 0.0
+    config.log_every_steps = 4
+    config.checkpoint_every_steps = 4
+  return config
+
+
+def pretrain_run(experiment: ml_collections.ConfigDict, *, noise_ratio: float, seed: int,
+                 data_dir: str = "") -> ml_collections.ConfigDict:
+  """A pre-training job's config: `experiment` at one noise ratio and seed, run locally."""
+  config = ml_collections.ConfigDict(experiment.to_dict())
+  config.job = "pretrain"
+  config.noise_ratio = float(noise_ratio)
+  config.seed = int(seed)
+  config.data_dir = data_dir        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+  config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
+  return add_distributed_fields(config)

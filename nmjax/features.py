@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from nmjax import parallel
+from nmjax import report
 from nmjax.errors import DataError
 
 Array = np.ndarray
@@ -34,7 +35,7 @@ FeaturesLike = Any  # FeatureSet | str | os.PathLike | tuple[features, labels]
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSet:
-  """Features of one dataset view with their labels (validated on construction by the helpers)."""
+  """Features of one dataset split with their labels (validated on construction by the helpers)."""
   features: Array                   # float32 (N, D)
   labels: Array                     # int64 (N,)
   clean_labels: Array | None = None  # int64 (N,)
@@ -158,9 +159,8 @@ def save(path: str | os.PathLike, features: Array, labels: Array, *,
   for key, value in (extra or {}).items():
     arrays[key] = np.asarray(value)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  with report.atomic_path(path) as tmp:
+    np.savez(tmp, **arrays)
   return path
 
 
@@ -202,5 +202,5 @@ def extract(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
   if pending is not None:
     collect(pending)
   if not chunks:
-    raise DataError("extract: no batches (the dataset view is empty)")
+    raise DataError("extract: no batches (the dataset split is empty)")
   return (np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))

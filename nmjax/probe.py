@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from nmjax.config import check_range
+from nmjax.config import check_range, overlay, probe_fields
 from nmjax.errors import ConfigError, DataError
 from nmjax.features import FeatureSet, FeaturesLike, as_feature_set
 
@@ -57,44 +57,13 @@ TRACES: collections.Counter[str] = collections.Counter()
 
 def default_config() -> ml_collections.ConfigDict:
   """The reference linear-probe defaults plus the ridge probe's grid (a locked ConfigDict)."""
-  config = ml_collections.ConfigDict()
-  config.learning_rate = 1e-2
-  config.weight_decay = 1e-4
-  config.b1 = 0.9
-  config.b2 = 0.999
-  config.eps = 1e-8
-  config.batch_size = 64
-  config.num_epochs = 30
-  config.seed = 0  # Head init and shuffling (linear_probe); the held-out split (ridge_probe).
-  # None: max label + 1 over the train and test splits.
-  config.num_classes = ml_collections.config_dict.placeholder(int)
-  # None, or the classes the test set may be predicted as (e.g. ImageNet-R's 200 of ImageNet's
-  # 1,000): test predictions are the argmax over these logits only; training is unchanged.
-  config.logit_subset = ml_collections.config_dict.placeholder(tuple)
-  # Per-example penalties (the penalty on ||W||^2 is lambda * n): 10^-6 .. 10^2, half decades.
-  config.ridge_lambdas = tuple(float(10.0 ** e) for e in np.arange(-6.0, 2.01, 0.5))
-  config.ridge_holdout_fraction = 0.2
-  config.lock()
-  return config
+  return probe_fields()
 
 
 def resolve_config(config: Any) -> ml_collections.ConfigDict:
   """Defaults overlaid with the caller's fields (a ConfigDict or a dict); unknown fields and bad
   values fail here."""
-  resolved = default_config()
-  if config is not None:
-    known = set(resolved.keys())
-    for key, value in config.items():
-      if key not in known:
-        raise ConfigError(
-            f"probe config field {key!r} is unknown; known: {', '.join(sorted(known))}")
-      if key == "ridge_lambdas" and isinstance(value, list):
-        value = tuple(value)
-      try:
-        resolved[key] = value
-      except TypeError:
-        raise ConfigError(f"config.{key}={value!r} has the wrong type; expected"
-                          f" {type(resolved[key]).__name__} like the default") from None
+  resolved = overlay(default_config(), config, what="probe", tuple_fields=("ridge_lambdas",))
   for field in ("learning_rate", "eps"):
     check_range(resolved, field, low=0.0, low_inclusive=False)
   check_range(resolved, "weight_decay", low=0.0)

@@ -83,6 +83,8 @@ class Countdown:
   def __init__(self, total: int | dict[str, int], *, start: float | None = None):
     self.pending = dict(total) if isinstance(total, dict) else {"": int(total)}
     self.seconds: dict[str, list[float]] = {kind: [] for kind in self.pending}
+    self.total = sum(self.pending.values())
+    self.finished = 0
     self.start = time.perf_counter() if start is None else start
     self._last = self.start
 
@@ -93,6 +95,7 @@ class Countdown:
     self._last = now
     self.seconds.setdefault(kind, []).append(seconds)
     self.pending[kind] = max(0, self.pending.get(kind, 0) - 1)
+    self.finished += 1
     return seconds
 
   def elapsed(self) -> float:

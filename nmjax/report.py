@@ -4,10 +4,17 @@ the one atomic writer every result, cache and checkpoint-side file goes through.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
+
+KINDS = ("id", "ood")  # nmjax.tasks.KINDS: in-distribution, out-of-distribution.
 
 
 @contextlib.contextmanager
@@ -37,3 +44,365 @@ def write_json(path: str | os.PathLike, record: Any) -> None:
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
   write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------- plots
+
+
+def pyplot() -> Any:
+  """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def label_axes(ax: Any, *, title: str, xlabel: str, ylabel: str,
+               legend_fontsize: int | None = 7) -> None:
+  """Title 9 pt, axis labels 8 pt, ticks 7 pt; a legend unless legend_fontsize is None."""
+  ax.set_title(title, fontsize=9)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.set_ylabel(ylabel, fontsize=8)
+  ax.tick_params(labelsize=7)
+  if legend_fontsize is not None:
+    ax.legend(fontsize=legend_fontsize)
+
+
+def save_figure(fig: Any, path: str) -> None:
+  """Lays out, writes `path` (PNG) atomically and closes the figure."""
+  fig.tight_layout()
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp)
+  pyplot().close(fig)
+
+
+# ------------------------------------------------------------------ evaluation (rows per task)
+
+
+def format_results(rows: list[dict[str, Any]], methods: list[str], title: str, header: str
+                   ) -> str:
+  """results.md of an evaluation: averages by kind and method, then one row per task."""
+  lines = [f"# {title}\n\n{header}\n", "| method | ID avg | OOD avg |", "|---|---|---|"]
+  for method in methods:
+    cells = []
+    for kind in KINDS:
+      accs = [r["accuracy"] for r in rows if r["method"] == method and r["kind"] == kind]
+      cells.append(f"{100 * np.mean(accs):.2f}" if accs else "-")
+    lines.append(f"| {method} | {' | '.join(cells)} |")
+  lines += ["", "| task | kind | " + " | ".join(methods) + " | SVE | LSVR | train | test |",
+            "|---|---|" + "---|" * (len(methods) + 4)]
+  for name in dict.fromkeys(r["task"] for r in rows):
+    task_rows = {r["method"]: r for r in rows if r["task"] == name}
+    first = next(iter(task_rows.values()))
+    accs = [f"{100 * task_rows[m]['accuracy']:.2f}" if m in task_rows else "-" for m in methods]
+    lines.append(f"| {name} | {first['kind']} | {' | '.join(accs)} | {first['sve']:.4f} |"
+                 f" {first['lsvr']:.4f} | {first['num_train']} | {first['num_test']} |")
+  return "\n".join(lines) + "\n"
+
+
+def encoder_header(enc: Any, text: str) -> str:
+  """The first line under an evaluation's title: which encoder, then `text`."""
+  pre = enc.config
+  return (f"Encoder: {pre.model} pre-trained on {pre.dataset}, noise"
+          f" {pre.get('noise_type', 'symmetric')} {pre.get('noise_ratio')}, checkpoint"
+          f" {enc.workdir} step {enc.step}. {text}")
+
+
+def write_evaluation(rows: list[dict[str, Any]], methods: list[str], workdir: str, *,
+                     title: str, header: str) -> str:
+  """An evaluation's results.jsonl and results.md in workdir; returns the markdown."""
+  write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+  table = format_results(rows, methods, title, header)
+  write_text(os.path.join(workdir, "results.md"), table)
+  return table
+
+
+def write_tuning(rows: list[dict[str, Any]], enc: Any, config: Any, methods: list[str],
+                 workdir: str) -> str:
+  """An NMTune evaluation's results.jsonl, results.md and curves.png; returns the markdown."""
+  header = encoder_header(enc, f"Accuracy in %; MLP methods trained on {config.views} views,"
+                               f" {config.epochs} epochs; SVE/LSVR of the frozen test features"
+                               " (row centering).")
+  table = write_evaluation(rows, methods, workdir, title="NMTune results", header=header)
+  plot_curves(rows, os.path.join(workdir, "curves.png"),
+              f"{enc.config.model}, {enc.config.dataset}, noise {enc.config.get('noise_ratio')},"
+              f" {config.views} views")
+  return table
+
+
+def plot_task_spectra(spectra: dict[str, dict[str, Any]], kinds: dict[str, str], path: str,
+                  title: str) -> None:
+  """spectra.png: sigma_k / sum(sigma) of every task's test features (ID solid, OOD dashed)."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+  for name, values in spectra.items():
+    # Row centering removes one direction exactly: its ~0 value would flatten the plot.
+    p = np.asarray(values["spectrum"])
+    p = p[p > 1e-6 * p[0]]
+    ax.semilogy(np.arange(1, len(p) + 1), p, "-" if kinds[name] == "id" else "--",
+                label=f"{name} (SVE {values['sve']:.2f}, LSVR {values['lsvr']:.3f})")
+  ax.set_xlabel("k")
+  ax.set_ylabel("sigma_k / sum(sigma)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  save_figure(fig, path)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str, title: str) -> None:
+  """curves.png: test accuracy per epoch of every method, one panel per task."""
+  plt = pyplot()
+  names = list(dict.fromkeys(r["task"] for r in rows))
+  columns = min(3, len(names))
+  lines = -(-len(names) // columns)
+  fig, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.6 * lines), dpi=100,
+                           squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    for row in rows:
+      if row["task"] == name and row.get("test_accuracy_per_epoch"):
+        curve = 100 * np.asarray(row["test_accuracy_per_epoch"])
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=row["method"],
+                linestyle="--" if row["method"].startswith("lp") else "-")
+    kind = next(r["kind"] for r in rows if r["task"] == name)
+    label_axes(ax, title=f"{name} ({kind.upper()})", xlabel="epoch",
+                     ylabel="test accuracy (%)", legend_fontsize=None)
+  for ax in axes.flat[len(names):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  save_figure(fig, path)
+
+
+
+
+# ------------------------------------------------------------- the study (rows per noise ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """The study's axes: noise ratios x seeds, the methods, the tasks (name -> kind, in order) and
+  the tasks whose spectra are drawn."""
+  ratios: list[float]
+  seeds: list[int]
+  methods: list[str]
+  kinds: dict[str, str]
+  spectrum_tasks: list[str]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one value)."""
+  mean = float(np.mean(values))
+  return mean, float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+  if not values:
+    return "-"
+  mean, std = _mean_std([scale * v for v in values])
+  return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+class Table:
+  """Per-seed numbers of the report, indexed for the tables, plots and scalars."""
+
+  def __init__(self, sweep: Sweep, records: list[dict[str, Any]]):
+    self.sweep = sweep
+    self.records = records
+    self.kinds = dict(sweep.kinds)
+
+  def _seed_values(self, ratio: float, fn: Callable[[list[dict]], float | None]) -> list[float]:
+    values = []
+    for seed in self.sweep.seeds:
+      value = fn([r for r in self.records if r["seed"] == seed and r["noise_ratio"] == ratio])
+      if value is not None:
+        values.append(value)
+    return values
+
+  def avg_accuracy(self, ratio: float, method: str, kind: str) -> list[float]:
+    def fn(rows):
+      accs = [r["accuracy"] for r in rows if r["record"] == "task" and r["method"] == method
+              and r["kind"] == kind]
+      return float(np.mean(accs)) if accs else None
+    return self._seed_values(ratio, fn)
+
+  def accuracy(self, ratio: float, method: str, task: str) -> list[float]:
+    return self._seed_values(ratio, lambda rows: next(
+        (r["accuracy"] for r in rows if r["record"] == "task" and r["method"] == method
+         and r["task"] == task), None))
+
+  def spectral(self, ratio: float, metric: str, task: str | None = None,
+               kind: str | None = None) -> list[float]:
+    def fn(rows):
+      values = [r[metric] for r in rows if r["record"] == "spectrum"
+                and (task is None or r["task"] == task) and (kind is None or r["kind"] == kind)]
+      return float(np.mean(values)) if values else None
+    return self._seed_values(ratio, fn)
+
+  def pretrain(self, ratio: float, field: str) -> list[float]:
+    return self._seed_values(ratio, lambda rows: next(
+        (r[field] for r in rows if r["record"] == "pretrain" and field in r), None))
+
+
+def _ratio_label(ratio: float) -> str:
+  return f"{100 * ratio:g}%"
+
+
+def format_summary(table: Table) -> str:
+  """The study's main table: rows r, ID and OOD averages per method (and the spectral metrics)."""
+  sweep = table.sweep
+  head = (["r", "pretrain test acc"] + [f"ID {m}" for m in sweep.methods]
+          + [f"OOD {m}" for m in sweep.methods] + ["SVE (ID)", "LSVR (OOD)"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ratio in sweep.ratios:
+    cells = [_ratio_label(ratio), _cell(table.pretrain(ratio, "test_acc"))]
+    for kind in KINDS:
+      cells += [_cell(table.avg_accuracy(ratio, m, kind)) for m in sweep.methods]
+    cells += [_cell(table.spectral(ratio, "sve", kind="id"), 1, 4),
+              _cell(table.spectral(ratio, "lsvr", kind="ood"), 1, 4)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def format_study(table: Table, header: str) -> str:
+  """results.md: the main table, then per-task tables (accuracy per method, SVE, LSVR)."""
+  sweep = table.sweep
+  names = list(sweep.kinds)
+  task_head = ["r"] + [f"{n} ({table.kinds[n].upper()})" for n in names]
+
+  def task_table(title: str, cell: Callable[[float, str], str]) -> list[str]:
+    lines = [f"\n## {title}\n", "| " + " | ".join(task_head) + " |", "|" + "---|" * len(task_head)]
+    for ratio in sweep.ratios:
+      lines.append("| " + " | ".join([_ratio_label(ratio)] + [cell(ratio, n) for n in names])
+                   + " |")
+    return lines
+
+  parts = ["# Embedded study: label noise in pre-training, measured downstream\n", header, "",
+           format_summary(table)]
+  for method in sweep.methods:
+    parts += task_table(f"{method}: test accuracy (%) per task",
+                        lambda r, n, m=method: _cell(table.accuracy(r, m, n)))
+  parts += task_table("SVE of the frozen test features per task",
+                      lambda r, n: _cell(table.spectral(r, "sve", task=n), 1, 4))
+  parts += task_table("LSVR of the frozen test features per task",
+                      lambda r, n: _cell(table.spectral(r, "lsvr", task=n), 1, 4))
+  return "\n".join(parts) + "\n"
+
+
+def _errorbar(ax, xs: list[float], series: list[list[float]], **kwargs) -> None:
+  stats = [_mean_std(v) if v else (math.nan, 0.0) for v in series]
+  ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, marker="o",
+              markersize=3, **kwargs)
+
+
+_NOISE_AXIS = "pre-training label noise r (%)"
+
+
+def plot_accuracy(table: Table, path: str, title: str) -> None:
+  """accuracy_vs_noise.png: ID and OOD average accuracy against r, one line per method."""
+  plt = pyplot()
+  sweep = table.sweep
+  xs = [100 * r for r in sweep.ratios]
+  fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), dpi=100)
+  for ax, kind in zip(axes, KINDS):
+    for method in sweep.methods:
+      _errorbar(ax, xs, [[100 * v for v in table.avg_accuracy(r, method, kind)]
+                         for r in sweep.ratios], label=method,
+                linestyle="--" if method.startswith("lp") else "-")
+    label_axes(ax, title=f"{kind.upper()} average accuracy", xlabel=_NOISE_AXIS,
+                     ylabel="test accuracy (%)")
+  fig.suptitle(title, fontsize=9)
+  save_figure(fig, path)
+
+
+def plot_spectra(table: Table, path: str, title: str) -> None:
+  """spectra.png: sigma_k / sum(sigma) for each r (first seed) on one ID and one OOD task."""
+  plt = pyplot()
+  sweep = table.sweep
+  seed = sweep.seeds[0]
+  fig, axes = plt.subplots(1, len(sweep.spectrum_tasks), figsize=(4.0 * len(sweep.spectrum_tasks),
+                                                                 3.2), dpi=100, squeeze=False)
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(sweep.ratios)))
+  for ax, name in zip(axes.flat, sweep.spectrum_tasks):
+    for color, ratio in zip(colors, sweep.ratios):
+      record = next(r for r in table.records if r["record"] == "spectrum" and r["seed"] == seed
+                    and r["noise_ratio"] == ratio and r["task"] == name)
+      p = np.asarray(record["spectrum"])
+      p = p[p > 1e-6 * p[0]]  # Row centering removes one direction: its ~0 would flatten the plot.
+      ax.semilogy(np.arange(1, len(p) + 1), p, color=color,
+                  label=f"r={_ratio_label(ratio)} (SVE {record['sve']:.3f}, LSVR"
+                        f" {record['lsvr']:.3f})")
+    label_axes(ax, title=f"{name} ({table.kinds[name].upper()}) test features, seed {seed}",
+                     xlabel="k", ylabel="sigma_k / sum(sigma)", legend_fontsize=6)
+  fig.suptitle(title, fontsize=9)
+  save_figure(fig, path)
+
+
+def plot_spectral(table: Table, path: str, title: str) -> None:
+  """spectral_vs_noise.png: SVE on ID tasks and LSVR on OOD tasks against r (average and each
+  task)."""
+  plt = pyplot()
+  sweep = table.sweep
+  xs = [100 * r for r in sweep.ratios]
+  fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), dpi=100)
+  for ax, (metric, kind) in zip(axes, (("sve", "id"), ("lsvr", "ood"))):
+    for name, task_kind in sweep.kinds.items():
+      if task_kind == kind:
+        _errorbar(ax, xs, [table.spectral(r, metric, task=name) for r in sweep.ratios],
+                  label=name, linewidth=0.8, alpha=0.6)
+    _errorbar(ax, xs, [table.spectral(r, metric, kind=kind) for r in sweep.ratios],
+              label=f"{kind.upper()} average", color="black", linewidth=1.8)
+    label_axes(ax, title=f"{metric.upper()} of frozen features, {kind.upper()} tasks",
+                     xlabel=_NOISE_AXIS, ylabel=metric.upper(), legend_fontsize=6)
+  fig.suptitle(title, fontsize=9)
+  save_figure(fig, path)
+
+
+def write_scalars(table: Table, root: str) -> None:
+  """TensorBoard: one run per seed under root (rewritten), r in per mille as the step."""
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(root, ignore_errors=True)
+  sweep = table.sweep
+  for seed in sweep.seeds:
+    writer = SummaryWriter(os.path.join(root, f"seed{seed}"))
+    for record in table.records:
+      if record["seed"] != seed:
+        continue
+      step = int(round(1000 * record["noise_ratio"]))
+      if record["record"] == "pretrain" and "test_acc" in record:
+        writer.add_scalar("pretrain/test_acc", record["test_acc"], step)
+      elif record["record"] == "task":
+        writer.add_scalar(f"accuracy/{record['task']}/{record['method']}", record["accuracy"],
+                          step)
+      elif record["record"] == "spectrum":
+        writer.add_scalar(f"spectral/{record['task']}/sve", record["sve"], step)
+        writer.add_scalar(f"spectral/{record['task']}/lsvr", record["lsvr"], step)
+    # The averages, as the tables compute them, over this seed alone.
+    one_seed = Table(dataclasses.replace(sweep, seeds=[seed]), table.records)
+    for ratio in sweep.ratios:
+      step = int(round(1000 * ratio))
+      for method in sweep.methods:
+        for kind in KINDS:
+          for value in one_seed.avg_accuracy(ratio, method, kind):
+            writer.add_scalar(f"accuracy/{kind}_avg/{method}", value, step)
+      for metric, kind in (("sve", "id"), ("lsvr", "ood")):
+        for value in one_seed.spectral(ratio, metric, kind=kind):
+          writer.add_scalar(f"spectral/{metric}_{kind}_avg", value, step)
+    writer.close()
+
+
+
+
+STUDY_FILES = ("results.jsonl", "results.md", "accuracy_vs_noise.png", "spectra.png",
+               "spectral_vs_noise.png")
+
+
+def write_study(records: list[dict[str, Any]], sweep: Sweep, workdir: str, *, header: str,
+                title: str) -> Table:
+  """The study's report in workdir: STUDY_FILES and tb/; returns the table."""
+  write_jsonl(os.path.join(workdir, "results.jsonl"), records)
+  table = Table(sweep, records)
+  write_text(os.path.join(workdir, "results.md"), format_study(table, header))
+  plot_accuracy(table, os.path.join(workdir, "accuracy_vs_noise.png"), title)
+  plot_spectra(table, os.path.join(workdir, "spectra.png"), title)
+  plot_spectral(table, os.path.join(workdir, "spectral_vs_noise.png"), title)
+  write_scalars(table, os.path.join(workdir, "tb"))
+  return table

@@ -1,10 +1,10 @@
 """Downstream tasks for transfer evaluation: which images a probe trains on and which it is tested on.
 
-A task is (name, kind, train view, test views, logit subset). A view is (dataset, split, part,
-shift): `part` optionally carves a deterministic probe split out of a dataset split (every fifth
+A task is (name, kind, train split, test splits, logit subset). A Split is (dataset, split,
+part, shift): `part` optionally carves a deterministic probe split out of a dataset split (every fifth
 example of each class, in original order, is "probe_test", the rest "probe_train"), and `shift`
 optionally applies a named corruption (nmjax.data.shifts). A task's test set is the
-concatenation of its test views (e.g. four corruptions of the same images).
+concatenation of its test splits (e.g. four corruptions of the same images).
 
 Kinds: "id" (train and test from one distribution) and "ood" (trained on one, tested on another).
 When an OOD test set has fewer classes than the train set (ImageNet-R and -A: 200 of the 1,000
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from nmjax.data import shifts, sources
+from nmjax.data.records import MappedRecords, SubsetRecords
 from nmjax.errors import ConfigError, DataError
 
 KINDS = ("id", "ood")
@@ -43,7 +44,7 @@ FMNIST_C_SHIFTS = ("gaussian_noise_3", "blur_3", "contrast_3", "rotation_3")
 
 
 @dataclasses.dataclass(frozen=True)
-class View:
+class Split:
   """Images of one dataset split, optionally a carved part of it, optionally corrupted."""
   dataset: str
   split: str
@@ -52,7 +53,7 @@ class View:
 
   @property
   def key(self) -> str:
-    """A file-name-safe identity of the view (features are cached under it)."""
+    """A file-name-safe identity of the split (features are cached under it)."""
     pieces = [self.dataset.replace("/", "__"), self.split, self.part, self.shift]
     return "-".join(p for p in pieces if p)
 
@@ -66,29 +67,26 @@ class View:
 class Task:
   name: str
   kind: str
-  train: View
-  test: tuple[View, ...]
+  train: Split
+  test: tuple[Split, ...]
   logit_subset: bool = False
-
-  def views(self) -> tuple[View, ...]:
-    return (self.train, *self.test)
 
 
 def _id(name: str, dataset: str, train: str = "train", test: str = "test") -> Task:
-  return Task(name, "id", View(dataset, train), (View(dataset, test),))
+  return Task(name, "id", Split(dataset, train), (Split(dataset, test),))
 
 
 def _carved(name: str, dataset: str, split: str) -> Task:
-  return Task(name, "id", View(dataset, split, "probe_train"), (View(dataset, split, "probe_test"),))
+  return Task(name, "id", Split(dataset, split, "probe_train"), (Split(dataset, split, "probe_test"),))
 
 
-def _ood(name: str, train: View, *tests: View, logit_subset: bool = False) -> Task:
+def _ood(name: str, train: Split, *tests: Split, logit_subset: bool = False) -> Task:
   return Task(name, "ood", train, tuple(tests), logit_subset)
 
 
 def _fmnist_c(name: str, corruptions: Sequence[str]) -> Task:
-  return _ood(name, View("fashion_mnist", "test", "probe_train"),
-              *(View("fashion_mnist", "test", "probe_test", c) for c in corruptions))
+  return _ood(name, Split("fashion_mnist", "test", "probe_train"),
+              *(Split("fashion_mnist", "test", "probe_test", c) for c in corruptions))
 
 
 def _registry() -> dict[str, Task]:
@@ -96,8 +94,8 @@ def _registry() -> dict[str, Task]:
       _carved("fashion_mnist", "fashion_mnist", "test"),
       _id("mnist", "mnist"),
       _id("digits", "digits"),
-      _ood("mnist->digits", View("mnist", "train"), View("digits", "test")),
-      _ood("digits->mnist", View("digits", "train"), View("mnist", "test")),
+      _ood("mnist->digits", Split("mnist", "train"), Split("digits", "test")),
+      _ood("digits->mnist", Split("digits", "train"), Split("mnist", "test")),
       _fmnist_c("fashion_mnist_c", FMNIST_C_SHIFTS),
       *(_fmnist_c(f"fashion_mnist_c/{c}", [c]) for c in shifts.names()),
       # The paper's ID tasks (TFDS names and splits).
@@ -120,14 +118,14 @@ def _registry() -> dict[str, Task]:
     for target in ("real", "sketch", "painting", "clipart"):
       if target != source_domain:
         tasks.append(_ood(f"domainnet_{source_domain}->{target}",
-                          View(f"domainnet/{source_domain}", "train"),
-                          View(f"domainnet/{target}", "test")))
-  imagenet = View("imagenet2012", "train")
+                          Split(f"domainnet/{source_domain}", "train"),
+                          Split(f"domainnet/{target}", "test")))
+  imagenet = Split("imagenet2012", "train")
   tasks += [
-      _ood("imagenet->imagenet_v2", imagenet, View("imagenet_v2", "test")),
-      _ood("imagenet->imagenet_sketch", imagenet, View("imagenet_sketch", "test")),
-      _ood("imagenet->imagenet_r", imagenet, View("imagenet_r", "test"), logit_subset=True),
-      _ood("imagenet->imagenet_a", imagenet, View("imagenet_a", "test"), logit_subset=True),
+      _ood("imagenet->imagenet_v2", imagenet, Split("imagenet_v2", "test")),
+      _ood("imagenet->imagenet_sketch", imagenet, Split("imagenet_sketch", "test")),
+      _ood("imagenet->imagenet_r", imagenet, Split("imagenet_r", "test"), logit_subset=True),
+      _ood("imagenet->imagenet_a", imagenet, Split("imagenet_a", "test"), logit_subset=True),
   ]
   return {t.name: t for t in tasks}
 
@@ -198,23 +196,23 @@ def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   return image
 
 
-def view_records(view: View, *, image_shape: tuple[int, int, int],
+def split_records(split: Split, *, image_shape: tuple[int, int, int],
                  data_dir: str | None = None) -> tuple[Sequence[Mapping[str, Any]],
                                                        sources.SourceInfo]:
-  """The view's examples ({image at image_shape, label, index}) and its dataset's info."""
-  source = sources.get_source(view.dataset, data_dir=data_dir)
-  records = source.data_source(view.split)
-  if view.part is not None:
-    if view.part not in PARTS:
-      raise ConfigError(f"view part {view.part!r} is unknown; allowed: {', '.join(PARTS)}")
-    is_test = sources.every_fifth_per_class_is_test(source.labels(view.split))
-    records = sources.SubsetRecords(records, np.flatnonzero(is_test if view.part == "probe_test"
-                                              else ~is_test))
-  if view.shift is not None:
-    records = shifts.corrupted_records(records, view.shift)
+  """The split's examples ({image at image_shape, label, index}) and its dataset's info."""
+  source = sources.get_source(split.dataset, data_dir=data_dir)
+  records = source.data_source(split.split)
+  if split.part is not None:
+    if split.part not in PARTS:
+      raise ConfigError(f"split part {split.part!r} is unknown; allowed: {', '.join(PARTS)}")
+    is_test = sources.every_fifth_per_class_is_test(source.labels(split.split))
+    records = SubsetRecords(records, np.flatnonzero(is_test if split.part == "probe_test"
+                                      else ~is_test))
+  if split.shift is not None:
+    records = shifts.corrupted_records(records, split.shift)
   if tuple(source.info.image_shape) != tuple(image_shape):
     shape = tuple(image_shape)
-    records = sources.MappedRecords(records, lambda e: {**e, "image": fit_image(e["image"], shape)})
+    records = MappedRecords(records, lambda e: {**e, "image": fit_image(e["image"], shape)})
   return records, source.info
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from nmjax import report
+
 
 def _json_value(value: Any) -> Any:
   if hasattr(value, "item"):
@@ -50,10 +52,7 @@ class MetricWriter:
       return
     with open(self.path) as f:
       keep = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    report.write_text(self.path, "".join(keep))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.active:

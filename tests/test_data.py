@@ -1,4 +1,5 @@
-"""Tests of nmjax.data: the Fashion-MNIST builder, the source registry and the grain pipelines.
+"""Tests of nmjax.data: the Fashion-MNIST builder, the source registry, the record adapters and
+the grain pipelines.
 
 Real local data (bootstrap.sh) for the embedded sources; synthetic records for pipeline logic.
 Never touches the network: unprepared TFDS names must fail fast.
@@ -15,36 +16,11 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+import synthetic_data
 
 from nmjax.data import fashion_mnist, pipeline, sources
+from nmjax.data import records as records_lib
 from nmjax.errors import ConfigError, DataError
-
-
-class NmjaxTinyTestDataset(tfds.core.GeneratorBasedBuilder):
-  """A 3-class dataset of 4x4 RGB images, written by the test itself, read via the TFDS path."""
-
-  VERSION = tfds.core.Version("0.1.0")
-  SIZES = {"train": 20, "test": 7}
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(4, 4, 3), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
-        }),
-        supervised_keys=("image", "label"),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split, n) for split, n in self.SIZES.items()}
-
-  def _generate_examples(self, split, n):
-    for i in range(n):
-      value = (i * 10 + (split == "test")) % 256
-      yield i, {"image": np.full((4, 4, 3), value, np.uint8), "label": i % 3}
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -53,11 +29,11 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
   return message
 
 
-def _synthetic_records(n: int = 203, seed: int = 0) -> sources.ArrayRecords:
+def _synthetic_records(n: int = 203, seed: int = 0) -> records_lib.ArrayRecords:
   rng = np.random.default_rng(seed)
   images = rng.integers(1, 256, size=(n, 8, 8, 1), dtype=np.uint8)
   labels = rng.integers(0, 10, size=n).astype(np.int64)
-  return sources.ArrayRecords(images, labels)
+  return records_lib.ArrayRecords(images, labels)
 
 
 def _take(iterator, k: int) -> list[dict[str, np.ndarray]]:
@@ -86,7 +62,7 @@ def test_fashion_mnist_builder_prepares_local_idx_files(fashion):
   info = fashion.info
   assert info.splits == {"train": 60_000, "test": 10_000}
   assert info.num_classes == 10 and info.image_shape == (28, 28, 1) and info.flip_ok
-  builder_dir = pathlib.Path(fashion._builder.data_dir)  # pylint: disable=protected-access
+  builder_dir = pathlib.Path(fashion.builder.data_dir)
   assert not list(builder_dir.parent.glob("incomplete*")), "the tmp dir must be renamed away"
   for split, n in info.splits.items():
     images, labels, index = fashion.load_arrays(split)
@@ -97,7 +73,7 @@ def test_fashion_mnist_builder_prepares_local_idx_files(fashion):
     np.testing.assert_array_equal(images, raw_images)
     np.testing.assert_array_equal(fashion.labels(split), raw_labels)
   # TFDS shuffled the records on write: the stored index is a permutation, not the identity.
-  stored = fashion._builder.as_data_source("test")  # pylint: disable=protected-access
+  stored = fashion.builder.as_data_source("test")
   first = [stored[i]["index"] for i in range(50)]
   assert first != list(range(50))
   train_images = fashion.load_arrays("train")[0]
@@ -111,13 +87,13 @@ def test_fashion_mnist_builder_prepares_local_idx_files(fashion):
 
 def _in_memory_copy(source):
   """The same dataset as a new source object: what another process would open."""
-  builder = source._builder  # pylint: disable=protected-access
+  builder = source.builder
   return sources.TfdsSource(source.info, builder, image_key="image", label_key="label",
                             index_key="index", in_memory=True)
 
 
 def test_decoded_arrays_are_kept_beside_the_records_and_a_bad_file_is_ignored(fashion):
-  builder_dir = pathlib.Path(fashion._builder.data_dir)  # pylint: disable=protected-access
+  builder_dir = pathlib.Path(fashion.builder.data_dir)
   images, labels, index = fashion.load_arrays("test")
   stored = builder_dir / "nmjax_arrays_test.npz"
   assert stored.exists()
@@ -224,31 +200,82 @@ def test_unprepared_tfds_dataset_fails_fast_without_network(tmp_path):
 
 
 def test_locally_written_tfds_dataset_reads_through_registry(tmp_path):
-  builder = NmjaxTinyTestDataset(data_dir=str(tmp_path / "tfds"), file_format="array_record")
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  synthetic_data.write_tiny(tmp_path)
   source = sources.get_source("nmjax_tiny_test_dataset", data_dir=tmp_path)
   info = source.info
   assert info.num_classes == 3 and info.class_names == ("a", "b", "c")
   assert info.image_shape == (4, 4, 3) and info.flip_ok
   assert info.splits == {"train": 20, "test": 7}
-  records = source.data_source("train")
-  assert len(records) == 20
-  example = records[5]
+  train = source.data_source("train")
+  assert len(train) == 20
+  example = train[5]
   assert example["image"].dtype == np.uint8 and example["image"].shape == (4, 4, 3)
   assert example["index"] == 5
   images, labels, index = source.load_arrays("train")
   np.testing.assert_array_equal(index, np.arange(20))
   # Generic TFDS: index is the record position, so labels line up with the records.
-  np.testing.assert_array_equal(labels, [records[i]["label"] for i in range(20)])
+  np.testing.assert_array_equal(labels, [train[i]["label"] for i in range(20)])
   np.testing.assert_array_equal(source.labels("train"), labels)
   np.testing.assert_array_equal(images[:, 0, 0, 0] % 10, 0)  # train values are multiples of 10
   np.testing.assert_allclose(info.mean, [images.mean()] * 3, atol=1e-3)
-  batch = next(pipeline.train_iterator(records, labels=labels, global_batch_size=8, seed=1,
+  batch = next(pipeline.train_iterator(train, labels=labels, global_batch_size=8, seed=1,
                                        num_epochs=1, crop_padding=1, flip=True))
   assert batch["image"].shape == (8, 4, 4, 3)
   np.testing.assert_array_equal(batch["clean_label"], labels[batch["index"]])
+
+
+def test_stored_tfds_dataset_without_random_access_names_the_conversion(tmp_path):
+  synthetic_data.write_tiny(tmp_path)
+  version_dir = tmp_path / "tfds" / "nmjax_tiny_test_dataset" / "0.1.0"
+  info = json.loads((version_dir / "dataset_info.json").read_text())
+  info["fileFormat"] = "tfrecord"
+  (version_dir / "dataset_info.json").write_text(json.dumps(info))
+  for path in version_dir.glob("*array_record*"):
+    path.rename(path.with_name(path.name.replace("array_record", "tfrecord")))
+  with pytest.raises(DataError) as error:
+    sources.get_source("nmjax_tiny_test_dataset", data_dir=tmp_path)
+  message = _one_line(error)
+  assert "no random access" in message and "tfds convert_format" in message
+  assert "tfds build nmjax_tiny_test_dataset" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Record adapters.
+
+class _NoBatchedRead:
+  """Random access without __getitems__, as a plain user sequence may be."""
+
+  def __init__(self, examples):
+    self.examples = examples
+    self.reads = []
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, i):
+    self.reads.append(i)
+    return self.examples[i]
+
+
+def test_read_many_uses_the_batched_read_when_there_is_one():
+  arrays = _synthetic_records(n=10)
+  plain = _NoBatchedRead([arrays[i] for i in range(10)])
+  for got in (records_lib.read_many(arrays, np.array([7, 2, 7])),
+              records_lib.read_many(plain, [7, 2, 7])):
+    assert [int(e["index"]) for e in got] == [7, 2, 7]
+  assert plain.reads == [7, 2, 7] and all(type(i) is int for i in plain.reads)
+  subset = records_lib.SubsetRecords(plain, [9, 4, 0])
+  assert [int(e["index"]) for e in subset.__getitems__([2, 0])] == [0, 9]
+  shifted = records_lib.MappedRecords(subset, lambda e: {**e, "label": e["label"] + 100})
+  assert [int(e["label"]) for e in shifted.__getitems__([1])] == [int(arrays[4]["label"]) + 100]
+
+
+def test_mapped_records_stop_iteration_at_the_end():
+  arrays = _synthetic_records(n=5)
+  mapped = records_lib.MappedRecords(arrays, lambda e: {**e, "image": e["image"] * 0})
+  assert [int(e["index"]) for e in mapped] == [0, 1, 2, 3, 4]
+  with pytest.raises(IndexError):
+    mapped[5]  # pylint: disable=pointless-statement
 
 
 # ------------------------------------------------------------------------------------------------

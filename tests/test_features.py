@@ -8,6 +8,7 @@ import pytest
 
 from nmjax import features, models, parallel
 from nmjax.data import pipeline, sources
+from nmjax.data.records import ArrayRecords
 from nmjax.errors import DataError
 from nmjax.train.steps import normalize
 
@@ -28,7 +29,7 @@ def encoder():
   def apply_fn(variables, batch_images):
     return model.apply(variables, normalize(batch_images, info.mean, info.std), train=False)[1]
 
-  return apply_fn, variables, sources.ArrayRecords(images, labels), images, labels
+  return apply_fn, variables, ArrayRecords(images, labels), images, labels
 
 
 def test_extract_covers_every_example_once_on_1_and_8_devices(encoder):

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import synthetic_data
 from PIL import Image
 
 from nmjax.data import imagenet, sources
@@ -31,7 +32,7 @@ def _get_config(arg=None):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("imagenet_data")
-  imagenet.write_synthetic(root, splits=_SPLITS, sizes=_SIZES, seed=1)
+  synthetic_data.write_imagenet(root, splits=_SPLITS, sizes=_SIZES, seed=1)
   return root
 
 

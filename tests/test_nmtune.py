@@ -13,7 +13,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from nmjax import features as features_lib
-from nmjax import nmtune
+from nmjax import nmtune, probe
 from nmjax.errors import ConfigError, DataError
 
 # n < D and n > D: the Gram route and the D x D route each win on one of them.
@@ -315,6 +315,31 @@ def test_a_seed_fixes_the_result():
   assert first["loss_means"] != other["loss_means"]
 
 
+def test_a_second_fit_of_the_same_shapes_compiles_nothing():
+  (train_x, train_y), test = _digit_features()
+  lines = []
+  nmtune.fit_multi((train_x, train_y), {"test": test}, _config(), log=lines.append)
+  traced = nmtune.TRACES["table_epoch"]
+  assert traced >= 1 and len(lines) == 5 and lines[-1].endswith("| ETA 0s"), lines
+  # New feature values, labels, seed, learning rate and regularizer weights: the same program.
+  order = np.random.default_rng(9).permutation(_NUM_TRAIN)
+  nmtune.fit((train_x[order] * 0.5, train_y[order]), test,
+             _config(seed=7, lr=3e-3, weight_decay=0.0, mse_weight=0.5, cov_weight=0.1))
+  assert nmtune.TRACES["table_epoch"] == traced
+
+
+def test_probe_config_carries_the_classes_and_seed_to_the_linear_probe():
+  config = nmtune.resolve_config({"num_classes": 6, "logit_subset": [0, 1, 2, 3], "seed": 4,
+                                  "lp": {"num_epochs": 2, "learning_rate": 0.05}})
+  lp = nmtune.probe_config(config)
+  assert (lp.num_classes, lp.logit_subset, lp.seed) == (6, (0, 1, 2, 3), 4)
+  assert (lp.num_epochs, lp.learning_rate) == (2, 0.05)
+  result = probe.linear_probe(_small(), _small(seed=1), lp)
+  assert result["num_classes"] == 6 and len(result["test_accuracy_per_epoch"]) == 2
+  assert nmtune.loss_weights(0, 0, 0, None) == {"mse_weight": 0.0, "cov_weight": 0.0,
+                                                "svd_weight": 0.0, "svd_topk": None}
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -345,7 +370,9 @@ def test_bad_inputs_give_one_line(tmp_path):
       ({"cov_weight": -1}, ConfigError, "config.cov_weight=-1.0 is out of range"),
       ({"method": "ridge"}, ConfigError, "config.method='ridge' is unknown; allowed: nmtune"),
       ({"svd_wieght": 0.1}, ConfigError, "NMTune config field 'svd_wieght' is unknown; known:"),
-      ({"method": "lp", "lp": {"learning_rate": -1.0}}, ConfigError,
+      ({"method": "lp"}, ConfigError, "config.method='lp' is unknown; allowed: nmtune, mlp,"
+                                      " lp_aug"),
+      ({"method": "lp_aug", "lp": {"learning_rate": -1.0}}, ConfigError,
        "config.lp.learning_rate=-1.0 is out of range"),
       ({"batch_size": 32, "svd_topk": 9}, ConfigError,
        r"svd_topk=9 is not allowed; allowed: 1 <= svd_topk <= min\(batch_size, D\) = 8"),
@@ -387,7 +414,9 @@ def test_cached_and_online_views_train_the_head():
     assert len(result["test_accuracy_per_epoch"]) == 3
     assert all(np.isfinite(v) for v in result["loss_means"].values())
     assert np.isfinite(result["sve"]) and np.isfinite(result["lsvr"])
+  traced = nmtune.TRACES["online_epoch"]
   again = nmtune.fit(online, test, config)
+  assert nmtune.TRACES["online_epoch"] == traced  # The same shapes: no new trace.
   assert again["test_accuracy_per_epoch"] == result["test_accuracy_per_epoch"]
   assert again["loss_means"] == result["loss_means"]
 

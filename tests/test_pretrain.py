@@ -1,6 +1,8 @@
 """The pre-training job end to end through main.py: a smoke run, exact resume after SIGTERM
-(preemption) and SIGKILL at random steps, bad input, and the non-finite-loss guard."""
+(preemption) and SIGKILL at random steps, bad input, and the non-finite-loss guard; and the
+library call the study makes (nmjax.train.pretrain)."""
 
+import importlib.util
 import json
 import os
 import random
@@ -12,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from nmjax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # digits: the same job as Fashion-MNIST without its 9 s of loading at every start.
@@ -207,3 +211,33 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
   saved_step, state = _final_params(tmp_path)
   assert saved_step == good
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def _smoke_config(arg="dataset=digits,noise=0.2,smoke"):
+  spec = importlib.util.spec_from_file_location(
+      "pretrain_config", os.path.join(ROOT, "configs", "pretrain.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_library_validate_checks_crop_padding_of_the_default_pipeline():
+  from nmjax.train import pretrain  # pylint: disable=g-import-not-at-top
+  config = _smoke_config()
+  pretrain.validate(config)
+  config.crop_padding = -1
+  with pytest.raises(ConfigError, match="config.crop_padding=-1 is out of range"):
+    pretrain.validate(config)
+
+
+def test_library_run_returns_the_record_the_study_reads(tmp_path):
+  from nmjax.train import pretrain  # pylint: disable=g-import-not-at-top
+  config = _smoke_config()
+  config.num_train_steps = 5  # One epoch of 160 / 32 steps, on the eight fake devices.
+  result = pretrain.run(config, str(tmp_path))
+  assert {"step", "epoch", "test_acc", "test_loss", "test_count", "train_loss",
+          "train_acc_noisy", "train_acc_clean", "examples_per_sec"} <= set(result)
+  assert (result["step"], result["epoch"], result["test_count"]) == (5, 1, 250)
+  assert "preempted" not in result
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["noise_ratio"] == 0.2 and saved["dataset"] == "digits"

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from nmjax import jobs  # pylint: disable=wrong-import-position
 from nmjax.errors import ConfigError  # pylint: disable=wrong-import-position
+from nmjax import report  # pylint: disable=wrong-import-position
 from nmjax.jobs import study  # pylint: disable=wrong-import-position
 
 SMOKE = "configs/default.py:smoke"
@@ -95,7 +96,7 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
       "[study] stage 3/4 pretrain seed 0 r=0.3", "[study] stage 4/4 eval seed 0 r=0.3"]
   assert all(" | elapsed " in l and " | ETA " in l for l in lines), lines
   assert "| r | pretrain test acc |" in out and "Report in " in out, out
-  for name in study.REPORT_FILES:
+  for name in report.STUDY_FILES:
     path = os.path.join(workdir, name)
     assert os.path.getsize(path) > 0, name
     if name.endswith(".png"):
@@ -231,10 +232,19 @@ def test_main_default_config_is_the_study():
   assert config.noise_ratios == "0,0.05,0.1,0.2,0.3" and config.methods == "lp,mlp,nmtune"
   assert config.tasks == "embedded" and config.pretrain.model == "resnet_small"
   assert config.pretrain.dataset == "fashion_mnist" and config.pretrain.noise_type == "symmetric"
-  for field in study.PRETRAIN_OWNED:
+  # What the sweep sets per stage is not a field of the sub-configs.
+  for field in ("job", "noise_ratio", "seed", "data_dir", "distributed"):
     assert field not in config.pretrain, field
-  for field in study.NMTUNE_OWNED:
+  for field in ("job", "method", "tasks", "checkpoint", "seed", "num_classes", "train_features"):
     assert field not in config.nmtune, field
+  # Each stage's config is what the pre-training and NMTune configs build for that point.
+  point = study.Point(seed=1, noise_ratio=0.2)
+  stage = study.pretrain_config(config, point)
+  assert stage.noise_ratio == 0.2 and stage.seed == 1 and stage.job == "pretrain"
+  assert stage.num_epochs == 3.0 and stage.max_train_examples == 20000
+  tuned = study.eval_config(config, point, checkpoint="/ckpt")
+  assert tuned.job == "nmtune" and tuned.seed == 1 and tuned.checkpoint == "/ckpt"
+  assert tuned.method == "lp,mlp,nmtune" and tuned.epochs == 30 and tuned.views == "features"
   with open(os.path.join(ROOT, "main.py")) as f:
     assert '"configs", "default.py"' in f.read()
 
@@ -243,9 +253,9 @@ def test_several_seeds_show_mean_and_sample_std(tmp_path):
   from nmjax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   tasks = tasks_lib.resolve("digits,mnist->digits")
   seeds, ratios = [0, 1, 2], [0.0, 0.3]
-  plan = study.Plan(points=[study.Point(s, r) for s in seeds for r in ratios], ratios=ratios,
-                    seeds=seeds, methods=["lp"], tasks=tasks,
-                    spectrum_tasks=["digits", "mnist->digits"])
+  sweep = report.Sweep(ratios=ratios, seeds=seeds, methods=["lp"],
+                       kinds={t.name: t.kind for t in tasks},
+                       spectrum_tasks=["digits", "mnist->digits"])
   records = []
   for seed, acc in zip(seeds, (0.80, 0.82, 0.84)):
     for ratio in ratios:
@@ -260,11 +270,11 @@ def test_several_seeds_show_mean_and_sample_std(tmp_path):
       for task in tasks:
         records.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
                         "sve": 3.0 + seed, "lsvr": 0.2, "spectrum": [0.2, 0.5, 0.3]})
-  table = study.Table(plan, records)
-  text = study.format_summary(table)
+  table = report.Table(sweep, records)
+  text = report.format_summary(table)
   assert ("| 0% | 90.00 ± 0.00 | 82.00 ± 2.00 | 30.00 ± 0.00 | 4.0000 ± 1.0000 |"
           " 0.2000 ± 0.0000 |") in text, text
   assert "| 30% | 90.00 ± 0.00 | 79.00 ± 2.00 |" in text, text
-  study.plot_accuracy(table, str(tmp_path / "a.png"), "t")
-  study.plot_spectral(table, str(tmp_path / "s.png"), "t")
+  report.plot_accuracy(table, str(tmp_path / "a.png"), "t")
+  report.plot_spectral(table, str(tmp_path / "s.png"), "t")
   assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0

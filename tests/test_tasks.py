@@ -40,15 +40,15 @@ def test_unknown_task_lists_the_known_ones():
 
 def test_fashion_mnist_probe_split_is_deterministic_disjoint_and_stratified():
   task = tasks.TASKS["fashion_mnist"]
-  train, _ = tasks.view_records(task.train, image_shape=(28, 28, 1))
-  test, _ = tasks.view_records(task.test[0], image_shape=(28, 28, 1))
+  train, _ = tasks.split_records(task.train, image_shape=(28, 28, 1))
+  test, _ = tasks.split_records(task.test[0], image_shape=(28, 28, 1))
   assert (len(train), len(test)) == (8000, 2000)
   train_index = {int(e["index"]) for e in train.__getitems__(range(len(train)))}
   test_index = {int(e["index"]) for e in test.__getitems__(range(len(test)))}
   assert not train_index & test_index and len(train_index | test_index) == 10_000
   test_labels = np.array([e["label"] for e in test.__getitems__(range(len(test)))])
   np.testing.assert_array_equal(np.bincount(test_labels), [200] * 10)
-  again, _ = tasks.view_records(task.test[0], image_shape=(28, 28, 1))
+  again, _ = tasks.split_records(task.test[0], image_shape=(28, 28, 1))
   assert int(again[17]["index"]) == int(test[17]["index"])
 
 
@@ -105,12 +105,12 @@ def test_logit_subset_maps_test_classes_by_name():
                               mean=(0.0,), std=(1.0,), flip_ok=True, splits={"test": 1},
                               class_names=tuple(classes))
   train = info("big", ["a", "b", "c", "d"])
-  task = tasks.Task("t", "ood", tasks.View("big", "train"), (tasks.View("small", "test"),),
+  task = tasks.Task("t", "ood", tasks.Split("big", "train"), (tasks.Split("small", "test"),),
                     logit_subset=True)
   np.testing.assert_array_equal(tasks.label_map(train, info("small", ["d", "b"]), task), [3, 1])
   with pytest.raises(DataError, match="not classes of big"):
     tasks.label_map(train, info("small", ["z"]), task)
-  plain = tasks.Task("p", "ood", tasks.View("big", "train"), (tasks.View("small", "test"),))
+  plain = tasks.Task("p", "ood", tasks.Split("big", "train"), (tasks.Split("small", "test"),))
   assert tasks.label_map(train, info("same", ["w", "x", "y", "z"]), plain) is None
   with pytest.raises(DataError, match="has 2 classes"):
     tasks.label_map(train, info("small", ["d", "b"]), plain)

@@ -63,35 +63,46 @@ def test_smoke_writes_results_and_a_second_run_reuses_features(checkpoint, tmp_p
   assert [r["accuracy"] for r in _rows(tmp_path)] == [r["accuracy"] for r in rows]
 
 
-class FakeCifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _TestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A TFDS dataset the test writes itself: `features()` and `example(i, rng)` per class,
+  SPLITS {split: (examples, seed)}."""
+
+  SPLITS = {"train": (60, 0), "test": (30, 1)}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=self.features(),
+                                 supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(n, seed) for split, (n, seed) in self.SPLITS.items()}
+
+  def _generate_examples(self, n, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+      yield i, self.example(i, rng, seed)
+
+
+class FakeCifar10(_TestBuilder, skip_registration=True):
   """Written by the test under TFDS's own name and feature spec for cifar10 (never downloaded)."""
 
   name = "cifar10"
   VERSION = tfds.core.Version("3.0.2")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(32, 32, 3)),
-            "label": tfds.features.ClassLabel(num_classes=10)}),
-        supervised_keys=("image", "label"))
+  def features(self):
+    return tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(num_classes=10)})
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(60, 0), "test": self._generate_examples(30, 1)}
-
-  def _generate_examples(self, n, seed):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-      label = i % 10
-      image = np.full((32, 32, 3), label * 20, np.uint8) + rng.integers(0, 30, (32, 32, 3),
-                                                                       dtype=np.uint8)
-      png = io.BytesIO()
-      Image.fromarray(image).save(png, format="PNG")  # Encoded here: TFDS needs no TensorFlow.
-      png.seek(0)
-      yield i, {"id": f"{seed}_{i}", "image": png, "label": label}
+  def example(self, i, rng, seed):
+    label = i % 10
+    image = np.full((32, 32, 3), label * 20, np.uint8) + rng.integers(0, 30, (32, 32, 3),
+                                                                     dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")  # Encoded here: TFDS needs no TensorFlow.
+    png.seek(0)
+    return {"id": f"{seed}_{i}", "image": png, "label": label}
 
 
 def test_paper_task_reads_a_locally_written_tfds_dataset(checkpoint, tmp_path):
@@ -142,31 +153,24 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
   assert lines[-1].startswith("error: ") and "config.json" in lines[-1], proc.stderr
 
 
-class NmjaxFourShades(tfds.core.GeneratorBasedBuilder):
+class NmjaxFourShades(_TestBuilder):
   """28x28 grey images whose grey level is set by the class name: a 40, b 100, c 160, d 220."""
 
   VERSION = tfds.core.Version("1.0.0")
   CLASSES = ("a", "b", "c", "d")
+  SPLITS = {"train": (80, 0), "test": (40, 1)}
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(self.CLASSES))}),
-        supervised_keys=("image", "label"))
+  def features(self):
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=list(self.CLASSES))})
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(80, 0), "test": self._generate_examples(40, 1)}
-
-  def _generate_examples(self, n, seed):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-      label = i % len(self.CLASSES)
-      level = 40 + 60 * "abcd".index(self.CLASSES[label])
-      image = np.clip(level + rng.normal(0, 4, (28, 28, 1)), 0, 255).astype(np.uint8)
-      yield i, {"image": image, "label": label}
+  def example(self, i, rng, seed):
+    del seed
+    label = i % len(self.CLASSES)
+    level = 40 + 60 * "abcd".index(self.CLASSES[label])
+    image = np.clip(level + rng.normal(0, 4, (28, 28, 1)), 0, 255).astype(np.uint8)
+    return {"image": image, "label": label}
 
 
 class NmjaxTwoShades(NmjaxFourShades):
@@ -181,8 +185,8 @@ def test_logit_subset_task_maps_test_classes_by_name(checkpoint, tmp_path, monke
   data_dir = tmp_path / "data"
   for builder in (NmjaxFourShades, NmjaxTwoShades):
     builder(data_dir=str(data_dir / "tfds")).download_and_prepare(file_format="array_record")
-  task = tasks.Task("four->two", "ood", tasks.View("nmjax_four_shades", "train"),
-                    (tasks.View("nmjax_two_shades", "test"),), logit_subset=True)
+  task = tasks.Task("four->two", "ood", tasks.Split("nmjax_four_shades", "train"),
+                    (tasks.Split("nmjax_two_shades", "test"),), logit_subset=True)
   monkeypatch.setitem(tasks.TASKS, task.name, task)
   rows = _transfer(checkpoint, tmp_path / "out", tasks="four->two", methods="ridge",
                    data_dir=str(data_dir), max_examples=-1)["rows"]

@@ -1,4 +1,6 @@
-"""Data for nmjax: sources (sources.py: the registry of embedded and TFDS datasets, with
-fashion_mnist.py's TFDS builder), grain pipelines (pipeline.py) and host-side augmentations
-(transforms.py). Import the submodules; this package imports nothing heavy on its own.
+"""Data for nmjax: record adapters and the one batched read (records.py), the source registry of
+embedded and TFDS datasets (sources.py, with embedded.py's loaders and fashion_mnist.py's TFDS
+builder), the one grain training stream and eval batches (pipeline.py), the ImageNet JPEG input
+(imagenet.py), corruptions (shifts.py) and host-side augmentations (transforms.py). Import the
+submodules; this package imports nothing heavy on its own.
 """

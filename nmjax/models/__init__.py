@@ -19,6 +19,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "vit_s16": vit_s16,
 }
+# Compute dtypes by config name (config.dtype); parameters stay float32 whichever is chosen.
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _check_name(name: str) -> None:
@@ -40,6 +42,6 @@ def feature_dim(name: str) -> int:
 
 
 __all__ = [
-    "MODELS", "BasicBlock", "Bottleneck", "ResNet", "ViT", "feature_dim", "get_model", "resnet18",
-    "resnet50", "resnet_small", "vit_s16",
+    "DTYPES", "MODELS", "BasicBlock", "Bottleneck", "ResNet", "ViT", "feature_dim", "get_model",
+    "resnet18", "resnet50", "resnet_small", "vit_s16",
 ]

@@ -141,129 +141,192 @@ class PreemptionWatch:
     return self._mngr.reached_preemption(step) or self._flag.is_set()
 
 
-def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
-                       writer: MetricWriter | None = None) -> dict[str, Any]:
-  """Runs (or resumes) training to spec.total_steps; returns the last epoch's record."""
-  mesh = mesh or parallel.make_mesh()
+@dataclasses.dataclass
+class _Loop:
+  """What stays fixed while the steps run."""
+  spec: LoopSpec
+  mesh: jax.sharding.Mesh
+  mngr: Any  # orbax CheckpointManager
+  writer: MetricWriter
+  examples_log: MetricWriter | None
+  progress: Progress
+  eval_step_fn: Callable
+
+
+@dataclasses.dataclass
+class _Running:
+  """The loop's state from step to step, besides the train state's own; the checkpoint holds
+  the epoch sums and the last record (the window and the clock start again on resume)."""
+  state: TrainState
+  sums: dict[str, float]
+  record: dict[str, Any] | None
+  window: list[tuple[int, dict]] = dataclasses.field(default_factory=list)
+  interval_start: float = 0.0  # Set once the first (compiling) step has finished.
+
+
+def _epoch_of(done: int, spec: LoopSpec) -> int:
+  return (done - 1) // spec.steps_per_epoch + 1
+
+
+def _jit_steps(spec: LoopSpec, mesh: jax.sharding.Mesh,
+                   state_sharding: Any) -> tuple[Callable, Callable]:
+  """The jitted train step (state donated) and eval step, with explicit shardings."""
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharded(mesh)
-  mngr = checkpoint.manager(workdir, max_to_keep=spec.max_to_keep)
-  writer = writer or MetricWriter(workdir)
-  examples_log = (MetricWriter(workdir, filename="examples_seen.jsonl", tensorboard=False)
-                  if spec.record_examples else None)
+  step_kw = dict(mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
+                 dtype=spec.compute_dtype)
+  train_step_fn = jax.jit(
+      functools.partial(train_step, label_smoothing=spec.label_smoothing, **step_kw),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+      donate_argnums=0)
+  eval_step_fn = jax.jit(functools.partial(eval_step, **step_kw),
+                         in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+  return train_step_fn, eval_step_fn
 
-  shape = jax.eval_shape(spec.init_state)
-  state_sharding = parallel.state_shardings(shape, mesh, spec.param_sharding)
-  abstract = checkpoint.abstract_with_sharding(shape, state_sharding)
+
+def _restore_or_init(spec: LoopSpec, mngr, shape: Any,
+                     state_sharding: Any) -> tuple[int, _Running, dict | None]:
+  """(start step, running state, data iterator state) of the workdir's latest committed
+  checkpoint when there is one, else of a fresh state at step 0."""
   start_step = mngr.latest_step()  # Committed steps only: orbax skips its tmp directories.
   if start_step is None:
     state = jax.jit(spec.init_state, out_shardings=state_sharding)()
-    loop_state = {"data": None, "epoch_sums": _zero_sums(), "last_record": None}
-    start_step = 0
-  else:
-    state, loop_state = checkpoint.restore(mngr, start_step, abstract)
-    _say(f"[{spec.name}] resumed from {mngr.directory / str(start_step)} (step {start_step})")
-  writer.truncate_after(start_step)
-  if examples_log is not None:
-    examples_log.truncate_after(start_step)
+    return 0, _Running(state, _zero_sums(), None), None
+  abstract = checkpoint.abstract_with_sharding(shape, state_sharding)
+  state, loop_state = checkpoint.restore(mngr, start_step, abstract)
+  _say(f"[{spec.name}] resumed from {mngr.directory / str(start_step)} (step {start_step})")
+  running = _Running(state, dict(loop_state["epoch_sums"]), loop_state.get("last_record"))
+  return start_step, running, loop_state["data"]
 
-  step_kw = dict(mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
-                 dtype=spec.compute_dtype)
-  p_train = jax.jit(functools.partial(train_step, label_smoothing=spec.label_smoothing,
-                                      **step_kw),
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, replicated), donate_argnums=0)
-  p_eval = jax.jit(functools.partial(eval_step, **step_kw),
-                   in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
 
-  sums = dict(loop_state["epoch_sums"])
-  record = loop_state.get("last_record")
-  iterator = spec.train_iterator(loop_state["data"])
-  progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ",
-                      active=parallel.is_main_process())
-  window: list[tuple[int, dict]] = []
-  interval_start = time.perf_counter()
-  num_epochs = math.ceil(spec.total_steps / spec.steps_per_epoch)
-  preempted = False
-  with PreemptionWatch(mngr) as watch:
+def _log_window(loop: _Loop, running: _Running, done: int, batch_size: int) -> None:
+  """Folds the steps since the last line into the epoch sums (stopping at a non-finite loss)
+  and prints the progress line."""
+  _check_finite(running.window, loop.mngr, running.sums)
+  running.window = []
+  now = time.perf_counter()
+  running.sums["seconds"] += now - running.interval_start
+  running.interval_start = now
+  sums = running.sums
+  count = max(sums["count"], 1.0)
+  rate = loop.progress.steps_per_second(done)
+  speed = "" if rate is None else f" | {rate * batch_size:.0f} img/s"
+  num_epochs = math.ceil(loop.spec.total_steps / loop.spec.steps_per_epoch)
+  loop.progress.line(done, f"epoch {_epoch_of(done, loop.spec)}/{num_epochs} loss"
+                     f" {sums['loss'] / count:.4f} acc(noisy) {sums['correct_noisy'] / count:.4f}"
+                     f" acc(clean) {sums['correct_clean'] / count:.4f}{speed}")
+
+
+def _end_epoch(loop: _Loop, running: _Running, done: int) -> None:
+  """The epoch's record (train sums, and the test set when due) to the metrics and the log."""
+  spec = loop.spec
+  epoch = _epoch_of(done, spec)
+  sums = running.sums
+  count = max(sums["count"], 1.0)
+  record = {
+      "epoch": epoch,
+      "train_loss": sums["loss"] / count,
+      "train_acc_noisy": sums["correct_noisy"] / count,
+      "train_acc_clean": sums["correct_clean"] / count,
+      "examples_per_sec": sums["count"] / max(sums["seconds"], 1e-9),
+  }
+  test_text = ""
+  every = spec.eval_every_epochs
+  if (every > 0 and epoch % every == 0) or done == spec.total_steps:
+    loop.progress.pause()
+    eval_start = time.perf_counter()
+    record.update(evaluate(loop.eval_step_fn, running.state, spec.eval_batches(), loop.mesh),
+                  eval_seconds=time.perf_counter() - eval_start)
+    loop.progress.resume()
+    test_text = f"test acc {record['test_acc']:.4f} | "
+  loop.writer.write(done, record)
+  _say(f"[{spec.name}] epoch {epoch}: {test_text}train acc vs noisy"
+       f" {record['train_acc_noisy']:.4f}, vs clean {record['train_acc_clean']:.4f} |"
+       f" {record['examples_per_sec']:.0f} img/s")
+  running.record = record
+  running.sums = _zero_sums()
+  running.interval_start = time.perf_counter()
+
+
+def _save(loop: _Loop, running: _Running, done: int, iterator: Any) -> None:
+  """A checkpoint of the state, the data position and the epoch sums, if the state is finite."""
+  state = running.state
+  # The loss of the last step predates its update: only finite parameters are worth saving.
+  if not bool(_all_finite((state.params, state.batch_stats))):
+    raise _diverged(loop.mngr, "the parameters", done)
+  data_state = iterator.get_state()
+  # Process 0 alone writes the JSON that every process restores: what steers training must be
+  # identical everywhere (timings are process 0's and need not be).
+  parallel.assert_same_on_all_processes(
+      {"data": data_state, "sums": {k: running.sums[k] for k in _EPOCH_KEYS}},
+      f"the data position or epoch sums at step {done}")
+  checkpoint.save(loop.mngr, done, state, {"data": data_state, "epoch_sums": running.sums,
+                                           "last_record": running.record})
+
+
+def _run_steps(loop: _Loop, running: _Running, iterator: Any, train_step_fn: Callable,
+               start_step: int) -> tuple[int, bool]:
+  """Steps from start_step to the end or a preemption; returns (last step done, preempted)."""
+  spec = loop.spec
+  done, preempted = start_step, False
+  with PreemptionWatch(loop.mngr) as watch:
     for step in range(start_step, spec.total_steps):
-      batch = parallel.host_to_global(next(iterator), mesh)
-      state, metrics = p_train(state, batch)
+      batch = parallel.host_to_global(next(iterator), loop.mesh)
+      running.state, metrics = train_step_fn(running.state, batch)
       done = step + 1
-      window.append((done, metrics))
-      if examples_log is not None:
+      running.window.append((done, metrics))
+      if loop.examples_log is not None:
         # Gathered from the global batch, i.e. what the step consumed on every process.
-        examples_log.write(done, {"index": parallel.gather_to_host(batch["index"]).tolist()})
+        loop.examples_log.write(done, {"index": parallel.gather_to_host(batch["index"]).tolist()})
       # Asked at every step by every process (the preemption service's protocol needs that).
       preempted = watch.reached(done) and done < spec.total_steps
       if step == start_step:
         jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
-        progress.started(done)
-        interval_start = time.perf_counter()
+        loop.progress.started(done)
+        running.interval_start = time.perf_counter()
       end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
       save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch or preempted
       if done % spec.log_every_steps == 0 or save_now:
-        _check_finite(window, mngr, sums)
-        window = []
-        now = time.perf_counter()
-        sums["seconds"] += now - interval_start
-        interval_start = now
-        count = max(sums["count"], 1.0)
-        epoch = (done - 1) // spec.steps_per_epoch + 1
-        rate = progress.steps_per_second(done)
-        speed = "" if rate is None else f" | {rate * batch['image'].shape[0]:.0f} img/s"
-        progress.line(done, f"epoch {epoch}/{num_epochs} loss {sums['loss'] / count:.4f}"
-                      f" acc(noisy) {sums['correct_noisy'] / count:.4f}"
-                      f" acc(clean) {sums['correct_clean'] / count:.4f}{speed}")
+        _log_window(loop, running, done, batch["image"].shape[0])
       if end_of_epoch:
-        epoch = (done - 1) // spec.steps_per_epoch + 1
-        count = max(sums["count"], 1.0)
-        record = {
-            "epoch": epoch,
-            "train_loss": sums["loss"] / count,
-            "train_acc_noisy": sums["correct_noisy"] / count,
-            "train_acc_clean": sums["correct_clean"] / count,
-            "examples_per_sec": sums["count"] / max(sums["seconds"], 1e-9),
-        }
-        test_text = ""
-        every = spec.eval_every_epochs
-        if (every > 0 and epoch % every == 0) or done == spec.total_steps:
-          progress.pause()
-          eval_start = time.perf_counter()
-          record.update(evaluate(p_eval, state, spec.eval_batches(), mesh),
-                        eval_seconds=time.perf_counter() - eval_start)
-          progress.resume()
-          test_text = f"test acc {record['test_acc']:.4f} | "
-        writer.write(done, record)
-        _say(f"[{spec.name}] epoch {epoch}: {test_text}train acc vs noisy"
-             f" {record['train_acc_noisy']:.4f}, vs clean {record['train_acc_clean']:.4f} |"
-             f" {record['examples_per_sec']:.0f} img/s")
-        sums = _zero_sums()
-        interval_start = time.perf_counter()
+        _end_epoch(loop, running, done)
       if save_now:
-        # The loss of the last step predates its update: only finite parameters are worth saving.
-        if not bool(_all_finite((state.params, state.batch_stats))):
-          raise _diverged(mngr, "the parameters", done)
-        data_state = iterator.get_state()
-        # Process 0 alone writes the JSON that every process restores: what steers training
-        # must be identical everywhere (timings are process 0's and need not be).
-        parallel.assert_same_on_all_processes(
-            {"data": data_state, "sums": {k: sums[k] for k in _EPOCH_KEYS}},
-            f"the data position or epoch sums at step {done}")
-        checkpoint.save(mngr, done, state, {"data": data_state, "epoch_sums": sums,
-                                            "last_record": record})
+        _save(loop, running, done, iterator)
       if preempted:
         break
+  return done, preempted
+
+
+def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
+                       writer: MetricWriter | None = None) -> dict[str, Any]:
+  """Runs (or resumes) training to spec.total_steps; returns the last epoch's record."""
+  mesh = mesh or parallel.make_mesh()
+  mngr = checkpoint.manager(workdir, max_to_keep=spec.max_to_keep)
+  writer = writer or MetricWriter(workdir)
+  examples_log = (MetricWriter(workdir, filename="examples_seen.jsonl", tensorboard=False)
+                  if spec.record_examples else None)
+  logs = [writer] + ([examples_log] if examples_log is not None else [])
+
+  shape = jax.eval_shape(spec.init_state)
+  state_sharding = parallel.state_shardings(shape, mesh, spec.param_sharding)
+  start_step, running, data_state = _restore_or_init(spec, mngr, shape, state_sharding)
+  for log in logs:
+    log.truncate_after(start_step)
+  train_step_fn, eval_step_fn = _jit_steps(spec, mesh, state_sharding)
+  iterator = spec.train_iterator(data_state)
+  progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ",
+                      active=parallel.is_main_process())
+  loop = _Loop(spec, mesh, mngr, writer, examples_log, progress, eval_step_fn)
+  done, preempted = _run_steps(loop, running, iterator, train_step_fn, start_step)
 
   mngr.wait_until_finished()
   mngr.close()
-  writer.close()
-  if examples_log is not None:
-    examples_log.close()
+  for log in logs:
+    log.close()
   if preempted:
     _say(f"[{spec.name}] preempted: saved {mngr.directory / str(done)} (step {done}) and stopped;"
          " run the same command to resume")
-    return {"step": done, "preempted": True, **(record or {})}
+    return {"step": done, "preempted": True, **(running.record or {})}
   _say(f"[{spec.name}] done: {spec.total_steps} steps in {format_seconds(progress.elapsed())};"
        f" checkpoints in {mngr.directory}")
-  return {"step": spec.total_steps, **(record or {})}
+  return {"step": spec.total_steps, **(running.record or {})}

@@ -1,0 +1,330 @@
+"""The one evaluation path: checkpoint -> frozen encoder -> cached features per dataset split ->
+methods -> one row per (task, method).
+
+Methods are plug-ins in METHODS, each `fit(train, tests, config, *, logit_subsets, log)` ->
+{test name: result}: "lp" and "ridge" (nmjax.probe) train on plain features; "mlp", "nmtune" and
+"lp_aug" (nmjax.nmtune) train on plain features or augmented views. A task's methods are fit once
+per train split and scored on the test sets of every task that trains on it (fashion_mnist and
+fashion_mnist_c share one fit). The transfer and NMTune configs are both served here; they
+differ only in which methods they allow, where the methods' fields live and the row they write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from nmjax import encoder as encoder_lib
+from nmjax import features as features_lib
+from nmjax import nmtune, parallel, probe, spectral, tasks as tasks_lib
+from nmjax.config import check_choice, check_range, parse_names
+from nmjax.data import pipeline
+from nmjax.errors import ConfigError, DataError
+from nmjax.progress import Countdown, format_seconds
+
+TRAIN_VIEWS = ("features", "online", "cached")
+TRANSFER_METHODS = ("lp", "ridge")
+TUNING_METHODS = ("nmtune", "mlp", "lp_aug", "lp")
+CENTERS = ("row", "feature", "none")
+SPECTRUM_TOP_K = 64  # Singular values per task kept by the transfer config (spectra.png).
+
+
+def _with_probe_settings(result: dict[str, Any], method: str,
+                         config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {**result, "method": method, "epochs": config.num_epochs,
+          "batch_size": config.batch_size, "lr": config.learning_rate,
+          "weight_decay": config.weight_decay, **nmtune.loss_weights(0.0, 0.0, 0.0, None)}
+
+
+def _probe_plugin(name: str, probe_fn: Callable[..., dict[str, Any]]) -> Callable[..., dict]:
+  """A probe as a method: one probe per test set (training does not depend on the test set)."""
+
+  def fit(train: Any, tests: Mapping[str, Any], config: ml_collections.ConfigDict, *,
+          logit_subsets: Mapping[str, Any] | None = None,
+          log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    del log  # The probes are one compiled program each: nothing to report per epoch.
+    if isinstance(train, (nmtune.OnlineViews, nmtune.CachedViews)):
+      raise ConfigError(f"config.method={name!r} trains on plain features; pass train features"
+                        " (the 'lp_aug' method is the linear head on augmented views)")
+    results = {}
+    for test_name, test in tests.items():
+      cfg = ml_collections.ConfigDict(config.to_dict())
+      if logit_subsets and logit_subsets.get(test_name) is not None:
+        cfg.logit_subset = tuple(int(c) for c in logit_subsets[test_name])
+      results[test_name] = _with_probe_settings(probe_fn(train, test, cfg), name, cfg)
+    return results
+
+  return fit
+
+
+def _fit_nmtune(train: Any, tests: Mapping[str, Any], config: ml_collections.ConfigDict, *,
+                logit_subsets: Mapping[str, Any] | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+  return nmtune.fit_multi(train, tests, config, logit_subsets=logit_subsets, log=log)
+
+
+# The method registry: name -> fit(train, tests, config, *, logit_subsets, log).
+METHODS: dict[str, Callable[..., dict[str, dict[str, Any]]]] = {
+    "lp": _probe_plugin("lp", probe.linear_probe),
+    "ridge": _probe_plugin("ridge", probe.ridge_probe),
+    "mlp": _fit_nmtune,
+    "nmtune": _fit_nmtune,
+    "lp_aug": _fit_nmtune,
+}
+PROBE_METHODS = ("lp", "ridge")
+
+
+def nmtune_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """The nmjax.nmtune config of one NMTune method, from an NMTune config's fields."""
+  fields = {k: config[k] for k in nmtune.default_config().keys() if k in config}
+  fields["lp"] = config.lp.to_dict()
+  fields["method"] = method
+  return nmtune.resolve_config(ml_collections.ConfigDict(fields))
+
+
+def method_config(config: ml_collections.ConfigDict, method: str,
+                  num_classes: int | None = None) -> ml_collections.ConfigDict:
+  """What METHODS[method] takes. A transfer config holds the probes' fields in config.probe; an
+  NMTune config holds the NMTune fields and, for the probe, config.lp (with its own seed)."""
+  if "probe" in config:
+    cfg = probe.resolve_config(config.probe.to_dict())
+  else:
+    tuned = nmtune_config(config, "nmtune" if method in PROBE_METHODS else method)
+    cfg = nmtune.probe_config(tuned) if method in PROBE_METHODS else tuned
+  cfg.num_classes = num_classes
+  return cfg
+
+
+def check_transfer(config: ml_collections.ConfigDict) -> tuple[list[str], list[tasks_lib.Task]]:
+  """Checks a transfer config before any work; returns (methods, tasks)."""
+  chosen = tasks_lib.resolve(config.tasks)
+  methods = parse_names(config, "methods", TRANSFER_METHODS)
+  check_choice(config, "spectral_center", CENTERS)
+  check_range(config, "batch_size", low=1, integer=True)
+  check_range(config, "max_examples", integer=True)
+  check_range(config, "step", integer=True)
+  return methods, chosen
+
+
+def check_tuning(config: ml_collections.ConfigDict) -> tuple[list[str], list[tasks_lib.Task]]:
+  """Checks an NMTune config before any work; returns (methods, tasks) (no tasks in the
+  features-file mode)."""
+  methods = parse_names(config, "method", TUNING_METHODS)
+  for method in methods:
+    method_config(config, method)
+  if config.train_features or config.test_features:
+    if not (config.train_features and config.test_features):
+      raise ConfigError("config.train_features and config.test_features go together; pass both"
+                        " features files (.npz)")
+    if config.checkpoint:
+      raise ConfigError("pass either features files (config.train_features/test_features) or"
+                        " config.checkpoint, not both")
+    return methods, []
+  if not config.checkpoint:
+    raise ConfigError("nothing to tune: pass --config.train_features=TRAIN.npz"
+                      " --config.test_features=TEST.npz, or --config.checkpoint=PRETRAIN_DIR")
+  check_choice(config, "views", TRAIN_VIEWS)
+  check_range(config, "cached_views", low=2, integer=True)
+  check_range(config, "extract_batch_size", low=1, integer=True)
+  check_range(config, "max_examples", integer=True)
+  check_range(config, "step", integer=True)
+  return methods, tasks_lib.resolve(config.tasks)
+
+
+def open_cache(config: ml_collections.ConfigDict, workdir: str, *,
+               batch_size: int, batch_field: str) -> encoder_lib.FeatureCache:
+  """The prologue of every evaluation: processes, mesh, the encoder and its features cache."""
+  parallel.maybe_initialize_distributed(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch_size, mesh, field=batch_field)
+  data_dir = config.data_dir or None
+  enc = encoder_lib.load(config.checkpoint, step=config.step, mesh=mesh, data_dir=data_dir)
+  return encoder_lib.FeatureCache(enc, workdir, batch_size=batch_size,
+                                  max_examples=config.max_examples, data_dir=data_dir, mesh=mesh)
+
+
+def _images(records: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+  """Every image (uint8 (N, H, W, C)) and label of a split, in order."""
+  images, labels = [], []
+  for batch in pipeline.eval_batches(records, batch_size=1024):
+    images.append(batch["image"][batch["mask"]])
+    labels.append(batch["label"][batch["mask"]].astype(np.int64))
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kind: str, *,
+                    num_views: int, seed: int) -> nmtune.OnlineViews | nmtune.CachedViews:
+  """The train split as two-view rows: "online" (encoded inside every step) or "cached"
+  (num_views augmented views per image encoded once, kept beside the split's features)."""
+  enc = cache.encoder
+  images, labels = _images(cache.records(split))
+  if kind == "online":
+    return nmtune.OnlineViews(encode=enc.encode, variables=enc.variables, images=images,
+                              labels=labels, feature_dim=enc.feature_dim)
+  path = cache.path(split, suffix=f"-aug{num_views}-seed{seed}")
+  if os.path.exists(path):
+    try:
+      stored = features_lib.load(path, feature_dim=enc.feature_dim)
+      return nmtune.CachedViews(stored.features.reshape(num_views, len(labels), -1), labels)
+    except (DataError, ValueError) as e:
+      print(f"[features] ignoring a bad cached views file ({e}); encoding again", flush=True)
+  views = nmtune.cache_views(enc.encode, enc.variables, images, labels, num_views=num_views,
+                             seed=seed, batch_size=cache.batch_size)
+  cache.extracted += 1
+  if jax.process_index() == 0:
+    features_lib.save(path, views.features.reshape(-1, enc.feature_dim),
+                      np.tile(labels, num_views), domain=f"{split} x{num_views} augmented views")
+  return views
+
+
+def provenance(enc: encoder_lib.Encoder) -> dict[str, Any]:
+  """The encoder's fields every row carries."""
+  pre = enc.config
+  return {"checkpoint": enc.workdir, "step": enc.step, "model": pre.model,
+          "pretrain_dataset": pre.dataset, "noise_ratio": pre.get("noise_ratio"),
+          "noise_type": pre.get("noise_type")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """One method's result on one task, with what its row needs."""
+  task: tasks_lib.Task
+  method: str
+  result: dict[str, Any]
+  train: features_lib.FeatureSet   # the plain train features
+  test: features_lib.FeatureSet
+  spectrum: dict[str, Any]         # of the frozen test features
+  num_classes: int
+  views: str
+
+
+def probe_row(fit: Fit, enc: encoder_lib.Encoder) -> dict[str, Any]:
+  """A transfer config's row."""
+  result = fit.result
+  return {"task": fit.task.name, "kind": fit.task.kind, "method": fit.method,
+          "accuracy": float(result["accuracy"]), "sve": float(fit.spectrum["sve"]),
+          "lsvr": float(fit.spectrum["lsvr"]), "num_train": fit.train.num_examples,
+          "num_test": fit.test.num_examples, "feature_dim": fit.train.feature_dim,
+          "num_classes": fit.num_classes, "train": str(fit.task.train), "test": fit.test.domain,
+          **provenance(enc), "seconds": float(result["seconds"]),
+          **({"lambda": float(result["lambda"])} if "lambda" in result else {})}
+
+
+_TUNING_FIELDS = ("method", "accuracy", "mse_weight", "cov_weight", "svd_weight", "svd_topk",
+                  "epochs", "batch_size", "lr", "weight_decay", "seconds", "num_train",
+                  "num_test", "feature_dim", "num_classes", "train_accuracy", "views",
+                  "mlp_ratio", "mlp_layers", "residual_scale_init", "seed",
+                  "residual_scale_mean", "test_accuracy_per_epoch")
+
+
+def tuning_fields(result: dict[str, Any]) -> dict[str, Any]:
+  """The settings and numbers of one fit's result that an NMTune row keeps."""
+  row = {k: result[k] for k in _TUNING_FIELDS if k in result}
+  if "loss_means" in result:
+    row["loss_means"] = result["loss_means"]
+  if "sve" in result and result.get("method") not in PROBE_METHODS:
+    row["z_sve"], row["z_lsvr"] = result["sve"], result["lsvr"]
+  return row
+
+
+def tuning_row(fit: Fit, enc: encoder_lib.Encoder) -> dict[str, Any]:
+  """An NMTune config's row (SVE/LSVR of the frozen test features; z_sve/z_lsvr of z)."""
+  return {"task": fit.task.name, "kind": fit.task.kind, **tuning_fields(fit.result),
+          "sve": fit.spectrum["sve"], "lsvr": fit.spectrum["lsvr"], "train": str(fit.task.train),
+          "test": fit.test.domain, **provenance(enc), "views": fit.views}
+
+
+@dataclasses.dataclass
+class Request:
+  """What to evaluate: tasks x methods, each method's config, the train rows, the spectra."""
+  tasks: list[tasks_lib.Task]
+  methods: list[str]
+  config_of: Callable[[str, int], ml_collections.ConfigDict]   # (method, num_classes) -> config
+  row: Callable[[Fit, encoder_lib.Encoder], dict[str, Any]]
+  views: str = "features"           # the NMTune methods' train rows (TRAIN_VIEWS)
+  num_views: int = 4                # views="cached"
+  seed: int = 0                     # views="cached": the augmentation draws
+  spectral_center: str | None = "row"
+  spectrum_top_k: int | None = None
+  prefix: str = "[evaluate]"
+
+
+def tuning_request(config: ml_collections.ConfigDict, methods: list[str],
+                   chosen: list[tasks_lib.Task], prefix: str = "[nmtune]") -> Request:
+  """The request of an NMTune config in checkpoint mode (rows: tuning_row)."""
+  return Request(chosen, methods, lambda m, c: method_config(config, m, c), tuning_row,
+                 views=config.views, num_views=config.cached_views, seed=config.seed,
+                 prefix=prefix)
+
+
+def _spectrum(request: Request, test: features_lib.FeatureSet) -> dict[str, Any]:
+  kwargs = {} if request.spectrum_top_k is None else {"top_k": request.spectrum_top_k}
+  metrics = spectral.metrics(test.features, center=request.spectral_center, **kwargs)
+  return {**metrics, "spectrum": [float(v) for v in metrics["spectrum"]]}
+
+
+@dataclasses.dataclass
+class Evaluation:
+  rows: list[dict[str, Any]]
+  spectra: dict[str, dict[str, Any]]   # task -> SVE, LSVR, spectrum of its frozen test features
+  features_extracted: int
+
+
+def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_lib.Split,
+               group: list[tasks_lib.Task], spectra: dict[str, dict[str, Any]],
+               countdown: Countdown) -> list[dict[str, Any]]:
+  """Every method fit once on `split`, scored on the test sets of the tasks in `group`."""
+  plain = cache.get(split)
+  tests, subsets = {}, {}
+  for task in group:
+    tests[task.name], label_map = cache.test_set(task)
+    subsets[task.name] = None if label_map is None else tuple(int(c) for c in label_map)
+    spectra[task.name] = _spectrum(request, tests[task.name])
+  num_classes = cache.info(split.dataset).num_classes
+  rows, augmented = [], None
+  for method in request.methods:
+    start = time.perf_counter()
+    train, views = plain, "features"
+    if method not in PROBE_METHODS and request.views != "features":
+      if augmented is None:
+        augmented = augmented_views(cache, split, request.views, num_views=request.num_views,
+                                    seed=request.seed)
+      train, views = augmented, request.views
+    log = (lambda line, m=method: print(f"{request.prefix}   {m} {line}", flush=True)
+           ) if views == "online" else None
+    results = METHODS[method](train, tests, request.config_of(method, num_classes),
+                              logit_subsets=subsets, log=log)
+    for task in group:
+      rows.append(request.row(Fit(task, method, results[task.name], plain, tests[task.name],
+                                  spectra[task.name], num_classes, views), cache.encoder))
+    countdown.done()
+    scores = " ".join(f"{t.name} {results[t.name]['accuracy']:.4f}" for t in group)
+    print(f"{request.prefix} fit {countdown.finished}/{countdown.total} {method} on {split}:"
+          f" {scores} | {format_seconds(time.perf_counter() - start)} | {countdown.line()}",
+          flush=True)
+  return rows
+
+
+def run(cache: encoder_lib.FeatureCache, request: Request) -> Evaluation:
+  """Every method of the request on every task: one fit per (train split, method)."""
+  groups: dict[tasks_lib.Split, list[tasks_lib.Task]] = {}
+  for task in request.tasks:
+    groups.setdefault(task.train, []).append(task)
+  print(f"{request.prefix} {cache.encoder.describe()}: {len(request.tasks)} task(s) on"
+        f" {len(groups)} train split(s) x {', '.join(request.methods)} (views: {request.views})",
+        flush=True)
+  rows: list[dict[str, Any]] = []
+  spectra: dict[str, dict[str, Any]] = {}
+  countdown = Countdown(len(groups) * len(request.methods))
+  for split, group in groups.items():
+    rows += _fit_split(cache, request, split, group, spectra, countdown)
+  order = {t.name: i for i, t in enumerate(request.tasks)}
+  rows.sort(key=lambda r: (order[r["task"]], request.methods.index(r["method"])))
+  return Evaluation(rows, {t.name: spectra[t.name] for t in request.tasks}, cache.extracted)

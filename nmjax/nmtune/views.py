@@ -1,0 +1,135 @@
+"""Augmented views of train images for NMTune's two-view data flow, and each epoch's numpy draws.
+
+OnlineViews (images + a frozen encoder): every step takes n/2 images, augments each twice and
+encodes both views inside the jitted step. CachedViews: K augmented views per image encoded once
+(cache_views); each step picks two distinct cached views of each of its n/2 images, the same
+two-view data flow over a fixed pool of augmentations. Plain features (a FeatureSet) give one
+row per example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nmjax.errors import ConfigError
+from nmjax.features import FeatureSet
+
+# Uniforms per augmented view: area scale, log aspect ratio, row offset, column offset, flip.
+AUGMENT_DRAWS = 5
+CROP_SCALE = (0.8, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_resized_crop_flip(images: jax.Array, draws: jax.Array) -> jax.Array:
+  """The reference's train augmentation at the input size: (B, H, W, C) -> float32 (B, H, W, C).
+
+  draws (B, AUGMENT_DRAWS) uniforms in [0, 1): a crop of area scale in CROP_SCALE and aspect ratio
+  log-uniform in CROP_RATIO (its sides clipped to the image instead of re-drawn), at a uniform
+  position, resized back to H x W bilinearly, then mirrored left-right when the last draw < 0.5.
+  Pixel values keep their units (uint8 in, 0..255 floats out).
+  """
+  _, height, width, channels = images.shape
+  area = height * width * (CROP_SCALE[0] + draws[:, 0] * (CROP_SCALE[1] - CROP_SCALE[0]))
+  log_low, log_high = np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1])
+  ratio = jnp.exp(log_low + draws[:, 1] * (log_high - log_low))
+  crop_w = jnp.clip(jnp.round(jnp.sqrt(area * ratio)), 1, width)
+  crop_h = jnp.clip(jnp.round(jnp.sqrt(area / ratio)), 1, height)
+  top = jnp.floor(draws[:, 2] * (height - crop_h + 1))
+  left = jnp.floor(draws[:, 3] * (width - crop_w + 1))
+
+  def crop_resize(image, crop_h, crop_w, top, left):
+    scale = jnp.stack([height / crop_h, width / crop_w])
+    translation = -jnp.stack([top, left]) * scale
+    return jax.image.scale_and_translate(image.astype(jnp.float32), (height, width, channels),
+                                         (0, 1), scale, translation, method="linear",
+                                         antialias=False)
+
+  out = jax.vmap(crop_resize)(images, crop_h, crop_w, top, left)
+  return jnp.where((draws[:, 4] < 0.5)[:, None, None, None], out[:, :, ::-1], out)
+
+
+Encode = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> (n, D) features
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OnlineViews:
+  """Train images through a frozen encoder, augmented twice per image inside every step."""
+  encode: Encode
+  variables: Any
+  images: np.ndarray  # uint8 (N, H, W, C)
+  labels: np.ndarray  # int64 (N,)
+  feature_dim: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CachedViews:
+  """K augmented views of every train image, encoded once: features (K, N, D), labels (N,)."""
+  features: np.ndarray
+  labels: np.ndarray
+
+  @property
+  def feature_dim(self) -> int:
+    return int(self.features.shape[2])
+
+
+@functools.partial(jax.jit, static_argnames=("encode",))
+def encode_augmented(encode: Encode, variables: Any, images: jax.Array, draws: jax.Array
+                     ) -> jax.Array:
+  """encode(variables, random_resized_crop_flip(images, draws)) in float32, jitted once per
+  encoder and shape (every call of cache_views with the same encoder shares it)."""
+  return encode(variables, random_resized_crop_flip(images, draws)).astype(jnp.float32)
+
+
+def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.ndarray, *,
+                num_views: int, seed: int = 0, batch_size: int = 512) -> CachedViews:
+  """Encodes num_views augmented copies of every image (random_resized_crop_flip, numpy-seeded
+  draws), batch_size images per call; the view pool of CachedViews."""
+  if num_views < 2:
+    raise ConfigError(f"num_views={num_views} (config.cached_views) is not allowed; allowed: >= 2"
+                      " (each step pairs two distinct views of an image)")
+  images = np.asarray(images)
+  num_images = len(images)
+  rng = np.random.default_rng([seed, 7])
+  draws = rng.random((num_views, num_images, AUGMENT_DRAWS), dtype=np.float32)
+  chunks = []
+  for view in range(num_views):
+    parts = []
+    for start in range(0, num_images, batch_size):
+      stop = min(start + batch_size, num_images)
+      # Pad the last chunk to a full batch: one compiled shape for every call.
+      idx = np.minimum(np.arange(start, start + batch_size), num_images - 1)
+      parts.append(np.asarray(encode_augmented(encode, variables, images[idx], draws[view, idx]))
+                   [:stop - start])
+    chunks.append(np.concatenate(parts))
+  return CachedViews(np.stack(chunks), np.asarray(labels, np.int64))
+
+
+def epoch_inputs(train: FeatureSet | CachedViews | OnlineViews, labels: np.ndarray,
+                 rows_per_step: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+  """One epoch's numpy-drawn inputs: (rows, row labels) for a FeatureSet or CachedViews, rows
+  (S, n) indexing the feature table; (image ids (S, n/2), draws (S, 2, n/2, AUGMENT_DRAWS)) for
+  OnlineViews. Every epoch uses floor(N / per-step examples) full steps of a fresh permutation:
+  BatchNorm and the batch-level regularizers need n rows."""
+  num_examples = len(labels)
+  if isinstance(train, FeatureSet):
+    steps = num_examples // rows_per_step
+    rows = rng.permutation(num_examples)[:steps * rows_per_step].reshape(steps, rows_per_step)
+    return rows.astype(np.int32), labels[rows].astype(np.int32)
+  images_per_step = rows_per_step // 2
+  steps = num_examples // images_per_step
+  ids = rng.permutation(num_examples)[:steps * images_per_step].reshape(steps, images_per_step)
+  if isinstance(train, CachedViews):
+    num_views = train.features.shape[0]
+    first = rng.integers(0, num_views, ids.shape)
+    second = (first + rng.integers(1, num_views, ids.shape)) % num_views  # Never the same view.
+    rows = np.concatenate([first * num_examples + ids, second * num_examples + ids], axis=1)
+    return rows.astype(np.int32), labels[np.concatenate([ids, ids], axis=1)].astype(np.int32)
+  draws = rng.random((steps, 2, images_per_step, AUGMENT_DRAWS), dtype=np.float32)
+  return ids.astype(np.int32), draws
