@@ -4,6 +4,7 @@ duration arithmetic (epochs <-> steps) and field validation that fails with one 
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any, Iterable
 
 import ml_collections
@@ -44,8 +45,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key, _, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ConfigError(
-          f"config argument {key!r} is unknown; known: {', '.join(sorted(defaults))}")
+      close = difflib.get_close_matches(key, list(defaults), n=2)
+      hint = f"did you mean {' or '.join(close)}? " if close else ""
+      raise ConfigError(f"config argument {key!r} is unknown; {hint}known:"
+                        f" {', '.join(sorted(defaults))}")
     if "=" not in item and not isinstance(defaults[key], bool):
       raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
     parsed[key] = _coerce(key, value.strip(), defaults[key])
@@ -119,6 +122,7 @@ def add_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
   config.mesh = "data:-1"           # e.g. data:4,model:2
   config.param_sharding = "replicated"  # replicated | model
+  config.allow_changes = ""         # Training fields a resume may change (nmjax.train.pretrain).
   return add_distributed_fields(config)
 
 
@@ -322,4 +326,7 @@ def pretrain_run(experiment: ml_collections.ConfigDict, *, noise_ratio: float, s
   config.seed = int(seed)
   config.data_dir = data_dir        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
   config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
+  # Comma-separated training fields (e.g. learning_rate,num_train_steps) this run may change
+  # when it resumes a checkpoint; config.json records each change (nmjax.train.pretrain).
+  config.allow_changes = ""
   return add_distributed_fields(config)

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from nmjax import features as features_lib
 from nmjax import models, parallel, tasks as tasks_lib
@@ -39,6 +38,7 @@ class Encoder:
   variables: Any                      # {"params", "batch_stats"}, replicated on the mesh
   encode: Callable[[Any, jax.Array], jax.Array]
   feature_dim: int
+  digest: str                         # content_digest(config, variables)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -46,9 +46,9 @@ class Encoder:
 
   @property
   def identity(self) -> str:
-    """Short hash of (real path, step): the key of cached features of this checkpoint."""
-    text = f"{os.path.realpath(self.workdir)}@{self.step}"
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    """The key of this encoder's cached features: its content digest, not its path, so a
+    workdir trained again (even at the same path and step) never reuses old features."""
+    return self.digest
 
   def describe(self) -> str:
     """'resnet_small from DIR (step N; pre-trained on D with symmetric noise r)'."""
@@ -57,21 +57,33 @@ class Encoder:
             f" with {pre.get('noise_type', 'symmetric')} noise {pre.get('noise_ratio')})")
 
 
+def content_digest(config: ml_collections.ConfigDict, variables: Any) -> str:
+  """Short sha256 of what the features depend on: the model, compute dtype and input
+  normalisation (the pre-training dataset) named in `config`, and the bytes of every weight."""
+  digest = hashlib.sha256(json.dumps(
+      [config.get("model"), config.get("dtype", "float32"), config.get("dataset")]).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    # Replicated arrays: every shard, the first addressable one included, is the whole array.
+    array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
 def _checkpoint_steps(workdir: str) -> list[int]:
   """The committed steps of a pre-training workdir; fails with one line when it is none."""
   if not workdir:
     raise ConfigError("config.checkpoint is empty; pass --config.checkpoint=PRETRAIN_WORKDIR")
+  if os.path.isfile(workdir):
+    raise ConfigError(f"config.checkpoint={workdir} is a file, not a pre-training workdir; pass"
+                      " the folder a pre-training run wrote (its config.json and checkpoints/)")
   if not os.path.isdir(workdir):
     raise ConfigError(f"config.checkpoint={workdir} does not exist; pass a pre-training workdir")
   if not os.path.isfile(os.path.join(workdir, "config.json")):
     raise DataError(f"config.checkpoint={workdir} has no config.json: not a pre-training workdir"
                     " (main.py --config configs/pretrain.py --workdir DIR writes one)")
-  checkpoints = os.path.join(workdir, "checkpoints")
-  steps = []
-  if os.path.isdir(checkpoints):
-    mngr = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(create=False))
-    steps = list(mngr.all_steps())
-    mngr.close()
+  checkpoints = checkpoint.directory(workdir)
+  steps = checkpoint.saved_steps(workdir)  # Named steps; load_state checks the one it uses.
   if not steps:
     raise DataError(f"config.checkpoint={workdir} has no checkpoint (nothing committed under"
                     f" {checkpoints}); finish or resume the pre-training run first")
@@ -83,15 +95,22 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
   """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint)."""
   workdir = os.path.abspath(workdir) if workdir else workdir
   steps = _checkpoint_steps(workdir)
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if step < 0:
-    step = max(steps)
-  elif step not in steps:
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (ValueError, TypeError, AttributeError) as e:  # Torn, or JSON but not an object.
+    raise DataError(f"config.checkpoint={workdir}: {path} cannot be read ({type(e).__name__});"
+                    " it is torn or not a pre-training config, so nothing says what the"
+                    " checkpoints are of; put that run's config.json back") from None
+  if step >= 0 and step not in steps:
     raise ConfigError(f"config.step={step} is not a checkpoint of {workdir}; saved steps:"
                       f" {', '.join(map(str, sorted(steps)))}")
   mesh = mesh or parallel.make_mesh()
-  _, state = checkpoint.load_state(workdir, step=step, sharding=parallel.replicated(mesh))
+  # The newest usable step (damaged newer ones skipped with a warning), or the one asked for,
+  # refused with its folder named when it cannot be used.
+  step, state = checkpoint.load_state(workdir, step=step if step >= 0 else None,
+                                      sharding=parallel.replicated(mesh))
   variables = {k: state[k] for k in ("params", "batch_stats")}
 
   info = sources.get_source(config.dataset,
@@ -105,7 +124,8 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
     return pooled.astype(jnp.float32)
 
   return Encoder(workdir=workdir, step=int(step), config=config, info=info, variables=variables,
-                 encode=encode, feature_dim=models.feature_dim(config.model))
+                 encode=encode, feature_dim=models.feature_dim(config.model),
+                 digest=content_digest(config, variables))
 
 
 def evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:

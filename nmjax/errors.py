@@ -15,3 +15,21 @@ class DataError(NmjaxError):
 
 class TrainingError(NmjaxError):
   """Training cannot go on (e.g. a non-finite loss); the message names the step and checkpoint."""
+
+
+class Interrupted(NmjaxError):
+  """The user stopped the run (Ctrl-C): what was committed is kept; the message says how to go
+  on. main.py exits with `exit_code` (130, the shell's code for SIGINT)."""
+  exit_code = 130
+
+
+def os_error_in(error: BaseException | None, errnos: tuple[int, ...]) -> OSError | None:
+  """The first OSError with one of `errnos` in the chain of `error`'s causes (libraries such as
+  TFDS or orbax re-raise a full disk or a read-only folder inside their own exceptions)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in errnos:
+      return error
+    error = error.__cause__ or error.__context__
+  return None

@@ -8,8 +8,14 @@ A features file is an .npz holding
     domain        str          optional (where the examples come from, e.g. "mnist/test")
 
 from any source, a black-box API included: the probes and NMTune read these. `load` and
-`as_feature_set` refuse a file (or array pair) with a non-finite value, a wrong dimension or labels
-outside [0, C) with one line naming the file and the problem.
+`as_feature_set` refuse a file (or array pair) that is not such an .npz (a plain .npy, a truncated
+or foreign file, a directory), a non-finite value, a wrong dimension or labels outside [0, C) with
+one line naming the file and the problem. Where the labels themselves size a head (no
+num_classes given: C = max label + 1), C may be at most CLASS_GAP_FACTOR x the distinct labels
+present and at most MAX_CLASSES (ImageNet-21k, the largest label set in common use, has 21,843
+classes), so one stray label such as 999999 is refused naming its row instead of becoming a
+million-class head. Features past HUGE_FEATURE in absolute value get a warning line: float32
+products of them overflow and the probes fall to chance level.
 
 `extract` runs an encoder in inference mode over padded, masked batches (nmjax.data.pipeline's
 eval_batches) and returns the features of every example exactly once, in batch order, on any mesh.
@@ -19,6 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -30,6 +39,12 @@ from nmjax import report
 from nmjax.errors import DataError
 
 Array = np.ndarray
+# The most classes a head may have (ImageNet-21k, the largest label set in common use, has 21,843).
+MAX_CLASSES = 100_000
+# Labels that size a head (C = max + 1) may span at most this many times the distinct labels.
+CLASS_GAP_FACTOR = 2
+# Finite features past this in absolute value get a warning (no encoder output comes near it).
+HUGE_FEATURE = 1e8
 FeaturesLike = Any  # FeatureSet | str | os.PathLike | tuple[features, labels]
 
 
@@ -49,6 +64,10 @@ class FeatureSet:
   @property
   def feature_dim(self) -> int:
     return int(self.features.shape[1])
+
+  def where(self, name: str) -> str:
+    """How messages name these features: their file, else `name`."""
+    return f"features file {self.path}" if self.path else name
 
 
 def check_matrix(name: str, values: Any) -> Array:
@@ -71,9 +90,15 @@ def check_matrix(name: str, values: Any) -> Array:
 
 
 def check_labels(name: str, values: Any, num_examples: int, num_classes: int | None, *,
-                 what: str = "labels") -> Array:
-  """`values` as int64 (num_examples,) class indices in [0, num_classes) (in [0, C) when None),
-  or a DataError naming `name`. Shared by features files and NMTune's train views."""
+                 what: str = "labels", note: str = "") -> Array:
+  """`values` as int64 (num_examples,) class indices, or a DataError naming `name` and the row.
+
+  num_classes: the labels must lie in [0, num_classes) (`note` says where that bound comes from,
+  e.g. the classes inferred from a train split). None: these labels size a head of max + 1
+  classes, which must stay at most CLASS_GAP_FACTOR x the distinct labels present and at most
+  MAX_CLASSES. To validate labels that size nothing (a test split, a file being saved), pass
+  MAX_CLASSES. Shared by features files, the probes, NMTune's train views and the NMTune job.
+  """
   values = np.asarray(values)
   if values.shape != (num_examples,):
     raise DataError(f"{name}: {what} must have shape ({num_examples},) to match the"
@@ -81,64 +106,130 @@ def check_labels(name: str, values: Any, num_examples: int, num_classes: int | N
   if not np.issubdtype(values.dtype, np.integer):
     if not (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values))):
       raise DataError(f"{name}: {what} must be integers, got dtype {values.dtype}")
+    if np.abs(values).max() >= 2.0 ** 62:
+      raise DataError(f"{name}: {what} must be class indices, got {np.abs(values).max():g}")
   values = values.astype(np.int64)
-  if values.min() < 0 or (num_classes is not None and values.max() >= num_classes):
-    bound = f"[0, {num_classes})" if num_classes is not None else "[0, C)"
-    raise DataError(f"{name}: {what} outside {bound}: min {values.min()}, max {values.max()}")
+  if num_classes is None and values.min() >= 0:
+    _check_gaps(name, values, what)
+  bound = MAX_CLASSES if num_classes is None else num_classes
+  bad = (values < 0) | (values >= bound)
+  if bad.any():
+    row = int(np.flatnonzero(bad)[0])
+    label = f"{what[:-1]} {values[row]} in row {row}"
+    if bound >= MAX_CLASSES and values[row] >= 0:
+      raise DataError(f"{name}: {label} is past nmjax's limit of {MAX_CLASSES:,} classes;"
+                      f" {what} must be class indices 0..C-1")
+    shown = "C" if num_classes is None else bound
+    raise DataError(f"{name}: {what} outside [0, {shown}): {label}{note}")
   return values
 
 
+def _check_gaps(name: str, values: Array, what: str) -> None:
+  """Refuses labels whose max + 1 is far more than the classes present (a stray label)."""
+  present = np.unique(values)
+  size = int(present[-1]) + 1
+  if size <= max(2, CLASS_GAP_FACTOR * len(present)):
+    return
+  row = int(np.flatnonzero(values == present[-1])[0])
+  below = int(present[-2]) if len(present) > 1 else None
+  others = f"the next largest is {below}" if below is not None else "it is the only label"
+  raise DataError(
+      f"{name}: {what[:-1]} {present[-1]} in row {row} is far past the others ({others};"
+      f" {len(present)} distinct {what}), so the head would have {size:,} classes; {what} must be"
+      f" class indices 0..C-1 with C at most {CLASS_GAP_FACTOR} x the distinct {what} (pass"
+      " config.num_classes to size the head yourself)")
+
+
+def inferred_classes_note(num_classes: int) -> str:
+  """check_labels' note for test labels checked against classes inferred from train labels."""
+  return (f" is outside the {num_classes} classes inferred from the train labels (max train"
+          " label + 1), so the head could never predict it; pass config.num_classes if the train"
+          " split lacks the top classes")
+
+
+def warn_if_huge(name: str, features: Array) -> None:
+  """Prints one warning line when features exceed HUGE_FEATURE in absolute value (finite, but
+  their float32 products overflow: a probe on them scores at chance level)."""
+  peak = float(np.abs(features).max())
+  if peak > HUGE_FEATURE:
+    print(f"warning: {name}: features reach {peak:.3g} in absolute value (over {HUGE_FEATURE:g});"
+          " float32 products of such values overflow, so the results may be at chance level;"
+          " rescale the features (e.g. divide by their standard deviation)", file=sys.stderr,
+          flush=True)
+
+
 def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
-           num_classes: int | None, feature_dim: int | None) -> tuple[Array, Array, Array | None]:
+           num_classes: int | None, feature_dim: int | None,
+           note: str = "") -> tuple[Array, Array, Array | None]:
   """Returns (features float32, labels int64, clean_labels int64|None) or raises DataError."""
   features = check_matrix(name, features)
   if feature_dim is not None and features.shape[1] != feature_dim:
     raise DataError(f"{name}: feature dimension {features.shape[1]} != expected {feature_dim}")
 
-  def as_labels(what: str, values: Any) -> Array:
-    return check_labels(name, values, features.shape[0], num_classes, what=what)
+  def as_labels(what: str, values: Any, classes: int | None) -> Array:
+    return check_labels(name, values, features.shape[0], classes, what=what, note=note)
 
-  labels = as_labels("labels", labels)
+  labels = as_labels("labels", labels, num_classes)
   if clean_labels is not None:
-    clean_labels = as_labels("clean_labels", clean_labels)
+    # Clean labels size nothing: the noisy labels (what a head trains on) do.
+    clean_labels = as_labels("clean_labels", clean_labels, num_classes or MAX_CLASSES)
   return features, labels, clean_labels
 
 
-def load(path: str | os.PathLike, *, num_classes: int | None = None,
-         feature_dim: int | None = None) -> FeatureSet:
-  """Reads and validates a features file (.npz); raises DataError naming the file."""
-  name = os.fspath(path)
+def _read_npz(name: str) -> dict[str, Array]:
+  """Every array of the .npz file `name`, or a DataError saying what the file is instead."""
+  if os.path.isdir(name):
+    raise DataError(f"features file {name} is a directory, not an .npz file")
   if not os.path.isfile(name):
     raise DataError(f"features file {name} does not exist")
+  with open(name, "rb") as f:
+    magic = f.read(6)
+  if magic == b"\x93NUMPY":
+    raise DataError(f"features file {name} is a single .npy array; a features file is an .npz"
+                    " holding `features` (N, D) and `labels` (N,): np.savez(path, features=...,"
+                    " labels=...)")
+  if not magic.startswith(b"PK"):
+    raise DataError(f"features file {name} cannot be read: it is not an .npz file (no zip"
+                    " header); write one with np.savez(path, features=..., labels=...) or"
+                    " nmjax.features.save")
   try:
     with np.load(name, allow_pickle=False) as data:
-      contents = {k: data[k] for k in data.files}
-  except (OSError, ValueError) as e:
-    raise DataError(f"features file {name} cannot be read as .npz ({e})") from None
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    # numpy's own text may advise loading "unsafely" with allow_pickle: never useful here.
+    raise DataError(f"features file {name} cannot be read as .npz (truncated or damaged:"
+                    f" {type(e).__name__}); write it again") from None
+
+
+def load(path: str | os.PathLike, *, num_classes: int | None = None,
+         feature_dim: int | None = None, note: str = "") -> FeatureSet:
+  """Reads and validates a features file (.npz); raises DataError naming the file (num_classes
+  and note: as check_labels takes them)."""
+  name = os.fspath(path)
+  contents = _read_npz(name)
   missing = [k for k in ("features", "labels") if k not in contents]
   if missing:
     raise DataError(f"features file {name} has no {' or '.join(missing)} array (it holds:"
                     f" {', '.join(sorted(contents)) or 'nothing'})")
   features, labels, clean = _check(
       f"features file {name}", contents["features"], contents["labels"],
-      contents.get("clean_labels"), num_classes=num_classes, feature_dim=feature_dim)
+      contents.get("clean_labels"), num_classes=num_classes, feature_dim=feature_dim, note=note)
   domain = contents.get("domain")
   return FeatureSet(features, labels, clean, None if domain is None else str(domain), name)
 
 
 def as_feature_set(x: FeaturesLike, *, name: str, num_classes: int | None = None,
-                   feature_dim: int | None = None) -> FeatureSet:
+                   feature_dim: int | None = None, note: str = "") -> FeatureSet:
   """A FeatureSet from a FeatureSet, a features-file path or a (features, labels) pair."""
   if isinstance(x, (str, os.PathLike)):
-    return load(x, num_classes=num_classes, feature_dim=feature_dim)
+    return load(x, num_classes=num_classes, feature_dim=feature_dim, note=note)
   if isinstance(x, FeatureSet):
-    where = f"features file {x.path}" if x.path else name
-    features, labels, clean = _check(where, x.features, x.labels, x.clean_labels,
-                                     num_classes=num_classes, feature_dim=feature_dim)
+    features, labels, clean = _check(x.where(name), x.features, x.labels, x.clean_labels,
+                                     num_classes=num_classes, feature_dim=feature_dim, note=note)
     return dataclasses.replace(x, features=features, labels=labels, clean_labels=clean)
   if isinstance(x, (tuple, list)) and len(x) == 2:
     features, labels, _ = _check(name, x[0], x[1], None, num_classes=num_classes,
-                                 feature_dim=feature_dim)
+                                 feature_dim=feature_dim, note=note)
     return FeatureSet(features, labels)
   raise DataError(f"{name}: expected a features file path, a FeatureSet or a (features, labels)"
                   f" pair, got {type(x).__name__}")
@@ -150,7 +241,7 @@ def save(path: str | os.PathLike, features: Array, labels: Array, *,
   """Writes a features file atomically (temporary name, then rename); returns its path."""
   path = os.fspath(path)
   features, labels, clean_labels = _check(path, features, labels, clean_labels,
-                                          num_classes=None, feature_dim=None)
+                                          num_classes=MAX_CLASSES, feature_dim=None)
   arrays = {"features": features, "labels": labels}
   if clean_labels is not None:
     arrays["clean_labels"] = clean_labels

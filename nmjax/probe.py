@@ -49,7 +49,8 @@ import optax
 
 from nmjax.config import check_range, overlay, probe_fields
 from nmjax.errors import ConfigError, DataError
-from nmjax.features import FeatureSet, FeaturesLike, as_feature_set
+from nmjax.features import (MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set,
+                            inferred_classes_note, warn_if_huge)
 
 # How many times each jitted program was traced; tests read it to catch silent recompilation.
 TRACES: collections.Counter[str] = collections.Counter()
@@ -73,7 +74,7 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
   check_range(resolved, "num_epochs", low=1, integer=True)
   check_range(resolved, "seed", low=0, integer=True)
   if resolved.num_classes is not None:
-    check_range(resolved, "num_classes", low=2, integer=True)
+    check_range(resolved, "num_classes", low=2, high=MAX_CLASSES, integer=True)
   check_range(resolved, "ridge_holdout_fraction", low=0.0, high=1.0, low_inclusive=False,
               high_inclusive=False)
   lambdas = resolved.ridge_lambdas
@@ -87,15 +88,20 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
 
 def _load_splits(train: FeaturesLike, test: FeaturesLike, num_classes: int | None
                  ) -> tuple[FeatureSet, FeatureSet, int]:
-  """Validated train/test features with the same dimension, and the number of classes."""
+  """Validated train/test features with the same dimension, and the number of classes (None:
+  max train label + 1; a test label past it is refused, as no head could predict it)."""
   train_set = as_feature_set(train, name="probe train features", num_classes=num_classes)
-  test_set = as_feature_set(test, name="probe test features", num_classes=num_classes,
-                            feature_dim=train_set.feature_dim)
-  if num_classes is None:
-    num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
+  given = num_classes is not None
+  if not given:
+    num_classes = int(train_set.labels.max()) + 1
     if num_classes < 2:
-      raise DataError("probe features: every train and test label is 0; a probe needs at least"
-                      " 2 classes")
+      raise DataError("probe train features: every train label is 0; a probe needs at least 2"
+                      " classes")
+  test_set = as_feature_set(
+      test, name="probe test features", num_classes=num_classes, feature_dim=train_set.feature_dim,
+      note="" if given else inferred_classes_note(num_classes))
+  warn_if_huge(train_set.where("probe train features"), train_set.features)
+  warn_if_huge(test_set.where("probe test features"), test_set.features)
   return train_set, test_set, num_classes
 
 

@@ -20,13 +20,19 @@ KINDS = ("id", "ood")  # nmjax.tasks.KINDS: in-distribution, out-of-distribution
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   """A temporary name beside `path` (same extension) to write; renamed onto `path` only when the
-  block finishes, removed when it fails: a kill never leaves a torn file under the final name."""
+  block finishes, removed when it fails: a kill never leaves a torn file under the final name.
+  An OSError raised in the block (a full disk) names `path`."""
   path = os.fspath(path)
   root, ext = os.path.splitext(path)
   tmp = f"{root}.tmp{os.getpid()}{ext}"
   try:
     yield tmp
     os.replace(tmp, path)
+  except OSError as e:
+    # A write that fails (a full disk) carries no file name: name the file it was for.
+    if e.filename is None or e.filename == tmp:
+      e.filename = path
+    raise
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

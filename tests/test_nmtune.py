@@ -361,7 +361,7 @@ def test_bad_inputs_give_one_line(tmp_path):
     nmtune.fit(train, narrow, small_batch)
   _one_line(e)
   beyond = (train[0], np.where(np.arange(100) == 7, 4, train[1]))
-  with pytest.raises(DataError, match="label 4 is outside the 4 classes inferred") as e:
+  with pytest.raises(DataError, match="label 4 in row 7 is outside the 4 classes inferred") as e:
     nmtune.fit(train, beyond, small_batch)
   _one_line(e)
   cases = [

@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import helpers
+
 from nmjax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,14 +45,6 @@ def _final_params(workdir):
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mngr.close()
   return step, restored["state"]
-
-
-def _assert_trees_equal(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 LONGER = ("--config.num_train_steps=30", "--config.max_train_examples=320",
@@ -126,7 +120,7 @@ def test_sigterm_then_sigkill_at_random_steps_then_resume_is_bitwise_identical(u
   step_a, state_a = _final_params(reference)
   step_b, state_b = _final_params(tmp_path)
   assert step_a == step_b == 30
-  _assert_trees_equal(state_a, state_b)
+  helpers.assert_trees_equal(state_a, state_b)
   # The same examples, in the same order, at every step (each step recorded once).
   ref_seen = [json.loads(l) for l in open(reference / "examples_seen.jsonl")]
   got_seen = [json.loads(l) for l in open(tmp_path / "examples_seen.jsonl")]
@@ -197,7 +191,8 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
   # A healthy start leaves a checkpoint at step 4; resuming with an absurd learning rate blows up.
   code, out = _run(tmp_path, "--config.num_train_steps=4")
   assert code == 0, out
-  code, out = _run(tmp_path, "--config.learning_rate=1e30", "--config.num_train_steps=12")
+  code, out = _run(tmp_path, "--config.learning_rate=1e30", "--config.num_train_steps=12",
+                   "--config.allow_changes=learning_rate,num_train_steps")
   assert code == 2, out
   error = [l for l in out.splitlines() if l.startswith("error: ")]
   assert len(error) == 1, out

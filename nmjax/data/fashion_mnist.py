@@ -14,6 +14,7 @@ several processes start at once or a run is killed halfway (see its docstring).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nmjax.errors import DataError
+from nmjax.errors import DataError, os_error_in
 
 CLASS_NAMES = (
   "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -137,6 +138,21 @@ def _exclusive_lock(lock_path: pathlib.Path) -> Iterator[None]:
       fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _writable(data_dir: pathlib.Path) -> Iterator[None]:
+  """Turns a read-only or forbidden data folder into one line naming the variable to set."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    cause = os_error_in(e, (errno.EROFS, errno.EACCES, errno.EPERM))
+    if cause is None:
+      raise
+    raise DataError(f"the data folder {data_dir} cannot be written ({cause.strerror}:"
+                    f" {cause.filename or data_dir}), and Fashion-MNIST is prepared there on first"
+                    " use; set NMJAX_DATA_DIR (or --config.data_dir) to a writable folder"
+                    ) from None
+
+
 def _remove_stale_incomplete_dirs(dataset_dir: pathlib.Path) -> None:
   """Deletes TFDS tmp folders left by killed runs (older than an hour, so never a live one)."""
   for folder in dataset_dir.glob("incomplete.*"):
@@ -159,7 +175,7 @@ def prepare(data_dir: str | os.PathLike, raw_dir: str | os.PathLike) -> NmjaxFas
   if builder.is_prepared():
     return builder
   check_raw_files(raw_dir)
-  with _exclusive_lock(data_dir / f".{builder.name}.lock"):
+  with _writable(data_dir), _exclusive_lock(data_dir / f".{builder.name}.lock"):
     # Another process may have finished while we waited for the lock.
     builder = NmjaxFashionMnist(data_dir=os.fspath(data_dir), file_format="array_record")
     if not builder.is_prepared():

@@ -4,9 +4,11 @@ another job; what two jobs share lives in the library."""
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import ml_collections
 
+from nmjax import lock
 from nmjax.errors import ConfigError
 
 JOBS = ("study", "pretrain", "transfer", "nmtune")
@@ -25,19 +27,42 @@ def prepare_workdir(workdir: str) -> str:
   return path
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Dispatches on config.job."""
-  job = config.get("job")
-  if job == "study":
+def _job(name: Any) -> tuple[Callable[[ml_collections.ConfigDict], Any], Callable[..., dict]]:
+  """(check, run) of a job: the config check that comes before any work, and the job."""
+  if name == "study":
     from nmjax.jobs import study
-    return study.run(config, workdir)
-  if job == "pretrain":
+    return study.validate, study.run
+  if name == "pretrain":
     from nmjax.jobs import pretrain
-    return pretrain.run(config, workdir)
-  if job == "transfer":
-    from nmjax.jobs import evaluate
-    return evaluate.run_transfer(config, workdir)
-  if job == "nmtune":
-    from nmjax.jobs import evaluate
-    return evaluate.run_nmtune(config, workdir)
-  raise ConfigError(f"config.job={job!r} is unknown; allowed: {', '.join(JOBS)}")
+    return pretrain.validate, pretrain.run
+  if name in ("transfer", "nmtune"):
+    from nmjax import evaluate
+    from nmjax.jobs import evaluate as evaluate_job
+    if name == "transfer":
+      return evaluate.check_transfer, evaluate_job.run_transfer
+    return evaluate.check_tuning, evaluate_job.run_nmtune
+  raise ConfigError(f"config.job={name!r} is unknown; allowed: {', '.join(JOBS)}")
+
+
+def _process_index(config: ml_collections.ConfigDict) -> int:
+  """This process's index in the job's processes, before they connect where the config tells it
+  (explicit), else after connecting (auto); it names the process's lock file."""
+  mode = os.environ.get("NMJAX_DISTRIBUTED", str(config.get("distributed", "none")))
+  if mode == "explicit":
+    process_id = config.get("process_id", 0)
+    return process_id if isinstance(process_id, int) and process_id > 0 else 0
+  if mode == "auto":
+    import jax  # pylint: disable=g-import-not-at-top
+    from nmjax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.maybe_initialize_distributed(config)
+    return jax.process_index()
+  return 0
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs config.job in `workdir`, holding the workdir's lock (nmjax.lock) while it writes."""
+  job = config.get("job")
+  check, run_job = _job(job)
+  check(config)  # A bad config fails before the workdir is made.
+  with lock.hold(prepare_workdir(workdir), f"job {job}", process_index=_process_index(config)):
+    return run_job(config, workdir)

@@ -11,8 +11,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from nmjax import evaluate, features as features_lib, report
+from nmjax.errors import DataError
 from nmjax.jobs import prepare_workdir
 from nmjax.progress import format_seconds
 
@@ -45,22 +47,52 @@ def run_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   return {"rows": result.rows, "features_extracted": result.features_extracted}
 
 
+def _load_files(config: ml_collections.ConfigDict) -> tuple[features_lib.FeatureSet,
+                                                            features_lib.FeatureSet]:
+  """The train and test features files, checked against each other before any method runs: the
+  same D, and every test label a class the train file holds."""
+  given = config.num_classes
+  train = features_lib.load(config.train_features, num_classes=given)
+  top = given or int(train.labels.max()) + 1
+  test = features_lib.load(config.test_features, num_classes=top,
+                           note="" if given else features_lib.inferred_classes_note(top))
+  where = f"test features file {test.path}"
+  if test.feature_dim != train.feature_dim:
+    raise DataError(f"{where}: feature dimension {test.feature_dim} differs from the train"
+                    f" features' ({train.feature_dim}, {train.path})")
+  unseen = ~np.isin(test.labels, train.labels)
+  if unseen.any():
+    row = int(np.flatnonzero(unseen)[0])
+    raise DataError(f"{where}: label {test.labels[row]} in row {row} never occurs in the train"
+                    f" features file {train.path} ({int(unseen.sum())} test rows of"
+                    f" {len(np.unique(test.labels[unseen]))} such classes), so no method trained"
+                    " there could predict it; drop those rows or add the class to train")
+  return train, test
+
+
+def _append_line(path: str, row: dict[str, Any]) -> None:
+  """Appends one JSON line whole or not at all (a full disk never leaves a torn line)."""
+  existing = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = f.read()
+  report.write_text(path, existing + json.dumps(row) + "\n")
+
+
 def _run_files(config: ml_collections.ConfigDict, methods: list[str], workdir: str) -> dict:
   """Features-file mode: one appended JSON line per method."""
   path = os.path.join(workdir, "results.jsonl")
-  train = features_lib.load(config.train_features)
-  test = features_lib.load(config.test_features)
+  train, test = _load_files(config)
   rows = []
   for method in methods:
-    result = evaluate.METHODS[method](train, {"test": test},
-                                      evaluate.method_config(config, method))["test"]
+    result = evaluate.METHODS[method](
+        train, {"test": test}, evaluate.method_config(config, method, config.num_classes))["test"]
     row = {**evaluate.tuning_fields(result),
            "train_features": os.path.abspath(config.train_features),
            "test_features": os.path.abspath(config.test_features)}
     rows.append(row)
     if jax.process_index() == 0:
-      with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      _append_line(path, row)
     print(f"[nmtune] {method}: accuracy {row['accuracy']:.4f} | {row['num_train']} train,"
           f" {row['num_test']} test, D={row['feature_dim']}, C={row['num_classes']} |"
           f" {format_seconds(row['seconds'])}", flush=True)

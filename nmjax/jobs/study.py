@@ -43,9 +43,10 @@ from nmjax.jobs import prepare_workdir
 from nmjax.progress import Countdown, format_seconds
 from nmjax.train import pretrain
 
-# Fields that cannot change a stage's numbers: a finished stage is reused whatever they are.
+# Fields that cannot change a stage's numbers: a finished stage is reused whatever they are
+# (allow_changes only lets a resume go on; config.json's history is a pre-training record).
 _NOT_IDENTITY = ("log_every_steps", "checkpoint_every_steps", "max_to_keep", "data_dir",
-                 "checkpoint")
+                 "checkpoint", "allow_changes", "history")
 STAGE_FILE = "stage.json"
 
 

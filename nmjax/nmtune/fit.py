@@ -27,7 +27,9 @@ import numpy as np
 from nmjax import config as config_lib, probe, spectral
 from nmjax.config import check_choice, check_range
 from nmjax.errors import ConfigError, DataError, TrainingError
-from nmjax.features import FeatureSet, FeaturesLike, as_feature_set, check_labels, check_matrix
+from nmjax.features import (MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set,
+                            check_labels, check_matrix, inferred_classes_note,
+                            warn_if_huge)
 from nmjax.nmtune.head import NMTuneHead, init_variables
 from nmjax.nmtune.programs import (LOSS_TERMS, ProgramSpec, State, make_optimizer, online_epoch,
                                    predict_all, table_epoch)
@@ -89,7 +91,7 @@ def resolve_config(config: Mapping[str, Any] | None) -> ml_collections.ConfigDic
   check_range(resolved, "residual_scale_init", low=-1e6, high=1e6)
   check_range(resolved, "seed", low=0, integer=True)
   if resolved.num_classes is not None:
-    check_range(resolved, "num_classes", low=2, integer=True)
+    check_range(resolved, "num_classes", low=2, high=MAX_CLASSES, integer=True)
   return resolved
 
 
@@ -129,7 +131,8 @@ def _train_labels(train: TrainLike, num_classes: int | None) -> tuple[Any, np.nd
     if train.features.ndim != 3:
       raise DataError(f"NMTune cached views: features must be (K, N, D), got shape"
                       f" {train.features.shape}")
-    check_matrix("NMTune cached views", train.features.reshape(-1, train.feature_dim))
+    table = check_matrix("NMTune cached views", train.features.reshape(-1, train.feature_dim))
+    warn_if_huge("NMTune cached views", table)
     labels = check_labels("NMTune cached views", train.labels, train.features.shape[1],
                           num_classes)
     return train, labels, train.feature_dim
@@ -137,26 +140,21 @@ def _train_labels(train: TrainLike, num_classes: int | None) -> tuple[Any, np.nd
     labels = check_labels("NMTune online views", train.labels, len(train.images), num_classes)
     return train, labels, train.feature_dim
   train_set = as_feature_set(train, name="NMTune train features", num_classes=num_classes)
+  warn_if_huge(train_set.where("NMTune train features"), train_set.features)
   return train_set, train_set.labels, train_set.feature_dim
 
 
 def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes: int,
                given_classes: bool) -> dict[str, FeatureSet]:
+  note = " (config.num_classes)" if given_classes else inferred_classes_note(num_classes)
   sets = {}
   for name, test in tests.items():
     where = "NMTune test features" + ("" if name == "test" else f" {name!r}")
-    sets[name] = as_feature_set(test, name=where)
+    sets[name] = as_feature_set(test, name=where, num_classes=num_classes, note=note)
     if sets[name].feature_dim != feature_dim:
       raise DataError(f"{where}: feature dimension {sets[name].feature_dim} differs from the"
                       f" train features' ({feature_dim})")
-    high = int(sets[name].labels.max())
-    if high >= num_classes and given_classes:
-      raise DataError(f"{where}: label {high} is outside config.num_classes={num_classes}")
-    if high >= num_classes:
-      raise DataError(
-          f"{where}: label {high} is outside the {num_classes} classes inferred from the train"
-          " labels (max train label + 1); the head could never predict it. Pass"
-          " config.num_classes if the train split lacks the top classes")
+    warn_if_huge(sets[name].where(where), sets[name].features)
   return sets
 
 

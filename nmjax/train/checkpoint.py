@@ -1,9 +1,15 @@
-"""orbax checkpoints of the train state plus the loop's JSON state (data iterator, epoch sums).
+"""orbax checkpoints of the train state plus the loop's JSON state (data iterator, epoch sums),
+and the one way to read them back: restore that never trusts what it cannot read.
 
 A checkpoint is committed atomically by orbax (written under a temporary name,
 `<step>.orbax-checkpoint-tmp-*`, and renamed when complete), so a kill at any moment leaves either
-the previous checkpoints or a new complete one; the manager lists and restores committed steps
-only.
+the previous checkpoints or a new complete one; only folders named by a bare step number are
+steps. Such a folder can still be unusable (a foreign or empty `99/`, a truncated array file, a
+deleted `_METADATA`): every reader checks a step before it uses it (each item and its metadata
+present and readable, the arrays' shapes and dtypes as the reader expects), then restores it; a
+step that fails either is skipped with one warning, and the newest good one is used. A training
+resume moves a skipped folder aside (`<step>.bad-<time>`, never listed as a step) so that the
+next save at that step finds the name free; other readers leave the workdir as it is.
 
 Multi-process: the arrays are written collectively (each process writes the shards it holds);
 the JSON loop state is written once, by the primary process, and read by every process. That is
@@ -16,20 +22,38 @@ Restoring takes the shardings from the abstract state, so a checkpoint written o
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+import re
+import sys
+import time
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from nmjax import parallel
+from nmjax.errors import DataError, NmjaxError
+
+_STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # orbax's own step names; tmp folders never match.
+# Files whose absence makes a step unusable, relative to the step folder.
+_REQUIRED_JSON = ("state/_METADATA", "loop/metadata")
+_LOOP_KEYS = ("data", "epoch_sums")  # What a training resume reads from the loop state.
+
+
+def directory(workdir: str) -> str:
+  """WORKDIR/checkpoints, absolute (orbax wants absolute paths)."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   # Saves are asynchronous (the step loop goes on while the arrays are written); the manager
   # also answers reached_preemption() for jax's preemption service.
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(directory, options=options)
+  return ocp.CheckpointManager(directory(workdir), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, loop_state: dict[str, Any]) -> None:
@@ -38,7 +62,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, loop_state: dict[st
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
-  """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+  """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs), unchecked."""
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
   return restored["state"], dict(restored["loop"])
@@ -52,30 +76,222 @@ def abstract_with_sharding(tree: Any, sharding: Any) -> Any:
                       tree, sharding)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps named under WORKDIR/checkpoints, newest first, whatever their content (orbax's
+  temporary folders and folders moved aside are not steps)."""
+  root = directory(workdir)
+  if not os.path.isdir(root):
+    return []
+  return sorted((int(n) for n in os.listdir(root) if _STEP_NAME.fullmatch(n)), reverse=True)
+
+
+class _Unusable(Exception):
+  """A step that cannot be used; the message says why, in a few words."""
+
+
+def _check_files(folder: str) -> None:
+  """The cheap structural check: the items, their metadata, every file readable."""
+  if not os.path.isdir(folder):
+    raise _Unusable("not a folder")
+  if not os.listdir(folder):
+    raise _Unusable("an empty folder")
+  for item in ("state", "loop"):
+    if not os.path.isdir(os.path.join(folder, item)):
+      raise _Unusable(f"no {item}/ item: not an nmjax checkpoint")
+  for name in _REQUIRED_JSON:
+    try:
+      with open(os.path.join(folder, name)) as f:
+        json.load(f)
+    except FileNotFoundError:
+      raise _Unusable(f"{name} is missing") from None
+    except (OSError, ValueError) as e:
+      raise _Unusable(f"{name} is unreadable ({type(e).__name__})") from None
+  for parent, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(parent, name)
+      if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+        raise _Unusable(f"{os.path.relpath(path, folder)} is not a readable file")
+
+
+def _check_values(state_dir: str) -> None:
+  """Reads the last byte of every value of the state's OCDBT store (array chunks and their zarr
+  metadata), so that a truncated or missing data file is found here, cheaply, before orbax's
+  restore, whose half-failed parallel reads would litter stderr with tracebacks."""
+  if not os.path.isfile(os.path.join(state_dir, "manifest.ocdbt")):
+    raise _Unusable("state/manifest.ocdbt is missing")
+  try:
+    store = ts.KvStore.open({"driver": "ocdbt",
+                             "base": {"driver": "file", "path": state_dir + os.sep}}).result()
+    keys = store.list().result()
+    for key, tail in [(k, store.read(k, byte_range=slice(-1, None))) for k in keys]:
+      try:
+        tail.result()
+      except ValueError:  # An empty value has no last byte: read it whole to be sure.
+        store.read(key).result()
+  except Exception as e:  # pylint: disable=broad-except
+    text = (str(e).strip().splitlines() or [""])[0][:160]
+    raise _Unusable(f"its arrays cannot be read ({type(e).__name__}: {text})") from None
+
+
+def _name(key: Any) -> str:
+  """One part of a tree path, as orbax names it (dict key, attribute or index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{path: (shape, dtype name)} of the arrays of a tree of arrays or array metadata."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in flat}
+
+
+def _check_arrays(recorded: dict, expected: dict) -> None:
+  """Recorded arrays must be the expected ones, shape and dtype (orbax would cast a dtype)."""
+  missing = sorted(set(expected) - set(recorded))
+  extra = sorted(set(recorded) - set(expected))
+  if missing or extra:
+    what = f"lacks {missing[0]}" if missing else f"has an unexpected {extra[0]}"
+    raise _Unusable(f"holds another train state ({what})")
+  for path, (shape, dtype) in expected.items():
+    if recorded[path] != (shape, dtype):
+      raise _Unusable(f"holds another train state ({path}: {recorded[path][1]}"
+                      f"{list(recorded[path][0])}, expected {dtype}{list(shape)})")
+
+
+def _reading_manager(workdir: str) -> ocp.CheckpointManager:
+  # Named handlers let the manager read the metadata before any restore.
+  return ocp.CheckpointManager(
+      directory(workdir), options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "loop": ocp.JsonCheckpointHandler()})
+
+
+def _read_step(mngr: ocp.CheckpointManager, step: int, abstract: Callable[[Any], Any],
+               loop_keys: tuple[str, ...] = ()) -> tuple[Any, dict]:
+  """Checks one step (files, metadata, arrays against abstract(metadata tree), the loop state's
+  keys) and restores it; raises _Unusable with the reason when it cannot be used."""
+  folder = os.path.join(str(mngr.directory), str(step))
+  _check_files(folder)
+  _check_values(os.path.join(folder, "state"))
+  try:
+    metadata = mngr.item_metadata(step)["state"]
+    recorded = metadata.tree if hasattr(metadata, "tree") else metadata
+    target = abstract(recorded)
+    _check_arrays(_specs(recorded), _specs(target))
+    state, loop_state = restore(mngr, step, target)
+  except (_Unusable, NmjaxError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" in str(e):  # Out of device memory says nothing about the files.
+      raise
+    text = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:160]
+    raise _Unusable(f"cannot be restored ({type(e).__name__}: {text})") from None
+  missing = [k for k in loop_keys if k not in loop_state]
+  if missing:
+    raise _Unusable(f"its loop state lacks {missing[0]!r}: not an nmjax pre-training checkpoint")
+  return state, loop_state
+
+
+def _warn(text: str) -> None:
+  if parallel.is_main_process():
+    print(f"[checkpoint] warning: {text}", file=sys.stderr, flush=True)
+
+
+def _move_aside(folder: str) -> str:
+  """Renames a bad step folder to <step>.bad-<time> (not a step name: never listed, never
+  deleted by orbax) so that a later save at that step finds the name free."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  target, n = f"{folder}.bad-{stamp}", 1
+  while os.path.exists(target):
+    target, n = f"{folder}.bad-{stamp}-{n}", n + 1
+  os.rename(folder, target)
+  return target
+
+
+def _newest_good(workdir: str, steps: list[int], abstract: Callable[[Any], Any], *,
+                 move_bad: bool, remedy: str,
+                 loop_keys: tuple[str, ...] = ()) -> tuple[int, Any, dict]:
+  """(step, state, loop state) of the first usable step of `steps` (newest first); DataError
+  listing them all when none is usable. Each skipped step gets one warning line."""
+  root = directory(workdir)
+  bad: list[tuple[int, str]] = []
+  chosen = None
+  mngr = _reading_manager(workdir)
+  try:
+    for step in steps:
+      try:
+        chosen = (step, *_read_step(mngr, step, abstract, loop_keys))
+        break
+      except _Unusable as e:
+        bad.append((step, str(e)))
+  finally:
+    mngr.close()
+  if chosen is None:
+    found = ", ".join(f"{os.path.join(root, str(s))} ({why})" for s, why in bad)
+    raise DataError(f"no usable checkpoint in {root}: found {found}; {remedy}")
+  parallel.assert_same_on_all_processes(chosen[0], "the checkpoint step chosen to restore")
+  for bad_step, why in bad:
+    folder = os.path.join(root, str(bad_step))
+    action = "left it in place"
+    if move_bad and parallel.is_main_process():  # After the collective: all have checked it.
+      action = f"moved it to {_move_aside(folder)}"
+    _warn(f"skipping {folder}: {why}; {action}; using step {chosen[0]}")
+  return chosen
+
+
+def restore_latest(workdir: str, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  """(step, state, loop state) of the workdir's newest usable checkpoint, restored onto the
+  shardings of `abstract_state`, for a training resume; None when there is no checkpoint.
+
+  A step whose arrays differ from `abstract_state` (paths, shapes, dtypes), whose loop state
+  lacks the data position or the epoch sums, or which cannot be read, is skipped with a
+  warning and moved aside (`<step>.bad-<time>`); DataError when no step is usable (nothing is
+  moved then).
+  """
+  steps = saved_steps(workdir)
+  if not steps:
+    return None
+  return _newest_good(workdir, steps, lambda _: abstract_state, move_bad=True,
+                      loop_keys=_LOOP_KEYS,
+                      remedy="move the damaged folders away to start afresh, or use another"
+                             " --workdir")
+
+
 def load_state(workdir: str, *, step: int | None = None,
                sharding: jax.sharding.Sharding | None = None) -> tuple[int, Any]:
   """(step, state as a plain tree) of a workdir's checkpoint, on any topology.
 
   Reads the saved shapes and dtypes from the checkpoint's metadata, so no model is needed; the
   arrays land on `sharding` (default: the first local device), whatever mesh wrote them.
+  step None: the newest usable step (damaged newer ones are skipped with a warning and left in
+  place); a given step that cannot be used is refused with DataError naming its folder.
   """
-  # Named handlers let the manager read the metadata before any restore.
-  mngr = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "loop": ocp.JsonCheckpointHandler()})
-  try:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no committed checkpoint under {mngr.directory}")
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = mngr.item_metadata(step)["state"]
-    tree = metadata.tree if hasattr(metadata, "tree") else metadata
-    abstract = jax.tree.map(
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def from_metadata(tree: Any) -> Any:
+    return jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+
+  steps = saved_steps(workdir)
+  root = directory(workdir)
+  if not steps:
+    raise DataError(f"no committed checkpoint under {root}")
+  if step is None:
+    found = _newest_good(workdir, steps, from_metadata, move_bad=False,
+                         remedy="resume or redo the pre-training run")
+    return found[0], found[1]
+  if step not in steps:
+    raise DataError(f"no checkpoint of step {step} under {root}; saved steps:"
+                    f" {', '.join(map(str, steps))}")
+  mngr = _reading_manager(workdir)
+  try:
+    return step, _read_step(mngr, step, from_metadata)[0]
+  except _Unusable as e:
+    others = ", ".join(str(s) for s in steps if s != step) or "none"
+    raise DataError(f"checkpoint {os.path.join(root, str(step))} (step {step}) cannot be used:"
+                    f" {e}; other saved steps: {others}") from None
   finally:
     mngr.close()
-  return step, restored["state"]

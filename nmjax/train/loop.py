@@ -10,7 +10,9 @@ again ends with bitwise the same parameters, and sees the same examples, as an u
 Preemption: SIGTERM (what schedulers and TPU maintenance send first) makes the loop save a
 checkpoint after the step in flight and return cleanly. With several processes, jax's preemption
 service owns SIGTERM and picks a step at which every process saves
-(CheckpointManager.reached_preemption); alone, a Python signal handler sets a flag.
+(CheckpointManager.reached_preemption); alone, a Python signal handler sets a flag. Ctrl-C
+(SIGINT) does the same and then raises Interrupted (exit 130); a second Ctrl-C ends the process
+at once, leaving only committed checkpoints.
 
 Several processes: every process runs the same steps; arrays are global (jit with shardings),
 checkpoints are written collectively by orbax, and process 0 alone writes metrics and logs.
@@ -21,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -31,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nmjax import parallel
-from nmjax.errors import TrainingError
+from nmjax.errors import Interrupted, TrainingError
 from nmjax.progress import Progress, format_seconds
 from nmjax.train import checkpoint
 from nmjax.train.state import TrainState
@@ -113,29 +117,56 @@ def _check_finite(window: list[tuple[int, dict]], mngr, sums: dict[str, float]) 
       sums[key] += float(metrics[key])
 
 
+def _tell(text: str) -> None:
+  """A line on stderr from a signal handler: os.write, as the handler may run while the main
+  thread is inside print (a buffered write there would fail as reentrant)."""
+  os.write(sys.stderr.fileno(), (text + "\n").encode())
+
+
 class PreemptionWatch:
-  """Says when to save and stop because the job is being preempted.
+  """Says when to save and stop because the job is being preempted or interrupted.
 
   With jax.distributed running, jax's preemption service catches SIGTERM on any process and
   agrees on a step at which all of them save (orbax's reached_preemption); it must be asked at
   every step by every process. Without it, a SIGTERM handler (main thread only) sets a flag that
-  the next step reads. Use as a context manager: the previous handler comes back on exit.
+  the next step reads. The first SIGINT (Ctrl-C) sets `interrupted` and asks for the same save
+  (with several processes by sending this process SIGTERM, for the preemption service); a
+  second one ends the process at once with exit code 130. Use as a context manager: the
+  previous handlers come back on exit.
   """
 
-  def __init__(self, mngr):
+  def __init__(self, mngr, name: str = "pretrain"):
     self._mngr = mngr
+    self._name = name
     self._flag = threading.Event()
-    self._previous = None
+    self._previous: dict[int, Any] = {}
+    self.interrupted = False
 
   def __enter__(self) -> "PreemptionWatch":
-    if (not jax.distributed.is_initialized()
-        and threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+    if threading.current_thread() is threading.main_thread():
+      if not jax.distributed.is_initialized():
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM,
+                                                       lambda *_: self._flag.set())
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      if previous is not None:  # None: a handler not set from Python; leave ours.
+        signal.signal(sig, previous)
+
+  def _on_interrupt(self, *_) -> None:
+    if self.interrupted:
+      _tell(f"[{self._name}] interrupted again (Ctrl-C): stopped at once; only committed"
+            " checkpoints are kept")
+      os._exit(130)  # pylint: disable=protected-access
+    self.interrupted = True
+    _tell(f"[{self._name}] Ctrl-C: saving after the step in flight (Ctrl-C again to stop at"
+          " once)")
+    if jax.distributed.is_initialized():
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self._flag.set()
 
   def reached(self, step: int) -> bool:
     return self._mngr.reached_preemption(step) or self._flag.is_set()
@@ -184,17 +215,19 @@ def _jit_steps(spec: LoopSpec, mesh: jax.sharding.Mesh,
   return train_step_fn, eval_step_fn
 
 
-def _restore_or_init(spec: LoopSpec, mngr, shape: Any,
+def _restore_or_init(spec: LoopSpec, workdir: str, shape: Any,
                      state_sharding: Any) -> tuple[int, _Running, dict | None]:
-  """(start step, running state, data iterator state) of the workdir's latest committed
-  checkpoint when there is one, else of a fresh state at step 0."""
-  start_step = mngr.latest_step()  # Committed steps only: orbax skips its tmp directories.
-  if start_step is None:
+  """(start step, running state, data iterator state) of the workdir's newest usable
+  checkpoint when there is one (damaged newer ones are skipped and moved aside), else of a
+  fresh state at step 0."""
+  abstract = checkpoint.abstract_with_sharding(shape, state_sharding)
+  found = checkpoint.restore_latest(workdir, abstract)
+  if found is None:
     state = jax.jit(spec.init_state, out_shardings=state_sharding)()
     return 0, _Running(state, _zero_sums(), None), None
-  abstract = checkpoint.abstract_with_sharding(shape, state_sharding)
-  state, loop_state = checkpoint.restore(mngr, start_step, abstract)
-  _say(f"[{spec.name}] resumed from {mngr.directory / str(start_step)} (step {start_step})")
+  start_step, state, loop_state = found
+  folder = os.path.join(checkpoint.directory(workdir), str(start_step))
+  _say(f"[{spec.name}] resumed from {folder} (step {start_step})")
   running = _Running(state, dict(loop_state["epoch_sums"]), loop_state.get("last_record"))
   return start_step, running, loop_state["data"]
 
@@ -265,68 +298,81 @@ def _save(loop: _Loop, running: _Running, done: int, iterator: Any) -> None:
 
 
 def _run_steps(loop: _Loop, running: _Running, iterator: Any, train_step_fn: Callable,
-               start_step: int) -> tuple[int, bool]:
+               start_step: int, watch: PreemptionWatch) -> tuple[int, bool]:
   """Steps from start_step to the end or a preemption; returns (last step done, preempted)."""
   spec = loop.spec
   done, preempted = start_step, False
-  with PreemptionWatch(loop.mngr) as watch:
-    for step in range(start_step, spec.total_steps):
-      batch = parallel.host_to_global(next(iterator), loop.mesh)
-      running.state, metrics = train_step_fn(running.state, batch)
-      done = step + 1
-      running.window.append((done, metrics))
-      if loop.examples_log is not None:
-        # Gathered from the global batch, i.e. what the step consumed on every process.
-        loop.examples_log.write(done, {"index": parallel.gather_to_host(batch["index"]).tolist()})
-      # Asked at every step by every process (the preemption service's protocol needs that).
-      preempted = watch.reached(done) and done < spec.total_steps
-      if step == start_step:
-        jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
-        loop.progress.started(done)
-        running.interval_start = time.perf_counter()
-      end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
-      save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch or preempted
-      if done % spec.log_every_steps == 0 or save_now:
-        _log_window(loop, running, done, batch["image"].shape[0])
-      if end_of_epoch:
-        _end_epoch(loop, running, done)
-      if save_now:
-        _save(loop, running, done, iterator)
-      if preempted:
-        break
+  for step in range(start_step, spec.total_steps):
+    batch = parallel.host_to_global(next(iterator), loop.mesh)
+    running.state, metrics = train_step_fn(running.state, batch)
+    done = step + 1
+    running.window.append((done, metrics))
+    if loop.examples_log is not None:
+      # Gathered from the global batch, i.e. what the step consumed on every process.
+      loop.examples_log.write(done, {"index": parallel.gather_to_host(batch["index"]).tolist()})
+    # Asked at every step by every process (the preemption service's protocol needs that).
+    preempted = watch.reached(done) and done < spec.total_steps
+    if step == start_step:
+      jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
+      loop.progress.started(done)
+      running.interval_start = time.perf_counter()
+    end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
+    save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch or preempted
+    if done % spec.log_every_steps == 0 or save_now:
+      _log_window(loop, running, done, batch["image"].shape[0])
+    if end_of_epoch:
+      _end_epoch(loop, running, done)
+    if save_now:
+      _save(loop, running, done, iterator)
+    if preempted:
+      break
   return done, preempted
 
 
-def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
-                       writer: MetricWriter | None = None) -> dict[str, Any]:
-  """Runs (or resumes) training to spec.total_steps; returns the last epoch's record."""
-  mesh = mesh or parallel.make_mesh()
-  mngr = checkpoint.manager(workdir, max_to_keep=spec.max_to_keep)
-  writer = writer or MetricWriter(workdir)
-  examples_log = (MetricWriter(workdir, filename="examples_seen.jsonl", tensorboard=False)
-                  if spec.record_examples else None)
-  logs = [writer] + ([examples_log] if examples_log is not None else [])
-
-  shape = jax.eval_shape(spec.init_state)
-  state_sharding = parallel.state_shardings(shape, mesh, spec.param_sharding)
-  start_step, running, data_state = _restore_or_init(spec, mngr, shape, state_sharding)
-  for log in logs:
-    log.truncate_after(start_step)
-  train_step_fn, eval_step_fn = _jit_steps(spec, mesh, state_sharding)
-  iterator = spec.train_iterator(data_state)
-  progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ",
-                      active=parallel.is_main_process())
-  loop = _Loop(spec, mesh, mngr, writer, examples_log, progress, eval_step_fn)
-  done, preempted = _run_steps(loop, running, iterator, train_step_fn, start_step)
-
-  mngr.wait_until_finished()
-  mngr.close()
-  for log in logs:
-    log.close()
+def _finish(spec: LoopSpec, mngr, progress: Progress, running: _Running, done: int,
+            preempted: bool, interrupted: bool) -> dict[str, Any]:
+  """The last line and the record, or Interrupted after a Ctrl-C (once the save committed)."""
+  where = mngr.directory / str(done)
+  if interrupted:
+    raise Interrupted(f"interrupted (Ctrl-C) at step {done} of {spec.total_steps}: checkpoint"
+                      f" saved in {where}; run the same command to resume")
   if preempted:
-    _say(f"[{spec.name}] preempted: saved {mngr.directory / str(done)} (step {done}) and stopped;"
+    _say(f"[{spec.name}] preempted: saved {where} (step {done}) and stopped;"
          " run the same command to resume")
     return {"step": done, "preempted": True, **(running.record or {})}
   _say(f"[{spec.name}] done: {spec.total_steps} steps in {format_seconds(progress.elapsed())};"
        f" checkpoints in {mngr.directory}")
   return {"step": spec.total_steps, **(running.record or {})}
+
+
+def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
+                       writer: MetricWriter | None = None) -> dict[str, Any]:
+  """Runs (or resumes) training to spec.total_steps; returns the last epoch's record.
+
+  Raises Interrupted after a Ctrl-C, once the checkpoint of the step in flight is committed.
+  """
+  mesh = mesh or parallel.make_mesh()
+  shape = jax.eval_shape(spec.init_state)
+  state_sharding = parallel.state_shardings(shape, mesh, spec.param_sharding)
+  # Before the writing manager exists: a damaged newest step is moved aside first.
+  start_step, running, data_state = _restore_or_init(spec, workdir, shape, state_sharding)
+  mngr = checkpoint.manager(workdir, max_to_keep=spec.max_to_keep)
+  writer = writer or MetricWriter(workdir)
+  examples_log = (MetricWriter(workdir, filename="examples_seen.jsonl", tensorboard=False)
+                  if spec.record_examples else None)
+  logs = [writer] + ([examples_log] if examples_log is not None else [])
+  for log in logs:
+    log.truncate_after(start_step)
+  # From here a Ctrl-C means: save after the step in flight (a second one: stop at once).
+  with PreemptionWatch(mngr, spec.name) as watch:
+    train_step_fn, eval_step_fn = _jit_steps(spec, mesh, state_sharding)
+    iterator = spec.train_iterator(data_state)
+    progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ",
+                        active=parallel.is_main_process())
+    loop = _Loop(spec, mesh, mngr, writer, examples_log, progress, eval_step_fn)
+    done, preempted = _run_steps(loop, running, iterator, train_step_fn, start_step, watch)
+    mngr.wait_until_finished()  # A Ctrl-C while the last save commits still stops at once.
+  mngr.close()
+  for log in logs:
+    log.close()
+  return _finish(spec, mngr, progress, running, done, preempted, watch.interrupted)

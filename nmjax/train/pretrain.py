@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -21,9 +22,16 @@ from nmjax.train import loop, state as state_lib
 # default: the in-memory image pipeline (random crop after zero padding, flip); imagenet: JPEGs
 # decoded and cropped by area in grain workers (nmjax/data/imagenet.py).
 INPUT_PIPELINES = ("default", "imagenet")
-# Fields that must match to resume from an existing checkpoint in the workdir.
-_IDENTITY_FIELDS = ("dataset", "model", "noise_ratio", "noise_type", "seed", "batch_size",
-                    "max_train_examples", "optimizer", "dtype")
+# What a workdir's checkpoints are of: the run (data, labels, model), and what the data stream's
+# position and the optimizer state depend on. A resume that changes one is refused.
+FIXED_FIELDS = ("dataset", "model", "noise_ratio", "noise_type", "seed", "max_train_examples",
+                "batch_size", "optimizer", "crop_padding", "flip", "input_pipeline", "image_size")
+# Where and how verbosely a run goes, not what it computes: free to change on any resume. Every
+# other field (learning rate, schedule length, weight decay, ...) is a training field: a resume
+# may change it only when config.allow_changes names it, and config.json records the change.
+FREE_FIELDS = ("job", "log_every_steps", "checkpoint_every_steps", "max_to_keep", "data_dir",
+               "mesh", "param_sharding", "record_examples", "data_workers", "allow_changes",
+               "distributed", "coordinator_address", "num_processes", "process_id")
 
 
 def _check_input_pipeline(config: ml_collections.ConfigDict) -> None:
@@ -75,6 +83,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if field in config:
       check_choice(config, field, allowed)
   _check_input_pipeline(config)
+  allowed_changes(config)
 
 
 def _jpeg_input(config: ml_collections.ConfigDict) -> bool:
@@ -86,20 +95,99 @@ def _prefix(examples: Sequence, n: int) -> Sequence:
   return examples if n <= 0 or n >= len(examples) else records.SubsetRecords(examples, range(n))
 
 
-def _check_resume_identity(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A checkpoint in the workdir must come from the same experiment; else refuse, touch nothing."""
+def _committed_steps(workdir: str) -> list[int]:
+  """Steps with a folder under checkpoints/ (orbax gives a step its plain name once complete)."""
+  folder = os.path.join(workdir, "checkpoints")
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _saved_config(workdir: str, steps: list[int]) -> dict[str, Any] | None:
+  """The workdir's config.json; None when there is none (or it is torn) and no checkpoint.
+
+  Checkpoints without a readable config.json are refused: nothing says which run they are of.
+  """
   path = os.path.join(workdir, "config.json")
-  current = {k: config[k] for k in _IDENTITY_FIELDS}
-  if os.path.exists(path):
+  try:
     with open(path) as f:
       saved = json.load(f)
-    diff = [f"{k}: saved {saved.get(k)!r} vs now {current[k]!r}"
-            for k in _IDENTITY_FIELDS if saved.get(k) != current[k]]
-    if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+    return saved
+  except FileNotFoundError:
+    reason = "no config.json"
+  except (OSError, ValueError) as e:
+    reason = f"an unreadable config.json ({type(e).__name__}: {str(e).splitlines()[0]})"
+  if not steps:
+    return None
+  raise ConfigError(f"--workdir={workdir} holds checkpoints (steps {', '.join(map(str, steps))})"
+                    f" but {reason}, so nothing says which run they are of; pass a new"
+                    " --workdir, or put that run's config.json back")
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
+  """config.allow_changes as a list of fields; each must be a training field of the config."""
+  names = [n.strip() for n in str(config.get("allow_changes", "")).split(",") if n.strip()]
+  for name in names:
+    if name in FIXED_FIELDS:
+      raise ConfigError(f"config.allow_changes entry {name!r} cannot change on a resume (the"
+                        " run, its data stream or its optimizer state depend on it); use a new"
+                        " --workdir")
+    if name not in config:
+      raise ConfigError(f"config.allow_changes entry {name!r} is not a field of this config;"
+                        f" allowed: {', '.join(training_fields(config))}")
+  return names
+
+
+def training_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """The fields a resume may change only when config.allow_changes names them."""
+  return [k for k in config.keys() if k not in FIXED_FIELDS + FREE_FIELDS]
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any],
+                 fields: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+  return {k: (saved.get(k), current.get(k)) for k in fields if saved.get(k) != current.get(k)}
+
+
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+  return "; ".join(f"{k}: saved {old!r} vs now {new!r}" for k, (old, new) in changes.items())
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks a resume against config.json and writes config.json (process 0).
+
+  A checkpoint of another run (FIXED_FIELDS differ) is refused; a change of a training field is
+  refused unless config.allow_changes names it, and is then appended to config.json's "history"
+  ({step, time, changes: {field: {from, to}}}). Nothing is written on a refusal.
+  """
+  steps = _committed_steps(workdir)
+  saved = _saved_config(workdir, steps)
+  current = json.loads(json.dumps(config.to_dict(), default=str))
+  record = dict(current)
+  if saved is not None and steps:
+    # The current config's fields: one this nmjax no longer has cannot steer the run.
+    other_run = _differences(saved, current, [k for k in current if k in FIXED_FIELDS])
+    if other_run:
       raise ConfigError(f"--workdir={workdir} holds a checkpoint of a different run ("
-                        + "; ".join(diff) + "); use a new --workdir")
-  if jax.process_index() == 0:
-    report.write_json(path, config.to_dict())
+                        f"{_listed(other_run)}); use a new --workdir")
+    changes = _differences(saved, current, training_fields(config))
+    allowed = allowed_changes(config)
+    refused = {k: v for k, v in changes.items() if k not in allowed}
+    if refused:
+      raise ConfigError(
+          f"--workdir={workdir} holds a checkpoint trained with other settings"
+          f" ({_listed(refused)}); resume with the saved values, or pass"
+          f" --config.allow_changes={','.join(refused)} to go on with the new ones (config.json"
+          " records the change)")
+    record["history"] = list(saved.get("history", []))
+    if changes:
+      record["history"].append({
+          "step": steps[-1], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
+    if not record["history"]:
+      del record["history"]
+  if jax.process_index() == 0 and record != saved:
+    report.write_json(os.path.join(workdir, "config.json"), record)
 
 
 def _split_records(config: ml_collections.ConfigDict,
@@ -185,8 +273,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh(spec=config.get("mesh", "data:-1"))
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  # Before any data is read: a different run's checkpoint fails in a second.
-  _check_resume_identity(config, workdir)
+  # Before any data is read: a different run's checkpoint, or changed settings, fail at once.
+  _record_config(config, workdir)
 
   source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info
