@@ -21,13 +21,31 @@ from configs import nmtune as nmtune_config  # pylint: disable=wrong-import-posi
 from configs import transfer as transfer_config  # pylint: disable=wrong-import-position
 
 
-def _cache(checkpoint, workdir):
-  enc = encoder_lib.load(checkpoint)
+def _cache(workdir):
+  """A frozen small ResNet at its seeded initialization (no pre-training run needed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from nmjax import models  # pylint: disable=g-import-not-at-top
+  from nmjax.data import sources  # pylint: disable=g-import-not-at-top
+  from nmjax.train.steps import normalize  # pylint: disable=g-import-not-at-top
+  info = sources.get_source("digits").info
+  model = models.get_model("resnet_small", num_classes=info.num_classes)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)), train=False)
+
+  def encode(variables, images):
+    return model.apply(variables, normalize(images, info.mean, info.std, jnp.float32),
+                       train=False)[1]
+
+  config = ml_collections.ConfigDict({"model": "resnet_small", "dataset": "digits",
+                                      "noise_ratio": 0.0, "noise_type": "symmetric"})
+  enc = encoder_lib.Encoder(workdir=str(workdir), step=0, config=config, info=info,
+                            variables=variables, encode=encode, feature_dim=64,
+                            digest=encoder_lib.content_digest(config, variables))
   return encoder_lib.FeatureCache(enc, str(workdir), batch_size=200, max_examples=300,
                                   data_dir=None, mesh=None)
 
 
-def test_a_new_method_is_one_registry_entry(checkpoint, tmp_path, monkeypatch):
+def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
   calls = []
 
   def nearest_mean(train, tests, config, *, logit_subsets=None, log=None):
@@ -49,22 +67,21 @@ def test_a_new_method_is_one_registry_entry(checkpoint, tmp_path, monkeypatch):
       lambda m, c: (ml_collections.ConfigDict({"num_classes": c}) if m == "nearest_mean"
                     else evaluate.method_config(probes, m, c)),
       evaluate.probe_row, prefix="[test]")
-  result = evaluate.run(_cache(checkpoint, tmp_path), request)
+  result = evaluate.run(_cache(tmp_path), request)
   assert calls == [(300, ["digits", "digits->mnist"], {"digits": None, "digits->mnist": None})]
   assert [(r["task"], r["method"]) for r in result.rows] == [
       ("digits", "nearest_mean"), ("digits", "ridge"), ("digits->mnist", "nearest_mean"),
       ("digits->mnist", "ridge")]
   for row in result.rows:
-    assert 0.0 <= row["accuracy"] <= 1.0 and row["num_train"] == 300 and row["step"] == 12
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["num_train"] == 300 and row["step"] == 0
   assert result.rows[0]["accuracy"] > 0.1  # Better than chance on 10 digit classes.
   assert set(result.spectra) == {"digits", "digits->mnist"}
   assert result.features_extracted == 3  # digits train, digits test, MNIST test.
 
 
-def test_the_linear_probe_plugin_matches_the_probe_and_reports_its_protocol(checkpoint,
-                                                                              tmp_path):
+def test_the_linear_probe_plugin_matches_the_probe_and_reports_its_protocol(tmp_path):
   from nmjax import probe  # pylint: disable=g-import-not-at-top
-  cache = _cache(checkpoint, tmp_path)
+  cache = _cache(tmp_path)
   task = tasks_lib.resolve("digits")[0]
   train, (test, _) = cache.get(task.train), cache.test_set(task)
   config = nmtune_config.get_config("smoke")

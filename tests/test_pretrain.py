@@ -91,13 +91,14 @@ def _signal_at(workdir, step, sig):
   return proc.returncode, "".join(lines) + out
 
 
-def test_sigterm_then_sigkill_at_random_steps_then_resume_is_bitwise_identical(uninterrupted,
-                                                                              tmp_path):
+def test_sigterm_ctrl_c_and_sigkill_at_random_steps_then_resume_is_bitwise_identical(
+    uninterrupted, tmp_path):
   reference, _ = uninterrupted
   rng = random.Random(20261127)  # Seeded: a failure names steps that reproduce it.
-  term_at = rng.randint(2, 12)
-  kill_at = rng.randint(term_at + 5, 27)
-  where = f"(SIGTERM after step {term_at}, SIGKILL after step {kill_at})"
+  term_at = rng.randint(2, 8)
+  int_at = rng.randint(term_at + 4, 17)
+  kill_at = rng.randint(int_at + 4, 27)
+  where = f"(SIGTERM after step {term_at}, SIGINT after {int_at}, SIGKILL after {kill_at})"
 
   # Preemption: SIGTERM makes the run save after the step in flight and exit cleanly.
   code, out = _signal_at(tmp_path, term_at, signal.SIGTERM)
@@ -106,6 +107,17 @@ def test_sigterm_then_sigkill_at_random_steps_then_resume_is_bitwise_identical(u
   assert saved is not None and term_at <= saved < 30, (where, saved)
   assert f"preempted: saved {tmp_path / 'checkpoints' / str(saved)} (step {saved})" in out, out
   assert f"step {saved + 1}/30" not in out, out  # It stopped right there.
+
+  # Ctrl-C: the same save after the step in flight, then one line and exit 130, no traceback.
+  code, out = _signal_at(tmp_path, int_at, signal.SIGINT)
+  assert code == 130 and "Traceback" not in out, (where, out)
+  interrupted = ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step()
+  assert int_at <= interrupted < 30 and f"step {interrupted + 1}/30" not in out, (where, out)
+  errors = [l for l in out.splitlines() if l.startswith("error: ")]
+  assert errors == [f"error: interrupted (Ctrl-C) at step {interrupted} of 30: checkpoint saved"
+                    f" in {tmp_path / 'checkpoints' / str(interrupted)}; run the same command to"
+                    " resume"], out
+  saved = interrupted
 
   # A kill without warning, later in the resumed run.
   code, out = _signal_at(tmp_path, kill_at, signal.SIGKILL)
@@ -223,16 +235,3 @@ def test_library_validate_checks_crop_padding_of_the_default_pipeline():
   config.crop_padding = -1
   with pytest.raises(ConfigError, match="config.crop_padding=-1 is out of range"):
     pretrain.validate(config)
-
-
-def test_library_run_returns_the_record_the_study_reads(tmp_path):
-  from nmjax.train import pretrain  # pylint: disable=g-import-not-at-top
-  config = _smoke_config()
-  config.num_train_steps = 5  # One epoch of 160 / 32 steps, on the eight fake devices.
-  result = pretrain.run(config, str(tmp_path))
-  assert {"step", "epoch", "test_acc", "test_loss", "test_count", "train_loss",
-          "train_acc_noisy", "train_acc_clean", "examples_per_sec"} <= set(result)
-  assert (result["step"], result["epoch"], result["test_count"]) == (5, 1, 250)
-  assert "preempted" not in result
-  saved = json.load(open(tmp_path / "config.json"))
-  assert saved["noise_ratio"] == 0.2 and saved["dataset"] == "digits"
