@@ -17,7 +17,7 @@ from nmjax import models, noise, parallel, report
 from nmjax.config import check_choice, check_range, total_steps
 from nmjax.data import imagenet, pipeline, records, sources
 from nmjax.errors import ConfigError
-from nmjax.train import loop, state as state_lib
+from nmjax.train import checkpoint, loop, state as state_lib
 
 # default: the in-memory image pipeline (random crop after zero padding, flip); imagenet: JPEGs
 # decoded and cropped by area in grain workers (nmjax/data/imagenet.py).
@@ -95,13 +95,6 @@ def _prefix(examples: Sequence, n: int) -> Sequence:
   return examples if n <= 0 or n >= len(examples) else records.SubsetRecords(examples, range(n))
 
 
-def _committed_steps(workdir: str) -> list[int]:
-  """Steps with a folder under checkpoints/ (orbax gives a step its plain name once complete)."""
-  folder = os.path.join(workdir, "checkpoints")
-  names = os.listdir(folder) if os.path.isdir(folder) else []
-  return sorted(int(n) for n in names if n.isdigit())
-
-
 def _saved_config(workdir: str, steps: list[int]) -> dict[str, Any] | None:
   """The workdir's config.json; None when there is none (or it is torn) and no checkpoint.
 
@@ -160,7 +153,7 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   refused unless config.allow_changes names it, and is then appended to config.json's "history"
   ({step, time, changes: {field: {from, to}}}). Nothing is written on a refusal.
   """
-  steps = _committed_steps(workdir)
+  steps = sorted(checkpoint.saved_steps(workdir))  # Oldest first: the newest is steps[-1].
   saved = _saved_config(workdir, steps)
   current = json.loads(json.dumps(config.to_dict(), default=str))
   record = dict(current)
