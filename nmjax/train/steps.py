@@ -1,11 +1,15 @@
 """Pure train and eval steps: state in, state out. The loop jits them with explicit shardings.
 
 Images arrive as uint8 and are normalized here, on the device, so hosts ship a quarter of the bytes.
+An `Objective` is what the loop trains: its two steps and how their numbers read in records and
+log lines (`supervised` here; the contrastive one is nmjax/train/contrastive.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +72,34 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, mean: Sequence[
   correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
   return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
           "count": jnp.sum(mask)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The loop's two pure steps and how their sums read.
+
+  train_step(state, batch) -> (state, metrics): metrics hold `loss` (the batch mean), `count`
+  and the counters named in `train_fields` (summed over an epoch, reported as fractions of
+  count under the field's record name). eval_step(state, batch) -> masked sums: `count`,
+  `loss_sum` and the counters named in `eval_fields`; `headline` is the eval field the epoch
+  line leads with. `labels` gives each record field its short name in log lines.
+  """
+  train_step: Callable
+  eval_step: Callable
+  train_fields: Mapping[str, str]
+  eval_fields: Mapping[str, str]
+  headline: str
+  labels: Mapping[str, str]
+
+
+def supervised(*, mean: Sequence[float], std: Sequence[float], num_classes: int,
+               dtype: Any = jnp.float32, label_smoothing: float = 0.0) -> Objective:
+  """Cross-entropy on the noisy labels; accuracy against the noisy and the clean labels."""
+  kw = dict(mean=tuple(mean), std=tuple(std), num_classes=num_classes, dtype=dtype)
+  return Objective(
+      train_step=functools.partial(train_step, label_smoothing=label_smoothing, **kw),
+      eval_step=functools.partial(eval_step, **kw),
+      train_fields={"correct_noisy": "train_acc_noisy", "correct_clean": "train_acc_clean"},
+      eval_fields={"correct": "test_acc"}, headline="test_acc",
+      labels={"train_acc_noisy": "acc(noisy)", "train_acc_clean": "acc(clean)",
+              "test_acc": "test acc"})
