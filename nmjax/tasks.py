@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from nmjax.data import shifts, sources
+from nmjax.data.transforms import EvalTransform, resize_center_crop
 from nmjax.data.records import MappedRecords, SubsetRecords
 from nmjax.errors import ConfigError, DataError
 
@@ -170,9 +171,11 @@ def resolve(spec: str | Sequence[str]) -> list[Task]:
 # ----------------------------------------------------------------------------------------------
 # Views as random-access example sequences at the encoder's input shape.
 
-def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-  """uint8 (h, w, c) -> uint8 `shape` (H, W, C): resize the shorter side to H/0.875, centre-crop
-  (the standard evaluation transform), grey <-> RGB by luminance or repetition."""
+def fit_image(image: np.ndarray, shape: Sequence[int],
+              transform: EvalTransform = EvalTransform()) -> np.ndarray:
+  """uint8 (h, w, c) -> uint8 `shape` (H, W, C): the encoder's evaluation transform (by default
+  the shorter side resized to H/0.875 bilinear, then the centre crop), grey <-> RGB by luminance
+  or repetition."""
   height, width, channels = shape
   image = np.asarray(image, np.uint8)
   if image.shape[-1] != channels:
@@ -184,22 +187,15 @@ def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     else:
       raise DataError(f"cannot turn {image.shape[-1]}-channel images into {channels} channels")
   if image.shape[:2] != (height, width):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    short = int(np.ceil(max(height, width) / 0.875))
-    h, w = image.shape[:2]
-    scale = short / min(h, w)
-    size = (max(width, round(w * scale)), max(height, round(h * scale)))
-    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    resized = np.asarray(pil.resize(size, Image.BILINEAR))
-    top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
-    image = resized[top:top + height, left:left + width].reshape(height, width, channels)
+    image = resize_center_crop(image, height, width, transform)
   return image
 
 
 def split_records(split: Split, *, image_shape: tuple[int, int, int],
-                 data_dir: str | None = None) -> tuple[Sequence[Mapping[str, Any]],
-                                                       sources.SourceInfo]:
-  """The split's examples ({image at image_shape, label, index}) and its dataset's info."""
+                  data_dir: str | None = None, transform: EvalTransform = EvalTransform()
+                  ) -> tuple[Sequence[Mapping[str, Any]], sources.SourceInfo]:
+  """The split's examples ({image at image_shape, label, index}) and its dataset's info; images
+  of another size are brought to image_shape by `transform` (the encoder's)."""
   source = sources.get_source(split.dataset, data_dir=data_dir)
   records = source.data_source(split.split)
   if split.part is not None:
@@ -212,7 +208,8 @@ def split_records(split: Split, *, image_shape: tuple[int, int, int],
     records = shifts.corrupted_records(records, split.shift)
   if tuple(source.info.image_shape) != tuple(image_shape):
     shape = tuple(image_shape)
-    records = MappedRecords(records, lambda e: {**e, "image": fit_image(e["image"], shape)})
+    records = MappedRecords(records,
+                            lambda e: {**e, "image": fit_image(e["image"], shape, transform)})
   return records, source.info
 
 

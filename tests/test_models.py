@@ -18,6 +18,7 @@ _INPUT_SHAPES = {
     "resnet18": (2, 32, 32, 3),
     "resnet50": (2, 32, 32, 3),
     "vit_s16": (2, 224, 224, 3),
+    "vit_b16": (2, 224, 224, 3),
 }
 
 
@@ -52,7 +53,7 @@ def test_outputs_are_logits_and_pooled_features(name):
   assert logits.shape == (batch, NUM_CLASSES)
   assert features.shape == (batch, feature_dim(name))
   assert logits.dtype == features.dtype == jnp.float32
-  assert set(variables) == ({"params"} if name == "vit_s16" else {"params", "batch_stats"})
+  assert set(variables) == ({"params"} if name.startswith("vit") else {"params", "batch_stats"})
 
 
 def test_forward_pass_is_finite(small):
@@ -79,7 +80,7 @@ def test_bottleneck_resnet_with_imagenet_stem_runs():
 
 def test_feature_dims():
   assert {name: feature_dim(name) for name in MODELS} == {
-      "resnet_small": 64, "resnet18": 512, "resnet50": 2048, "vit_s16": 384}
+      "resnet_small": 64, "resnet18": 512, "resnet50": 2048, "vit_s16": 384, "vit_b16": 768}
 
 
 def test_batch_stats_change_in_train_mode_only(small):
@@ -118,7 +119,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params(small):
 
 def test_unknown_model_is_a_config_error_listing_known_models():
   expected = ("config.model='vgg16' is unknown; known models: resnet18, resnet50, resnet_small,"
-              " vit_s16")
+              " vit_b16, vit_s16")
   with pytest.raises(ConfigError) as excinfo:
     get_model("vgg16", NUM_CLASSES)
   assert str(excinfo.value) == expected
