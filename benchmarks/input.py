@@ -1,97 +1,315 @@
-r"""Speed of the ImageNet training input pipeline on this machine, printed as one JSON object.
+r"""Speed of the ImageNet training input on this machine, old and new paths side by side, as JSON.
 
-Writes an imagenet2012-format TFDS dataset of real-size synthetic JPEGs (sizes around 500x375,
-photo-like content, about 70 KB per file where ImageNet's average about 110 KB; the tests' own
-writer, tests/synthetic_data.py) into a temporary folder, then measures images/s of
-nmjax.data.imagenet.train_iterator (read, JPEG decode, random-resized crop to 224, flip, batch)
-with 0 (in this process), 1 and 2 grain worker processes (--workers), and the single-core cost of
-decode + crop alone. Rates exclude worker start-up: they are taken between the first and the
-last batch. "per_core" divides by the cores the workers can use (min(workers, CPU count)).
+Writes an imagenet2012-format TFDS dataset of synthetic JPEGs the size of ImageNet's (a mix of
+its common sizes averaging about 470x395 pixels; 1/f-spectrum colour texture plus noise, which
+compresses like photographs: about 110 KB at quality 90, ImageNet's average) into a temporary
+folder, then measures, on the same JPEGs and the same draws:
+  * "pipeline": nmjax.data.imagenet.train_iterator end to end (record read, grain stream, JPEG
+    decode, random-resized crop to 224, flip, batch; 0 = in this process, 1 and 2 grain worker
+    processes), "old" = reduced_decode=False over jpeg_records(batched_reads=True), the path
+    before reduced decoding and single reads, and "new" = the defaults;
+  * "transform": decode + crop + flip alone in this process (old: full decode; new: reduced
+    where the crop allows), on these JPEGs and on larger ones (1024x768 and 800x600), where
+    reduced decoding applies to most crops;
+  * "profile": the cost of each stage per image, in CPU milliseconds;
+  * "quality": how often a reduced decode applies, and how far its crops are from full-decode
+    ones (mean absolute difference in grey levels of 255).
+The dataset is written by tests/synthetic_data.write_imagenet with photo_jpeg in place of its
+own generator (whose smaller files decode faster than ImageNet's). The records are indexed as a
+1,281,167-example dataset (position i reads JPEG i % images), so grain's shuffle costs what it
+does on ImageNet: over a few hundred records the stream costs about 0.1 ms more per example
+(5x; "profile": stream_over_256_examples).
 
-    .venv/bin/python benchmarks/input.py [--images 192] [--batch 32] [--batches 18] \
-        [--workers 0,1,2]
+Per core: images per CPU-second, i.e. images/s divided by the cores actually used, where the
+cores used are the CPU seconds of this process and its worker processes (/proc/<pid>/stat, user
++ system) over the timed span, divided by its wall-clock length. The CPU is shared with other
+work, which lowers images/s (reported too, with the load average) far more than images per
+CPU-second. Old and new alternate within each round; figures are medians over --rounds. Rates
+start after warm-up batches (worker start-up, then the prefetch buffers drained).
+The headline old_/new_images_per_sec_per_core come from the pipeline with one worker process
+(--headline_workers): one core's work plus the hand-off to the training process, which is what
+a host with data_workers = cores - 4 gets per worker. With two workers on this 2-core machine the
+workers, the training process and the other work on the machine oversubscribe the cores, and
+their CPU-seconds per image rise with it; that row is reported too.
 
-The CPU may be shared with other work: the JSON records the load average before each
-measurement, and figures taken under load are lower bounds.
+    .venv/bin/python benchmarks/input.py [--images 256] [--batch 32] [--batches 20] \
+        [--workers 0,1,2] [--rounds 3] [--headline_workers 1]
 """
 
 import argparse
+import io
 import json
 import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
+from PIL import Image
 
-from nmjax.data import imagenet
+from nmjax.data import imagenet, pipeline, records
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 import synthetic_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_SIZES = ((500, 375), (375, 500), (500, 333), (453, 340), (500, 400), (400, 300))
+# Common ImageNet sizes (Flickr's 500-pixel side dominates), mean about 470x395.
+_SIZES = ((500, 375), (375, 500), (500, 333), (453, 340), (500, 400), (400, 300), (640, 480),
+          (333, 500))
+_LARGE_SIZES = ((1024, 768), (800, 600), (768, 1024))
+_IMAGENET_EXAMPLES = 1_281_167
+_OUTPUT = 224
 
 
-def _pipeline_rate(records, *, batch: int, batches: int, workers: int) -> dict:
-  labels = np.zeros(len(records), dtype=np.int64)
-  epochs = -(-batches * batch // (len(records) // batch * batch))
-  load = os.getloadavg()[0]
-  start = time.perf_counter()
-  iterator = imagenet.train_iterator(records, labels=labels, global_batch_size=batch, seed=0,
-                                     num_epochs=epochs, image_size=224, num_workers=workers)
-  next(iterator)
-  first = time.perf_counter()
-  for _ in range(batches - 1):
+def photo_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
+  """A photo-like JPEG: colour texture with a 1/f amplitude spectrum (as natural images have)
+  and mild sensor-like noise; about 110 KB at 470x390 and quality 90, as ImageNet's average."""
+  fy = np.fft.fftfreq(height)[:, None]
+  fx = np.fft.rfftfreq(width)[None, :]
+  radius = np.hypot(fx, fy)
+  radius[0, 0] = 1.0
+  amplitude = radius ** -1.05
+  amplitude[0, 0] = 0.0
+  shape = (3, height, width // 2 + 1)
+  spectrum = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+  mixing = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.6, 0.5, 0.6]])  # correlated channels
+  texture = np.fft.irfft2(np.einsum("ij,jhw->ihw", mixing, spectrum) * amplitude,
+                          s=(height, width))
+  pixels = (texture / texture.std() * 45 + rng.uniform(80, 170, (3, 1, 1))).transpose(1, 2, 0)
+  pixels += rng.normal(0, 4, pixels.shape)
+  buffer = io.BytesIO()
+  Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG",
+                                                                   quality=quality)
+  return buffer.getvalue()
+
+
+def _children(pid: int) -> list[int]:
+  found = []
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/children") as f:
+      found += [int(c) for c in f.read().split()]
+  return found
+
+
+def _process_tree() -> list[int]:
+  """This process and its live descendants (grain's workers)."""
+  tree, pending = [], [os.getpid()]
+  while pending:
+    pid = pending.pop()
+    tree.append(pid)
+    try:
+      pending += _children(pid)
+    except OSError:
+      pass
+  return tree
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+  """User + system CPU seconds of this process (exact) and the other given processes (in clock
+  ticks; those that exited count no more)."""
+  tick = os.sysconf("SC_CLK_TCK")
+  total = time.process_time()
+  for pid in pids:
+    if pid == os.getpid():
+      continue
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    total += (int(fields[11]) + int(fields[12])) / tick
+  return total
+
+
+def _timed_pipeline(source, *, reduced: bool, batch: int, batches: int, workers: int) -> dict:
+  labels = np.zeros(len(source), dtype=np.int64)
+  iterator = imagenet.train_iterator(source, labels=labels, global_batch_size=batch, seed=0,
+                                     image_size=_OUTPUT, num_workers=workers,
+                                     reduced_decode=reduced)
+  for _ in range(2 + 2 * workers):  # start-up, then what the workers buffered meanwhile
     next(iterator)
-  end = time.perf_counter()
+  pids = _process_tree()  # this process and its workers
+  load = os.getloadavg()[0]
+  cpu, own, start = _cpu_seconds(pids), time.process_time(), time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  wall, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu
+  own = time.process_time() - own
   iterator.close()
-  rate = (batches - 1) * batch / (end - first)
-  cores = min(max(workers, 1), os.cpu_count() or 1)
-  return {"workers": workers, "images_per_s": round(rate, 1),
-          "images_per_s_per_core": round(rate / cores, 1),
-          "startup_s": round(first - start, 2), "load_average_before": round(load, 2)}
+  images = batches * batch
+  return {"images_per_s": images / wall, "images_per_cpu_s": images / cpu,
+          "cores_used": cpu / wall, "load_average_before": load,
+          "main_process_cpu_ms_per_image": own / images * 1e3}
 
 
-def _decode_crop_rate(records, count: int) -> dict:
-  rng = np.random.default_rng(0)
-  draws = rng.random((count, imagenet.DRAWS_PER_EXAMPLE))
-  jpegs = [records[i % len(records)]["image"] for i in range(count)]
-  start = time.perf_counter()
-  for jpeg in jpegs:
-    image = imagenet.decode(jpeg)
+def _pipelines(old_source, new_source, args) -> list[dict]:
+  results = []
+  for workers in map(int, args.workers.split(",")):
+    runs = {"old": [], "new": []}
+    for _ in range(args.rounds):
+      for name, source, reduced in (("old", old_source, False), ("new", new_source, True)):
+        runs[name].append(_timed_pipeline(source, reduced=reduced, batch=args.batch,
+                                          batches=args.batches, workers=workers))
+    row = {"workers": workers}
+    for name, rounds in runs.items():
+      row[name] = {
+          "images_per_s": round(float(np.median([r["images_per_s"] for r in rounds])), 1),
+          "images_per_sec_per_core": round(
+              float(np.median([r["images_per_cpu_s"] for r in rounds])), 1),
+          "cores_used": round(float(np.median([r["cores_used"] for r in rounds])), 2),
+          # With workers: the hand-off (grain's queue, shared memory, WorkerBatches' copy).
+          "main_process_cpu_ms_per_image": round(float(np.median(
+              [r["main_process_cpu_ms_per_image"] for r in rounds])), 3),
+          "per_round_per_core": [round(r["images_per_cpu_s"], 1) for r in rounds],
+          "load_average_before": [round(r["load_average_before"], 2) for r in rounds]}
+    results.append(row)
+  return results
+
+
+def _cpu_ms(fn, count: int, rounds: int) -> float:
+  """Median CPU milliseconds per call of fn(i) over i < count (all threads of this process:
+  array_record reads in a thread pool)."""
+  per_round = []
+  for _ in range(rounds):
+    start = time.process_time()
+    for i in range(count):
+      fn(i)
+    per_round.append((time.process_time() - start) / count * 1e3)
+  return float(np.median(per_round))
+
+
+def _transform(jpegs: list[bytes], draws: np.ndarray, rounds: int) -> dict:
+  """Decode + crop + flip alone, in CPU ms per image, old and new alternating."""
+  times = {"old": [], "new": []}
+  for _ in range(rounds):
+    for name, reduced in (("old", False), ("new", True)):
+      times[name].append(_cpu_ms(lambda i, r=reduced: imagenet.random_resized_crop(
+          imagenet.open_image(jpegs[i]), draws[i], _OUTPUT, reduced_decode=r), len(jpegs), 1))
+  old_ms, new_ms = float(np.median(times["old"])), float(np.median(times["new"]))
+  return {"old_ms": round(old_ms, 3), "new_ms": round(new_ms, 3),
+          "old_images_per_cpu_s": round(1e3 / old_ms, 1),
+          "new_images_per_cpu_s": round(1e3 / new_ms, 1)}
+
+
+def _quality(jpegs: list[bytes], draws: np.ndarray) -> dict:
+  scales, diffs = [], []
+  for jpeg, uniforms in zip(jpegs, draws):
+    width, height = imagenet.open_image(jpeg).size
+    scales.append(imagenet.dct_scale(imagenet.crop_box(width, height, uniforms), _OUTPUT))
+    if scales[-1] > 1:
+      new, old = (imagenet.random_resized_crop(imagenet.open_image(jpeg), uniforms, _OUTPUT,
+                                               reduced_decode=r).astype(np.int16)
+                  for r in (True, False))
+      diffs.append(float(np.abs(new - old).mean()))
+  counts = np.bincount(scales, minlength=9)
+  return {"crops": len(jpegs), "decoded_at": {f"1/{s}": int(counts[s]) for s in (1, 2, 4, 8)},
+          "reduced_mean_abs_diff": {"mean": round(float(np.mean(diffs)), 2) if diffs else None,
+                                    "max": round(max(diffs), 2) if diffs else None}}
+
+
+def _profile(jpegs: list[bytes], draws: np.ndarray, old_source, new_source, args) -> dict:
+  """CPU ms per image of each stage, the new path's stages on the same JPEGs and draws."""
+  count, rounds = len(jpegs), args.rounds
+  opened = [imagenet.open_image(j) for j in jpegs]
+  boxes = [imagenet.crop_box(*im.size, d) for im, d in zip(opened, draws)]
+  full = [imagenet.decode(j) for j in jpegs]
+  for image in full:
     image.load()
-  decoded = time.perf_counter()
-  for i, jpeg in enumerate(jpegs):
-    imagenet.random_resized_crop(imagenet.decode(jpeg), draws[i], 224)
-  end = time.perf_counter()
-  return {"decode_ms": round((decoded - start) / count * 1e3, 2),
-          "decode_and_crop_ms": round((end - decoded) / count * 1e3, 2),
-          "images_per_s_one_core": round(count / (end - decoded), 1)}
+  crops = [im.resize((_OUTPUT, _OUTPUT), Image.Resampling.BILINEAR, box=b)
+           for im, b in zip(full, boxes)]
+
+  def decode_at(scale: int) -> float:
+    def decode(i: int) -> None:
+      image = imagenet.open_image(jpegs[i])
+      image.draft("RGB", (image.size[0] // scale, image.size[1] // scale))
+      image.load()
+    return round(_cpu_ms(decode, count, rounds), 3)
+
+  batch = np.empty((args.batch, _OUTPUT, _OUTPUT, 3), np.uint8)
+  ids = np.random.default_rng(0).permutation(len(old_source))[:args.batch * 4]
+
+  def stream_ms(num_examples: int) -> float:
+    stream = pipeline.train_stream(
+        num_examples, np.zeros(num_examples), global_batch_size=args.batch, seed=0,
+        num_epochs=None, num_steps=None, process_index=0, process_count=1,
+        draws_per_example=imagenet.DRAWS_PER_EXAMPLE, draws_after_repeat=True)
+    return _cpu_ms(lambda k: stream[k], 4, rounds) / args.batch
+
+  def read_ms(source) -> float:
+    return _cpu_ms(lambda k: records.read_many(source, ids[k * args.batch:(k + 1) * args.batch]),
+                   4, rounds) / args.batch
+
+  return {
+      "stream_imagenet_size": round(stream_ms(_IMAGENET_EXAMPLES), 3),
+      "stream_over_256_examples": round(stream_ms(256), 3),
+      "read_record_batched": round(read_ms(old_source), 3),
+      "read_record_single": round(read_ms(new_source), 3),
+      "open_header": round(_cpu_ms(lambda i: imagenet.open_image(jpegs[i]), count, rounds), 3),
+      "decode_full": round(_cpu_ms(lambda i: imagenet.open_image(jpegs[i]).load(), count,
+                                   rounds), 3),
+      # At 1/8 scale the IDCT, upsampling and colour conversion nearly vanish: what is left is
+      # the entropy decoding of the whole file, which no DCT scale avoids.
+      "decode_half_scale": decode_at(2),
+      "decode_eighth_scale": decode_at(8),
+      "resize_full_decode": round(_cpu_ms(lambda i: full[i].resize(
+          (_OUTPUT, _OUTPUT), Image.Resampling.BILINEAR, box=boxes[i]), count, rounds), 3),
+      "flip_transpose": round(_cpu_ms(lambda i: crops[i].transpose(
+          Image.Transpose.FLIP_LEFT_RIGHT), count, rounds), 3),
+      "to_numpy_into_batch": round(_cpu_ms(lambda i: batch.__setitem__(
+          i % args.batch, np.asarray(crops[i])), count, rounds), 3),
+  }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--images", type=int, default=192, help="synthetic JPEGs to write")
+  parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs to write")
   parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--batches", type=int, default=18, help="batches timed per setting")
+  parser.add_argument("--batches", type=int, default=20, help="batches timed per run")
   parser.add_argument("--workers", default="0,1,2", help="worker counts to time")
+  parser.add_argument("--rounds", type=int, default=3, help="old/new alternations per setting")
+  parser.add_argument("--headline_workers", type=int, default=1,
+                      help="the pipeline row (worker count) the headline figures come from")
   args = parser.parse_args()
+  rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
-    synthetic_data.write_imagenet(tmp, splits={"train": args.images}, sizes=_SIZES)
+    with mock.patch.object(synthetic_data, "synthetic_jpeg", photo_jpeg):
+      synthetic_data.write_imagenet(tmp, splits={"train": args.images}, sizes=_SIZES)
     write_s = time.perf_counter() - start
-    records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp)
-    sizes_kb = [len(records[i]["image"]) / 1e3 for i in range(len(records))]
+    new_records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp)
+    old_records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp,
+                                        batched_reads=True)
+    positions = np.arange(_IMAGENET_EXAMPLES) % args.images
+    new_source = records.SubsetRecords(new_records, positions)
+    old_source = records.SubsetRecords(old_records, positions)
+    jpegs = [new_records[i]["image"] for i in range(args.images)]
+    draws = rng.random((len(jpegs), imagenet.DRAWS_PER_EXAMPLE))
+    large = [photo_jpeg(rng, *_LARGE_SIZES[i % len(_LARGE_SIZES)]) for i in range(48)]
+    large_draws = rng.random((len(large), imagenet.DRAWS_PER_EXAMPLE))
+    pixels = [np.prod(imagenet.open_image(j).size) for j in jpegs]
     results = {
-        "machine": {"cpu_count": os.cpu_count()},
-        "dataset": {"images": len(records), "mean_jpeg_kb": round(float(np.mean(sizes_kb)), 1),
-                    "sizes": [list(s) for s in _SIZES], "write_s": round(write_s, 1)},
-        "setting": {"image_size": 224, "batch": args.batch, "timed_batches": args.batches - 1},
-        "decode_crop": _decode_crop_rate(records, 64),
-        "pipeline": [_pipeline_rate(records, batch=args.batch, batches=args.batches, workers=w)
-                     for w in map(int, args.workers.split(","))],
+        "machine": {"cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0]},
+        "dataset": {"images": len(jpegs), "mean_jpeg_kb": round(np.mean(
+            [len(j) for j in jpegs]) / 1e3, 1), "mean_pixels": int(np.mean(pixels)),
+            "sizes": [list(s) for s in _SIZES], "write_s": round(write_s, 1),
+            "large_mean_jpeg_kb": round(np.mean([len(j) for j in large]) / 1e3, 1)},
+        "setting": {"image_size": _OUTPUT, "batch": args.batch, "timed_batches": args.batches,
+                    "rounds": args.rounds},
+        "transform": {"imagenet_sizes": _transform(jpegs, draws, args.rounds),
+                      "large": _transform(large, large_draws, args.rounds)},
+        "quality": {"imagenet_sizes": _quality(jpegs, draws),
+                    "large": _quality(large, large_draws)},
+        "profile_cpu_ms_per_image": _profile(jpegs, draws, old_source, new_source, args),
+        "pipeline": _pipelines(old_source, new_source, args),
     }
+  rows = results["pipeline"]
+  headline = next((r for r in rows if r["workers"] == args.headline_workers), rows[-1])
+  results = {"old_images_per_sec_per_core": headline["old"]["images_per_sec_per_core"],
+             "new_images_per_sec_per_core": headline["new"]["images_per_sec_per_core"],
+             "headline_workers": headline["workers"],
+             "per_core": "images per CPU-second of this process and its workers (images/s / "
+                         "cores used), median over rounds"} | results
   print(json.dumps(results))
 
 

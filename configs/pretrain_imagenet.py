@@ -46,10 +46,10 @@ from nmjax is claimed here.
 
 Expected runtime: not measured by nmjax on ImageNet (no accelerator was available). At the
 ResNet-50 target of 2,500 images/s per GPU, one epoch (1.28M images) takes 1.28M / 2,500 = 512 s,
-90 epochs about 13 GPU-hours. The input pipeline decoded and cropped about 250-300 images/s per
-CPU core on the 2-core development machine (benchmarks/input.py, ~70 KB synthetic JPEGs around
-500x375; real ImageNet JPEGs average somewhat larger), so plan on about 10 cores (data_workers)
-per GPU at that rate.
+90 epochs about 13 GPU-hours. The input pipeline decoded and cropped about 370 images per
+CPU-second on the 2-core development machine (benchmarks/input.py, ~111 KB synthetic JPEGs of
+about 470x395, one worker per core), so plan on about 16 cores (data_workers) per GPU at
+5,800 images/s.
 """
 
 from nmjax.config import ConfigError, add_run_fields, parse_arg
