@@ -1,100 +1,220 @@
-"""NMTune's jitted training step against this machine's own float32 matmul rate (one JSON object).
+"""NMTune against a plain PyTorch loop and this machine's own limits (one JSON object on stdout).
 
-Three measurements, all on the default backend's first device, timed after a warm-up call with
-block_until_ready, best and median of --repeats calls:
+Sections (--sections, all by default; each entry is also printed to stderr when done):
+  first_fit  a fresh process's nmtune.fit (compilation included; no persistent XLA cache) and the
+             same fit again in that process (warm), against a fresh process's plain PyTorch loop
+             of the same computation run twice (when torch is installed): --rows x D=512
+             features of --classes Gaussian classes, 5 epochs, 128 rows per step, the reference
+             weights (1.0 / 0.04 / 0.001, k = 5), AdamW lr 1e-3 wd 1e-4, per-step cosine, the
+             test accuracy after every epoch (2,000 rows). Times are the fit calls' only
+             (imports and data excluded). Target: speedup_first >= 1.5.
+  grid       K = 16 configurations (svd_weight x cov_weight, 4 x 4) as one nmtune.fit_grid
+             program against 16 sequential nmtune.fit calls, each in a fresh process, called
+             twice (cold includes compilation, warm does not), at D = 64 (--grid-rows rows) and
+             D = 512 (--grid-rows-512 rows). Target at D = 64: speedup_cold >= 3.
+  step       nmtune.table_epoch exactly as fit runs it (n = 128 rows, C classes, the reference
+             hparams) at every --dims D: steps/s and rows/s of the median call of --steps steps,
+             and each singular-value route's forward + backward alone (svd: QR + SVD; gram: eigh
+             of the Gram matrix and matmuls; the one "auto" takes is FASTEST_SINGULAR_VALUE_ROUTE).
+             With torch, the PyTorch step's median at the same D (its own fresh process).
+  limit      how far the step at D = 2048 is from this machine: the MLP's matmul FLOPs at the
+             best float32 matmul rate measured here (square products and the MLP's own shape,
+             lax.fori_loop chains of dependent products) plus AdamW's passes over the parameters
+             at the memory bandwidth measured here (a jitted a * x + y over 256 MB).
 
-  matmul          float32 GFLOP/s of a jitted (n x D) @ (D x 4D) product (the MLP's first layer)
-                  for every D, and of square N x N x N products (--square). Each call runs a
-                  lax.fori_loop of dependent products (each adds its rows' max to the input, so
-                  none can be hoisted or skipped), as many as fill about 0.2 s, so dispatch costs
-                  nothing on accelerators. The reference rate is the best of them all.
-  nmtune_step     nmjax.nmtune.table_epoch exactly as fit runs it in the features mode:
-                  NMTuneHead(C classes, mlp_ratio 4), init_variables, AdamW from
-                  make_optimizer, ProgramSpec(two_view=False, svd_topk=5), the reference
-                  hparams (lr 1e-3, wd 1e-4, weights 1.0 / 0.04 / 0.001), over a random
-                  (--table x D) feature table with rows (S, n), S = --steps steps per call.
-                  steps/s and rows/s use the median call. FLOPs: the MLP's matmuls counted
-                  analytically (formula in the JSON) and XLA:CPU's own count of the same
-                  program at S = 1 (cost_analysis). Achieved GFLOP/s = MLP FLOPs x steps/s;
-                  fraction_of_matmul = achieved / reference rate.
-  regularizers    each regularizer alone, forward + backward (jax.value_and_grad) on random
-                  (n, D) inputs, S of them per jitted lax.scan call: where the step's time goes
-                  besides the MLP (the step computes every term whatever its weight).
-                  rest_ms_median = step - the MLP's matmuls at the reference rate
-                  (mlp_ms_at_reference_rate) - the regularizers: AdamW, BatchNorm, the gather,
-                  the loss and the matmuls' shortfall.
+The machine is shared: compare the ratios measured side by side in one run, and repeat.
+On CPU the benchmark limits LAPACK's OpenBLAS to one thread as nmtune.fit does.
 
-Each measurement is also printed to stderr as one JSON line when done (it survives a timeout).
-
-Target: fraction_of_matmul >= 0.5 at D = 2048 (the "target" field says whether it is met).
-
-Float32 matmuls run at the backend's default precision (jax_default_matmul_precision unset: TF32
-on NVIDIA Ampere and later), the same in the reference products and in the step, so the fraction
-compares like with like.
-
-Threads (CPU backend). --blas-threads N (default 1) limits the OpenBLAS behind XLA:CPU's LAPACK
-calls (scipy's, which jaxlib calls for the SVD) with threadpoolctl, as nmtune.fit does during
-training (nmtune.single_threaded_lapack); 0 leaves it alone. On a busy 2-core machine, OpenBLAS's
-threads spinning against XLA's made the singular-value gradient about 10x slower at D = 2048
-(460-590 ms against 44-65 ms with one thread) and the whole step 2-5x slower at D = 512.
---threads N pins the process to N CPUs before JAX starts its CPU client (XLA:CPU sizes its thread
-pool from the CPU affinity); by default nothing is pinned. The environment lists the BLAS
-libraries and their thread counts (when threadpoolctl is installed).
-
-Runs with only jax, flax, optax and numpy installed: see the ml_collections note below.
-
-    .venv/bin/python benchmarks/nmtune.py                               # D 512 and 2048
-    .venv/bin/python benchmarks/nmtune.py --dims 512,2048 --steps 10 --repeats 3  # ~2-3 min
-    .venv/bin/python benchmarks/nmtune.py --blas-threads 0      # OpenBLAS's own thread count
+    .venv/bin/python benchmarks/nmtune.py                       # all sections, ~8 min on 2 cores
+    .venv/bin/python benchmarks/nmtune.py --sections step,limit --dims 512,2048
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-try:
-  import ml_collections  # pylint: disable=unused-import
-  ML_COLLECTIONS = "installed"
-except ImportError:
-  # nmjax.nmtune, nmjax.probe and nmjax.config import ml_collections at module level but use it
-  # only to build or check ConfigDicts (default_config, resolve_config, fit), which this
-  # benchmark never calls; accelerator hosts may lack the package. An empty module lets the
-  # import succeed, and any use of it would fail with an AttributeError, never a wrong number.
-  sys.modules["ml_collections"] = types.ModuleType("ml_collections")
-  ML_COLLECTIONS = "absent: an empty stand-in module (nothing here uses ConfigDict)"
-
-from nmjax import nmtune  # pylint: disable=wrong-import-position
-
-# The reference's optimizer and loss weights (REFERENCE.md s.4).
-REFERENCE_HPARAMS = {"lr": 1e-3, "weight_decay": 1e-4, "mse_weight": 1.0, "cov_weight": 0.04,
-                     "svd_weight": 0.001}
-TARGET_DIM = 2048
-TARGET_FRACTION = 0.5
-_MATMUL_CALL_S = 0.2  # Seconds one timed matmul call should last (sets the products per call).
-_MAX_PRODUCTS = 100_000
+REFERENCE = {"lr": 1e-3, "weight_decay": 1e-4, "mse_weight": 1.0, "cov_weight": 0.04,
+             "svd_weight": 0.001, "svd_topk": 5}
+GRID = [{"svd_weight": s, "cov_weight": c} for s in (3e-4, 1e-3, 3e-3, 1e-2)
+        for c in (0.01, 0.04, 0.1, 0.4)]
+SECTIONS = ("first_fit", "grid", "step", "limit")
 
 
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
+def _log(entry: dict[str, Any]) -> None:
+  print(json.dumps(entry), file=sys.stderr, flush=True)
+
+
+def blobs(rows: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Gaussian classes: the same arrays in every process for the same arguments."""
+  centers = np.random.default_rng(1234).standard_normal((classes, dim)).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, classes, rows)
+  return (centers[labels] + 2.0 * rng.standard_normal((rows, dim))).astype(np.float32), labels
+
+
+# ----------------------------------------------------------------- children (fresh processes)
+
+
+def child_jax(opts: argparse.Namespace) -> dict[str, Any]:
+  """opts.what = fit: nmtune.fit twice; grid / sequential: 16 configs twice."""
+  start = time.perf_counter()
+  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  imported = time.perf_counter() - start
+  train = blobs(opts.rows, opts.dim, opts.classes, 0)
+  test = blobs(2000, opts.dim, opts.classes, 1)
+  base = {"epochs": opts.epochs, "batch_size": 128}
+  configs = [{**base, **g} for g in GRID]
+  calls, accuracies = [], []
+  for _ in range(2):
+    start = time.perf_counter()
+    if opts.what == "fit":
+      results = [nmtune.fit(train, test, base)]
+    elif opts.what == "grid":
+      results = nmtune.fit_grid(train, test, configs)
+    else:
+      results = [nmtune.fit(train, test, c) for c in configs]
+    calls.append(round(time.perf_counter() - start, 3))
+    accuracies = [round(r["accuracy"], 4) for r in results]
+  return {"cold_s": calls[0], "warm_s": calls[1], "import_s": round(imported, 2),
+          "accuracy": accuracies, "sv_route": results[0]["sv_route"]}
+
+
+def _torch_head(dim: int, classes: int) -> Any:
+  import torch  # pylint: disable=import-outside-toplevel
+
+  class Head(torch.nn.Module):
+    """The reference NMTune head (PyTorch defaults; He-uniform classifier, zero bias)."""
+
+    def __init__(self):
+      super().__init__()
+      self.hidden = torch.nn.Linear(dim, 4 * dim)
+      self.norm = torch.nn.BatchNorm1d(4 * dim)
+      self.out = torch.nn.Linear(4 * dim, dim)
+      self.scale = torch.nn.Parameter(torch.ones(dim))
+      self.head = torch.nn.Linear(dim, classes)
+      torch.nn.init.kaiming_uniform_(self.head.weight, nonlinearity="relu")
+      torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, f):
+      z = self.scale * self.out(torch.relu(self.norm(self.hidden(f)))) + f
+      return self.head(z), z
+
+  return Head()
+
+
+def _torch_loss(model: Any, f: Any, labels: Any) -> Any:
+  """The reference loss: CE + MSE + 0.04 COV - 0.001 SVD (D x D covariance, svdvals)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  logits, z = model(f)
+  num_rows, dim = z.shape
+  mse = torch.mean((F.normalize(z) - F.normalize(f).detach()) ** 2)
+  centered = z - z.mean(0)
+  cov_matrix = centered.T @ centered / (num_rows - 1)
+  cov = (torch.sum(cov_matrix ** 2) - torch.sum(torch.diagonal(cov_matrix) ** 2)) / dim
+  sigma = torch.linalg.svdvals(z)
+  share = torch.mean(sigma[:REFERENCE["svd_topk"]] / sigma.sum())
+  return (F.cross_entropy(logits, labels) + REFERENCE["mse_weight"] * mse
+          + REFERENCE["cov_weight"] * cov - REFERENCE["svd_weight"] * share)
+
+
+def child_torch(opts: argparse.Namespace) -> dict[str, Any]:
+  """The plain PyTorch loop of child_jax's fit, twice; then its median step at each --dims.
+  opts.torch_blas 1: OpenBLAS (torch's matmuls and LAPACK here) limited to one thread, as
+  nmtune.fit limits LAPACK's; 0: torch's defaults."""
+  import torch  # pylint: disable=import-outside-toplevel
+  if opts.torch_blas:
+    import threadpoolctl  # pylint: disable=import-outside-toplevel
+    torch.linalg.svdvals(torch.ones(2, 2))  # Loads the BLAS, so the limit reaches it.
+    threadpoolctl.threadpool_limits(opts.torch_blas, user_api="blas")
+  torch.manual_seed(0)
+  train = [torch.from_numpy(a) for a in blobs(opts.rows, opts.dim, opts.classes, 0)]
+  test = [torch.from_numpy(a) for a in blobs(2000, opts.dim, opts.classes, 1)]
+
+  def fit() -> float:
+    model = _torch_head(opts.dim, opts.classes)
+    steps = len(train[1]) // 128 * opts.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=REFERENCE["lr"], betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=REFERENCE["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    for _ in range(opts.epochs):
+      model.train()
+      order = torch.randperm(len(train[1]))
+      for i in range(len(order) // 128):
+        ids = order[i * 128:(i + 1) * 128]
+        opt.zero_grad(set_to_none=True)
+        _torch_loss(model, train[0][ids], train[1][ids]).backward()
+        opt.step()
+        sched.step()
+      model.eval()
+      with torch.no_grad():
+        accuracy = float((model(test[0])[0].argmax(-1) == test[1]).float().mean())
+    return accuracy
+
+  calls = []
+  for _ in range(2):
+    start = time.perf_counter()
+    accuracy = fit()
+    calls.append(round(time.perf_counter() - start, 3))
+  return {"cold_s": calls[0], "warm_s": calls[1], "accuracy": round(accuracy, 4),
+          "threads": torch.get_num_threads(), "blas_threads": opts.torch_blas or "default",
+          "torch": torch.__version__,
+          "step_ms_median": {f"D{d}": _torch_step_ms(d, opts) for d in opts.dims}}
+
+
+def _torch_step_ms(dim: int, opts: argparse.Namespace) -> float:
+  import torch  # pylint: disable=import-outside-toplevel
+  model = _torch_head(dim, opts.classes)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+  f = torch.randn(128, dim)
+  labels = torch.randint(0, opts.classes, (128,))
+  times = []
+  for i in range(opts.steps + 2):
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    _torch_loss(model, f, labels).backward()
+    opt.step()
+    if i >= 2:
+      times.append(time.perf_counter() - start)
+  return round(float(np.median(times)) * 1e3, 3)
+
+
+def run_child(kind: str, opts: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+  """A fresh interpreter running child_<kind>; its JSON (or the error's last lines)."""
+  args = {"rows": opts.rows, "dim": 512, "classes": opts.classes, "epochs": 5, "what": "fit",
+          "dims": ",".join(map(str, opts.dims)), "steps": opts.steps, "torch_blas": 0, **fields}
+  command = [sys.executable, os.path.abspath(__file__), "--child", kind]
+  command += [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+  if done.returncode:
+    return {"error": done.stderr.strip().splitlines()[-3:]}
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def torch_installed() -> bool:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  return importlib.util.find_spec("torch") is not None
+
+
+# ---------------------------------------------------------------------------- in-process
 
 
 def _time_calls(call: Callable[[], Any], repeats: int) -> list[float]:
-  """Seconds of each of `repeats` blocking calls (the caller has warmed `call` up)."""
+  import jax  # pylint: disable=import-outside-toplevel
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -103,313 +223,194 @@ def _time_calls(call: Callable[[], Any], repeats: int) -> list[float]:
   return times
 
 
-def _summary(times: list[float]) -> dict[str, Any]:
-  return {"call_ms_best": round(min(times) * 1e3, 3),
-          "call_ms_median": round(float(np.median(times)) * 1e3, 3),
-          "call_ms_all": [round(t * 1e3, 3) for t in times]}
-
-
-# ------------------------------------------------------------------------------------ matmul
-
-
-@jax.jit
-def _chained_products(x: jax.Array, w: jax.Array, count: jax.Array) -> jax.Array:
-  """`count` dependent products x @ w: each adds its rows' max to x, so every one must run."""
-  def body(_, x):
-    return x + 1e-6 * jnp.max(x @ w, axis=-1, keepdims=True)
-
-  return jax.lax.fori_loop(0, count, body, x)
-
-
-def matmul_rate(rows: int, inner: int, outer: int, repeats: int, rng: np.random.Generator
-                ) -> dict[str, Any]:
-  """GFLOP/s of float32 (rows x inner) @ (inner x outer) products, best and median call."""
+def matmul_gflops(rows: int, inner: int, outer: int, repeats: int) -> float:
+  """Best float32 GFLOP/s of chained dependent (rows x inner) @ (inner x outer) products."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((rows, inner), dtype=np.float32))
   w = jnp.asarray(rng.standard_normal((inner, outer), dtype=np.float32) / np.sqrt(inner))
-  one = jnp.int32(1)
-  jax.block_until_ready(_chained_products(x, w, one))  # Compiles (count is traced: one program).
-  single = min(_time_calls(lambda: _chained_products(x, w, one), 2))
-  products = int(min(_MAX_PRODUCTS, max(1, math.ceil(_MATMUL_CALL_S / single))))
-  count = jnp.int32(products)
-  times = _time_calls(lambda: _chained_products(x, w, count), repeats)
-  flops = 2.0 * rows * inner * outer * products
-  return {"shape": f"({rows} x {inner}) @ ({inner} x {outer})", "products_per_call": products,
-          "gflops_best": round(flops / min(times) / 1e9, 2),
-          "gflops_median": round(flops / float(np.median(times)) / 1e9, 2), **_summary(times)}
+  chain = jax.jit(lambda x, w, n: jax.lax.fori_loop(
+      0, n, lambda _, x: x + 1e-6 * jnp.max(x @ w, axis=-1, keepdims=True), x))
+  jax.block_until_ready(chain(x, w, 1))
+  single = min(_time_calls(lambda: chain(x, w, 1), 2))
+  count = int(min(10_000, max(1, math.ceil(0.2 / single))))
+  best = min(_time_calls(lambda: chain(x, w, count), repeats))
+  return 2.0 * rows * inner * outer * count / best / 1e9
 
 
-# ------------------------------------------------------------------------------- nmtune step
+def memory_gbps(repeats: int) -> float:
+  """Best GB/s of a jitted a * x + y over 256 MB (two reads, one write per element)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((1 << 26,), jnp.float32)
+  y = jnp.ones((1 << 26,), jnp.float32)
+  axpy = jax.jit(lambda x, y: 1.0001 * x + y)
+  jax.block_until_ready(axpy(x, y))
+  return 3 * x.nbytes / min(_time_calls(lambda: axpy(x, y), repeats)) / 1e9
 
 
-def mlp_flops(rows: int, dim: int, width: int, classes: int) -> float:
-  """Matmul FLOPs of one step's MLP and head, forward and backward (f is frozen: no input
-  gradient for the first layer)."""
-  first = 2 * (2 * rows * dim * width)         # forward + weight gradient
-  second = 3 * (2 * rows * width * dim)        # forward + weight and input gradients
-  head = 3 * (2 * rows * dim * classes)
-  return float(first + second + head)
+def mlp_flops(rows: int, dim: int, classes: int) -> float:
+  """Matmul FLOPs of one step's MLP and head, forward and backward (no input gradient for f):
+  10 n D W + 6 n D C at W = 4D."""
+  return float(10 * rows * dim * 4 * dim + 6 * rows * dim * classes)
 
 
-def regularizer_flops(rows: int, dim: int) -> dict[str, float]:
-  """Rough counts of the regularizers' matmul-like work at rows < dim (not in achieved GFLOP/s)."""
-  return {
-      # Gram z_c z_c^T forward, two (n x n) @ (n x D) products backward.
-      "covariance_gram": float(6 * rows**2 * dim),
-      # Thin SVD with U and V (needed by the gradient; Golub-Van Loan R-SVD 6 D n^2 + 11 n^3)
-      # plus the gradient U diag(g) V^T.
-      "dominant_singular_value": float(6 * dim * rows**2 + 11 * rows**3 + 2 * rows**2 * dim),
-  }
-
-
-def _flops(compiled: Any) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # Older jax: one dict per computation.
-    analysis = analysis[0] if analysis else None
-  flops = analysis.get("flops") if analysis else None
-  return float(flops) if flops and flops > 0 else None
-
-
-def _xla_cpu_step_flops(args: tuple[Any, ...], spec: Any) -> float | None:
-  """XLA:CPU's FLOP count of table_epoch at one step (rows (1, n)); shapes only, nothing runs.
-
-  One step, not S: XLA counts a while loop's body once whatever its trip count."""
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  state, table, rows, row_labels, hparams = args
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
-                          (state, table, rows[:1], row_labels[:1], hparams))
-  try:
-    return _flops(nmtune.table_epoch.lower(*abstract, spec=spec).compile())
-  except Exception as e:  # pylint: disable=broad-except
-    _log(f"XLA:CPU cost analysis unavailable: {type(e).__name__}: {e}")
-    return None
-
-
-def step_case(dim: int, opts: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
-  """Times nmtune.table_epoch at feature dimension `dim`; returns the JSON entry."""
-  rows, steps, classes = opts.rows, opts.steps, opts.classes
-  model = nmtune.NMTuneHead(num_classes=classes)
-  width = max(1, int(round(model.mlp_ratio * dim)))  # As NMTuneHead sizes its hidden layer.
-  hparams = {k: jnp.float32(v) for k, v in REFERENCE_HPARAMS.items()}
-  # Every step the benchmark runs (warm-up and timed calls) fits inside the cosine schedule.
-  spec = nmtune.ProgramSpec(model=model, svd_topk=opts.svd_topk,
-                            total_steps=steps * (opts.repeats + 1), two_view=False)
+def step_case(dim: int, opts: argparse.Namespace) -> dict[str, Any]:
+  """nmtune.table_epoch as fit runs it at feature dimension `dim`: steps/s and rows/s."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  model = nmtune.NMTuneHead(num_classes=opts.classes)
+  hparams = nmtune.program_hparams(REFERENCE)
+  spec = nmtune.ProgramSpec(model=model, total_steps=opts.steps * (opts.repeats + 2),
+                            two_view=False, sv_route=nmtune.singular_value_route())
   variables = nmtune.init_variables(model, dim, seed=0)
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  tx = nmtune.make_optimizer(hparams, spec.total_steps)
-  state = (params, batch_stats, tx.init(params))
-  table = jnp.asarray(rng.standard_normal((opts.table, dim), dtype=np.float32))
-  table_labels = rng.integers(0, classes, opts.table).astype(np.int32)
-  # Distinct rows within each step, as a shuffled epoch gives them.
-  step_rows = np.stack([rng.permutation(opts.table)[:rows] for _ in range(steps)]).astype(np.int32)
-  call_args = (state, table, jnp.asarray(step_rows), jnp.asarray(table_labels[step_rows]),
-               hparams)
+  params = variables["params"]
+  holder = {"state": (params, variables["batch_stats"],
+                      nmtune.make_optimizer(hparams, spec.total_steps).init(params))}
+  table = jnp.asarray(rng.standard_normal((4096, dim), dtype=np.float32))
+  labels = rng.integers(0, opts.classes, 4096).astype(np.int32)
+  rows = np.stack([rng.permutation(4096)[:128] for _ in range(opts.steps)]).astype(np.int32)
+  args = (table, jnp.asarray(rows), jnp.asarray(labels[rows]), hparams)
 
-  xla_flops = _xla_cpu_step_flops(call_args, spec)
-  start = time.perf_counter()
-  compiled = nmtune.table_epoch.lower(*call_args, spec=spec).compile()
-  compile_s = time.perf_counter() - start
-  holder = {"state": state}
-
-  def call() -> tuple[Any, jax.Array]:
-    holder["state"], holder["terms"] = compiled(holder["state"], *call_args[1:])  # Donated.
-    return holder["state"], holder["terms"]
+  def call():
+    holder["state"], terms = nmtune.table_epoch(holder["state"], *args, spec=spec)
+    return terms
 
   start = time.perf_counter()
-  jax.block_until_ready(call())
-  first_call_s = time.perf_counter() - start
-  times = _time_calls(call, opts.repeats)
-  terms = np.asarray(holder["terms"])
-  if not np.isfinite(terms).all():
-    raise RuntimeError(f"D={dim}: non-finite loss terms in the benchmark: {terms[-1]}")
-
-  flops = mlp_flops(rows, dim, width, classes)
-  median_s, best_s = float(np.median(times)), min(times)
-  entry = {
-      "rows": rows, "classes": classes, "hidden_width": width, "steps_per_call": steps,
-      "table_rows": opts.table, "svd_topk": opts.svd_topk,
-      "covariance_route": "gram" if rows < dim else "covariance",
-      "compile_s": round(compile_s, 2), "first_call_s": round(first_call_s, 3),
-      "step_ms_median": round(median_s / steps * 1e3, 3),
-      "step_ms_best": round(best_s / steps * 1e3, 3),
-      "steps_per_s": round(steps / median_s, 2), "rows_per_s": round(steps * rows / median_s, 1),
-      **_summary(times),
-      "mlp_flops_per_step": flops,
-      "xla_cpu_flops_per_step": xla_flops,
-      "xla_over_mlp_flops": None if xla_flops is None else round(xla_flops / flops, 4),
-      "regularizer_flops_per_step_estimate": regularizer_flops(rows, dim),
-      "achieved_gflops": round(flops * steps / median_s / 1e9, 2),
-      "achieved_gflops_best_call": round(flops * steps / best_s / 1e9, 2),
-      "final_loss_terms": dict(zip(nmtune.LOSS_TERMS, (round(float(v), 5) for v in terms[-1]))),
-  }
-  return entry
+  _time_calls(call, 1)
+  first = time.perf_counter() - start
+  median = float(np.median(_time_calls(call, opts.repeats))) / opts.steps
+  return {"sv_route": spec.sv_route, "first_call_s": round(first, 2),
+          "step_ms_median": round(median * 1e3, 3), "steps_per_s": round(1 / median, 2),
+          "rows_per_s": round(128 / median, 1), "sv_routes_fwd_bwd_ms": sv_route_ms(dim, opts)}
 
 
-# ---------------------------------------------------------------------------- regularizers
+def sv_route_ms(dim: int, opts: argparse.Namespace) -> dict[str, float]:
+  """ms per forward + backward of the singular-value term alone, on each route."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  zs = jnp.asarray(np.random.default_rng(1).standard_normal((opts.steps, 128, dim)), jnp.float32)
+  out = {}
+  for route in ("svd", "gram"):
+    loss = lambda z, route=route: nmtune.dominant_singular_value_loss(z, 5, route=route)
+    scan = jax.jit(lambda zs, loss=loss: jax.lax.scan(
+        lambda c, z: (c + jnp.mean(jax.grad(loss)(z)), None), 0.0, zs)[0])
+    _time_calls(lambda: scan(zs), 1)
+    out[route] = round(float(np.median(_time_calls(lambda: scan(zs), opts.repeats)))
+                       / opts.steps * 1e3, 3)
+  return out
 
 
-def regularizer_times(rows: int, dim: int, opts: argparse.Namespace, rng: np.random.Generator
-                      ) -> dict[str, Any]:
-  """ms per forward + backward of each regularizer alone on (rows, dim) inputs."""
-  zs = jnp.asarray(rng.standard_normal((opts.steps, rows, dim), dtype=np.float32))
-  fs = jnp.asarray(rng.standard_normal((opts.steps, rows, dim), dtype=np.float32))
-  losses = {
-      "consistency": nmtune.consistency_loss,
-      "covariance": lambda z, f: nmtune.covariance_loss(z),
-      "dominant_singular_value": lambda z, f: nmtune.dominant_singular_value_loss(z, opts.svd_topk),
-  }
-  result = {}
-  for name, loss in losses.items():
-
-    @jax.jit
-    def scan(zs, fs, loss=loss):
-      def body(total, pair):
-        value, grad = jax.value_and_grad(loss)(*pair)
-        return total + value + jnp.mean(grad), None  # Uses the gradient, so it is computed.
-
-      return jax.lax.scan(body, jnp.float32(0.0), (zs, fs))[0]
-
-    jax.block_until_ready(scan(zs, fs))
-    times = _time_calls(lambda scan=scan: scan(zs, fs), opts.repeats)
-    result[name] = {"ms_median": round(float(np.median(times)) / opts.steps * 1e3, 3),
-                    "ms_best": round(min(times) / opts.steps * 1e3, 3)}
-  return result
+def limit(step: dict[str, Any], dim: int, opts: argparse.Namespace) -> dict[str, Any]:
+  """The step at `dim` against matmul peak x MLP FLOPs + AdamW's bytes at memory bandwidth."""
+  peak = max(matmul_gflops(2048, 2048, 2048, opts.repeats),
+             matmul_gflops(128, dim, 4 * dim, opts.repeats))
+  bandwidth = memory_gbps(opts.repeats)
+  num_params = dim * 4 * dim * 2 + 4 * dim * 3 + 2 * dim + dim * opts.classes + opts.classes
+  # AdamW per parameter: read the gradient, m, v and the parameter; write m, v, the parameter;
+  # and the gradient itself written once by the backward pass: 8 float32 passes.
+  adamw_bytes = 8 * 4 * num_params
+  mlp_ms = mlp_flops(128, dim, opts.classes) / peak / 1e6
+  adamw_ms = adamw_bytes / bandwidth / 1e6
+  return {"dim": dim, "matmul_peak_gflops": round(peak, 1), "memory_gbps": round(bandwidth, 2),
+          "mlp_flops": mlp_flops(128, dim, opts.classes), "params": num_params,
+          "mlp_ms_at_peak": round(mlp_ms, 2), "adamw_ms_at_bandwidth": round(adamw_ms, 2),
+          "limit_ms": round(mlp_ms + adamw_ms, 2), "step_ms_median": step["step_ms_median"],
+          "step_over_limit": round(step["step_ms_median"] / (mlp_ms + adamw_ms), 3)}
 
 
-# ------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------ main
 
 
-def _blas(limit: int) -> list[dict[str, Any]] | str:
-  """The BLAS libraries loaded (with LAPACK's, scipy's) and their threads, after applying
-  `limit` threads when it is not 0."""
-  try:
-    import threadpoolctl  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return "unknown (threadpoolctl is not installed)"
-  try:
-    import scipy.linalg  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    pass  # Without scipy, jaxlib has no LAPACK to call either.
-  if limit:
-    threadpoolctl.threadpool_limits(limit)  # Applied now; kept for the rest of the process.
-  return [{"library": info["internal_api"], "threads": info["num_threads"],
-           "file": os.path.basename(info["filepath"])} for info in threadpoolctl.threadpool_info()]
+def _torch_steps(opts: argparse.Namespace) -> dict[str, float]:
+  """PyTorch's median step per D, the faster of its default and one-BLAS-thread settings."""
+  runs = [run_child("torch", opts, rows=256, epochs=1, torch_blas=b).get("step_ms_median", {})
+          for b in (0, 1)]
+  return {name: min(r[name] for r in runs if name in r) for name in runs[0] or runs[1]}
 
 
-def _environment(opts: argparse.Namespace, blas: list[dict[str, Any]] | str) -> dict[str, Any]:
-  device = jax.devices()[0]
-
-  def version(package: str) -> str | None:
-    try:
-      return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      return None
-
-  return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "backend": jax.default_backend(), "device_kind": device.device_kind,
-      "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-      "cpus_usable": len(os.sched_getaffinity(0)), "threads_option": opts.threads or None,
-      "blas_threads_option": opts.blas_threads or None, "blas": blas,
-      "jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"),
-      "optax": version("optax"), "numpy": np.__version__, "python": platform.python_version(),
-      "ml_collections": ML_COLLECTIONS,
-      "matmul_precision": jax.config.jax_default_matmul_precision or "backend default",
-      "load_average_before": round(os.getloadavg()[0], 2),
-  }
-
-
-def _int_list(text: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is not a comma-separated list of integers") from None
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
-  return values
+def _sections(opts: argparse.Namespace, report: dict[str, Any]) -> None:
+  has_torch = torch_installed()
+  if "first_fit" in opts.sections:
+    entry = {"jax": run_child("jax", opts)}
+    if has_torch:
+      # PyTorch's defaults, and its BLAS limited to one thread (faster on a busy machine):
+      # the speedups are against the faster of the two.
+      runs = [run_child("torch", opts, torch_blas=b) for b in (0, 1)]
+      entry["torch_default"], entry["torch_blas1"] = runs
+      good = [r for r in runs if "error" not in r]
+      if good and "error" not in entry["jax"]:
+        for phase in ("cold", "warm"):
+          best = min(r[f"{phase}_s"] for r in good)
+          entry[f"speedup_{'first' if phase == 'cold' else 'warm'}"] = round(
+              best / entry["jax"][f"{phase}_s"], 3)
+        entry["target_first_met"] = entry["speedup_first"] >= 1.5
+    report["first_fit"] = entry
+    _log({"first_fit": entry})
+  if "grid" in opts.sections:
+    report["grid"] = {}
+    for dim, rows in ((64, opts.grid_rows), (512, opts.grid_rows_512)):
+      entry = {"rows": rows, "configs": len(GRID)}
+      for what in ("grid", "sequential"):
+        entry[what] = run_child("jax", opts, dim=dim, rows=rows, what=what)
+      if all("error" not in entry[w] for w in ("grid", "sequential")):
+        for phase in ("cold", "warm"):
+          entry[f"speedup_{phase}"] = round(entry["sequential"][f"{phase}_s"]
+                                            / entry["grid"][f"{phase}_s"], 3)
+        entry["configs_per_s_warm"] = round(len(GRID) / entry["grid"]["warm_s"], 3)
+      report["grid"][f"D{dim}"] = entry
+      _log({f"grid_D{dim}": entry})
+  if "step" in opts.sections or "limit" in opts.sections:
+    steps = {f"D{d}": step_case(d, opts) for d in opts.dims}
+    if has_torch and "step" in opts.sections:
+      torch_steps = _torch_steps(opts)
+      for name, ms in torch_steps.items():
+        steps[name]["torch_step_ms_median"] = ms
+        steps[name]["speedup_vs_torch"] = round(ms / steps[name]["step_ms_median"], 3)
+    report["step"] = steps
+    _log({"step": steps})
+    if "limit" in opts.sections and 2048 in opts.dims:
+      report["limit"] = limit(steps["D2048"], 2048, opts)
+      _log({"limit": report["limit"]})
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dims", type=_int_list, default=[512, 2048], help="feature dims D")
-  parser.add_argument("--rows", type=int, default=128, help="rows per step n")
+  parser.add_argument("--sections", default=",".join(SECTIONS))
+  parser.add_argument("--rows", type=int, default=20000, help="first_fit train rows")
+  parser.add_argument("--grid-rows", type=int, default=20000, help="grid train rows at D=64")
+  parser.add_argument("--grid-rows-512", type=int, default=4000, help="grid rows at D=512")
   parser.add_argument("--classes", type=int, default=10)
-  parser.add_argument("--steps", type=int, default=20, help="steps per timed call S")
-  parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
-  parser.add_argument("--table", type=int, default=4096, help="rows of the feature table")
-  parser.add_argument("--svd-topk", type=int, default=5)
-  parser.add_argument("--square", type=_int_list, default=None,
-                      help="square matmul sizes; default 2048 on CPU, 2048,8192 elsewhere")
-  parser.add_argument("--threads", type=int, default=0,
-                      help="pin to this many CPUs (XLA:CPU's thread pool); 0: set nothing")
-  parser.add_argument("--blas-threads", type=int, default=1,
-                      help="OpenBLAS threads (LAPACK under XLA:CPU's SVD); default 1 as"
-                           " nmtune.fit; 0: set nothing")
+  parser.add_argument("--dims", default="512,2048", help="step: feature dims D")
+  parser.add_argument("--steps", type=int, default=10, help="steps per timed step call")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  parser.add_argument("--dim", type=int, default=512, help=argparse.SUPPRESS)
+  parser.add_argument("--epochs", type=int, default=5, help=argparse.SUPPRESS)
+  parser.add_argument("--what", default="fit", help=argparse.SUPPRESS)
+  parser.add_argument("--torch-blas", type=int, default=0, help=argparse.SUPPRESS)
   opts = parser.parse_args()
-  for name in ("threads", "blas_threads"):
-    if getattr(opts, name) < 0:
-      parser.error(f"--{name.replace('_', '-')}={getattr(opts, name)} must be >= 0")
-  for name in ("rows", "classes", "steps", "repeats", "table"):
-    if getattr(opts, name) < (2 if name in ("rows", "classes") else 1):
-      parser.error(f"--{name}={getattr(opts, name)} is too small")
-  if opts.table < opts.rows:
-    parser.error(f"--table={opts.table} must hold at least --rows={opts.rows} rows")
-  if not 1 <= opts.svd_topk <= min(opts.rows, *opts.dims):
-    parser.error(f"--svd-topk={opts.svd_topk} must lie in [1, min(rows, D)]")
-  if opts.threads:
-    # Before the first JAX computation: the CPU client reads the affinity when it starts.
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:opts.threads])
-  # Without threadpoolctl nothing is limited; the environment says so ("unknown").
-  blas = _blas(opts.blas_threads)
-
-  report: dict[str, Any] = {"environment": _environment(opts, blas)}
-  backend = report["environment"]["backend"]
-  squares = opts.square or ([2048] if backend == "cpu" else [2048, 8192])
-  rng = np.random.default_rng(0)
-
-  matmuls = {}
-  for dim in opts.dims:
-    matmuls[f"mlp_first_layer_D{dim}"] = matmul_rate(opts.rows, dim, 4 * dim, opts.repeats, rng)
-    _log(json.dumps({f"mlp_first_layer_D{dim}": matmuls[f"mlp_first_layer_D{dim}"]}))
-  for size in squares:
-    matmuls[f"square_{size}"] = matmul_rate(size, size, size, opts.repeats, rng)
-    _log(json.dumps({f"square_{size}": matmuls[f"square_{size}"]}))
-  reference_name = max(matmuls, key=lambda k: matmuls[k]["gflops_best"])
-  reference = matmuls[reference_name]["gflops_best"]
-  report["matmul"] = {**matmuls, "reference": reference_name, "reference_gflops": reference}
-
-  report["flops_formula"] = (
-      "mlp_flops_per_step = first Dense (D -> W) forward 2nDW + weight gradient 2nDW (f is"
-      " frozen: no input gradient) + second Dense (W -> D) forward, weight and input gradients"
-      " 3 x 2nWD + head (D -> C) 3 x 2nDC = 10nDW + 6nDC = 40nD^2 + 6nDC at W = 4D. The"
-      " regularizers (estimates listed apart), BatchNorm, the loss and AdamW are not in it;"
-      " xla_cpu_flops_per_step is XLA:CPU's cost_analysis of the whole step (table_epoch at S = 1)")
-  report["nmtune_step"] = {}
-  for dim in opts.dims:
-    entry = step_case(dim, opts, rng)
-    entry["fraction_of_matmul"] = round(entry["achieved_gflops"] / reference, 4)
-    entry["fraction_of_matmul_best_call"] = round(entry["achieved_gflops_best_call"] / reference,
-                                                  4)
-    entry["regularizers_fwd_bwd"] = regularizer_times(opts.rows, dim, opts, rng)
-    for term in entry["regularizers_fwd_bwd"].values():
-      term["share_of_step_median"] = round(term["ms_median"] / entry["step_ms_median"], 4)
-    # The step's time apart from its MLP matmuls at the reference rate and the regularizers:
-    # AdamW, BatchNorm, the row gather, the loss, and the matmuls' shortfall from that rate
-    # (a difference of separate timings: noise can make it negative at small D).
-    entry["mlp_ms_at_reference_rate"] = round(entry["mlp_flops_per_step"] / reference / 1e6, 3)
-    entry["rest_ms_median"] = round(
-        entry["step_ms_median"] - entry["mlp_ms_at_reference_rate"]
-        - sum(t["ms_median"] for t in entry["regularizers_fwd_bwd"].values()), 3)
-    report["nmtune_step"][f"D{dim}"] = entry
-    _log(json.dumps({f"D{dim}": entry}))
-
-  at_target = report["nmtune_step"].get(f"D{TARGET_DIM}")
-  report["target"] = {
-      "criterion": f"fraction_of_matmul >= {TARGET_FRACTION} at D = {TARGET_DIM}: the MLP's"
-                   " achieved GFLOP/s (median call) over the best measured float32 matmul rate",
-      "fraction": at_target["fraction_of_matmul"] if at_target else None,
-      "met": at_target["fraction_of_matmul"] >= TARGET_FRACTION if at_target else None,
-  }
+  opts.dims = [int(d) for d in str(opts.dims).split(",") if d]
+  opts.sections = [s for s in opts.sections.split(",") if s]
+  unknown = set(opts.sections) - set(SECTIONS)
+  if unknown:
+    parser.error(f"--sections: unknown {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+  if opts.child:
+    print(json.dumps((child_jax if opts.child == "jax" else child_torch)(opts)))
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  report: dict[str, Any] = {"environment": {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+      "cpus_usable": len(os.sched_getaffinity(0)), "jax": jax.__version__,
+      "python": platform.python_version(), "sv_route_auto": nmtune.singular_value_route(),
+      "load_average_before": round(os.getloadavg()[0], 2), "torch": torch_installed()}}
+  with nmtune.single_threaded_lapack():
+    _sections(opts, report)
   report["environment"]["load_average_after"] = round(os.getloadavg()[0], 2)
   print(json.dumps(report, indent=1))
 

@@ -145,6 +145,77 @@ def test_singular_values_through_qr_match_numpy_and_survive_rank_deficiency(shap
   _assert_close(left @ grad @ right, left @ ref_grad @ right, 1e-3)
 
 
+def _with_spectrum(rows: int, cols: int, sigma: list[float], seed: int) -> np.ndarray:
+  """A float32-representable (rows, cols) matrix with singular values `sigma` (zeros beyond)."""
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.standard_normal((rows, len(sigma))))
+  v, _ = np.linalg.qr(rng.standard_normal((cols, len(sigma))))
+  return ((u * np.asarray(sigma)) @ v.T).astype(np.float32).astype(np.float64)
+
+
+_TAIL = [0.05] * 8  # Eight equal small singular values: a tie in every case below.
+# Two shapes only (n < D and n > D), so each route compiles twice for all the cases.
+SPECTRA = {
+    "n<D": lambda: _inputs((16, 48), 10),
+    "n>D": lambda: _inputs((48, 16), 11),
+    # A large shared offset, as raw z has (sigma_1 / sigma_min ~ 30): the Gram matrix alone
+    # would resolve the small directions to 1e-4 only.
+    "n<D offset": lambda: (np.random.default_rng(12).standard_normal((16, 48))
+                           + 3.0 * np.random.default_rng(13).standard_normal(48)),
+    "rank 3, n<D": lambda: _with_spectrum(16, 48, [5.0, 2.0, 1.0], 14),
+    "rank 3, n>D": lambda: _with_spectrum(48, 16, [5.0, 2.0, 1.0], 15),
+    "tie in the top k": lambda: _with_spectrum(16, 48, [5, 5 + 1e-6, 3, 1, .8, .5, .3, .1] + _TAIL,
+                                               16),
+    "tie in the tail": lambda: _with_spectrum(48, 16, [5, 4, 3.5, 1, 1 + 1e-6, 1 - 1e-6, .3, .1]
+                                              + _TAIL, 17),
+    "1% gap at k": lambda: _with_spectrum(16, 48, [5, 2.0, 1.98, 1, .8, .5, .3, .1] + _TAIL, 18),
+    "condition 1e3": lambda: _with_spectrum(16, 48, list(np.geomspace(10, 1e-2, 16)), 19),
+}
+
+
+@functools.cache
+def _route_value_and_grad(route: str):
+  """The jitted value and gradient of the k = 2 share on `route` (compiled once per shape)."""
+  return jax.jit(jax.value_and_grad(functools.partial(nmtune.dominant_singular_value_loss, k=2,
+                                                      route=route)))
+
+
+@pytest.mark.parametrize("case", list(SPECTRA))
+def test_gram_route_equals_the_svd_route(case):
+  """The eigh-of-the-Gram-matrix route against the QR+SVD route and float64 numpy: values to
+  1e-5, gradients to 1e-4 of their largest entry (inside the row and column spaces where z is
+  rank-deficient: outside them both routes' gradients are float32 noise of arbitrary direction)."""
+  z = np.asarray(SPECTRA[case](), np.float32).astype(np.float64)
+  rank = 3 if case.startswith("rank") else min(z.shape)
+  u, _, vt = np.linalg.svd(z, full_matrices=False)
+  left, right = u[:, :rank] @ u[:, :rank].T, vt[:rank].T @ vt[:rank]
+  ref_value, ref_grad = _np_dominant(z, 2)
+  routes = {}
+  for route in ("svd", "gram"):
+    value, grad = _route_value_and_grad(route)(jnp.asarray(z, jnp.float32))
+    routes[route] = float(value), np.asarray(grad, np.float64)
+  for value, grad in routes.values():
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    _assert_close(left @ grad @ right, left @ ref_grad @ right, 1e-4)
+  np.testing.assert_allclose(routes["gram"][0], routes["svd"][0], rtol=1e-5)
+  _assert_close(left @ routes["gram"][1] @ right, left @ routes["svd"][1] @ right, 1e-4)
+  assert np.isfinite(routes["gram"][1]).all()
+  sigma = np.linalg.svd(z, compute_uv=False)
+  np.testing.assert_allclose(jax.jit(nmtune.gram_singular_values)(jnp.asarray(z, jnp.float32)),
+                             sigma, rtol=1e-5, atol=1e-5 * sigma[0])
+
+
+def test_singular_value_routes_by_backend():
+  assert nmtune.singular_value_route("svd") == "svd"
+  assert nmtune.singular_value_route("auto") == nmtune.FASTEST_SINGULAR_VALUE_ROUTE.get(
+      jax.default_backend(), "gram")
+  with pytest.raises(ConfigError, match="route='dense' is unknown; allowed: auto, svd, gram"):
+    nmtune.singular_value_route("dense")
+  # A traced k (one program for a grid over svd_topk) gives the static k's value.
+  sigma = jnp.asarray([4.0, 3.0, 2.0, 1.0])
+  assert float(jax.jit(nmtune.dominant_share)(sigma, jnp.int32(2))) == pytest.approx(0.35)
+
+
 def test_regularizers_refuse_bad_arguments():
   z = jnp.ones((4, 6))
   with pytest.raises(ConfigError, match="route='dense' is unknown"):

@@ -63,6 +63,29 @@ def test_features_files_through_main_append_one_line_per_run(tmp_path):
   assert rows[0]["accuracy"] == rows[1]["accuracy"]  # Seeded: the same run twice.
 
 
+def test_a_grid_reports_every_configuration_and_the_one_chosen(tmp_path, capsys):
+  train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+  features_lib.save(train, *_blobs(512, 16, 0))
+  features_lib.save(test, *_blobs(256, 16, 1))
+  files = {"train_features": str(train), "test_features": str(test)}
+  config = _config("", method="mlp,nmtune", epochs=3, batch_size=32, val_fraction=0.2,
+                   grid="svd_weight=0.001,0.1;cov_weight=0.04,0.4", **files)
+  jobs.run(config, str(tmp_path / "out"))
+  mlp, tuned = _rows(tmp_path / "out")
+  assert len(tuned["grid_results"]) == 4 and 0 <= tuned["grid_chosen"] < 4
+  chosen = tuned["grid_results"][tuned["grid_chosen"]]
+  assert tuned["val_accuracy"] == chosen["val_accuracy"] == max(
+      m["val_accuracy"] for m in tuned["grid_results"])
+  assert (tuned["svd_weight"], tuned["cov_weight"]) == (chosen["values"]["svd_weight"],
+                                                       chosen["values"]["cov_weight"])
+  assert tuned["num_val"] == 103 and tuned["num_train"] == 409  # A stratified fifth held out.
+  assert len(mlp["grid_results"]) == 1  # mlp zeroes the weights: the grid is one fit.
+  out = capsys.readouterr().out
+  assert out.count("[nmtune] nmtune grid ") == 4 and "<- chosen on validation" in out
+  with pytest.raises(ConfigError, match="config.grid needs a validation split"):
+    jobs.run(_config("", grid="lr=0.001,0.01", **files), str(tmp_path / "bad"))
+
+
 def test_checkpoint_mode_writes_results_and_reuses_features(checkpoint, tmp_path):
   first = jobs.run(_config(checkpoint=checkpoint), str(tmp_path))
   rows = _rows(tmp_path)

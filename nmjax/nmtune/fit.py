@@ -1,5 +1,7 @@
-"""Fitting NMTune: the config and its checks, the methods, and the epoch loop from train data
-(features or augmented views) to results on one or more test sets.
+"""Fitting NMTune: the config and its checks, the methods, and the results of one fit
+(fit, fit_multi) or of K configurations trained as one program (fit_grid, fit_grid_multi) on
+train data (features or augmented views), scored on one or more test sets and, with
+config.val_fraction > 0, on a validation split carved from train (nmjax.nmtune.runs).
 
 Methods (config.method): "nmtune" (the config's weights, reference 1.0 / 0.04 / 0.001, k = 5),
 "mlp" (the same module and program with the three weights forced to 0) and "lp_aug" (the linear
@@ -8,49 +10,31 @@ linear probe's learning rate and weight decay, config.lp: the fair control for a
 Training minimizes the loss of nmjax.nmtune.programs.loss_terms with AdamW and a per-step cosine
 decay to 0, one jitted program per epoch; the shuffles, view choices and augmentation draws are
 numpy's seeded draws outside it (nmjax.nmtune.views.epoch_inputs). Evaluation covers every test
-example with BatchNorm's running statistics.
+example with BatchNorm's running statistics. A config with a grid (config.grid, the syntax of
+nmjax.nmtune.grid) trains every point of it and returns the one chosen on validation.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from nmjax import config as config_lib, probe, spectral
 from nmjax.config import check_choice, check_range
-from nmjax.errors import ConfigError, DataError, TrainingError
-from nmjax.features import (MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set,
-                            check_labels, check_matrix, inferred_classes_note,
-                            warn_if_huge)
-from nmjax.nmtune.head import NMTuneHead, init_variables
-from nmjax.nmtune.programs import (LOSS_TERMS, ProgramSpec, State, make_optimizer, online_epoch,
-                                   predict_all, table_epoch)
-from nmjax.nmtune.views import CachedViews, OnlineViews, epoch_inputs
-from nmjax.progress import Countdown
+from nmjax.errors import ConfigError, DataError
+from nmjax.features import MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set, \
+    inferred_classes_note, warn_if_huge
+from nmjax.nmtune import grid as grid_lib
+from nmjax.nmtune.programs import LOSS_TERMS, predict_all
+from nmjax.nmtune.runs import (TrainLike, Trained, group_key, prepare, train_group,
+                               train_labels)
 
 METHODS = ("nmtune", "mlp", "lp_aug")
-
-TrainLike = Any  # FeaturesLike | OnlineViews | CachedViews
-
-
-def single_threaded_lapack() -> contextlib.AbstractContextManager:
-  """On CPU, XLA runs the per-step SVD through LAPACK (OpenBLAS). On a 128-row matrix its
-  threads cost 10-50x (1.2 ms single-threaded, 24-90 ms threaded on a busy 2-core machine), so
-  training limits BLAS to one thread; XLA's own matmuls keep their threads. threadpoolctl comes
-  with scikit-learn; without it nothing is limited."""
-  try:
-    from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return contextlib.nullcontext()
-  return threadpool_limits(1, user_api="blas")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -90,6 +74,12 @@ def resolve_config(config: Mapping[str, Any] | None) -> ml_collections.ConfigDic
   check_range(resolved, "mlp_layers", low=1, integer=True)
   check_range(resolved, "residual_scale_init", low=-1e6, high=1e6)
   check_range(resolved, "seed", low=0, integer=True)
+  check_range(resolved, "val_fraction", low=0.0, high=1.0, high_inclusive=False)
+  if grid_lib.parse_grid(resolved.grid) and resolved.val_fraction == 0:
+    raise ConfigError("config.grid needs a validation split to choose on: set"
+                      " config.val_fraction (e.g. 0.1)")
+  for point in grid_lib.point_configs(resolved):
+    resolve_config(point)  # Every point's values checked before any work.
   if resolved.num_classes is not None:
     check_range(resolved, "num_classes", low=2, high=MAX_CLASSES, integer=True)
   return resolved
@@ -122,26 +112,7 @@ def loss_weights(mse: float, cov: float, svd: float, topk: int | None) -> dict[s
           "svd_topk": topk}
 
 
-# ------------------------------------------------------------------------------ validation
-
-
-def _train_labels(train: TrainLike, num_classes: int | None) -> tuple[Any, np.ndarray, int]:
-  """(validated train source, its labels, D)."""
-  if isinstance(train, CachedViews):
-    if train.features.ndim != 3:
-      raise DataError(f"NMTune cached views: features must be (K, N, D), got shape"
-                      f" {train.features.shape}")
-    table = check_matrix("NMTune cached views", train.features.reshape(-1, train.feature_dim))
-    warn_if_huge("NMTune cached views", table)
-    labels = check_labels("NMTune cached views", train.labels, train.features.shape[1],
-                          num_classes)
-    return train, labels, train.feature_dim
-  if isinstance(train, OnlineViews):
-    labels = check_labels("NMTune online views", train.labels, len(train.images), num_classes)
-    return train, labels, train.feature_dim
-  train_set = as_feature_set(train, name="NMTune train features", num_classes=num_classes)
-  warn_if_huge(train_set.where("NMTune train features"), train_set.features)
-  return train_set, train_set.labels, train_set.feature_dim
+# --------------------------------------------------------------------------------- test sets
 
 
 def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes: int,
@@ -165,123 +136,25 @@ def _logit_bias(config: ml_collections.ConfigDict, name: str, test_set: FeatureS
                                test_set, num_classes)
 
 
-# --------------------------------------------------------------------------------------- fit
+# ----------------------------------------------------------------------------------- results
 
 
-@dataclasses.dataclass
-class _Run:
-  """A validated NMTune run: the module, its compiled-program spec and its train data."""
-  config: ml_collections.ConfigDict
-  train: Any            # FeatureSet | CachedViews | OnlineViews
-  labels: np.ndarray    # (N,) train labels (images or examples)
-  feature_dim: int
-  num_classes: int
-  model: NMTuneHead
-  spec: ProgramSpec
-  hparams: dict[str, jax.Array]
-
-  @property
-  def views(self) -> str:
-    return ("online" if isinstance(self.train, OnlineViews) else
-            "cached" if isinstance(self.train, CachedViews) else "features")
-
-  def epoch_fn(self) -> Callable[[State, tuple[np.ndarray, ...]], tuple[State, jax.Array]]:
-    """(state, numpy epoch inputs) -> (state, per-step loss terms), the data moved once."""
-    if isinstance(self.train, OnlineViews):
-      labels = jnp.asarray(self.labels, jnp.int32)
-      images, variables = jnp.asarray(self.train.images), self.train.variables
-      return lambda state, inputs: online_epoch(
-          state, variables, images, labels, *map(jnp.asarray, inputs), self.hparams,
-          spec=self.spec)
-    table = jnp.asarray(self.train.features.reshape(-1, self.feature_dim))
-    return lambda state, inputs: table_epoch(state, table, *map(jnp.asarray, inputs),
-                                             self.hparams, spec=self.spec)
-
-
-def _prepare(train: TrainLike, config: ml_collections.ConfigDict) -> _Run:
-  """Validates the train data against the config and builds the module and program spec."""
-  train, labels, feature_dim = _train_labels(train, config.num_classes)
-  num_classes = config.num_classes or int(labels.max()) + 1
-  if num_classes < 2:
-    raise DataError("NMTune train features: every label is 0; a classifier needs at least 2"
-                    " classes")
-  rows_per_step = config.batch_size
-  two_view = not isinstance(train, FeatureSet)
-  if two_view and rows_per_step % 2:
-    raise ConfigError(f"config.batch_size={rows_per_step} must be even with two views per image"
-                      " (it counts rows: 2 views x batch_size / 2 images)")
-  images_per_step = rows_per_step // 2 if two_view else rows_per_step
-  if images_per_step > len(labels):
-    raise DataError(
-        f"config.batch_size={rows_per_step} needs {images_per_step} train examples per step but"
-        f" the train set has {len(labels)}; lower config.batch_size")
-  if config.svd_topk > min(rows_per_step, feature_dim):
-    raise ConfigError(f"config.svd_topk={config.svd_topk} is not allowed; allowed: 1 <= svd_topk"
-                      f" <= min(batch_size, D) = {min(rows_per_step, feature_dim)}")
-  model = NMTuneHead(num_classes=num_classes, mlp_ratio=float(config.mlp_ratio),
-                     mlp_layers=0 if config.method == "lp_aug" else config.mlp_layers,
-                     residual_scale_init=float(config.residual_scale_init))
-  spec = ProgramSpec(model=model, svd_topk=config.svd_topk,
-                     total_steps=len(labels) // images_per_step * config.epochs,
-                     two_view=two_view,
-                     encode=train.encode if isinstance(train, OnlineViews) else None)
-  hparams = {k: jnp.float32(config[k]) for k in ("lr", "weight_decay", "mse_weight",
-                                                  "cov_weight", "svd_weight")}
-  return _Run(config, train, labels, feature_dim, num_classes, model, spec, hparams)
-
-
-def _accuracy(run: _Run, state: State, test_set: FeatureSet, bias: np.ndarray) -> float:
-  logits, _ = predict_all(run.model, state[0], state[1], test_set.features)
-  return float((np.argmax(logits + bias, axis=-1) == test_set.labels).mean())
-
-
-def _train(run: _Run, test_sets: Mapping[str, FeatureSet], biases: Mapping[str, np.ndarray],
-           log: Callable[[str], None] | None, start: float
-           ) -> tuple[State, dict[str, list[float]], list[np.ndarray]]:
-  """The epochs: (final state, test accuracy per epoch per test set, mean loss terms per epoch)."""
+def _settings(trained: Trained) -> dict[str, Any]:
+  """The result fields shared by every test set: the run's settings, train and validation
+  accuracy and losses."""
+  run, params = trained.run, trained.state[0]
   config = run.config
-  variables = init_variables(run.model, run.feature_dim, config.seed)
-  params = variables["params"]
-  state = (params, variables.get("batch_stats", {}),
-           make_optimizer(run.hparams, run.spec.total_steps).init(params))
-  epoch_fn = run.epoch_fn()
-  rng = np.random.default_rng([config.seed, 11])
-  countdown = Countdown(config.epochs, start=start)
-  per_epoch: dict[str, list[float]] = {n: [] for n in test_sets}
-  losses: list[np.ndarray] = []
-  with single_threaded_lapack():
-    for epoch in range(config.epochs):
-      state, terms = epoch_fn(state, epoch_inputs(run.train, run.labels, config.batch_size, rng))
-      terms = np.asarray(terms)
-      bad = np.flatnonzero(~np.isfinite(terms).all(axis=1))
-      if len(bad):
-        raise TrainingError(
-            f"NMTune: the loss became non-finite at step {epoch * len(terms) + bad[0] + 1}"
-            f" (epoch {epoch + 1}; terms {dict(zip(LOSS_TERMS, terms[bad[0]].tolist()))});"
-            " lower config.lr or the regularizer weights")
-      losses.append(terms.mean(axis=0))
-      for name, test_set in test_sets.items():
-        per_epoch[name].append(_accuracy(run, state, test_set, biases[name]))
-      countdown.done()
-      if log is not None:
-        accs = " ".join(f"{n} {a[-1]:.4f}" for n, a in per_epoch.items())
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1][0]:.4f} (ce"
-            f" {losses[-1][1]:.4f}) | test {accs} | {countdown.line()}")
-  return state, per_epoch, losses
-
-
-def _settings(run: _Run, state: State, losses: list[np.ndarray]) -> dict[str, Any]:
-  """The result fields shared by every test set: the run's settings, train accuracy and losses."""
-  config, params = run.config, state[0]
   train_accuracy = None
   if isinstance(run.train, FeatureSet):
-    train_accuracy = _accuracy(run, state, run.train, np.zeros(run.num_classes, np.float32))
-  loss_per_epoch = {t: [float(v[i]) for v in losses] for i, t in enumerate(LOSS_TERMS)}
-  return {
+    logits, _ = predict_all(run.model, params, trained.state[1],
+                            run.train.features[run.examples])
+    train_accuracy = float((np.argmax(logits, -1) == run.labels[run.examples]).mean())
+  loss_per_epoch = {t: [float(v[i]) for v in trained.losses] for i, t in enumerate(LOSS_TERMS)}
+  settings = {
       "method": config.method, "train_accuracy": train_accuracy,
       "loss_per_epoch": loss_per_epoch,
       "loss_means": {t: v[-1] for t, v in loss_per_epoch.items()},
-      "num_train": int(len(run.labels)), "feature_dim": run.feature_dim,
+      "num_train": int(len(run.examples)), "feature_dim": run.feature_dim,
       "num_classes": run.num_classes, "views": run.views, "epochs": config.epochs,
       "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
       **loss_weights(config.mse_weight, config.cov_weight, config.svd_weight, config.svd_topk),
@@ -289,7 +162,114 @@ def _settings(run: _Run, state: State, losses: list[np.ndarray]) -> dict[str, An
       "residual_scale_init": config.residual_scale_init, "seed": config.seed,
       "residual_scale_mean": (float(np.mean(params["residual_scale"]))
                               if "residual_scale" in params else None),
+      "sv_route": run.spec.sv_route, "val_fraction": config.val_fraction,
   }
+  if run.val is not None:
+    settings.update(num_val=run.val.num_examples, val_accuracy=trained.val_accuracy[-1],
+                    val_accuracy_per_epoch=trained.val_accuracy)
+  if trained.diverged:
+    settings["diverged"] = trained.diverged
+  return settings
+
+
+def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet], seconds: float
+             ) -> list[dict[str, dict[str, Any]]]:
+  """{test name: result} of every member of a group trained together in `seconds`."""
+  out = []
+  for trained in group:
+    settings = {**_settings(trained), "seconds": seconds, "configs_in_program": len(group)}
+    results = {}
+    for name, test_set in test_sets.items():
+      spectrum = {"sve": None, "lsvr": None}  # A diverged member's z is not finite.
+      if not trained.diverged:
+        _, z = predict_all(trained.run.model, trained.state[0], trained.state[1],
+                           test_set.features)
+        spectrum = spectral.metrics(z)
+      results[name] = {**settings, "accuracy": trained.test_accuracy[name][-1],
+                       "test_accuracy_per_epoch": trained.test_accuracy[name],
+                       "sve": spectrum["sve"], "lsvr": spectrum["lsvr"],
+                       "num_test": test_set.num_examples}
+    out.append(results)
+  return out
+
+
+# --------------------------------------------------------------------------------------- fit
+
+
+def fit_grid_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
+                   configs: Sequence[ml_collections.ConfigDict | Mapping[str, Any]], *,
+                   logit_subsets: Mapping[str, Any] | None = None,
+                   log: Callable[[str], None] | None = None) -> list[dict[str, dict[str, Any]]]:
+  """Trains every config on `train` and evaluates each on every test set: one {test name:
+  result} per config, in order, each trained as fit_multi(train, tests, config) trains it (the
+  same rows, views, seed and hyperparameters; batched float32 kernels round differently, so the
+  losses agree to about 1e-6 and an accuracy may differ by a prediction near a tie). Configs
+  that differ only in grid.ONE_PROGRAM_FIELDS train
+  in one jitted program (nmjax.nmtune.runs); each result's configs_in_program says how many
+  shared its program and seconds is that program's whole fit. A grid member whose loss becomes
+  non-finite is marked (its results' "diverged") instead of failing the others."""
+  start = time.perf_counter()
+  if not tests:
+    raise DataError("NMTune: no test sets given")
+  resolved = [resolve_config(c) for c in configs]
+  if any(c.grid for c in resolved):
+    raise ConfigError("fit_grid takes the grid's configurations (nmjax.nmtune.grid"
+                      ".point_configs); config.grid must be empty in each")
+  sources: dict[Any, tuple[Any, np.ndarray, int]] = {}
+  runs = []
+  for config in resolved:
+    if config.num_classes not in sources:  # Validated once, shared by every run.
+      sources[config.num_classes] = train_labels(train, config.num_classes)
+    runs.append(prepare(sources[config.num_classes], _method_config(config)))
+  groups: dict[tuple[Any, ...], list[int]] = {}
+  for i, run in enumerate(runs):
+    groups.setdefault(group_key(run), []).append(i)
+  out: list[dict[str, dict[str, Any]]] = [{} for _ in runs]
+  for number, members in enumerate(groups.values()):
+    group_start = start if number == 0 else time.perf_counter()
+    first, config = runs[members[0]], resolved[members[0]]
+    test_sets = _test_sets(tests, first.feature_dim, first.num_classes,
+                           given_classes=config.num_classes is not None)
+    biases = {n: _logit_bias(first.config, n, s, first.num_classes, logit_subsets)
+              for n, s in test_sets.items()}
+    trained = train_group([runs[i] for i in members], test_sets, biases, log, group_start)
+    for i, results in zip(members, _results(trained, test_sets,
+                                            time.perf_counter() - group_start)):
+      out[i] = results
+  return out
+
+
+def fit_grid(train: TrainLike, test: FeaturesLike,
+             configs: Sequence[ml_collections.ConfigDict | Mapping[str, Any]]
+             ) -> list[dict[str, Any]]:
+  """fit for every config, in order (fit_grid_multi with one test set): the list of results."""
+  return [r["test"] for r in fit_grid_multi(train, {"test": test}, configs)]
+
+
+def _grid_fit(train: TrainLike, tests: Mapping[str, FeaturesLike],
+              config: ml_collections.ConfigDict, logit_subsets: Mapping[str, Any] | None,
+              log: Callable[[str], None] | None) -> dict[str, dict[str, Any]]:
+  """config.grid's points (those the method leaves distinct) trained by fit_grid_multi; the
+  results of the one with the best validation accuracy, each holding the whole grid."""
+  fields = [f for f, _ in grid_lib.parse_grid(config.grid)]
+  points, seen = [], set()
+  for point in grid_lib.point_configs(config):
+    identity = json.dumps(_method_config(resolve_config(point)).to_dict(), sort_keys=True,
+                          default=str)
+    if identity not in seen:  # mlp zeroes the weights: their grid points are one fit.
+      seen.add(identity)
+      points.append(point)
+  all_results = fit_grid_multi(train, tests, points, logit_subsets=logit_subsets, log=log)
+  # Any test set's result carries the run's validation accuracy: the choice reads only that.
+  shared = [next(iter(r.values())) for r in all_results]
+  chosen = grid_lib.choose([r.get("val_accuracy") for r in shared],
+                           [bool(r.get("diverged")) for r in shared])
+  out = {}
+  for name in tests:
+    out[name] = {**all_results[chosen][name], "grid": config.grid, "grid_chosen": chosen,
+                 "grid_results": [grid_lib.summary(p, fields, r[name])
+                                  for p, r in zip(points, all_results)]}
+  return out
 
 
 def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
@@ -306,28 +286,17 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
   log: called with one progress line per epoch (None: silent).
   Each result holds accuracy (final), test_accuracy_per_epoch, train_accuracy (feature mode),
   loss_per_epoch and loss_means (means of the terms over the steps of each epoch / the last
-  epoch), sve and lsvr of z on that test set, seconds (the whole fit), and the run's settings.
+  epoch), sve and lsvr of z on that test set, seconds (the whole fit), sv_route (the
+  singular-value route), the run's settings and, with config.val_fraction > 0, num_val,
+  val_accuracy and val_accuracy_per_epoch (the validation split, carved from train).
+  With config.grid: every point of the grid trained (fit_grid_multi), the results of the one with
+  the best validation accuracy, plus grid (the grid), grid_chosen (its index) and grid_results
+  (every point's grid fields, val_accuracy, accuracy on that test set and diverged).
   """
-  start = time.perf_counter()
   config = resolve_config(config)
-  if not tests:
-    raise DataError("NMTune: no test sets given")
-  run = _prepare(train, _method_config(config))
-  test_sets = _test_sets(tests, run.feature_dim, run.num_classes,
-                         given_classes=config.num_classes is not None)
-  biases = {n: _logit_bias(run.config, n, s, run.num_classes, logit_subsets)
-            for n, s in test_sets.items()}
-  state, per_epoch, losses = _train(run, test_sets, biases, log, start)
-  settings = _settings(run, state, losses)
-  settings["seconds"] = time.perf_counter() - start
-  results = {}
-  for name, test_set in test_sets.items():
-    _, z = predict_all(run.model, state[0], state[1], test_set.features)
-    spectrum = spectral.metrics(z)
-    results[name] = {**settings, "accuracy": per_epoch[name][-1],
-                     "test_accuracy_per_epoch": per_epoch[name], "sve": spectrum["sve"],
-                     "lsvr": spectrum["lsvr"], "num_test": test_set.num_examples}
-  return results
+  if config.grid:
+    return _grid_fit(train, tests, config, logit_subsets, log)
+  return fit_grid_multi(train, tests, [config], logit_subsets=logit_subsets, log=log)[0]
 
 
 def fit(train: TrainLike, test: FeaturesLike,

@@ -77,6 +77,86 @@ def _thin_svd(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return sigma, q @ ur, vrt.T
 
 
+def _precision() -> jax.lax.Precision | None:
+  """Full float32 products: the backend default on CPUs (where asking for HIGHEST takes a
+  matmul path 5x slower), HIGHEST elsewhere (TF32 or bf16 passes, an accelerator's default,
+  would leave the Gram matrix 3 digits)."""
+  return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b in full float32 (_precision)."""
+  return jnp.matmul(a, b, precision=_precision())
+
+
+def _jacobi_rotation(inner: jax.Array) -> jax.Array:
+  """One parallel Jacobi step for the rows R of inner = R R^T: the orthogonal X that makes the
+  rows of X^T R closer to orthogonal. Every pair (i, j) gets the rotation of its own 2 x 2
+  problem, tan(0.5 atan(2 H_ij / (H_jj - H_ii))) (clipped to 0.5), all at once: X = I + F
+  orthonormalized by two Newton-Schulz steps. Near ties (|H_jj - H_ii| <= 1e-4 of the larger; the
+  loss does not depend on how a tie's vectors are chosen) and rows of float32 noise (a
+  rank-deficient z) are left alone, so F stays small and the iteration converges."""
+  diagonal = jnp.diag(inner)
+  gap = diagonal[None, :] - diagonal[:, None]
+  real = diagonal > (inner.shape[0] * jnp.finfo(jnp.float32).eps) ** 2 * jnp.max(diagonal)
+  resolved = ((jnp.abs(gap) > 1e-4 * jnp.maximum(diagonal[None, :], diagonal[:, None]))
+              & real[:, None] & real[None, :] & ~jnp.eye(inner.shape[0], dtype=bool))
+  # tan(0.5 atan(t)) = t / (1 + sqrt(1 + t^2)): the half-angle's tangent (|.| < 1), without
+  # the transcendental calls (on CPUs atan2 took a tenth of the step).
+  ratio = 2.0 * inner / jnp.where(resolved, gap, 1.0)
+  angle = jnp.clip(ratio / (1.0 + jnp.sqrt(1.0 + jnp.square(ratio))), -0.5, 0.5)
+  x = jnp.eye(inner.shape[0]) + jnp.where(resolved, angle, 0.0)
+  for _ in range(2):
+    x = 1.5 * x - 0.5 * _matmul(x, _matmul(x.T, x))
+  return x
+
+
+def _gram_svd(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sigma (r,), U (n, r), V (D, r)) as _thin_svd, from eigh of the r x r Gram matrix of z's
+  short side (z z^T or z^T z) and matmuls: no SVD, no QR.
+
+  With W the Gram matrix's eigenvectors, the rows of W^T a (a = z, or z^T when n > D) are
+  sigma_i times the other side's singular vectors. A float32 Gram matrix resolves W only to
+  eps * sigma_1^2 / (sigma_i^2 - sigma_j^2) (the eigenvalues' square roots would give sigma only
+  to sqrt(eps) * sigma_1); two Jacobi steps on W^T a (_jacobi_rotation) bring the vectors to about
+  the SVD's own accuracy, eps * sigma_1 / (sigma_i - sigma_j), and sigma_i is the norm of row i.
+  Measured against float64: gradients within 1e-5 of the SVD route's up to a condition number
+  sigma_1 / sigma_r of 1e3 (clusters, ties and rank deficiency included); past it the smallest
+  directions' part degrades (4e-2 of the largest entry at 1e4, where the SVD route keeps 1e-4):
+  a float32 Gram matrix holds nothing of directions below sqrt(eps) * sigma_1.
+  Directions with sigma_i <= r * eps * sigma_1 (a rank-deficient z) get sigma_i = 0 and zero
+  vectors: float32 noise in any route, and nothing divides by a vanishing sigma.
+  """
+  num_rows, dim = z.shape
+  wide = num_rows <= dim
+  a = z if wide else z.T                                  # (r, L), r <= L
+  _, vectors = jnp.linalg.eigh(_matmul(a, a.T))
+  rows = _matmul(vectors.T, a)                            # row i: sigma_i (other side)_i^T
+  # Two Jacobi steps; the second's inner products rotated (r x r products, not r x r x L).
+  inner = _matmul(rows, rows.T)
+  first = _jacobi_rotation(inner)
+  rotation = _matmul(first, _jacobi_rotation(_matmul(first.T, _matmul(inner, first))))
+  vectors, rows = _matmul(vectors, rotation), _matmul(rotation.T, rows)
+  norms = jnp.linalg.norm(rows, axis=1)
+  order = jnp.argsort(-norms)
+  norms, vectors, rows = norms[order], vectors[:, order], rows[order]
+  keep = norms > norms.shape[0] * jnp.finfo(jnp.float32).eps * norms[0]
+  sigma = jnp.where(keep, norms, 0.0)
+  other = jnp.where(keep[:, None], rows / jnp.where(keep, norms, 1.0)[:, None], 0.0).T
+  return (sigma, vectors, other) if wide else (sigma, other, vectors)
+
+
+def _singular_values_jvp(decompose):
+  """The JVP rule d sigma_i = u_i^T dz v_i from a (sigma, U, V) decomposition."""
+
+  def jvp(primals, tangents):
+    (z,), (dz,) = primals, tangents
+    sigma, u, v = decompose(z)
+    return sigma, jnp.einsum("ni,nd,di->i", u, dz, v, precision=_precision())
+
+  return jvp
+
+
 @jax.custom_jvp
 def singular_values(z: jax.Array) -> jax.Array:
   """Singular values of an (n, D) matrix, descending, with the derivative d sigma_i = u_i^T dz v_i.
@@ -91,23 +171,59 @@ def singular_values(z: jax.Array) -> jax.Array:
   return jnp.linalg.svd(r, compute_uv=False)
 
 
-@singular_values.defjvp
-def _singular_values_jvp(primals, tangents):
-  (z,), (dz,) = primals, tangents
-  sigma, u, v = _thin_svd(z)
-  return sigma, jnp.einsum("ni,nd,di->i", u, dz, v)
+singular_values.defjvp(_singular_values_jvp(_thin_svd))
 
 
-def dominant_singular_value_loss(z: jax.Array, k: int = 5) -> jax.Array:
+@jax.custom_jvp
+def gram_singular_values(z: jax.Array) -> jax.Array:
+  """singular_values through the Gram matrix (_gram_svd): eigh of an r x r matrix, r = min(n, D),
+  and matmuls; the same derivative rule, so ties and a rank-deficient z give finite gradients
+  (the loss needs only sums over the top k and over all, whose gradients do not depend on how
+  a tie's vectors are chosen)."""
+  return _gram_svd(z)[0]
+
+
+gram_singular_values.defjvp(_singular_values_jvp(_gram_svd))
+
+# The singular-value routes of dominant_singular_value_loss: "svd" (singular_values: QR, then
+# an SVD of the r x r triangle) and "gram" (gram_singular_values); "auto" takes the backend's
+# entry of FASTEST_SINGULAR_VALUE_ROUTE.
+SINGULAR_VALUE_ROUTES = ("auto", "svd", "gram")
+# The faster route per backend, forward + backward at NMTune's shapes (n = 128, D = 64 .. 2048),
+# as benchmarks/nmtune.py measures it (its "singular_value_routes" entry). cpu: measured (gram
+# 3-10x faster on 2 cores); other backends: not measured yet, gram (eigh of a 128 x 128 matrix
+# and matmuls, where the svd route needs a QR and an SVD).
+FASTEST_SINGULAR_VALUE_ROUTE = {"cpu": "gram"}
+
+
+def singular_value_route(route: str = "auto") -> str:
+  """The concrete route ("svd" or "gram") that `route` names on the default backend."""
+  if route not in SINGULAR_VALUE_ROUTES:
+    raise ConfigError(f"singular-value route={route!r} is unknown; allowed:"
+                      f" {', '.join(SINGULAR_VALUE_ROUTES)}")
+  if route == "auto":
+    return FASTEST_SINGULAR_VALUE_ROUTE.get(jax.default_backend(), "gram")
+  return route
+
+
+def dominant_share(sigma: jax.Array, k: jax.Array | int) -> jax.Array:
+  """Mean of the top-k entries of sigma / sum(sigma), sigma descending; k may be traced (one
+  compiled program for every k, as a grid over svd_topk needs)."""
+  top = jnp.arange(sigma.shape[0]) < k
+  return jnp.sum(jnp.where(top, sigma, 0.0)) / (k * jnp.sum(sigma))
+
+
+def dominant_singular_value_loss(z: jax.Array, k: int = 5, *, route: str = "auto") -> jax.Array:
   """Mean of the top-k entries of sigma / sum(sigma), sigma the singular values of the raw z.
 
   Positive; the NMTune loss subtracts it (maximizing the dominant directions' share). Singular
-  values only (singular_values: stable derivative, QR first). float32.
+  values only, with a stable derivative, by `route` (SINGULAR_VALUE_ROUTES: "svd" is QR then an
+  SVD, "gram" an eigh of the smaller Gram matrix; "auto" the backend's faster one). float32.
   """
   num_rows, dim = z.shape
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= min(num_rows,
                                                                                         dim):
     raise ConfigError(f"svd_topk={k!r} is not allowed; allowed: an integer in [1, min(n, D)]"
                       f" = [1, {min(num_rows, dim)}]")
-  sigma = singular_values(z.astype(jnp.float32))
-  return jnp.mean(sigma[:k] / jnp.sum(sigma))
+  values = gram_singular_values if singular_value_route(route) == "gram" else singular_values
+  return dominant_share(values(z.astype(jnp.float32)), k)

@@ -66,6 +66,9 @@ class OnlineViews:
   images: np.ndarray  # uint8 (N, H, W, C)
   labels: np.ndarray  # int64 (N,)
   feature_dim: int
+  # Optional (N, D) unaugmented features of the same images: what a validation split
+  # (config.val_fraction) is scored on.
+  plain_features: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -73,6 +76,7 @@ class CachedViews:
   """K augmented views of every train image, encoded once: features (K, N, D), labels (N,)."""
   features: np.ndarray
   labels: np.ndarray
+  plain_features: np.ndarray | None = None  # as OnlineViews.plain_features
 
   @property
   def feature_dim(self) -> int:
@@ -112,19 +116,25 @@ def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.n
 
 
 def epoch_inputs(train: FeatureSet | CachedViews | OnlineViews, labels: np.ndarray,
-                 rows_per_step: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+                 rows_per_step: int, rng: np.random.Generator,
+                 examples: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
   """One epoch's numpy-drawn inputs: (rows, row labels) for a FeatureSet or CachedViews, rows
   (S, n) indexing the feature table; (image ids (S, n/2), draws (S, 2, n/2, AUGMENT_DRAWS)) for
-  OnlineViews. Every epoch uses floor(N / per-step examples) full steps of a fresh permutation:
-  BatchNorm and the batch-level regularizers need n rows."""
+  OnlineViews. Every epoch uses floor(E / per-step examples) full steps of a fresh permutation
+  of the E training examples (`examples`, ids into labels; None: all of them): BatchNorm and the
+  batch-level regularizers need n rows."""
   num_examples = len(labels)
+  if examples is None:
+    examples = np.arange(num_examples)
   if isinstance(train, FeatureSet):
-    steps = num_examples // rows_per_step
-    rows = rng.permutation(num_examples)[:steps * rows_per_step].reshape(steps, rows_per_step)
+    steps = len(examples) // rows_per_step
+    rows = examples[rng.permutation(len(examples))[:steps * rows_per_step]].reshape(
+        steps, rows_per_step)
     return rows.astype(np.int32), labels[rows].astype(np.int32)
   images_per_step = rows_per_step // 2
-  steps = num_examples // images_per_step
-  ids = rng.permutation(num_examples)[:steps * images_per_step].reshape(steps, images_per_step)
+  steps = len(examples) // images_per_step
+  ids = examples[rng.permutation(len(examples))[:steps * images_per_step]].reshape(
+      steps, images_per_step)
   if isinstance(train, CachedViews):
     num_views = train.features.shape[0]
     first = rng.integers(0, num_views, ids.shape)
