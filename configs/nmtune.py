@@ -19,6 +19,16 @@ group names joined by '+'), views=features|online|cached, smoke (a seconds-long 
 is also --config.FIELD=VALUE: the NMTune hyperparameters (epochs, batch_size = rows per step, lr,
 weight_decay, mse_weight, cov_weight, svd_weight, svd_topk, mlp_ratio, mlp_layers,
 residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...).
+
+A grid of NMTune configurations, trained as one jitted program and chosen on a validation split
+carved from train (seeded, stratified; never a test set):
+  --config.val_fraction=0.1 --config.grid="svd_weight=0.001,0.01,0.1;cov_weight=0.04,0.4"
+(field=v1,v2,... joined by ';', the Cartesian product; fields lr, weight_decay, mse_weight,
+cov_weight, svd_weight, svd_topk, residual_scale_init, seed share one program; epochs,
+batch_size, mlp_ratio, mlp_layers split it: nmjax/nmtune/grid.py). The nmtune, mlp and lp_aug
+methods each train the grid points their method leaves distinct (mlp zeroes the weights: one fit
+for a weights grid); lp trains on all of train. Every configuration's line is printed and its
+val_accuracy and accuracy kept in the row's grid_results; the row is the chosen one's.
 """
 
 from nmjax.config import parse_arg, tuning_config, tuning_fields

@@ -212,6 +212,13 @@ def nmtune_hparams() -> ml_collections.ConfigDict:
   config.mlp_ratio = 4.0
   config.mlp_layers = 1
   config.residual_scale_init = 1.0
+  # > 0: a seeded (config.seed), stratified share of each train class held out as a validation
+  # split (never the test set); results then carry val_accuracy.
+  config.val_fraction = 0.0
+  # A grid of configurations trained in one program, the one with the best validation accuracy
+  # chosen, e.g. "svd_weight=0.001,0.01;cov_weight=0.04,0.4" (syntax: nmjax/nmtune/grid.py;
+  # needs val_fraction > 0). Empty: one fit.
+  config.grid = ""
   # method "lp": the linear probe's own protocol; method "lp_aug": its learning rate and weight
   # decay (num_classes, logit_subset and seed come from the NMTune config).
   config.lp = probe_fields()
@@ -328,5 +335,87 @@ def pretrain_run(experiment: ml_collections.ConfigDict, *, noise_ratio: float, s
   config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
   # Comma-separated training fields (e.g. learning_rate,num_train_steps) this run may change
   # when it resumes a checkpoint; config.json records each change (nmjax.train.pretrain).
+  config.allow_changes = ""
+  return add_distributed_fields(config)
+
+
+def clip_experiment(*, dataset: str, model: str, variant: str = "") -> ml_collections.ConfigDict:
+  """A CLIP pre-training run's fields but its caption noise, seed and where it runs.
+
+  Defaults are the reference's YFCC15M recipe (REFERENCE.md s.7) and open_clip's defaults for
+  what it leaves out (open_clip_train/params.py, RN models): AdamW b1 0.9, b2 0.999, eps 1e-8,
+  weight decay 0.2 (not on gains, biases or the temperature), 10,000 warm-up steps then cosine;
+  lr 5e-4, 32 epochs and a global batch of 256 at every noise ratio (the reference used 512 at
+  10% and 20%). variant: "" (that recipe), "embedded" (the small towers on 28x28 pairs, minutes
+  on a CPU) or "smoke" (seconds, for tests).
+  """
+  config = ml_collections.ConfigDict()
+  config.dataset = dataset
+  config.model = model
+  config.quick_gelu = False     # True for OpenAI/open_clip RN50 weights (RN50-quickgelu).
+  config.loss = "softmax"       # softmax (CLIP's InfoNCE) | sigmoid (SigLIP)
+  config.context_length = 77
+  config.held_out_pairs = 10000  # Real sets: their last N pairs are held out (never trained on).
+  config.num_epochs = 32.0
+  config.num_train_steps = -1   # > 0 wins over num_epochs.
+  config.batch_size = 256       # Global, fixed across caption-noise ratios.
+  config.eval_batch_size = 256  # In-batch retrieval on held-out pairs uses batches this big.
+  config.max_train_examples = -1
+  config.max_test_examples = -1
+  config.optimizer = "adamw"
+  config.learning_rate = 5e-4
+  config.weight_decay = 0.2
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999        # open_clip: 0.98 (and eps 1e-6) for ViT towers.
+  config.adam_eps = 1e-8
+  config.warmup_steps = 10000
+  config.crop_padding = 0       # Embedded sets: random crop after zero padding (0: none).
+  config.flip = False
+  config.dtype = "bfloat16"     # Compute dtype on accelerators (params stay float32).
+  config.eval_every_epochs = 1
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.max_to_keep = 3
+  config.mesh = "data:-1"       # e.g. data:4,model:2 (nmjax/parallel.py)
+  config.param_sharding = "replicated"
+  config.data_workers = 8       # Real (JPEG) pairs: decoding worker processes.
+  config.image_size = 224       # Real (JPEG) pairs: the crop the image tower takes.
+  if variant in ("embedded", "smoke"):
+    _small_clip_run(config, smoke=variant == "smoke")
+  return config
+
+
+def _small_clip_run(config: ml_collections.ConfigDict, *, smoke: bool) -> None:
+  """The embedded (minutes on a CPU) and smoke (seconds) sizes of a CLIP run, in place."""
+  config.context_length = 16  # The embedded captions are at most 13 tokens with start and end.
+  config.dtype = "float32"
+  config.num_epochs = 6.0
+  config.learning_rate = 1e-3
+  config.weight_decay = 0.1
+  config.warmup_steps = 50
+  config.crop_padding = 2
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.data_workers = 0
+  if smoke:
+    config.num_train_steps = 12
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.max_train_examples = 320
+    config.max_test_examples = 128
+    config.warmup_steps = 2
+    config.log_every_steps = 4
+    config.checkpoint_every_steps = 4
+
+
+def clip_run(experiment: ml_collections.ConfigDict, *, caption_noise: float, seed: int,
+             data_dir: str = "") -> ml_collections.ConfigDict:
+  """A CLIP pre-training job's config: `experiment` at one caption-noise ratio and seed."""
+  config = ml_collections.ConfigDict(experiment.to_dict())
+  config.job = "pretrain_clip"
+  config.caption_noise = float(caption_noise)
+  config.seed = int(seed)
+  config.data_dir = data_dir
+  config.record_examples = False
   config.allow_changes = ""
   return add_distributed_fields(config)

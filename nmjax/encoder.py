@@ -23,6 +23,7 @@ import numpy as np
 from nmjax import features as features_lib
 from nmjax import models, parallel, tasks as tasks_lib
 from nmjax.data import pipeline, records as records_lib, sources
+from nmjax.data.transforms import EvalTransform
 from nmjax.errors import ConfigError, DataError
 from nmjax.train import checkpoint
 from nmjax.train.steps import normalize
@@ -39,6 +40,10 @@ class Encoder:
   encode: Callable[[Any, jax.Array], jax.Array]
   feature_dim: int
   digest: str                         # content_digest(config, variables)
+  # A CLIP's text tower: encode_text(variables, int32 tokens (n, T)) -> (n, E); None otherwise.
+  encode_text: Callable[[Any, jax.Array], jax.Array] | None = None
+  context_length: int = 0             # A CLIP's token positions.
+  transform: EvalTransform = EvalTransform()  # How task images of other sizes become its input.
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -53,15 +58,22 @@ class Encoder:
   def describe(self) -> str:
     """'resnet_small from DIR (step N; pre-trained on D with symmetric noise r)'."""
     pre = self.config
+    noise = (f"caption noise {pre.caption_noise}" if "caption_noise" in pre else
+             f"{pre.get('noise_type', 'symmetric')} noise {pre.get('noise_ratio')}")
     return (f"{pre.model} from {self.workdir} (step {self.step}; pre-trained on {pre.dataset}"
-            f" with {pre.get('noise_type', 'symmetric')} noise {pre.get('noise_ratio')})")
+            f" with {noise})")
 
 
 def content_digest(config: ml_collections.ConfigDict, variables: Any) -> str:
   """Short sha256 of what the features depend on: the model, compute dtype and input
-  normalisation (the pre-training dataset) named in `config`, and the bytes of every weight."""
-  digest = hashlib.sha256(json.dumps(
-      [config.get("model"), config.get("dtype", "float32"), config.get("dataset")]).encode())
+  normalisation (the pre-training dataset) named in `config`, an imported model's layout options
+  and evaluation transform, and the bytes of every weight."""
+  named = [config.get("model"), config.get("dtype", "float32"), config.get("dataset")]
+  for field in ("model_options", "input"):  # Imported encoders' only (nmjax.convert).
+    if config.get(field) is not None:
+      named.append(config[field].to_dict() if hasattr(config[field], "to_dict")
+                   else config[field])
+  digest = hashlib.sha256(json.dumps(named, sort_keys=True).encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
     # Replicated arrays: every shard, the first addressable one included, is the whole array.
     array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
@@ -90,6 +102,23 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   return steps
 
 
+def model_input(config: ml_collections.ConfigDict, data_dir: str | None = None
+                ) -> tuple[sources.SourceInfo, EvalTransform]:
+  """What an encoder takes in: classes, input shape and normalisation (as a SourceInfo), and
+  the evaluation transform. An imported encoder's config.json carries them in its `input`
+  section (mean and std in 0..1 units, as timm writes them); a pre-trained one takes them from
+  its pre-training dataset, evaluated with the default transform."""
+  given = config.get("input")
+  if given is None:
+    return sources.get_source(config.dataset, data_dir=data_dir).info, EvalTransform()
+  size = int(given.image_size)
+  info = sources.SourceInfo(
+      name=str(config.get("dataset")), num_classes=int(config.num_classes),
+      image_shape=(size, size, len(given.mean)), mean=tuple(255.0 * m for m in given.mean),
+      std=tuple(255.0 * s for s in given.std), flip_ok=True, splits={}, class_names=())
+  return info, EvalTransform.from_config(given)
+
+
 def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
          data_dir: str | None = None) -> Encoder:
   """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint)."""
@@ -113,10 +142,15 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
                                       sharding=parallel.replicated(mesh))
   variables = {k: state[k] for k in ("params", "batch_stats")}
 
-  info = sources.get_source(config.dataset,
-                            data_dir=data_dir or config.get("data_dir") or None).info
+  data_dir = data_dir or config.get("data_dir") or None
+  # A CLIP workdir: pre-trained here (pretrain_clip) or imported (configs/import.py).
+  if config.get("job") == "pretrain_clip" or config.get("model") in models.CLIP_MODELS:
+    return _clip_encoder(workdir, int(step), config, variables, data_dir)
+  info, transform = model_input(config, data_dir)
   dtype = models.DTYPES[config.get("dtype", "float32")]
-  model = models.get_model(config.model, num_classes=info.num_classes, dtype=dtype)
+  options = config.get("model_options")
+  model = models.get_model(config.model, num_classes=info.num_classes, dtype=dtype,
+                           **(options.to_dict() if options else {}))
   mean, std = tuple(info.mean), tuple(info.std)
 
   def encode(variables: Any, images: jax.Array) -> jax.Array:
@@ -124,8 +158,33 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
     return pooled.astype(jnp.float32)
 
   return Encoder(workdir=workdir, step=int(step), config=config, info=info, variables=variables,
-                 encode=encode, feature_dim=models.feature_dim(config.model),
-                 digest=content_digest(config, variables))
+                 encode=encode, feature_dim=model.feature_dim,
+                 digest=content_digest(config, variables), transform=transform)
+
+
+def _clip_encoder(workdir: str, step: int, config: ml_collections.ConfigDict, variables: Any,
+                  data_dir: str | None) -> Encoder:
+  """A CLIP workdir's encoder: features are the image tower's unnormalized embedding (what
+  the reference's probe uses); the text tower comes along for zero-shot."""
+  from nmjax.models.clip import CLIP  # pylint: disable=g-import-not-at-top
+  from nmjax.train import pretrain_clip  # pylint: disable=g-import-not-at-top
+  model = pretrain_clip.build_model(config)
+  info = pretrain_clip.source_info(config, data_dir=data_dir)
+  mean, std, dtype = tuple(info.mean), tuple(info.std), model.dtype
+
+  def encode(variables: Any, images: jax.Array) -> jax.Array:
+    return model.apply(variables, normalize(images, mean, std, dtype), train=False,
+                       method=CLIP.encode_image)
+
+  def encode_text(variables: Any, tokens: jax.Array) -> jax.Array:
+    return model.apply(variables, tokens, method=CLIP.encode_text)
+
+  return Encoder(workdir=workdir, step=step, config=config, info=info, variables=variables,
+                 encode=encode, feature_dim=model.feature_dim,
+                 digest=content_digest(config, variables), encode_text=encode_text,
+                 context_length=int(config.context_length),
+                 # An imported CLIP's own transform (CLIP's: crop 1.0, bicubic); else the default.
+                 transform=EvalTransform.from_config(config.get("input")))
 
 
 def evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
@@ -161,7 +220,8 @@ class FeatureCache:
   def records(self, split: tasks_lib.Split) -> Sequence[Any]:
     """The split's examples at the encoder's input shape, capped at max_examples."""
     records, _ = tasks_lib.split_records(split, image_shape=self.encoder.image_shape,
-                                         data_dir=self.data_dir)
+                                         data_dir=self.data_dir,
+                                         transform=self.encoder.transform)
     return evenly_spaced(records, self.max_examples)
 
   def get(self, split: tasks_lib.Split) -> features_lib.FeatureSet:

@@ -3,7 +3,8 @@ methods -> one row per (task, method).
 
 Methods are plug-ins in METHODS, each `fit(train, tests, config, *, logit_subsets, log)` ->
 {test name: result}: "lp" and "ridge" (nmjax.probe) train on plain features; "mlp", "nmtune" and
-"lp_aug" (nmjax.nmtune) train on plain features or augmented views. A task's methods are fit once
+"lp_aug" (nmjax.nmtune) train on plain features or augmented views; "zeroshot" (nmjax.clip) trains
+nothing: a CLIP encoder's text tower scores class prompts. A task's methods are fit once
 per train split and scored on the test sets of every task that trains on it (fashion_mnist and
 fashion_mnist_c share one fit). The transfer and NMTune configs are both served here; they
 differ only in which methods they allow, where the methods' fields live and the row they write.
@@ -24,14 +25,15 @@ import numpy as np
 from nmjax import encoder as encoder_lib
 from nmjax import features as features_lib
 from nmjax import nmtune, parallel, probe, spectral, tasks as tasks_lib
+from nmjax.clip import encode as clip_encode, zeroshot
 from nmjax.config import check_choice, check_range, parse_names
-from nmjax.data import pipeline
+from nmjax.data import image_text, pipeline
 from nmjax.errors import ConfigError, DataError
 from nmjax.progress import Countdown, format_seconds
 
 TRAIN_VIEWS = ("features", "online", "cached")
-TRANSFER_METHODS = ("lp", "ridge")
-TUNING_METHODS = ("nmtune", "mlp", "lp_aug", "lp")
+TRANSFER_METHODS = ("lp", "ridge", "zeroshot")
+TUNING_METHODS = ("nmtune", "mlp", "lp_aug", "lp", "zeroshot")
 CENTERS = ("row", "feature", "none")
 SPECTRUM_TOP_K = 64  # Singular values per task kept by the transfer config (spectra.png).
 
@@ -70,15 +72,53 @@ def _fit_nmtune(train: Any, tests: Mapping[str, Any], config: ml_collections.Con
   return nmtune.fit_multi(train, tests, config, logit_subsets=logit_subsets, log=log)
 
 
-# The method registry: name -> fit(train, tests, config, *, logit_subsets, log).
+def class_names(cache: encoder_lib.FeatureCache, dataset: str) -> tuple[str, ...]:
+  """What zero-shot prompts call a dataset's classes: the words of nmjax's own captions for the
+  embedded sets (digits as "zero".."nine"), else the dataset's label names (TFDS's)."""
+  return tuple(image_text.CLASS_NAMES.get(dataset, cache.info(dataset).class_names))
+
+
+def _fit_zeroshot(train: Any, tests: Mapping[str, Any], config: ml_collections.ConfigDict, *,
+                  logit_subsets: Mapping[str, Any] | None = None,
+                  log: Callable[[str], None] | None = None,
+                  encoder: encoder_lib.Encoder | None = None,
+                  class_names: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+  """Zero-shot: the encoder's text tower embeds class names x prompts; nothing is trained
+  (`train` is unused). Needs a CLIP encoder."""
+  del train, log  # Nothing is trained.
+  if encoder is None or encoder.encode_text is None:
+    model = "none" if encoder is None else encoder.config.get("model")
+    raise ConfigError(f"method 'zeroshot' needs a CLIP encoder (a pretrain_clip workdir);"
+                      f" config.checkpoint holds {model}")
+  start = time.perf_counter()
+  templates = zeroshot.templates_named(config.templates)
+  weights = zeroshot.class_weights(
+      lambda prompts: clip_encode.embed_texts(encoder, prompts), class_names, templates)
+  seconds = time.perf_counter() - start
+  results = {}
+  for name, test in tests.items():
+    subset = (logit_subsets or {}).get(name)
+    result = zeroshot.accuracy(test.features, test.labels, weights, subset)
+    results[name] = {**result, "method": "zeroshot", "templates": config.templates,
+                     "num_templates": len(templates), "seconds": seconds, "num_train": 0,
+                     "feature_dim": int(test.feature_dim), "num_classes": len(class_names)}
+  return results
+
+
+_fit_zeroshot.needs_encoder = True  # _fit_split passes the encoder and the class names.
+
+# The method registry: name -> fit(train, tests, config, *, logit_subsets, log). A fit with
+# `needs_encoder` set also gets encoder= and class_names= (the train split's dataset's).
 METHODS: dict[str, Callable[..., dict[str, dict[str, Any]]]] = {
     "lp": _probe_plugin("lp", probe.linear_probe),
     "ridge": _probe_plugin("ridge", probe.ridge_probe),
     "mlp": _fit_nmtune,
     "nmtune": _fit_nmtune,
     "lp_aug": _fit_nmtune,
+    "zeroshot": _fit_zeroshot,
 }
 PROBE_METHODS = ("lp", "ridge")
+PLAIN_METHODS = (*PROBE_METHODS, "zeroshot")  # Never trained on augmented views.
 
 
 def nmtune_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -93,7 +133,10 @@ def method_config(config: ml_collections.ConfigDict, method: str,
                   num_classes: int | None = None) -> ml_collections.ConfigDict:
   """What METHODS[method] takes. A transfer config holds the probes' fields in config.probe; an
   NMTune config holds the NMTune fields and, for the probe, config.lp (with its own seed)."""
-  if "probe" in config:
+  if method == "zeroshot":
+    cfg = ml_collections.ConfigDict(
+        {"templates": config.get("zeroshot_templates", zeroshot.DEFAULT_TEMPLATES)})
+  elif "probe" in config:
     cfg = probe.resolve_config(config.probe.to_dict())
   else:
     tuned = nmtune_config(config, "nmtune" if method in PROBE_METHODS else method)
@@ -160,19 +203,22 @@ def _images(records: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kind: str, *,
-                    num_views: int, seed: int) -> nmtune.OnlineViews | nmtune.CachedViews:
+                    num_views: int, seed: int, plain: np.ndarray | None = None
+                    ) -> nmtune.OnlineViews | nmtune.CachedViews:
   """The train split as two-view rows: "online" (encoded inside every step) or "cached"
-  (num_views augmented views per image encoded once, kept beside the split's features)."""
+  (num_views augmented views per image encoded once, kept beside the split's features).
+  plain: the split's plain features, in the same order (a validation split is scored on them)."""
   enc = cache.encoder
   images, labels = _images(cache.records(split))
   if kind == "online":
     return nmtune.OnlineViews(encode=enc.encode, variables=enc.variables, images=images,
-                              labels=labels, feature_dim=enc.feature_dim)
+                              labels=labels, feature_dim=enc.feature_dim, plain_features=plain)
   path = cache.path(split, suffix=f"-aug{num_views}-seed{seed}")
   if os.path.exists(path):
     try:
       stored = features_lib.load(path, feature_dim=enc.feature_dim)
-      return nmtune.CachedViews(stored.features.reshape(num_views, len(labels), -1), labels)
+      return nmtune.CachedViews(stored.features.reshape(num_views, len(labels), -1), labels,
+                                plain_features=plain)
     except (DataError, ValueError) as e:
       print(f"[features] ignoring a bad cached views file ({e}); encoding again", flush=True)
   views = nmtune.cache_views(enc.encode, enc.variables, images, labels, num_views=num_views,
@@ -181,15 +227,18 @@ def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kin
   if jax.process_index() == 0:
     features_lib.save(path, views.features.reshape(-1, enc.feature_dim),
                       np.tile(labels, num_views), domain=f"{split} x{num_views} augmented views")
-  return views
+  return nmtune.CachedViews(views.features, views.labels, plain_features=plain)
 
 
 def provenance(enc: encoder_lib.Encoder) -> dict[str, Any]:
   """The encoder's fields every row carries."""
   pre = enc.config
+  if "caption_noise" in pre:  # A CLIP: r is the fraction of pairs with another's caption.
+    noise = {"noise_ratio": pre.caption_noise, "noise_type": "caption"}
+  else:
+    noise = {"noise_ratio": pre.get("noise_ratio"), "noise_type": pre.get("noise_type")}
   return {"checkpoint": enc.workdir, "step": enc.step, "model": pre.model,
-          "pretrain_dataset": pre.dataset, "noise_ratio": pre.get("noise_ratio"),
-          "noise_type": pre.get("noise_type")}
+          "pretrain_dataset": pre.dataset, **noise}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,14 +263,17 @@ def probe_row(fit: Fit, enc: encoder_lib.Encoder) -> dict[str, Any]:
           "num_test": fit.test.num_examples, "feature_dim": fit.train.feature_dim,
           "num_classes": fit.num_classes, "train": str(fit.task.train), "test": fit.test.domain,
           **provenance(enc), "seconds": float(result["seconds"]),
-          **({"lambda": float(result["lambda"])} if "lambda" in result else {})}
+          **({"lambda": float(result["lambda"])} if "lambda" in result else {}),
+          **{k: result[k] for k in ("templates", "num_templates") if k in result}}
 
 
 _TUNING_FIELDS = ("method", "accuracy", "mse_weight", "cov_weight", "svd_weight", "svd_topk",
                   "epochs", "batch_size", "lr", "weight_decay", "seconds", "num_train",
                   "num_test", "feature_dim", "num_classes", "train_accuracy", "views",
                   "mlp_ratio", "mlp_layers", "residual_scale_init", "seed",
-                  "residual_scale_mean", "test_accuracy_per_epoch")
+                  "residual_scale_mean", "test_accuracy_per_epoch", "templates", "num_templates",
+                  "sv_route", "val_fraction", "num_val", "val_accuracy", "grid", "grid_chosen",
+                  "grid_results", "configs_in_program")
 
 
 def tuning_fields(result: dict[str, Any]) -> dict[str, Any]:
@@ -292,19 +344,24 @@ def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_l
   for method in request.methods:
     start = time.perf_counter()
     train, views = plain, "features"
-    if method not in PROBE_METHODS and request.views != "features":
+    if method not in PLAIN_METHODS and request.views != "features":
       if augmented is None:
         augmented = augmented_views(cache, split, request.views, num_views=request.num_views,
-                                    seed=request.seed)
+                                    seed=request.seed, plain=plain.features)
       train, views = augmented, request.views
     log = (lambda line, m=method: print(f"{request.prefix}   {m} {line}", flush=True)
            ) if views == "online" else None
-    results = METHODS[method](train, tests, request.config_of(method, num_classes),
-                              logit_subsets=subsets, log=log)
+    fit = METHODS[method]
+    context = ({"encoder": cache.encoder, "class_names": class_names(cache, split.dataset)}
+               if getattr(fit, "needs_encoder", False) else {})
+    results = fit(train, tests, request.config_of(method, num_classes), logit_subsets=subsets,
+                  log=log, **context)
     for task in group:
       rows.append(request.row(Fit(task, method, results[task.name], plain, tests[task.name],
                                   spectra[task.name], num_classes, views), cache.encoder))
     countdown.done()
+    for line in nmtune.report_lines({t.name: results[t.name] for t in group}):
+      print(f"{request.prefix}   {method} {line}", flush=True)
     scores = " ".join(f"{t.name} {results[t.name]['accuracy']:.4f}" for t in group)
     print(f"{request.prefix} fit {countdown.finished}/{countdown.total} {method} on {split}:"
           f" {scores} | {format_seconds(time.perf_counter() - start)} | {countdown.line()}",

@@ -12,7 +12,10 @@ Conventions (REFERENCE.md s.2):
   downstream helper); the expected flip rate is ratio * (1 - 1/C).
 - pairflip (asymmetric): the chosen examples move to the next class, (y + 1) mod C.
 - captions: round(ratio * N) pairs get a caption from another chosen pair (a derangement), so
-  exactly that many captions are wrong.
+  exactly that many captions are wrong. `caption_permutation` gives the same noise as an index
+  array (pair i takes the caption of pair source[i]), so large sets never materialise strings.
+  The reference's swap script differs: int(N * ratio) unseeded swaps of two random rows, with
+  replacement, which corrupts about 2 * ratio of the captions (see caption_permutation).
 """
 
 from __future__ import annotations
@@ -130,3 +133,46 @@ def shuffle_captions(captions: Sequence[T], ratio: float, seed: int) -> list[T]:
   for src, dst in zip(order, np.roll(order, shift)):
     noisy[dst] = captions[src]
   return noisy
+
+
+def caption_permutation(num_pairs: int, ratio: float, seed: int, *,
+                        field: str = "noise_ratio") -> np.ndarray:
+  """Caption noise as indices: pair i takes the caption of pair source[i] (int64 (num_pairs,)).
+
+  Exactly round(ratio * num_pairs) positions are chosen with a seeded permutation and permuted
+  by a seeded derangement among themselves, so each of them holds the caption of a different
+  pair (source[i] != i) and every other position keeps its own (source[i] == i). It is the same
+  noise as shuffle_captions, draw for draw: shuffle_captions(c, r, s)[i] == c[source[i]], for
+  datasets of millions of pairs whose captions are read by index (nmjax.data.image_text).
+
+  Convention, against the reference: its caption-noise script (REFERENCE.md s.7) made
+  int(N * ratio) swaps of two rows drawn at random with replacement and no seed, so a swap can
+  hit a row already swapped, or swap a row with itself, and about 2 * ratio of the captions end
+  up wrong (its "noise_2.5" set, ratio 0.025, has about 5% wrong captions). Here the ratio is
+  the exact fraction of wrong captions: to match a reference run at ratio r, use about 2r.
+
+  Corner case: when round(ratio * num_pairs) == 1 no derangement of one pair exists; that is
+  refused with a ConfigError (one line naming `field`) rather than silently corrupting 0 or 2.
+
+  Args:
+    num_pairs: N >= 0.
+    ratio: fraction of pairs whose caption is wrong, 0 <= ratio < 1 (else ConfigError naming
+      `field`, the config field it came from).
+    seed: any integer; the result is a pure function of (num_pairs, ratio, seed).
+  """
+  ratio = _check_ratio(ratio, field)
+  if isinstance(num_pairs, bool) or int(num_pairs) != num_pairs or num_pairs < 0:
+    raise ConfigError(f"num_pairs={num_pairs!r} is invalid; allowed: an integer >= 0")
+  num_pairs = int(num_pairs)
+  rng, idx = _chosen(num_pairs, ratio, seed)
+  if idx.size == 1:
+    raise ConfigError(
+        f"{field}={ratio} selects one caption of {num_pairs}; at least two are needed to swap"
+        f" captions (use {field}=0 or a ratio that selects two or more)")
+  source = np.arange(num_pairs, dtype=np.int64)
+  if idx.size:
+    # The draws of shuffle_captions: a random order, rolled by a random non-zero shift.
+    order = rng.permutation(idx)
+    shift = int(rng.integers(1, idx.size))
+    source[np.roll(order, shift)] = order
+  return source

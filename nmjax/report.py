@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,7 +100,8 @@ def format_results(rows: list[dict[str, Any]], methods: list[str], title: str, h
             "|---|---|" + "---|" * (len(methods) + 4)]
   for name in dict.fromkeys(r["task"] for r in rows):
     task_rows = {r["method"]: r for r in rows if r["task"] == name}
-    first = next(iter(task_rows.values()))
+    # The row of a method that trained (zero-shot trains nothing: num_train 0).
+    first = max(task_rows.values(), key=lambda r: r.get("num_train", 0))
     accs = [f"{100 * task_rows[m]['accuracy']:.2f}" if m in task_rows else "-" for m in methods]
     lines.append(f"| {name} | {first['kind']} | {' | '.join(accs)} | {first['sve']:.4f} |"
                  f" {first['lsvr']:.4f} | {first['num_train']} | {first['num_test']} |")
@@ -192,6 +194,13 @@ class Sweep:
   methods: list[str]
   kinds: dict[str, str]
   spectrum_tasks: list[str]
+  noise: str = "label"              # label | caption: what r corrupts in pre-training
+  pretrain_field: str = "test_acc"  # the pre-training record's number in the main table
+
+  @property
+  def pretrain_label(self) -> str:
+    return {"test_acc": "pretrain test acc",
+            "test_i2t_acc": "pretrain i2t acc"}.get(self.pretrain_field, self.pretrain_field)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -255,11 +264,11 @@ def _ratio_label(ratio: float) -> str:
 def format_summary(table: Table) -> str:
   """The study's main table: rows r, ID and OOD averages per method (and the spectral metrics)."""
   sweep = table.sweep
-  head = (["r", "pretrain test acc"] + [f"ID {m}" for m in sweep.methods]
+  head = (["r", sweep.pretrain_label] + [f"ID {m}" for m in sweep.methods]
           + [f"OOD {m}" for m in sweep.methods] + ["SVE (ID)", "LSVR (OOD)"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for ratio in sweep.ratios:
-    cells = [_ratio_label(ratio), _cell(table.pretrain(ratio, "test_acc"))]
+    cells = [_ratio_label(ratio), _cell(table.pretrain(ratio, sweep.pretrain_field))]
     for kind in KINDS:
       cells += [_cell(table.avg_accuracy(ratio, m, kind)) for m in sweep.methods]
     cells += [_cell(table.spectral(ratio, "sve", kind="id"), 1, 4),
@@ -281,7 +290,8 @@ def format_study(table: Table, header: str) -> str:
                    + " |")
     return lines
 
-  parts = ["# Embedded study: label noise in pre-training, measured downstream\n", header, "",
+  parts = [f"# Embedded study: {sweep.noise} noise in pre-training, measured downstream\n",
+           header, "",
            format_summary(table)]
   for method in sweep.methods:
     parts += task_table(f"{method}: test accuracy (%) per task",
@@ -299,7 +309,8 @@ def _errorbar(ax, xs: list[float], series: list[list[float]], **kwargs) -> None:
               markersize=3, **kwargs)
 
 
-_NOISE_AXIS = "pre-training label noise r (%)"
+def _noise_axis(sweep: Sweep) -> str:
+  return f"pre-training {sweep.noise} noise r (%)"
 
 
 def plot_accuracy(table: Table, path: str, title: str) -> None:
@@ -313,7 +324,7 @@ def plot_accuracy(table: Table, path: str, title: str) -> None:
       _errorbar(ax, xs, [[100 * v for v in table.avg_accuracy(r, method, kind)]
                          for r in sweep.ratios], label=method,
                 linestyle="--" if method.startswith("lp") else "-")
-    label_axes(ax, title=f"{kind.upper()} average accuracy", xlabel=_NOISE_AXIS,
+    label_axes(ax, title=f"{kind.upper()} average accuracy", xlabel=_noise_axis(sweep),
                      ylabel="test accuracy (%)")
   fig.suptitle(title, fontsize=9)
   save_figure(fig, path)
@@ -357,24 +368,42 @@ def plot_spectral(table: Table, path: str, title: str) -> None:
     _errorbar(ax, xs, [table.spectral(r, metric, kind=kind) for r in sweep.ratios],
               label=f"{kind.upper()} average", color="black", linewidth=1.8)
     label_axes(ax, title=f"{metric.upper()} of frozen features, {kind.upper()} tasks",
-                     xlabel=_NOISE_AXIS, ylabel=metric.upper(), legend_fontsize=6)
+                     xlabel=_noise_axis(sweep), ylabel=metric.upper(), legend_fontsize=6)
   fig.suptitle(title, fontsize=9)
   save_figure(fig, path)
 
 
+def summary_writer(logdir: str, **kwargs: Any) -> Any:
+  """A tensorboardX SummaryWriter, imported without torch.
+
+  tensorboardX imports torch at import time when it is installed (the tests' reference is); in a
+  JAX process that costs seconds and memory, and torch's and XLA's thread pools were seen to
+  abort a training process that had both. So a torch not already imported is hidden from it.
+  """
+  hidden = "torch" not in sys.modules
+  if hidden:
+    sys.modules["torch"] = None  # `import torch` then raises ImportError.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if hidden:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir, **kwargs)
+
+
 def write_scalars(table: Table, root: str) -> None:
   """TensorBoard: one run per seed under root (rewritten), r in per mille as the step."""
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   shutil.rmtree(root, ignore_errors=True)
   sweep = table.sweep
   for seed in sweep.seeds:
-    writer = SummaryWriter(os.path.join(root, f"seed{seed}"))
+    writer = summary_writer(os.path.join(root, f"seed{seed}"))
     for record in table.records:
       if record["seed"] != seed:
         continue
       step = int(round(1000 * record["noise_ratio"]))
-      if record["record"] == "pretrain" and "test_acc" in record:
-        writer.add_scalar("pretrain/test_acc", record["test_acc"], step)
+      field = sweep.pretrain_field
+      if record["record"] == "pretrain" and field in record:
+        writer.add_scalar(f"pretrain/{field}", record[field], step)
       elif record["record"] == "task":
         writer.add_scalar(f"accuracy/{record['task']}/{record['method']}", record["accuracy"],
                           step)

@@ -43,8 +43,8 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     self._tb = None
     if self.active and tensorboard:
-      from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+      # Imported lazily (it pulls in protobuf), and without torch.
+      self._tb = report.summary_writer(os.path.join(workdir, "tb"), flush_secs=10)
 
   def truncate_after(self, step: int) -> None:
     """Drops records whose step is beyond `step` (they belong to a run that was not saved)."""

@@ -2,7 +2,9 @@
 
 `NmjaxTinyTestDataset` is a tiny TFDS image classification dataset (registered with TFDS on
 import, so sources.get_source finds it by name once written); `write_imagenet` writes a TFDS
-dataset in the imagenet2012 format of photo-like random JPEGs (`synthetic_jpeg`).
+dataset in the imagenet2012 format of photo-like random JPEGs (`synthetic_jpeg`);
+`write_coco_captions`, `write_tar` and `webdataset_members` write image-text data in the layouts
+nmjax.data.image_text reads (TFDS coco_captions, img2dataset webdataset shards).
 """
 
 from __future__ import annotations
@@ -123,3 +125,79 @@ def write_imagenet(data_dir: str | os.PathLike, *, splits: Mapping[str, int],
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return pathlib.Path(builder.data_dir)
+
+
+def write_coco_captions(data_dir: str | os.PathLike, *, splits: Mapping[str, int],
+                        size: tuple[int, int] = (40, 30), seed: int = 0) -> pathlib.Path:
+  """Writes a TFDS dataset laid out as coco_captions/2014 (1.1.0) under <data_dir>/tfds.
+
+  Only the features nmjax reads: image (JPEG), image/filename, image/id and captions (a Sequence
+  of {"text", "id"}); image i of a split has 1 + i % 5 captions "split s image i caption k".
+  array_record files, so nmjax.data.image_text.coco_captions_pairs reads it like the real one.
+  Returns the dataset's version folder. Nothing is downloaded.
+  """
+  def examples(split: str, count: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    rng = np.random.default_rng([seed, sorted(splits).index(split)])
+    for i in range(count):
+      captions = [{"text": f"{split} image {i} caption {k}", "id": 100 * i + k}
+                  for k in range(1 + i % 5)]
+      yield f"{split}_{i}", {"image": synthetic_jpeg(rng, *size), "image/filename": f"{i}.jpg",
+                             "image/id": i, "captions": captions}
+
+  with tfds.core.registered.skip_registration():
+    class SyntheticCocoCaptions(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
+      VERSION = tfds.core.Version("1.1.0")
+      BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]
+
+      def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description="Synthetic JPEGs with captions, laid out as coco_captions.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "image/filename": tfds.features.Text(),
+                "image/id": np.int64,
+                "captions": tfds.features.Sequence({"text": np.str_, "id": np.int64}),
+            }))
+
+      def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        del dl_manager
+        return {split: self._generate_examples(split, count) for split, count in splits.items()}
+
+      def _generate_examples(self, split: str, count: int
+                             ) -> Iterator[tuple[str, dict[str, Any]]]:
+        return examples(split, count)
+
+    SyntheticCocoCaptions.name = "coco_captions"
+    builder = SyntheticCocoCaptions(data_dir=os.fspath(pathlib.Path(data_dir) / "tfds"),
+                                    file_format="array_record")
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return pathlib.Path(builder.data_dir)
+
+
+def write_tar(path: str | os.PathLike, members: Sequence[tuple[str, bytes]]) -> pathlib.Path:
+  """Writes an uncompressed tar of (name, content) members in the given order (a webdataset
+  shard as img2dataset writes them: KEY.jpg, KEY.txt, KEY.json per sample)."""
+  import tarfile  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  with tarfile.open(path, "w") as tar:
+    for name, content in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(content)
+      tar.addfile(info, io.BytesIO(content))
+  return path
+
+
+def webdataset_members(keys: Sequence[str], captions: Sequence[str], *, seed: int = 0,
+                       size: tuple[int, int] = (24, 16)) -> list[tuple[str, bytes]]:
+  """img2dataset-style members for each (key, caption): KEY.jpg (a synthetic JPEG), KEY.txt
+  (the caption, UTF-8) and KEY.json (metadata nmjax ignores)."""
+  import json  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  members = []
+  for key, caption in zip(keys, captions):
+    members += [(f"{key}.jpg", synthetic_jpeg(rng, *size)), (f"{key}.txt", caption.encode()),
+                (f"{key}.json", json.dumps({"key": key, "status": "success"}).encode())]
+  return members

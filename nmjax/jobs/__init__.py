@@ -11,7 +11,7 @@ import ml_collections
 from nmjax import lock
 from nmjax.errors import ConfigError
 
-JOBS = ("study", "pretrain", "transfer", "nmtune")
+JOBS = ("study", "pretrain", "pretrain_clip", "transfer", "nmtune", "import")
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -35,12 +35,18 @@ def _job(name: Any) -> tuple[Callable[[ml_collections.ConfigDict], Any], Callabl
   if name == "pretrain":
     from nmjax.jobs import pretrain
     return pretrain.validate, pretrain.run
+  if name == "pretrain_clip":
+    from nmjax.train import pretrain_clip
+    return pretrain_clip.validate, pretrain_clip.run
   if name in ("transfer", "nmtune"):
     from nmjax import evaluate
     from nmjax.jobs import evaluate as evaluate_job
     if name == "transfer":
       return evaluate.check_transfer, evaluate_job.run_transfer
     return evaluate.check_tuning, evaluate_job.run_nmtune
+  if name == "import":
+    from nmjax.jobs import importer
+    return importer.validate, importer.run
   raise ConfigError(f"config.job={name!r} is unknown; allowed: {', '.join(JOBS)}")
 
 

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nmjax import evaluate, features as features_lib, report
+from nmjax import evaluate, features as features_lib, nmtune, report
 from nmjax.errors import DataError
 from nmjax.jobs import prepare_workdir
 from nmjax.progress import format_seconds
@@ -93,6 +93,8 @@ def _run_files(config: ml_collections.ConfigDict, methods: list[str], workdir: s
     rows.append(row)
     if jax.process_index() == 0:
       _append_line(path, row)
+    for line in nmtune.report_lines({"test": result}):
+      print(f"[nmtune] {method} {line}", flush=True)
     print(f"[nmtune] {method}: accuracy {row['accuracy']:.4f} | {row['num_train']} train,"
           f" {row['num_test']} test, D={row['feature_dim']}, C={row['num_classes']} |"
           f" {format_seconds(row['seconds'])}", flush=True)

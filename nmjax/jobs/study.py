@@ -37,11 +37,11 @@ import ml_collections
 import numpy as np
 
 from nmjax import evaluate, report, tasks as tasks_lib
-from nmjax.config import parse_names, pretrain_run, tuning_config
+from nmjax.config import check_choice, clip_run, parse_names, pretrain_run, tuning_config
 from nmjax.errors import ConfigError
 from nmjax.jobs import prepare_workdir
 from nmjax.progress import Countdown, format_seconds
-from nmjax.train import pretrain
+from nmjax.train import pretrain, pretrain_clip
 
 # Fields that cannot change a stage's numbers: a finished stage is reused whatever they are
 # (allow_changes only lets a resume go on; config.json's history is a pre-training record).
@@ -72,6 +72,7 @@ class Plan:
   methods: list[str]
   tasks: list[tasks_lib.Task]
   spectrum_tasks: list[str]
+  clip: bool = False  # CLIP pre-training with caption noise (config.pretrain_job)
 
 
 def _numbers(config: ml_collections.ConfigDict, field: str, kind: type,
@@ -96,10 +97,26 @@ def _numbers(config: ml_collections.ConfigDict, field: str, kind: type,
   return values
 
 
+CLIP_SWEEP = {"noise": "caption", "pretrain_field": "test_i2t_acc"}
+PRETRAIN_JOBS = ("pretrain", "pretrain_clip")  # Label noise (supervised) | caption noise (CLIP)
+
+
+def is_clip(config: ml_collections.ConfigDict) -> bool:
+  return config.get("pretrain_job", "pretrain") == "pretrain_clip"
+
+
 def pretrain_config(config: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
-  """The pre-training config of one point of the sweep."""
+  """The pre-training config of one point of the sweep (r: label or caption noise)."""
+  if is_clip(config):
+    return clip_run(config.pretrain, caption_noise=point.noise_ratio, seed=point.seed,
+                    data_dir=config.data_dir)
   return pretrain_run(config.pretrain, noise_ratio=point.noise_ratio, seed=point.seed,
                       data_dir=config.data_dir)
+
+
+def _pretrainer(config: ml_collections.ConfigDict) -> Any:
+  """The pre-training library of the study's kind (nmjax.train.pretrain or pretrain_clip)."""
+  return pretrain_clip if is_clip(config) else pretrain
 
 
 def eval_config(config: ml_collections.ConfigDict, point: Point,
@@ -123,10 +140,12 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
   names = [t.name for t in chosen]
   spectrum_tasks = parse_names(config, "spectrum_tasks", names)
   points = [Point(seed, ratio) for seed in seeds for ratio in ratios]
+  if "pretrain_job" in config:
+    check_choice(config, "pretrain_job", PRETRAIN_JOBS)
   for point in points[:1]:
-    pretrain.validate(pretrain_config(config, point))
+    _pretrainer(config).validate(pretrain_config(config, point))
     evaluate.check_tuning(eval_config(config, point, checkpoint="<pretrain stage>"))
-  return Plan(points, ratios, seeds, methods, chosen, spectrum_tasks)
+  return Plan(points, ratios, seeds, methods, chosen, spectrum_tasks, is_clip(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,18 +194,19 @@ def _finished(stage_dir: str, cfg: ml_collections.ConfigDict, what: str,
 
 
 def _run_pretrain(cfg: ml_collections.ConfigDict, point: Point, stage_dir: str,
-                  workdir: str) -> dict[str, Any]:
+                  workdir: str, trainer: Any) -> dict[str, Any]:
   """Runs (or, after a kill, resumes) a pre-training stage; returns its record."""
   started = _read_json(os.path.join(stage_dir, "config.json"))
   if started is not None:  # Killed mid-way: the pre-training job resumes from its checkpoint.
     _check_same(_identity(ml_collections.ConfigDict(started)), _identity(cfg),
                 f"a pre-training run {point.name}", workdir)
   start = time.perf_counter()
-  result = pretrain.run(cfg, prepare_workdir(stage_dir))
+  result = trainer.run(cfg, prepare_workdir(stage_dir))
   if result.get("preempted"):
     raise _Preempted(f"pre-training {point}")
   keep = ("step", "epoch", "test_acc", "test_loss", "test_count", "train_loss", "train_acc_noisy",
-          "train_acc_clean", "examples_per_sec")
+          "train_acc_clean", "examples_per_sec", "test_i2t_acc", "test_t2i_acc", "train_i2t_acc",
+          "train_t2i_acc")
   record = {"config": _identity(cfg), "workdir": os.path.abspath(stage_dir),
             "result": {k: result[k] for k in keep if k in result},
             "seconds": time.perf_counter() - start}
@@ -231,6 +251,12 @@ def study_records(plan: Plan, stages: dict[Point, tuple[dict, dict]]) -> list[di
   return records
 
 
+def _noise_words(config: ml_collections.ConfigDict) -> str:
+  if is_clip(config):
+    return "caption noise r (exactly r of the pairs given another pair's caption)"
+  return f"{config.pretrain.noise_type} label noise r"
+
+
 def _describe(config: ml_collections.ConfigDict, plan: Plan) -> str:
   pre = config.pretrain
   images = ("all" if pre.max_train_examples <= 0 else f"the first {pre.max_train_examples:,}")
@@ -238,25 +264,36 @@ def _describe(config: ml_collections.ConfigDict, plan: Plan) -> str:
             else f"{pre.num_epochs:g} epochs")
   seeds = ", ".join(map(str, plan.seeds))
   return (f"Pre-training: {pre.model} on {pre.dataset} ({images} training images, {length}, batch"
-          f" {pre.batch_size}, {pre.optimizer}) with {pre.noise_type} label noise r; seed(s)"
+          f" {pre.batch_size}, {pre.optimizer}) with {_noise_words(config)}; seed(s)"
           f" {seeds}. Downstream: {', '.join(plan.methods)} over the frozen features on"
           f" {len(plan.tasks)} tasks ({sum(t.kind == 'id' for t in plan.tasks)} ID,"
           f" {sum(t.kind == 'ood' for t in plan.tasks)} OOD), {config.nmtune.epochs} epochs on"
           f" {config.nmtune.views}; accuracy in % averaged over tasks; SVE averaged over ID tasks"
           " and LSVR over OOD tasks, of the frozen test features (row centering)."
-          + (" Cells are mean ± sample std over seeds." if len(plan.seeds) > 1 else ""))
+          + (" Cells are mean ± sample std over seeds." if len(plan.seeds) > 1 else "")
+          + _grid_words(config.nmtune))
+
+
+def _grid_words(nmtune_config: ml_collections.ConfigDict) -> str:
+  """The NMTune grid's sentence of the description ('' without one)."""
+  grid = nmtune_config.get("grid", "")
+  if not grid:
+    return ""
+  return (f" NMTune's configuration is chosen per train split among the grid {grid} on a"
+          f" {100 * nmtune_config.val_fraction:g}% stratified validation split of train (never"
+          " a test set); every configuration's accuracies are in results.jsonl (grid_results).")
 
 
 def sweep_of(plan: Plan) -> report.Sweep:
   return report.Sweep(plan.ratios, plan.seeds, plan.methods, {t.name: t.kind for t in plan.tasks},
-                      plan.spectrum_tasks)
+                      plan.spectrum_tasks, **(CLIP_SWEEP if plan.clip else {}))
 
 
 def render(config: ml_collections.ConfigDict, plan: Plan, stages: dict[Point, tuple[dict, dict]],
            workdir: str) -> report.Table:
   """Writes the report (report.STUDY_FILES and tb/); returns its table."""
   title = (f"{config.pretrain.model} pre-trained on {config.pretrain.dataset} with"
-           f" {config.pretrain.noise_type} label noise r")
+           f" {_noise_words(config)}")
   return report.write_study(study_records(plan, stages), sweep_of(plan), workdir,
                             header=_describe(config, plan), title=title)
 
@@ -295,6 +332,10 @@ def _stage_line(index: int, num_stages: int, what: str, text: str, seconds: floa
 
 
 def _pretrain_text(record: dict[str, Any]) -> str:
+  if "test_i2t_acc" in record["result"]:
+    result = record["result"]
+    return (f"held-out pairs: image->text {result['test_i2t_acc']:.4f}, text->image"
+            f" {result['test_t2i_acc']:.4f} (in-batch retrieval)")
   acc = record["result"].get("test_acc")
   if acc is None:
     return ""
@@ -310,7 +351,8 @@ def _run_point(config: ml_collections.ConfigDict, plan: Plan, point: Point, work
   eval_dir = os.path.join(workdir, "eval", point.name)
   start, pre, ran = time.perf_counter(), done, 0
   if pre is None:
-    pre = _run_pretrain(pretrain_config(config, point), point, pre_dir, workdir)
+    pre = _run_pretrain(pretrain_config(config, point), point, pre_dir, workdir,
+                        _pretrainer(config))
     ran += 1
     # Its encoder was trained again: nothing an earlier evaluation left is valid.
     shutil.rmtree(eval_dir, ignore_errors=True)

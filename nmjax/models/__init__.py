@@ -1,7 +1,8 @@
 """The model zoo: a registry from config names to ResNet and ViT factories, and their feature widths.
 
 `get_model(config.model, num_classes)` is the one way jobs build an encoder; a name outside the
-registry is a ConfigError that lists the known names.
+registry is a ConfigError that lists the known names. Two-tower CLIP models have their own
+registry, `CLIP_MODELS`, built by `get_clip_model(name)` (nmjax.models.clip).
 """
 
 from typing import Any, Callable
@@ -10,14 +11,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from nmjax.errors import ConfigError
+from nmjax.models.clip import CLIP, CLIP_MODELS, get_clip_model
 from nmjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnet_small
-from nmjax.models.vit import ViT, vit_s16
+from nmjax.models.vit import ViT, vit_b16, vit_s16
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet_small,
     "resnet18": resnet18,
     "resnet50": resnet50,
     "vit_s16": vit_s16,
+    "vit_b16": vit_b16,
 }
 # Compute dtypes by config name (config.dtype); parameters stay float32 whichever is chosen.
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -29,10 +32,20 @@ def _check_name(name: str) -> None:
         f"config.model={name!r} is unknown; known models: {', '.join(sorted(MODELS))}")
 
 
-def get_model(name: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
-  """Builds the registered model `name` with a `num_classes`-way head and compute `dtype`."""
+def get_model(name: str, num_classes: int, dtype: Any = jnp.float32,
+              **options: Any) -> nn.Module:
+  """Builds the registered model `name` with a `num_classes`-way head and compute `dtype`.
+
+  `options` set layout fields the factory accepts (the ViTs': pooling, position_embedding,
+  image_size, gelu_approximate, layernorm_epsilon); none is the model as pre-training builds it.
+  """
   _check_name(name)
-  return MODELS[name](num_classes, dtype=dtype)
+  if not options:
+    return MODELS[name](num_classes, dtype=dtype)
+  try:
+    return MODELS[name](num_classes, dtype=dtype, **options)
+  except TypeError:
+    raise ConfigError(f"model {name!r} does not take the options {sorted(options)}") from None
 
 
 def feature_dim(name: str) -> int:
@@ -42,6 +55,7 @@ def feature_dim(name: str) -> int:
 
 
 __all__ = [
-    "DTYPES", "MODELS", "BasicBlock", "Bottleneck", "ResNet", "ViT", "feature_dim", "get_model",
-    "resnet18", "resnet50", "resnet_small", "vit_s16",
+    "CLIP", "CLIP_MODELS", "DTYPES", "MODELS", "BasicBlock", "Bottleneck", "ResNet", "ViT",
+    "feature_dim", "get_clip_model", "get_model", "resnet18", "resnet50", "resnet_small",
+    "vit_b16", "vit_s16",
 ]

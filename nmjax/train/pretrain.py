@@ -25,7 +25,9 @@ INPUT_PIPELINES = ("default", "imagenet")
 # What a workdir's checkpoints are of: the run (data, labels, model), and what the data stream's
 # position and the optimizer state depend on. A resume that changes one is refused.
 FIXED_FIELDS = ("dataset", "model", "noise_ratio", "noise_type", "seed", "max_train_examples",
-                "batch_size", "optimizer", "crop_padding", "flip", "input_pipeline", "image_size")
+                "batch_size", "optimizer", "crop_padding", "flip", "input_pipeline", "image_size",
+                # CLIP pre-training (train/pretrain_clip.py): the pairs, captions and towers.
+                "caption_noise", "loss", "quick_gelu", "context_length", "templates")
 # Where and how verbosely a run goes, not what it computes: free to change on any resume. Every
 # other field (learning rate, schedule length, weight decay, ...) is a training field: a resume
 # may change it only when config.allow_changes names it, and config.json records the change.
@@ -77,12 +79,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_range(config, "max_to_keep", low=1, integer=True)
   if "eval_every_epochs" in config:
     check_range(config, "eval_every_epochs", low=0, integer=True)
+  _check_input_pipeline(config)
+  check_run_fields(config)
+
+
+def check_run_fields(config: ml_collections.ConfigDict) -> None:
+  """Where a pre-training run goes (mesh, parameter sharding, processes) and what a resume may
+  change: the fields supervised and CLIP pre-training share."""
   parallel.parse_mesh(config.get("mesh", "data:-1"))
   for field, allowed in (("param_sharding", parallel.PARAM_SHARDINGS),
                          ("distributed", parallel.DISTRIBUTED_MODES)):
     if field in config:
       check_choice(config, field, allowed)
-  _check_input_pipeline(config)
   allowed_changes(config)
 
 
@@ -146,7 +154,7 @@ def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
   return "; ".join(f"{k}: saved {old!r} vs now {new!r}" for k, (old, new) in changes.items())
 
 
-def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks a resume against config.json and writes config.json (process 0).
 
   A checkpoint of another run (FIXED_FIELDS differ) is refused; a change of a training field is
@@ -268,7 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # Before any data is read: a different run's checkpoint, or changed settings, fail at once.
-  _record_config(config, workdir)
+  record_config(config, workdir)
 
   source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info

@@ -41,17 +41,22 @@ def make_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTrans
         optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
   if config.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
+    # b1/b2/eps: optax's defaults unless the config sets them (CLIP's recipes do).
+    return optax.adamw(schedule, b1=config.get("adam_b1", 0.9), b2=config.get("adam_b2", 0.999),
+                       eps=config.get("adam_eps", 1e-8), weight_decay=config.weight_decay,
+                       mask=_decay_mask)
   raise ConfigError(
       f"config.optimizer={config.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def create_train_state(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...],
-                       tx: optax.GradientTransformation) -> TrainState:
-  """Initializes params and batch_stats with a dummy batch of `input_shape` (batch dim first)."""
+                       tx: optax.GradientTransformation,
+                       extra_inputs: tuple[Any, ...] = ()) -> TrainState:
+  """Initializes params and batch_stats with a dummy batch of `input_shape` (batch dim first),
+  followed by `extra_inputs` (a CLIP's token ids)."""
   # The partitionable threefry lowering makes XLA:CPU compile the init of even a tiny ResNet for
   # 13 s instead of 4 s (measured); params are initialized replicated, so it buys nothing here.
   with jax.threefry_partitionable(False):
-    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), *extra_inputs, train=False)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
