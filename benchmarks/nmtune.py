@@ -353,6 +353,8 @@ def _sections(opts: argparse.Namespace, report: dict[str, Any]) -> None:
   if "grid" in opts.sections:
     report["grid"] = {}
     for dim, rows in ((64, opts.grid_rows), (512, opts.grid_rows_512)):
+      if dim not in opts.grid_dims:
+        continue
       entry = {"rows": rows, "configs": len(GRID)}
       for what in ("grid", "sequential"):
         entry[what] = run_child("jax", opts, dim=dim, rows=rows, what=what)
@@ -383,6 +385,7 @@ def main() -> None:
   parser.add_argument("--rows", type=int, default=20000, help="first_fit train rows")
   parser.add_argument("--grid-rows", type=int, default=20000, help="grid train rows at D=64")
   parser.add_argument("--grid-rows-512", type=int, default=4000, help="grid rows at D=512")
+  parser.add_argument("--grid-dims", default="64,512", help="grid: which of 64, 512")
   parser.add_argument("--classes", type=int, default=10)
   parser.add_argument("--dims", default="512,2048", help="step: feature dims D")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed step call")
@@ -394,6 +397,7 @@ def main() -> None:
   parser.add_argument("--torch-blas", type=int, default=0, help=argparse.SUPPRESS)
   opts = parser.parse_args()
   opts.dims = [int(d) for d in str(opts.dims).split(",") if d]
+  opts.grid_dims = [int(d) for d in str(opts.grid_dims).split(",") if d]
   opts.sections = [s for s in opts.sections.split(",") if s]
   unknown = set(opts.sections) - set(SECTIONS)
   if unknown:

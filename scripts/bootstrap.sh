@@ -9,12 +9,16 @@ cd "$root"
 data_dir=${NMJAX_DATA_DIR:-$HOME/.cache/nmjax}
 fmnist_dir=${NMJAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 
-# pip, minus the noise some machines' pip config adds (index locations that do not exist here).
+# pip, minus the noise some machines' pip config adds (index locations that do not exist here),
+# and minus pip's note that open_clip_torch's own dependencies are absent (it is installed with
+# --no-deps on purpose: nmjax reads only its vocabulary file).
 quiet_pip() {
   .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 \
     | { grep -v -e "is ignored: it is neither a file nor a directory" -e "BuildBackendWarning" \
           -e "^ *!!" -e "^ *\*\*\*" -e "Please be careful with folders" -e "name as your package" \
-          -e "with strategy, WheelFile" -e "^ *$" || true; }
+          -e "with strategy, WheelFile" -e "^ *$" \
+          -e "dependency resolver does not currently take into account" \
+          -e "^open-clip-torch .* requires" || true; }
   return "${PIPESTATUS[0]}"
 }
 

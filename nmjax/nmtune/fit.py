@@ -146,7 +146,7 @@ def _settings(trained: Trained) -> dict[str, Any]:
   config = run.config
   train_accuracy = None
   if isinstance(run.train, FeatureSet):
-    logits, _ = predict_all(run.model, params, trained.state[1],
+    logits, _ = predict_all(run.spec.model, params, trained.state[1],
                             run.train.features[run.examples])
     train_accuracy = float((np.argmax(logits, -1) == run.labels[run.examples]).mean())
   loss_per_epoch = {t: [float(v[i]) for v in trained.losses] for i, t in enumerate(LOSS_TERMS)}
@@ -182,7 +182,7 @@ def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet], seco
     for name, test_set in test_sets.items():
       spectrum = {"sve": None, "lsvr": None}  # A diverged member's z is not finite.
       if not trained.diverged:
-        _, z = predict_all(trained.run.model, trained.state[0], trained.state[1],
+        _, z = predict_all(trained.run.spec.model, trained.state[0], trained.state[1],
                            test_set.features)
         spectrum = spectral.metrics(z)
       results[name] = {**settings, "accuracy": trained.test_accuracy[name][-1],

@@ -184,7 +184,8 @@ def initial_state(run: Run) -> State:
 
 
 def _stack(trees: Sequence[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+  """The trees stacked along a new leading axis, on the host (no per-shape compilation)."""
+  return jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *trees)
 
 
 def _epoch_fn(runs: Sequence[Run], shared: bool) -> Callable[[State, tuple[np.ndarray, ...]],
@@ -221,7 +222,8 @@ class Trained:
 def _accuracies(runs: Sequence[Run], state: State, features: np.ndarray, labels: np.ndarray,
                 bias: np.ndarray) -> list[float]:
   """Each run's accuracy on (features, labels) with a logit bias (a class subset)."""
-  logits, _ = predict_all(runs[0].model, state[0], state[1], features, stacked=len(runs) > 1)
+  logits, _ = predict_all(runs[0].spec.model, state[0], state[1], features,
+                          stacked=len(runs) > 1)
   logits = logits.reshape(len(runs), len(features), -1)
   return [float(v) for v in (np.argmax(logits + bias, axis=-1) == labels).mean(axis=1)]
 
@@ -280,9 +282,17 @@ def train_group(runs: Sequence[Run], test_sets: Mapping[str, FeatureSet],
       countdown.done()
       if log is not None:
         log(_epoch_line(done, epoch, countdown))
-  for i, trained in enumerate(done):
-    trained.state = state if len(runs) == 1 else jax.tree.map(lambda x, i=i: x[i], state)
+  members = _unstack(state, len(runs)) if len(runs) > 1 else [state]
+  for trained, member in zip(done, members):
+    trained.state = member
   return done
+
+
+def _unstack(state: State, count: int) -> list[State]:
+  """The members of a stacked state, sliced on the host: slicing device arrays by a Python index
+  compiles one program per index and leaf (seconds for a grid of 16)."""
+  host = jax.tree.map(np.asarray, state)
+  return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(count)]
 
 
 def _record_validation(runs: Sequence[Run], state: State, done: Sequence[Trained]) -> None:
@@ -292,8 +302,7 @@ def _record_validation(runs: Sequence[Run], state: State, done: Sequence[Trained
     for trained, accuracy in zip(done, _accuracies(runs, state, val.features, val.labels, 0.0)):
       trained.val_accuracy.append(accuracy)
     return
-  for i, trained in enumerate(done):
-    member = jax.tree.map(lambda x, i=i: x[i], state)
+  for trained, member in zip(done, _unstack(state, len(runs))):
     val = trained.run.val
     trained.val_accuracy += _accuracies([trained.run], member, val.features, val.labels, 0.0)
 
