@@ -263,6 +263,19 @@ def _loop_spec(config: ml_collections.ConfigDict, info: sources.SourceInfo,
       eval_every_epochs=config.get("eval_every_epochs", 1))
 
 
+def start_run(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
+  """A pre-training run's prologue (supervised or CLIP): processes connected, the mesh and the
+  batch sizes checked, and config.json checked against the workdir and written; returns the
+  mesh."""
+  parallel.maybe_initialize_distributed(config)
+  mesh = parallel.make_mesh(spec=config.get("mesh", "data:-1"))
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  # Before any data is read: a different run's checkpoint, or changed settings, fail at once.
+  record_config(config, workdir)
+  return mesh
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains (or resumes) in `workdir`, an existing writable directory (jobs make it).
 
@@ -271,12 +284,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   when a SIGTERM stopped the run after saving.
   """
   validate(config)
-  parallel.maybe_initialize_distributed(config)
-  mesh = parallel.make_mesh(spec=config.get("mesh", "data:-1"))
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  # Before any data is read: a different run's checkpoint, or changed settings, fail at once.
-  record_config(config, workdir)
+  mesh = start_run(config, workdir)
 
   source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info

@@ -28,7 +28,7 @@ from nmjax.data import image_text, pipeline, records, sources, webdataset
 from nmjax.errors import ConfigError
 from nmjax.models import clip as clip_models
 from nmjax.train import contrastive, loop, state as state_lib
-from nmjax.train.pretrain import check_run_fields, record_config
+from nmjax.train.pretrain import check_run_fields, start_run
 
 # OpenAI CLIP's image normalisation (fractions of 255), which open_clip's RN50 recipe uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -284,11 +284,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains (or resumes) a CLIP in `workdir`; returns the last epoch's record (train_loss,
   train_i2t_acc, train_t2i_acc, test_loss, test_i2t_acc, test_t2i_acc, ...)."""
   validate(config)
-  parallel.maybe_initialize_distributed(config)
-  mesh = parallel.make_mesh(spec=config.get("mesh", "data:-1"))
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  record_config(config, workdir)
+  mesh = start_run(config, workdir)
   train, test = split_pairs(config)
   source = caption_sources(len(train), config.caption_noise, config.seed)
   steps_per_epoch, num_steps = total_steps(
