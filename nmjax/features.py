@@ -150,7 +150,8 @@ def inferred_classes_note(num_classes: int) -> str:
 def warn_if_huge(name: str, features: Array) -> None:
   """Prints one warning line when features exceed HUGE_FEATURE in absolute value (finite, but
   their float32 products overflow: a probe on them scores at chance level)."""
-  peak = float(np.abs(features).max())
+  # The two extremes, not np.abs(features).max(): no temporary copy of a large table.
+  peak = float(max(np.max(features), -np.min(features))) if np.size(features) else 0.0
   if peak > HUGE_FEATURE:
     print(f"warning: {name}: features reach {peak:.3g} in absolute value (over {HUGE_FEATURE:g});"
           " float32 products of such values overflow, so the results may be at chance level;"

@@ -267,6 +267,16 @@ def test_init_variables_match_model_init_and_the_pytorch_defaults():
                          for seed in (0, 0, 1))
   np.testing.assert_array_equal(first, again)
   assert not np.array_equal(first, other)
+  # The state built on the host equals AdamW's own init, leaf for leaf.
+  params = nmtune.init_variables(model, dim, seed=0)["params"]
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(params))
+  hparams = nmtune.program_hparams(nmtune.default_config())
+  want = nmtune.make_optimizer(hparams, 10).init(params)
+  got = nmtune.initial_optimizer_state(hparams, 10, params)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert (g.shape, g.dtype) == (w.shape, w.dtype)
+    np.testing.assert_array_equal(g, w)
 
 
 def test_head_outputs_and_the_trainable_residual_scale():

@@ -19,6 +19,7 @@ from nmjax.nmtune.losses import (COVARIANCE_ROUTES, FASTEST_SINGULAR_VALUE_ROUTE
                                  gram_singular_values, normalize_rows, singular_value_route,
                                  singular_values)
 from nmjax.nmtune.programs import (HPARAMS, LOSS_TERMS, TRACES, ProgramSpec, State,
+                                   initial_optimizer_state,
                                    grid_online_epoch, grid_predict, grid_table_epoch, loss_terms,
                                    make_optimizer, online_epoch, predict, predict_all,
                                    program_hparams, table_epoch)
@@ -35,7 +36,8 @@ __all__ = [
     "covariance_loss", "default_config", "dominant_share", "dominant_singular_value_loss",
     "encode_augmented", "epoch_inputs", "fit", "fit_grid", "fit_grid_multi", "fit_multi",
     "gram_singular_values", "grid_online_epoch", "grid_predict", "grid_table_epoch",
-    "init_variables", "loss_terms", "loss_weights", "make_optimizer", "normalize_rows",
+    "init_variables", "initial_optimizer_state", "loss_terms", "loss_weights",
+    "make_optimizer", "normalize_rows",
     "online_epoch", "parse_grid", "point_configs", "predict", "predict_all", "probe_config",
     "program_hparams", "random_resized_crop_flip", "report_lines", "resolve_config",
     "single_threaded_lapack", "singular_value_route", "singular_values", "table_epoch",

@@ -66,11 +66,12 @@ class NMTuneHead(nn.Module):
 def init_variables(model: NMTuneHead, feature_dim: int, seed: int) -> dict[str, Any]:
   """model.init's variables ({"params", "batch_stats"}, same tree and distributions) drawn by
   numpy's seeded generator: flax's init runs jax.random op by op (seconds on a CPU) or costs
-  seconds of compilation, more than tuning a small head."""
+  seconds of compilation, more than tuning a small head. The arrays are drawn and filled on the
+  host and moved to the device in one transfer (no compilation at all)."""
   rng = np.random.default_rng([seed, 3])
 
-  def uniform(bound: float, *shape: int) -> jax.Array:
-    return jnp.asarray(rng.uniform(-bound, bound, shape), jnp.float32)
+  def uniform(bound: float, *shape: int) -> np.ndarray:
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
 
   params: dict[str, Any] = {}
   batch_stats: dict[str, Any] = {}
@@ -80,13 +81,17 @@ def init_variables(model: NMTuneHead, feature_dim: int, seed: int) -> dict[str, 
     for i in range(model.mlp_layers):
       bound = 1.0 / np.sqrt(fan_in)
       params[f"hidden_{i}"] = {"kernel": uniform(bound, fan_in, width), "bias": uniform(bound, width)}
-      params[f"norm_{i}"] = {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))}
-      batch_stats[f"norm_{i}"] = {"mean": jnp.zeros((width,)), "var": jnp.ones((width,))}
+      params[f"norm_{i}"] = {"scale": np.ones(width, np.float32),
+                             "bias": np.zeros(width, np.float32)}
+      batch_stats[f"norm_{i}"] = {"mean": np.zeros(width, np.float32),
+                                  "var": np.ones(width, np.float32)}
       fan_in = width
     bound = 1.0 / np.sqrt(width)
     params["out"] = {"kernel": uniform(bound, width, feature_dim),
                      "bias": uniform(bound, feature_dim)}
-    params["residual_scale"] = jnp.full((feature_dim,), model.residual_scale_init, jnp.float32)
+    params["residual_scale"] = np.full(feature_dim, model.residual_scale_init, np.float32)
   params["head"] = {"kernel": uniform(np.sqrt(6.0 / feature_dim), feature_dim, model.num_classes),
-                    "bias": jnp.zeros((model.num_classes,))}
-  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+                    "bias": np.zeros(model.num_classes, np.float32)}
+  # Built on the host and moved in one transfer: jnp.ones, jnp.zeros and dtype conversions
+  # would each compile a small program the first time a process meets its shape.
+  return jax.device_put({"params": params, **({"batch_stats": batch_stats} if batch_stats else {})})

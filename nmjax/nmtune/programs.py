@@ -45,8 +45,10 @@ class ProgramSpec:
 
 
 def program_hparams(config: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """The traced hyperparameters (HPARAMS) of a config: float32, svd_topk int32."""
-  return {k: (jnp.int32 if k == "svd_topk" else jnp.float32)(config[k]) for k in HPARAMS}
+  """The traced hyperparameters (HPARAMS) of a config: float32, svd_topk int32 (made on the
+  host and moved in one transfer, so no small conversion program compiles)."""
+  return jax.device_put({k: (np.int32 if k == "svd_topk" else np.float32)(config[k])
+                         for k in HPARAMS})
 
 
 def make_optimizer(hparams: Mapping[str, jax.Array], total_steps: int
@@ -55,6 +57,15 @@ def make_optimizer(hparams: Mapping[str, jax.Array], total_steps: int
   schedule = optax.cosine_decay_schedule(hparams["lr"], decay_steps=total_steps)
   return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
                      weight_decay=hparams["weight_decay"])
+
+
+def initial_optimizer_state(hparams: Mapping[str, jax.Array], total_steps: int, params: Any
+                            ) -> Any:
+  """make_optimizer(...).init(params) without running it: AdamW's state (step counts, first and
+  second moments, the schedule's count) starts at zeros, built on the host and moved in one
+  transfer; jnp.zeros_like per parameter would compile a small program per shape."""
+  shapes = jax.eval_shape(make_optimizer(hparams, total_steps).init, params)
+  return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
 
 
 def loss_terms(spec: ProgramSpec, params: Any, batch_stats: Any, f: jax.Array, labels: jax.Array,

@@ -27,7 +27,7 @@ from nmjax.features import (FeatureSet, as_feature_set, check_labels, check_matr
 from nmjax.nmtune.head import NMTuneHead, init_variables
 from nmjax.nmtune.losses import singular_value_route
 from nmjax.nmtune.programs import (LOSS_TERMS, ProgramSpec, State, grid_online_epoch,
-                                   grid_table_epoch, make_optimizer, online_epoch,
+                                   grid_table_epoch, initial_optimizer_state, online_epoch,
                                    predict_all, program_hparams, table_epoch)
 from nmjax.nmtune.views import CachedViews, OnlineViews, epoch_inputs
 from nmjax.progress import Countdown
@@ -180,7 +180,7 @@ def initial_state(run: Run) -> State:
   variables = init_variables(run.model, run.feature_dim, run.config.seed)
   params = variables["params"]
   return (params, variables.get("batch_stats", {}),
-          make_optimizer(run.hparams, run.spec.total_steps).init(params))
+          initial_optimizer_state(run.hparams, run.spec.total_steps, params))
 
 
 def _stack(trees: Sequence[Any]) -> Any:
