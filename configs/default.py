@@ -34,6 +34,9 @@ def get_config(arg: str | None = None):
   config.tasks = "embedded"                   # nmjax/tasks.py names or groups, comma-separated.
   config.spectrum_tasks = "fashion_mnist,fashion_mnist_c"  # One ID and one OOD task: spectra.png.
   config.data_dir = ""                        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+  # A job-array task: list (the stage names), one name or index (that point), render (the
+  # report of what is finished); empty: the whole sweep, then the report.
+  config.stage = ""
   # What every point of the sweep shares; the study sets each stage's noise ratio, seed,
   # checkpoint and tasks (nmjax/jobs/study.py).
   config.pretrain = pretrain_experiment(dataset="fashion_mnist", model="resnet_small",

@@ -30,6 +30,9 @@ def get_config(arg: str | None = None):
   config.tasks = "embedded"
   config.spectrum_tasks = "fashion_mnist,fashion_mnist_c"
   config.data_dir = ""
+  # A job-array task: list (the stage names), one name or index (that point), render (the
+  # report of what is finished); empty: the whole sweep, then the report.
+  config.stage = ""
   config.pretrain = clip_experiment(dataset="fashion_mnist", model="clip_small",
                                     variant="smoke" if args.smoke else "embedded")
   if not args.smoke:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
@@ -419,3 +419,25 @@ def clip_run(experiment: ml_collections.ConfigDict, *, caption_noise: float, see
   config.record_examples = False
   config.allow_changes = ""
   return add_distributed_fields(config)
+
+
+def parse_numbers(config: ml_collections.ConfigDict, field: str, kind: type,
+             check: Callable[[Any], bool], allowed: str) -> list:
+  """A comma-separated list of numbers in a config field, each checked, no duplicates."""
+  items = [t.strip() for t in str(config[field]).split(",") if t.strip()]
+  if not items:
+    raise ConfigError(f"config.{field} is empty; allowed: {allowed}")
+  values = []
+  for item in items:
+    try:
+      value = kind(item)
+    except ValueError:
+      what = "an integer" if kind is int else "a number"
+      raise ConfigError(f"config.{field} entry {item!r} is not {what};"
+                        f" allowed: {allowed}") from None
+    if not check(value):
+      raise ConfigError(f"config.{field} entry {item!r} is out of range; allowed: {allowed}")
+    if value in values:
+      raise ConfigError(f"config.{field} lists {item!r} twice")
+    values.append(value)
+  return values

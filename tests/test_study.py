@@ -67,14 +67,14 @@ def _scores(records):
   return out
 
 
-def _main(workdir, **popen):
+def _main(workdir, *flags, **popen):
   """main.py on the smoke study, in its own process with one CPU device."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)
   cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={SMOKE}",
-         f"--workdir={workdir}"]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **popen)
+         f"--workdir={workdir}", *flags]
+  popen.setdefault("stderr", subprocess.STDOUT)
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, **popen)
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,37 @@ def test_killed_mid_way_then_restarted_gives_the_same_numbers(smoke_run, tmp_pat
   assert "[study] stage 2/4 eval seed 0 r=0: " in out and ", reused |" in out, out
   assert "resumed from" in out, out
   assert _scores(_read_records(str(killed))) == _scores(_read_records(workdir))
+
+
+def test_stages_run_as_a_job_array_then_render_the_one_process_report(smoke_run, tmp_path):
+  """--config.stage=list names the points; two processes run them at once on one workdir (a
+  third, started on a point already running, is refused with one line); render then gives the
+  numbers of the one-process run, and a render over a partial workdir names what is missing."""
+  workdir, _ = smoke_run
+  listing = _main(tmp_path / "list", "--config.stage=list", stderr=subprocess.PIPE)
+  out, _ = listing.communicate(timeout=120)
+  assert listing.returncode == 0 and out.splitlines() == ["seed0_r0", "seed0_r0.3"], out
+  shared = tmp_path / "array"
+  procs = [_main(shared, f"--config.stage={s}") for s in ("seed0_r0", "1", "seed0_r0")]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  refused = [o for p, o in zip(procs, outs) if p.returncode == 2]
+  assert len(refused) == 1 and "is in use by another run" in refused[0], outs
+  assert refused[0].count("\n") == 1 and "study stage seed0_r0" in refused[0], refused
+  assert sorted(p.returncode for p in procs) == [0, 0, 2], outs
+  assert not (shared / "results.jsonl").exists()  # A stage writes no report.
+  render = _main(shared, "--config.stage=render")
+  out = render.communicate(timeout=120)[0]
+  assert render.returncode == 0 and "from 2 of 2 stage(s)" in out and "missing" not in out, out
+  assert _scores(_read_records(str(shared))) == _scores(_read_records(workdir))
+
+  partial = tmp_path / "partial"
+  for part in ("pretrain/seed0_r0", "eval/seed0_r0"):
+    shutil.copytree(os.path.join(workdir, part), partial / part)
+  result = jobs.run(_smoke(stage="render"), str(partial))
+  assert result["missing"] == ["seed0_r0.3"]
+  assert {r["noise_ratio"] for r in _read_records(str(partial))} == {0.0}
+  with pytest.raises(ConfigError, match=r"config.stage='seed9' is not a stage of this study"):
+    jobs.run(_smoke(stage="seed9"), str(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("overrides, message", [

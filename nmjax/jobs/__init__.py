@@ -27,6 +27,19 @@ def prepare_workdir(workdir: str) -> str:
   return path
 
 
+def use_compile_cache(workdir: str) -> None:
+  """Every stage of a kind compiles the same programs (only the noise and the seed differ):
+  XLA's persistent cache in the workdir lets the later stages, and a restarted study, load
+  them. Left alone when the user has set one (e.g. JAX_COMPILATION_CACHE_DIR); it takes effect
+  only if nothing was compiled yet in this process (main.py's case)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
+    # The default (1 s) leaves out most of the study's programs on 2 cores; writing one costs
+    # milliseconds.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
 def _job(name: Any) -> tuple[Callable[[ml_collections.ConfigDict], Any], Callable[..., dict]]:
   """(check, run) of a job: the config check that comes before any work, and the job."""
   if name == "study":
@@ -70,5 +83,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   job = config.get("job")
   check, run_job = _job(job)
   check(config)  # A bad config fails before the workdir is made.
+  if job == "study" and str(config.get("stage", "")).strip():
+    # One stage of a sweep (a job-array task), its listing or its report: the study locks each
+    # point it runs, so several such processes share the workdir.
+    return run_job(config, workdir)
   with lock.hold(prepare_workdir(workdir), f"job {job}", process_index=_process_index(config)):
     return run_job(config, workdir)

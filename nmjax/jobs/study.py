@@ -5,6 +5,9 @@ For each seed and noise ratio r of the sweep, two stages run in the workdir:
   eval/seed<S>_r<R>/       the NMTune evaluation (nmjax.evaluate): every method
                            on every task over the frozen encoder, with SVE/LSVR and the singular
                            value spectrum of each task's test features.
+A point runs as its own process (a job-array task) on a shared workdir with --config.stage=NAME
+or an index (list: the names), holding the point's lock (a second process is refused, one line);
+--config.stage=render builds the report from the finished points and names the missing ones.
 A stage that finishes writes stage.json (its config and results) atomically; a stage whose
 stage.json is there and whose config is the same is reused, never run again. A killed pre-training
 stage resumes from its last checkpoint with bitwise the same outcome (nmjax/train/loop.py); a
@@ -31,15 +34,16 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from nmjax import evaluate, report, tasks as tasks_lib
-from nmjax.config import check_choice, clip_run, parse_names, pretrain_run, tuning_config
+from nmjax import evaluate, lock, report, tasks as tasks_lib
+from nmjax.config import (check_choice, clip_run, parse_names, parse_numbers, pretrain_run,
+                          tuning_config)
 from nmjax.errors import ConfigError
-from nmjax.jobs import prepare_workdir
+from nmjax.jobs import prepare_workdir, use_compile_cache
 from nmjax.progress import Countdown, format_seconds
 from nmjax.train import pretrain, pretrain_clip
 
@@ -73,28 +77,6 @@ class Plan:
   tasks: list[tasks_lib.Task]
   spectrum_tasks: list[str]
   clip: bool = False  # CLIP pre-training with caption noise (config.pretrain_job)
-
-
-def _numbers(config: ml_collections.ConfigDict, field: str, kind: type,
-             check: Callable[[Any], bool], allowed: str) -> list:
-  """A comma-separated list of numbers in a config field, each checked, no duplicates."""
-  items = [t.strip() for t in str(config[field]).split(",") if t.strip()]
-  if not items:
-    raise ConfigError(f"config.{field} is empty; allowed: {allowed}")
-  values = []
-  for item in items:
-    try:
-      value = kind(item)
-    except ValueError:
-      what = "an integer" if kind is int else "a number"
-      raise ConfigError(f"config.{field} entry {item!r} is not {what};"
-                        f" allowed: {allowed}") from None
-    if not check(value):
-      raise ConfigError(f"config.{field} entry {item!r} is out of range; allowed: {allowed}")
-    if value in values:
-      raise ConfigError(f"config.{field} lists {item!r} twice")
-    values.append(value)
-  return values
 
 
 CLIP_SWEEP = {"noise": "caption", "pretrain_field": "test_i2t_acc"}
@@ -131,9 +113,9 @@ def eval_config(config: ml_collections.ConfigDict, point: Point,
 
 def validate(config: ml_collections.ConfigDict) -> Plan:
   """Checks the whole study's config, every stage's included, before any work."""
-  ratios = _numbers(config, "noise_ratios", float, lambda r: 0 <= r < 1,
+  ratios = parse_numbers(config, "noise_ratios", float, lambda r: 0 <= r < 1,
                     "numbers 0 <= r < 1, comma-separated, e.g. 0,0.05,0.1,0.2,0.3")
-  seeds = _numbers(config, "seeds", int, lambda s: 0 <= s < 2**32,
+  seeds = parse_numbers(config, "seeds", int, lambda s: 0 <= s < 2**32,
                    "integers 0 <= seed < 2**32, comma-separated, e.g. 0,1,2")
   methods = parse_names(config, "methods", evaluate.TUNING_METHODS)
   chosen = tasks_lib.resolve(config.tasks)
@@ -145,7 +127,27 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
   for point in points[:1]:
     _pretrainer(config).validate(pretrain_config(config, point))
     evaluate.check_tuning(eval_config(config, point, checkpoint="<pretrain stage>"))
-  return Plan(points, ratios, seeds, methods, chosen, spectrum_tasks, is_clip(config))
+  plan = Plan(points, ratios, seeds, methods, chosen, spectrum_tasks, is_clip(config))
+  chosen_stage(config, plan)  # A stage the sweep does not have fails before any work.
+  return plan
+
+
+STAGE_MODES = ("", "list", "render")  # "": every stage, then the report (the default).
+
+
+def chosen_stage(config: ml_collections.ConfigDict, plan: Plan) -> str | Point:
+  """config.stage: a mode of STAGE_MODES, or the point it names (its name, as --config.stage=list
+  prints it, or its index in that list): a job-array task runs that point's two stages."""
+  stage = str(config.get("stage", "")).strip()
+  if stage in STAGE_MODES:
+    return stage
+  names = [p.name for p in plan.points]
+  if stage in names:
+    return plan.points[names.index(stage)]
+  if stage.isdigit() and int(stage) < len(names):
+    return plan.points[int(stage)]
+  raise ConfigError(f"config.stage={stage!r} is not a stage of this study; allowed: list,"
+                    f" render, a name ({', '.join(names)}) or an index 0..{len(names) - 1}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def _averages(rows: list[dict[str, Any]], method: str) -> dict[str, float]:
 def study_records(plan: Plan, stages: dict[Point, tuple[dict, dict]]) -> list[dict[str, Any]]:
   """results.jsonl's records, from the finished stages."""
   records = []
-  for point in plan.points:
+  for point in (p for p in plan.points if p in stages):
     pre, ev = stages[point]
     common = {"seed": point.seed, "noise_ratio": point.noise_ratio}
     records.append({"record": "pretrain", **common, **pre["result"],
@@ -298,10 +300,6 @@ def render(config: ml_collections.ConfigDict, plan: Plan, stages: dict[Point, tu
                             header=_describe(config, plan), title=title)
 
 
-# ----------------------------------------------------------------------------------------------
-# The job.
-
-
 def _eval_line(record: dict[str, Any], methods: list[str]) -> str:
   parts = []
   for kind in tasks_lib.KINDS:
@@ -310,19 +308,6 @@ def _eval_line(record: dict[str, Any], methods: list[str]) -> str:
       parts.append(f"{kind.upper()} " + " ".join(f"{m} {100 * v:.2f}" for m, v in cells
                                                  if v is not None))
   return " | ".join(parts)
-
-
-def _use_compile_cache(workdir: str) -> None:
-  """Every stage of a kind compiles the same programs (only the noise and the seed differ):
-  XLA's persistent cache in the workdir lets the later stages, and a restarted study, load
-  them. Left alone when the user has set one (e.g. JAX_COMPILATION_CACHE_DIR); it takes effect
-  only if nothing was compiled yet in this process (main.py's case)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
-    # The default (1 s) leaves out most of the study's programs on 2 cores; writing one costs
-    # milliseconds.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def _stage_line(index: int, num_stages: int, what: str, text: str, seconds: float | None,
@@ -346,9 +331,20 @@ def _pretrain_text(record: dict[str, Any]) -> str:
 def _run_point(config: ml_collections.ConfigDict, plan: Plan, point: Point, workdir: str,
                done: dict | None, clock: Countdown, index: int) -> tuple[dict, dict, int]:
   """The two stages of one point (each run or reused); returns their records and how many ran."""
+  pre_dir = prepare_workdir(os.path.join(workdir, "pretrain", point.name))
+  with lock.hold(pre_dir, f"study stage {point.name}"):  # One process per point: others refused.
+    return _run_locked_point(config, plan, point, (pre_dir, os.path.join(
+        workdir, "eval", point.name)), done, clock, index)
+
+
+def _run_locked_point(config: ml_collections.ConfigDict, plan: Plan, point: Point,
+                      dirs: tuple[str, str], done: dict | None, clock: Countdown, index: int
+                      ) -> tuple[dict, dict, int]:
   num_stages = 2 * len(plan.points)
-  pre_dir = os.path.join(workdir, "pretrain", point.name)
-  eval_dir = os.path.join(workdir, "eval", point.name)
+  (pre_dir, eval_dir), workdir = dirs, os.path.dirname(os.path.dirname(dirs[0]))
+  if done is None:  # Another process may have finished it since the sweep looked.
+    done = _finished(pre_dir, pretrain_config(config, point), f"the pre-training stage"
+                     f" {point.name}", workdir)
   start, pre, ran = time.perf_counter(), done, 0
   if pre is None:
     pre = _run_pretrain(pretrain_config(config, point), point, pre_dir, workdir,
@@ -372,10 +368,51 @@ def _run_point(config: ml_collections.ConfigDict, plan: Plan, point: Point, work
   return pre, ev, ran
 
 
+def _render_finished(config: ml_collections.ConfigDict, plan: Plan, workdir: str
+                     ) -> dict[str, Any]:
+  """--config.stage=render: the report of the ratios whose stages every seed has finished."""
+  stages = {}
+  for point in plan.points:
+    pre = _finished(os.path.join(workdir, "pretrain", point.name), pretrain_config(config, point),
+                    f"the pre-training stage {point.name}", workdir)
+    ev = pre and _finished(os.path.join(workdir, "eval", point.name), eval_config(
+        config, point, pre["workdir"]), f"the evaluation stage {point.name}", workdir)
+    if ev:
+      stages[point] = (pre, ev)
+  missing = [p.name for p in plan.points if p not in stages]
+  ratios = [r for r in plan.ratios if all(Point(s, r) in stages for s in plan.seeds)]
+  if not ratios:
+    raise ConfigError(f"--workdir={workdir} holds no noise ratio finished for every seed; run the"
+                      " missing stages first (--config.stage=list names them)")
+  shown = dataclasses.replace(plan, ratios=ratios, points=[
+      p for p in plan.points if p.noise_ratio in ratios])
+  table = render(config, shown, stages, workdir)
+  print("\n" + _describe(config, shown) + "\n\n" + report.format_summary(table), flush=True)
+  print(f"[study] report in {workdir} from {len(shown.points)} of {len(plan.points)} stage(s)"
+        + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)
+  return {"records": table.records, "missing": missing, "workdir": workdir}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The sweep (config.stage empty), one point of it (a job-array task: its two stages, no
+  report), the stage names (list: one per line on stdout, nothing else) or the report of what
+  is finished (render)."""
   plan = validate(config)
+  stage = chosen_stage(config, plan)
+  if stage == "list":
+    print("\n".join(p.name for p in plan.points), flush=True)
+    return {"stages": [p.name for p in plan.points]}
   workdir = prepare_workdir(workdir)
-  _use_compile_cache(workdir)
+  use_compile_cache(workdir)
+  if stage == "render":
+    return _render_finished(config, plan, workdir)
+  if isinstance(stage, Point):
+    pre, ev, ran = _run_point(config, plan, stage, workdir, None, Countdown(
+        {"pretrain": 1, "eval": 1}), 2 * plan.points.index(stage))
+    print(f"[study] stage {stage.name} done ({ran} of its 2 parts run); when every stage is"
+          " done, --config.stage=render builds the report", flush=True)
+    return {"stage": stage.name, "stages_run": ran, "workdir": workdir}
+  use_compile_cache(workdir)
   num_stages = 2 * len(plan.points)
   # Finished pre-training stages (a different study's fails here, before any work); the ETA
   # counts the stages still to run.
