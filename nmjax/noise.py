@@ -20,7 +20,7 @@ Conventions (REFERENCE.md s.2):
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -176,3 +176,19 @@ def caption_permutation(num_pairs: int, ratio: float, seed: int, *,
     shift = int(rng.integers(1, idx.size))
     source[np.roll(order, shift)] = order
   return source
+
+
+def memorization_gap(result: Mapping[str, Any]) -> float | None:
+  """How much of the label noise a pre-training run memorized, from its record (result):
+  train_acc_noisy (train accuracy against the noisy labels) minus what a model that memorized
+  none of it scores, (1 - r) c + r (1 - c) / (C - 1), with c = train_acc_clean (against the
+  clean labels), r = noise_rate_train (the rate on the train labels used) and C = num_classes
+  (symmetric noise over the other C - 1 classes). About 0: nothing memorized; 1 - (1 - r)^2 -
+  r^2 / (C - 1) when every noisy label is fitted. None when the record lacks those fields (CLIP
+  runs, or records written before they were kept)."""
+  if not all(k in result for k in ("train_acc_noisy", "train_acc_clean", "noise_rate_train",
+                                   "num_classes")):
+    return None
+  r, c = float(result["noise_rate_train"]), float(result["train_acc_clean"])
+  return float(result["train_acc_noisy"]) - ((1 - r) * c
+                                             + r * (1 - c) / (int(result["num_classes"]) - 1))

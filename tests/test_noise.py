@@ -1,5 +1,7 @@
 """Label and caption noise: exact counts, determinism, distribution, validation."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,20 @@ def test_shuffle_captions_exact_and_seeded():
   assert sorted(noisy) == sorted(captions)  # A permutation: no caption lost or duplicated.
   assert noise.shuffle_captions(captions, 0.25, seed=4) == noisy
   assert noise.shuffle_captions(captions, 0.0, seed=4) == captions
+
+
+def test_memorization_gap_is_zero_without_memorization_and_full_when_noise_is_fitted():
+  labels = np.arange(20000) % 10
+  noisy = noise.symmetric_noise(labels, 0.3, 10, seed=0)
+  r = float(np.mean(noisy != labels))
+  rng = np.random.default_rng(1)
+  # A model right on 80% of the clean labels, uniformly wrong elsewhere: no memorization.
+  predictions = np.where(rng.random(labels.size) < 0.8, labels,
+                         (labels + rng.integers(1, 10, labels.size)) % 10)
+  record = {"train_acc_noisy": np.mean(predictions == noisy),
+            "train_acc_clean": np.mean(predictions == labels), "noise_rate_train": r,
+            "num_classes": 10}
+  assert abs(noise.memorization_gap(record)) < 0.01
+  fitted = {**record, "train_acc_noisy": 1.0, "train_acc_clean": float(np.mean(noisy == labels))}
+  assert math.isclose(noise.memorization_gap(fitted), 1 - (1 - r) ** 2 - r ** 2 / 9)
+  assert noise.memorization_gap({"train_acc_noisy": 1.0}) is None

@@ -125,6 +125,12 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
   assert {k: v for k, v in saved[0].items() if k != "noise_ratio"} == {
       k: v for k, v in saved[1].items() if k != "noise_ratio"}
   assert pre[0.0]["step"] == pre[0.3]["step"] == 12
+  # The realized noise on the images used, and the memorization gap from it.
+  assert pre[0.0]["noise_rate_train"] == 0.0 and abs(pre[0.0]["memorization_gap"]) < 1e-9
+  assert abs(pre[0.3]["noise_rate_train"] - 0.3) < 0.02, pre[0.3]
+  r, c = pre[0.3]["noise_rate_train"], pre[0.3]["train_acc_clean"]
+  assert math.isclose(pre[0.3]["memorization_gap"],
+                      pre[0.3]["train_acc_noisy"] - ((1 - r) * c + r * (1 - c) / 9))
 
   text = open(os.path.join(workdir, "results.md")).read()
   assert ("| r | pretrain test acc | ID lp | ID mlp | ID nmtune | OOD lp | OOD mlp | OOD nmtune |"

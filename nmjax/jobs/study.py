@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from nmjax import evaluate, lock, report, tasks as tasks_lib
+from nmjax import evaluate, lock, noise, report, tasks as tasks_lib
 from nmjax.config import (check_choice, clip_run, parse_names, parse_numbers, pretrain_run,
                           tuning_config)
 from nmjax.errors import ConfigError
@@ -208,7 +208,7 @@ def _run_pretrain(cfg: ml_collections.ConfigDict, point: Point, stage_dir: str,
     raise _Preempted(f"pre-training {point}")
   keep = ("step", "epoch", "test_acc", "test_loss", "test_count", "train_loss", "train_acc_noisy",
           "train_acc_clean", "examples_per_sec", "test_i2t_acc", "test_t2i_acc", "train_i2t_acc",
-          "train_t2i_acc")
+          "train_t2i_acc", "noise_rate_train", "num_classes")
   record = {"config": _identity(cfg), "workdir": os.path.abspath(stage_dir),
             "result": {k: result[k] for k in keep if k in result},
             "seconds": time.perf_counter() - start}
@@ -242,6 +242,7 @@ def study_records(plan: Plan, stages: dict[Point, tuple[dict, dict]]) -> list[di
     pre, ev = stages[point]
     common = {"seed": point.seed, "noise_ratio": point.noise_ratio}
     records.append({"record": "pretrain", **common, **pre["result"],
+                    "memorization_gap": noise.memorization_gap(pre["result"]),
                     "seconds": pre["seconds"], "workdir": pre["workdir"]})
     for row in ev["rows"]:
       records.append({"record": "task", **common, **{k: v for k, v in row.items()
@@ -325,7 +326,9 @@ def _pretrain_text(record: dict[str, Any]) -> str:
   if acc is None:
     return ""
   clean = record["result"].get("train_acc_clean", math.nan)
-  return f"test acc {acc:.4f} (train acc vs clean labels {clean:.4f})"
+  gap = noise.memorization_gap(record["result"])
+  return (f"test acc {acc:.4f} (train acc vs clean labels {clean:.4f}"
+          + ("" if gap is None else f", memorization gap {gap:+.4f}") + ")")
 
 
 def _run_point(config: ml_collections.ConfigDict, plan: Plan, point: Point, workdir: str,

@@ -280,7 +280,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains (or resumes) in `workdir`, an existing writable directory (jobs make it).
 
   Returns the last epoch's record: step, epoch, train_loss, train_acc_noisy, train_acc_clean,
-  examples_per_sec, test_acc, test_loss, test_count (plus eval_seconds), and preempted=True
+  examples_per_sec, test_acc, test_loss, test_count (plus eval_seconds), noise_rate_train (the
+  fraction of the train labels used that the noise changed), num_classes, and preempted=True
   when a SIGTERM stopped the run after saving.
   """
   validate(config)
@@ -297,11 +298,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       num_epochs=config.num_epochs, num_train_steps=config.num_train_steps)
   input_fns = _input_fns(config, info, train_records, test_records, noisy, num_steps)
   spec = _loop_spec(config, info, input_fns, steps_per_epoch, num_steps)
-  changed = float(np.mean(noisy != clean))
+  # The train records are the split's first len(train_records): the rate on the images used.
+  changed = float(np.mean(noisy[:len(train_records)] != clean[:len(train_records)]))
   if parallel.is_main_process():
     print(f"[pretrain] {config.model} on {config.dataset}: {len(train_records)} train /"
           f" {len(test_records)} test examples, noise {config.noise_type} {config.noise_ratio}"
-          f" ({changed:.4f} of labels changed), {num_steps} steps of batch {config.batch_size}"
-          f" on {mesh.devices.size} device(s) in {jax.process_count()} process(es), workdir"
-          f" {workdir}", flush=True)
-  return loop.train_and_evaluate(spec, workdir, mesh=mesh)
+          f" ({changed:.4f} of the train labels changed), {num_steps} steps of batch"
+          f" {config.batch_size} on {mesh.devices.size} device(s) in {jax.process_count()}"
+          f" process(es), workdir {workdir}", flush=True)
+  result = loop.train_and_evaluate(spec, workdir, mesh=mesh)
+  return {**result, "noise_rate_train": changed, "num_classes": info.num_classes}
