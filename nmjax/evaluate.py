@@ -327,11 +327,13 @@ class Evaluation:
   rows: list[dict[str, Any]]
   spectra: dict[str, dict[str, Any]]   # task -> SVE, LSVR, spectrum of its frozen test features
   features_extracted: int
+  # "task|method" -> that fit's per-example hits on the task's test set (paired statistics)
+  correct: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_lib.Split,
                group: list[tasks_lib.Task], spectra: dict[str, dict[str, Any]],
-               countdown: Countdown) -> list[dict[str, Any]]:
+               countdown: Countdown, correct: dict[str, np.ndarray]) -> list[dict[str, Any]]:
   """Every method fit once on `split`, scored on the test sets of the tasks in `group`."""
   plain = cache.get(split)
   tests, subsets = {}, {}
@@ -357,6 +359,8 @@ def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_l
     results = fit(train, tests, request.config_of(method, num_classes), logit_subsets=subsets,
                   log=log, **context)
     for task in group:
+      if results[task.name].get("correct") is not None:
+        correct[f"{task.name}|{method}"] = np.asarray(results[task.name]["correct"], bool)
       rows.append(request.row(Fit(task, method, results[task.name], plain, tests[task.name],
                                   spectra[task.name], num_classes, views), cache.encoder))
     countdown.done()
@@ -379,9 +383,28 @@ def run(cache: encoder_lib.FeatureCache, request: Request) -> Evaluation:
         flush=True)
   rows: list[dict[str, Any]] = []
   spectra: dict[str, dict[str, Any]] = {}
+  correct: dict[str, np.ndarray] = {}
   countdown = Countdown(len(groups) * len(request.methods))
   for split, group in groups.items():
-    rows += _fit_split(cache, request, split, group, spectra, countdown)
+    rows += _fit_split(cache, request, split, group, spectra, countdown, correct)
   order = {t.name: i for i, t in enumerate(request.tasks)}
   rows.sort(key=lambda r: (order[r["task"]], request.methods.index(r["method"])))
-  return Evaluation(rows, {t.name: spectra[t.name] for t in request.tasks}, cache.extracted)
+  return Evaluation(rows, {t.name: spectra[t.name] for t in request.tasks}, cache.extracted,
+                    correct)
+
+
+def kind_averages(rows: list[dict[str, Any]], method: str) -> dict[str, float]:
+  """{kind: mean accuracy of `method` over the rows' tasks of that kind (id, ood)}."""
+  return {kind: float(np.mean(a)) for kind in tasks_lib.KINDS
+          if (a := [r["accuracy"] for r in rows if r["method"] == method and r["kind"] == kind])}
+
+
+def averages_line(rows: list[dict[str, Any]], methods: list[str]) -> str:
+  """'ID lp 82.74 mlp 91.57 | OOD ...': each method's average accuracy (%) per kind."""
+  parts = []
+  for kind in tasks_lib.KINDS:
+    cells = [(m, kind_averages(rows, m).get(kind)) for m in methods]
+    if any(v is not None for _, v in cells):
+      parts.append(f"{kind.upper()} " + " ".join(f"{m} {100 * v:.2f}" for m, v in cells
+                                                 if v is not None))
+  return " | ".join(parts)

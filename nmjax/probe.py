@@ -230,17 +230,26 @@ def linear_probe(train: FeaturesLike, test: FeaturesLike,
   train_set, test_set, num_classes = _load_splits(train, test, config.num_classes)
   hparams = {k: jnp.float32(config[k]) for k in ("learning_rate", "weight_decay", "b1", "b2",
                                                   "eps")}
-  _, test_accuracy, train_accuracy = train_linear_head(
+  test_x = jnp.asarray(test_set.features)
+  bias = jnp.asarray(test_logit_bias(config.logit_subset, test_set, num_classes))
+  params, test_accuracy, train_accuracy = train_linear_head(
       jnp.asarray(train_set.features), jnp.asarray(train_set.labels, jnp.int32),
-      jnp.asarray(test_set.features), jnp.asarray(test_set.labels, jnp.int32),
+      test_x, jnp.asarray(test_set.labels, jnp.int32),
       init_head(config.seed, train_set.feature_dim, num_classes),
       jnp.asarray(epoch_orders(config.seed, train_set.num_examples, config.num_epochs)),
-      hparams, jnp.asarray(test_logit_bias(config.logit_subset, test_set, num_classes)),
-      batch_size=config.batch_size)
+      hparams, bias, batch_size=config.batch_size)
   per_epoch = [float(a) for a in np.asarray(test_accuracy)]
   return {**_summary("lp", train_set, test_set, num_classes), "accuracy": per_epoch[-1],
           "train_accuracy": float(train_accuracy), "test_accuracy_per_epoch": per_epoch,
+          "correct": np.asarray(_predictions(params, test_x, bias)) == test_set.labels,
           "seconds": time.perf_counter() - start}
+
+
+@jax.jit
+def _predictions(params: dict[str, jax.Array], features: jax.Array, logit_bias: jax.Array
+                 ) -> jax.Array:
+  """The head's top-1 class of each row (with the logit bias of a class subset)."""
+  return jnp.argmax(head_logits(params, features) + logit_bias, axis=-1)
 
 
 # ------------------------------------------------------------------------------ ridge probe
@@ -337,14 +346,20 @@ def dual_solutions(x: np.ndarray, targets: np.ndarray, lambdas: np.ndarray
   return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
 
 
-def _ridge_accuracies(x: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                      biases: np.ndarray, logit_bias: np.ndarray | float = 0.0) -> np.ndarray:
-  """Top-1 accuracy of every (weights[l], biases[l]) on (x, labels), one matmul for all l."""
+def _ridge_hits(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, biases: np.ndarray,
+                logit_bias: np.ndarray | float = 0.0) -> np.ndarray:
+  """(rows, L) top-1 hits of every (weights[l], biases[l]) on (x, labels), one matmul for all."""
   num_lambdas, dim, num_classes = weights.shape
   stacked = weights.transpose(1, 0, 2).reshape(dim, num_lambdas * num_classes)
   scores = (x @ stacked.astype(np.float32)).reshape(len(x), num_lambdas, num_classes)
   scores += biases[None].astype(np.float32) + logit_bias
-  return (scores.argmax(axis=-1) == labels[:, None]).mean(axis=0)
+  return scores.argmax(axis=-1) == labels[:, None]
+
+
+def _ridge_accuracies(x: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                      biases: np.ndarray, logit_bias: np.ndarray | float = 0.0) -> np.ndarray:
+  """Top-1 accuracy of every (weights[l], biases[l]) on (x, labels)."""
+  return _ridge_hits(x, labels, weights, biases, logit_bias).mean(axis=0)
 
 
 def _unstandardize(weights: np.ndarray, biases: np.ndarray, mean: np.ndarray, std: np.ndarray
@@ -410,13 +425,13 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   else:
     weights, biases = dual_solutions(standardized, targets, lambdas[best:best + 1])
   weights, biases = _unstandardize(weights, biases, mean, std)
-  test_accuracy = _ridge_accuracies(test_set.features, test_set.labels, weights, biases,
-                                    logit_bias)[0]
+  correct = _ridge_hits(test_set.features, test_set.labels, weights, biases, logit_bias)[:, 0]
+  test_accuracy = correct.mean()
   train_accuracy = _ridge_accuracies(train_x, labels, weights, biases)[0]
   return {**_summary("ridge", train_set, test_set, num_classes),
           "accuracy": float(test_accuracy), "train_accuracy": float(train_accuracy),
           "lambda": float(lambdas[best]),
           "holdout_accuracy": [float(a) for a in holdout_accuracy],
           "num_holdout": int(len(holdout_idx)),
-          "solver": "primal" if primal else "dual",
+          "solver": "primal" if primal else "dual", "correct": correct,
           "seconds": time.perf_counter() - start}

@@ -125,6 +125,15 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
   assert {k: v for k, v in saved[0].items() if k != "noise_ratio"} == {
       k: v for k, v in saved[1].items() if k != "noise_ratio"}
   assert pre[0.0]["step"] == pre[0.3]["step"] == 12
+  # Paired deltas: each r > 0 task record against the same seed, task and method at r = 0.
+  tasks = {(r["noise_ratio"], r["task"], r["method"]): r for r in records if r["record"] == "task"}
+  for (ratio, task, method), r in tasks.items():
+    if ratio == 0:
+      assert "delta" not in r
+      continue
+    assert math.isclose(r["delta"], r["accuracy"] - tasks[(0.0, task, method)]["accuracy"])
+    low, high = r["delta_ci95"]
+    assert low <= r["delta"] <= high and high - low < 0.5, r
   # The realized noise on the images used, and the memorization gap from it.
   assert pre[0.0]["noise_rate_train"] == 0.0 and abs(pre[0.0]["memorization_gap"]) < 1e-9
   assert abs(pre[0.3]["noise_rate_train"] - 0.3) < 0.02, pre[0.3]

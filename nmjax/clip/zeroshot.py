@@ -92,8 +92,8 @@ def predict(image_features: np.ndarray, weights: np.ndarray,
 
 def accuracy(image_features: np.ndarray, labels: np.ndarray, weights: np.ndarray,
              subset: Sequence[int] | None = None) -> dict[str, Any]:
-  """{accuracy, num_test} of zero-shot predictions against `labels`."""
+  """{accuracy, num_test, correct (the per-example hits)} of zero-shot predictions."""
   labels = np.asarray(labels, np.int64)
   hits = predict(image_features, weights, subset) == labels
   return {"accuracy": float(np.mean(hits)) if len(labels) else float("nan"),
-          "num_test": int(len(labels))}
+          "num_test": int(len(labels)), "correct": hits}

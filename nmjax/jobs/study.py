@@ -14,16 +14,9 @@ stage resumes from its last checkpoint with bitwise the same outcome (nmjax/trai
 killed evaluation stage runs again, reusing the features it had cached; every fit is seeded. So a
 study killed anywhere and started again ends with the same numbers as an uninterrupted one.
 
-The report, rendered from the stages' stage.json files after every run:
-  results.jsonl             every number: one "pretrain" record per (seed, r), one "task"
-                            record per (seed, r, task, method), one "spectrum" record per
-                            (seed, r, task)
-  results.md                rows r; ID and OOD averages per method (mean +- std over seeds when
-                            there are several), then per-task tables
-  accuracy_vs_noise.png     ID and OOD average accuracy against r, one line per method
-  spectra.png               singular value spectra for each r on one ID and one OOD task
-  spectral_vs_noise.png     SVE (ID tasks) and LSVR (OOD tasks) against r
-  tb/seed<S>/               the same numbers as TensorBoard scalars, r (per mille) as the step
+The report (nmjax.report.write_study), rendered from the stages' stage.json files: results.jsonl
+(every number: "pretrain" records with memorization_gap, "task" records with delta and
+delta_ci95 for r > 0 (nmjax.stats), "spectrum" records), results.md, three plots and tb/.
 """
 
 from __future__ import annotations
@@ -39,7 +32,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from nmjax import evaluate, lock, noise, report, tasks as tasks_lib
+from nmjax import evaluate, lock, noise, report, stats, tasks as tasks_lib
 from nmjax.config import (check_choice, clip_run, parse_names, parse_numbers, pretrain_run,
                           tuning_config)
 from nmjax.errors import ConfigError
@@ -47,11 +40,12 @@ from nmjax.jobs import prepare_workdir, use_compile_cache
 from nmjax.progress import Countdown, format_seconds
 from nmjax.train import pretrain, pretrain_clip
 
-# Fields that cannot change a stage's numbers: a finished stage is reused whatever they are
-# (allow_changes only lets a resume go on; config.json's history is a pre-training record).
+# Fields that cannot change a stage's numbers (allow_changes only lets a resume go on; history
+# is config.json's record): a finished stage is reused whatever they are.
 _NOT_IDENTITY = ("log_every_steps", "checkpoint_every_steps", "max_to_keep", "data_dir",
                  "checkpoint", "allow_changes", "history")
 STAGE_FILE = "stage.json"
+HITS_FILE = "correct.npz"  # An evaluation stage's per-example hits: "task|method" -> (N,) bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,11 +165,11 @@ def _check_same(saved: dict[str, Any], current: dict[str, Any], what: str, workd
 
 def _read_json(path: str) -> dict[str, Any] | None:
   """A finished stage's record; None when absent or torn (the stage then runs again)."""
+  if not os.path.exists(path):
+    return None
   try:
     with open(path) as f:
       return json.load(f)
-  except FileNotFoundError:
-    return None
   except (OSError, ValueError):
     print(f"[study] {path} is unreadable; running its stage again", flush=True)
     return None
@@ -224,15 +218,11 @@ def _run_eval(cfg: ml_collections.ConfigDict, plan: Plan, stage_dir: str) -> dic
                               batch_field="extract_batch_size")
   out = evaluate.run(cache, evaluate.tuning_request(cfg, plan.methods, plan.tasks))
   report.write_tuning(out.rows, cache.encoder, cfg, plan.methods, stage_dir)
+  np.savez_compressed(os.path.join(stage_dir, HITS_FILE), **out.correct)  # Before stage.json.
   record = {"config": _identity(cfg), "workdir": stage_dir, "rows": out.rows,
             "spectra": out.spectra, "seconds": time.perf_counter() - start}
   report.write_json(os.path.join(stage_dir, STAGE_FILE), record)
   return record
-
-
-def _averages(rows: list[dict[str, Any]], method: str) -> dict[str, float]:
-  return {kind: float(np.mean(a)) for kind in tasks_lib.KINDS
-          if (a := [r["accuracy"] for r in rows if r["method"] == method and r["kind"] == kind])}
 
 
 def study_records(plan: Plan, stages: dict[Point, tuple[dict, dict]]) -> list[dict[str, Any]]:
@@ -251,7 +241,14 @@ def study_records(plan: Plan, stages: dict[Point, tuple[dict, dict]]) -> list[di
       spectrum = ev["spectra"][task.name]
       records.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
                       **spectrum})
+  stats.add_deltas(records, lambda r: _hits(stages, r))
   return records
+
+
+def _hits(stages: dict[Point, tuple[dict, dict]], record: dict[str, Any]) -> np.ndarray | None:
+  """A task record's per-example hits, from its evaluation stage."""
+  stage_dir = stages[Point(record["seed"], record["noise_ratio"])][1]["workdir"]
+  return stats.load_hits(os.path.join(stage_dir, HITS_FILE), record["task"], record["method"])
 
 
 def _noise_words(config: ml_collections.ConfigDict) -> str:
@@ -299,16 +296,6 @@ def render(config: ml_collections.ConfigDict, plan: Plan, stages: dict[Point, tu
            f" {_noise_words(config)}")
   return report.write_study(study_records(plan, stages), sweep_of(plan), workdir,
                             header=_describe(config, plan), title=title)
-
-
-def _eval_line(record: dict[str, Any], methods: list[str]) -> str:
-  parts = []
-  for kind in tasks_lib.KINDS:
-    cells = [(m, _averages(record["rows"], m).get(kind)) for m in methods]
-    if any(v is not None for _, v in cells):
-      parts.append(f"{kind.upper()} " + " ".join(f"{m} {100 * v:.2f}" for m, v in cells
-                                                 if v is not None))
-  return " | ".join(parts)
 
 
 def _stage_line(index: int, num_stages: int, what: str, text: str, seconds: float | None,
@@ -366,8 +353,8 @@ def _run_locked_point(config: ml_collections.ConfigDict, plan: Plan, point: Poin
     ev = _run_eval(eval_cfg, plan, eval_dir)
     seconds = clock.done("eval", time.perf_counter() - start)
     ran += 1
-  _stage_line(index + 2, num_stages, f"eval {point}", _eval_line(ev, plan.methods), seconds,
-              clock)
+  _stage_line(index + 2, num_stages, f"eval {point}",
+              evaluate.averages_line(ev["rows"], plan.methods), seconds, clock)
   return pre, ev, ran
 
 

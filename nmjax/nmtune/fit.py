@@ -172,7 +172,8 @@ def _settings(trained: Trained) -> dict[str, Any]:
   return settings
 
 
-def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet], seconds: float
+def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet],
+             biases: Mapping[str, np.ndarray], seconds: float
              ) -> list[dict[str, dict[str, Any]]]:
   """{test name: result} of every member of a group trained together in `seconds`."""
   out = []
@@ -181,13 +182,15 @@ def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet], seco
     results = {}
     for name, test_set in test_sets.items():
       spectrum = {"sve": None, "lsvr": None}  # A diverged member's z is not finite.
+      correct = None
       if not trained.diverged:
-        _, z = predict_all(trained.run.spec.model, trained.state[0], trained.state[1],
-                           test_set.features)
+        logits, z = predict_all(trained.run.spec.model, trained.state[0], trained.state[1],
+                                test_set.features)
         spectrum = spectral.metrics(z)
+        correct = np.argmax(logits + biases[name], axis=-1) == test_set.labels
       results[name] = {**settings, "accuracy": trained.test_accuracy[name][-1],
                        "test_accuracy_per_epoch": trained.test_accuracy[name],
-                       "sve": spectrum["sve"], "lsvr": spectrum["lsvr"],
+                       "sve": spectrum["sve"], "lsvr": spectrum["lsvr"], "correct": correct,
                        "num_test": test_set.num_examples}
     out.append(results)
   return out
@@ -233,7 +236,7 @@ def fit_grid_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
     biases = {n: _logit_bias(first.config, n, s, first.num_classes, logit_subsets)
               for n, s in test_sets.items()}
     trained = train_group([runs[i] for i in members], test_sets, biases, log, group_start)
-    for i, results in zip(members, _results(trained, test_sets,
+    for i, results in zip(members, _results(trained, test_sets, biases,
                                             time.perf_counter() - group_start)):
       out[i] = results
   return out
@@ -284,7 +287,8 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
   first). tests: {name: features}, plain (unaugmented) features of the same encoder.
   logit_subsets: optional {name: class indices} for tests predicted over a class subset.
   log: called with one progress line per epoch (None: silent).
-  Each result holds accuracy (final), test_accuracy_per_epoch, train_accuracy (feature mode),
+  Each result holds accuracy (final), correct (its per-example hits on that test set, None for a
+  diverged grid member), test_accuracy_per_epoch, train_accuracy (feature mode),
   loss_per_epoch and loss_means (means of the terms over the steps of each epoch / the last
   epoch), sve and lsvr of z on that test set, seconds (the whole fit), sv_route (the
   singular-value route), the run's settings and, with config.val_fraction > 0, num_val,

@@ -1,0 +1,76 @@
+"""Paired statistics of a sweep: each task record's accuracy change from the same seed's r = 0
+record (delta), with a 95% interval from a paired bootstrap over test examples pooled over seeds.
+
+The bootstrap resamples the test examples (the same resample for the r = 0 and the r > 0 fit, and
+for every seed, whose test sets are the same examples), computes the mean over seeds of
+acc(r) - acc(0) on each resample, and takes the 2.5 and 97.5 percentiles. It needs each fit's
+per-example hits (Evaluation.correct); records without them get delta_ci95 None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import os
+
+import numpy as np
+
+RESAMPLES = 1000
+_SEED = 20240116  # Fixed: the interval is a pure function of the hits.
+
+
+def load_hits(path: str, task: str, method: str) -> np.ndarray | None:
+  """The hits of (task, method) from an npz of Evaluation.correct; None if it was not kept."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    key = f"{task}|{method}"
+    return saved[key] if key in saved.files else None
+
+
+def bootstrap_indices(num_examples: int, resamples: int = RESAMPLES) -> np.ndarray:
+  """(resamples, num_examples) example indices drawn with replacement, seeded by the size."""
+  rng = np.random.default_rng([_SEED, num_examples])
+  return rng.integers(0, num_examples, size=(resamples, num_examples), dtype=np.int32)
+
+
+def paired_interval(pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                    indices: np.ndarray) -> list[float]:
+  """[low, high] of the 95% paired-bootstrap interval of mean over pairs of (hits_r - hits_0)
+  accuracy; pairs: (hits at r, hits at 0), boolean arrays over the same examples."""
+  diffs = np.stack([np.asarray(r, np.float32) - np.asarray(z, np.float32) for r, z in pairs])
+  stats = np.zeros(len(indices))
+  for start in range(0, len(indices), 100):  # 100 resamples at a time: bounded memory.
+    block = indices[start:start + 100]
+    stats[start:start + 100] = diffs[:, block].mean(axis=2).mean(axis=0)
+  low, high = np.percentile(stats, [2.5, 97.5])
+  return [float(low), float(high)]
+
+
+def add_deltas(records: list[dict[str, Any]],
+               hits_of: Callable[[dict[str, Any]], np.ndarray | None]) -> None:
+  """Sets delta (accuracy minus the same seed's r = 0 accuracy on that task and method) and
+  delta_ci95 on every "task" record with noise_ratio > 0 whose seed has an r = 0 record; hits_of
+  gives a record's per-example hits (None when not kept)."""
+  tasks = [r for r in records if r["record"] == "task"]
+  base = {(r["seed"], r["task"], r["method"]): r for r in tasks if r["noise_ratio"] == 0}
+  groups: dict[tuple[Any, ...], list[tuple[dict, dict]]] = {}
+  for record in tasks:
+    zero = base.get((record["seed"], record["task"], record["method"]))
+    if record["noise_ratio"] > 0 and zero is not None:
+      record["delta"] = float(record["accuracy"] - zero["accuracy"])
+      groups.setdefault((record["noise_ratio"], record["task"], record["method"]), []).append(
+          (record, zero))
+  cache: dict[int, np.ndarray] = {}
+  for members in groups.values():
+    pairs = [(hits_of(r), hits_of(z)) for r, z in members]
+    interval = None
+    if all(h is not None for pair in pairs for h in pair) and len({len(h) for p in pairs
+                                                                    for h in p}) == 1:
+      size = len(pairs[0][0])
+      if size not in cache:
+        cache[size] = bootstrap_indices(size)
+      interval = paired_interval(pairs, cache[size])
+    for record, _ in members:
+      record["delta_ci95"] = interval
