@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -203,7 +202,7 @@ class Sweep:
             "test_i2t_acc": "pretrain i2t acc"}.get(self.pretrain_field, self.pretrain_field)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for one value)."""
   mean = float(np.mean(values))
   return mean, float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -212,7 +211,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
   if not values:
     return "-"
-  mean, std = _mean_std([scale * v for v in values])
+  mean, std = mean_std([scale * v for v in values])
   return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -252,12 +251,17 @@ class Table:
       return float(np.mean(values)) if values else None
     return self._seed_values(ratio, fn)
 
+  def delta(self, ratio: float, method: str, kind: str) -> dict[str, Any] | None:
+    """The "delta" record (nmjax.stats) of (r, method, kind): the change from r = 0, or None."""
+    return next((r for r in self.records if r["record"] == "delta" and r["noise_ratio"] == ratio
+                 and r["method"] == method and r["kind"] == kind), None)
+
   def pretrain(self, ratio: float, field: str) -> list[float]:
     return self._seed_values(ratio, lambda rows: next(
         (r[field] for r in rows if r["record"] == "pretrain" and field in r), None))
 
 
-def _ratio_label(ratio: float) -> str:
+def ratio_label(ratio: float) -> str:
   return f"{100 * ratio:g}%"
 
 
@@ -268,12 +272,36 @@ def format_summary(table: Table) -> str:
           + [f"OOD {m}" for m in sweep.methods] + ["SVE (ID)", "LSVR (OOD)"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for ratio in sweep.ratios:
-    cells = [_ratio_label(ratio), _cell(table.pretrain(ratio, sweep.pretrain_field))]
+    cells = [ratio_label(ratio), _cell(table.pretrain(ratio, sweep.pretrain_field))]
     for kind in KINDS:
       cells += [_cell(table.avg_accuracy(ratio, m, kind)) for m in sweep.methods]
     cells += [_cell(table.spectral(ratio, "sve", kind="id"), 1, 4),
               _cell(table.spectral(ratio, "lsvr", kind="ood"), 1, 4)]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n" + format_deltas(table)
+
+
+def _delta_cell(record: dict[str, Any] | None) -> str:
+  if record is None:
+    return "-"
+  ci = record["delta_ci95"]
+  return f"{100 * record['delta']:+.2f}" + (
+      "" if ci is None else f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
+
+
+def format_deltas(table: Table) -> str:
+  """The change from r = 0 of each average (points): the mean over seeds and its 95% paired
+  bootstrap interval (nmjax.stats); '' when the sweep has no r = 0 or no r > 0."""
+  sweep = table.sweep
+  ratios = [r for r in sweep.ratios if r > 0]
+  if not ratios or 0 not in sweep.ratios:
+    return ""
+  head = ["r"] + [f"{kind.upper()} {m}" for kind in KINDS for m in sweep.methods]
+  lines = ["", "Change from r = 0 (points; mean over seeds [95% paired bootstrap interval]):", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ratio in ratios:
+    cells = [_delta_cell(table.delta(ratio, m, kind)) for kind in KINDS for m in sweep.methods]
+    lines.append("| " + " | ".join([ratio_label(ratio)] + cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -286,7 +314,7 @@ def format_study(table: Table, header: str) -> str:
   def task_table(title: str, cell: Callable[[float, str], str]) -> list[str]:
     lines = [f"\n## {title}\n", "| " + " | ".join(task_head) + " |", "|" + "---|" * len(task_head)]
     for ratio in sweep.ratios:
-      lines.append("| " + " | ".join([_ratio_label(ratio)] + [cell(ratio, n) for n in names])
+      lines.append("| " + " | ".join([ratio_label(ratio)] + [cell(ratio, n) for n in names])
                    + " |")
     return lines
 
@@ -301,76 +329,6 @@ def format_study(table: Table, header: str) -> str:
   parts += task_table("LSVR of the frozen test features per task",
                       lambda r, n: _cell(table.spectral(r, "lsvr", task=n), 1, 4))
   return "\n".join(parts) + "\n"
-
-
-def _errorbar(ax, xs: list[float], series: list[list[float]], **kwargs) -> None:
-  stats = [_mean_std(v) if v else (math.nan, 0.0) for v in series]
-  ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, marker="o",
-              markersize=3, **kwargs)
-
-
-def _noise_axis(sweep: Sweep) -> str:
-  return f"pre-training {sweep.noise} noise r (%)"
-
-
-def plot_accuracy(table: Table, path: str, title: str) -> None:
-  """accuracy_vs_noise.png: ID and OOD average accuracy against r, one line per method."""
-  plt = pyplot()
-  sweep = table.sweep
-  xs = [100 * r for r in sweep.ratios]
-  fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), dpi=100)
-  for ax, kind in zip(axes, KINDS):
-    for method in sweep.methods:
-      _errorbar(ax, xs, [[100 * v for v in table.avg_accuracy(r, method, kind)]
-                         for r in sweep.ratios], label=method,
-                linestyle="--" if method.startswith("lp") else "-")
-    label_axes(ax, title=f"{kind.upper()} average accuracy", xlabel=_noise_axis(sweep),
-                     ylabel="test accuracy (%)")
-  fig.suptitle(title, fontsize=9)
-  save_figure(fig, path)
-
-
-def plot_spectra(table: Table, path: str, title: str) -> None:
-  """spectra.png: sigma_k / sum(sigma) for each r (first seed) on one ID and one OOD task."""
-  plt = pyplot()
-  sweep = table.sweep
-  seed = sweep.seeds[0]
-  fig, axes = plt.subplots(1, len(sweep.spectrum_tasks), figsize=(4.0 * len(sweep.spectrum_tasks),
-                                                                 3.2), dpi=100, squeeze=False)
-  colors = plt.cm.viridis(np.linspace(0, 0.9, len(sweep.ratios)))
-  for ax, name in zip(axes.flat, sweep.spectrum_tasks):
-    for color, ratio in zip(colors, sweep.ratios):
-      record = next(r for r in table.records if r["record"] == "spectrum" and r["seed"] == seed
-                    and r["noise_ratio"] == ratio and r["task"] == name)
-      p = np.asarray(record["spectrum"])
-      p = p[p > 1e-6 * p[0]]  # Row centering removes one direction: its ~0 would flatten the plot.
-      ax.semilogy(np.arange(1, len(p) + 1), p, color=color,
-                  label=f"r={_ratio_label(ratio)} (SVE {record['sve']:.3f}, LSVR"
-                        f" {record['lsvr']:.3f})")
-    label_axes(ax, title=f"{name} ({table.kinds[name].upper()}) test features, seed {seed}",
-                     xlabel="k", ylabel="sigma_k / sum(sigma)", legend_fontsize=6)
-  fig.suptitle(title, fontsize=9)
-  save_figure(fig, path)
-
-
-def plot_spectral(table: Table, path: str, title: str) -> None:
-  """spectral_vs_noise.png: SVE on ID tasks and LSVR on OOD tasks against r (average and each
-  task)."""
-  plt = pyplot()
-  sweep = table.sweep
-  xs = [100 * r for r in sweep.ratios]
-  fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), dpi=100)
-  for ax, (metric, kind) in zip(axes, (("sve", "id"), ("lsvr", "ood"))):
-    for name, task_kind in sweep.kinds.items():
-      if task_kind == kind:
-        _errorbar(ax, xs, [table.spectral(r, metric, task=name) for r in sweep.ratios],
-                  label=name, linewidth=0.8, alpha=0.6)
-    _errorbar(ax, xs, [table.spectral(r, metric, kind=kind) for r in sweep.ratios],
-              label=f"{kind.upper()} average", color="black", linewidth=1.8)
-    label_axes(ax, title=f"{metric.upper()} of frozen features, {kind.upper()} tasks",
-                     xlabel=_noise_axis(sweep), ylabel=metric.upper(), legend_fontsize=6)
-  fig.suptitle(title, fontsize=9)
-  save_figure(fig, path)
 
 
 def summary_writer(logdir: str, **kwargs: Any) -> Any:
@@ -424,8 +382,6 @@ def write_scalars(table: Table, root: str) -> None:
     writer.close()
 
 
-
-
 STUDY_FILES = ("results.jsonl", "results.md", "accuracy_vs_noise.png", "spectra.png",
                "spectral_vs_noise.png")
 
@@ -436,8 +392,9 @@ def write_study(records: list[dict[str, Any]], sweep: Sweep, workdir: str, *, he
   write_jsonl(os.path.join(workdir, "results.jsonl"), records)
   table = Table(sweep, records)
   write_text(os.path.join(workdir, "results.md"), format_study(table, header))
-  plot_accuracy(table, os.path.join(workdir, "accuracy_vs_noise.png"), title)
-  plot_spectra(table, os.path.join(workdir, "spectra.png"), title)
-  plot_spectral(table, os.path.join(workdir, "spectral_vs_noise.png"), title)
+  from nmjax import figures  # pylint: disable=g-import-not-at-top (figures imports this module)
+  figures.plot_accuracy(table, os.path.join(workdir, "accuracy_vs_noise.png"), title)
+  figures.plot_spectra(table, os.path.join(workdir, "spectra.png"), title)
+  figures.plot_spectral(table, os.path.join(workdir, "spectral_vs_noise.png"), title)
   write_scalars(table, os.path.join(workdir, "tb"))
   return table

@@ -35,24 +35,38 @@ def bootstrap_indices(num_examples: int, resamples: int = RESAMPLES) -> np.ndarr
   return rng.integers(0, num_examples, size=(resamples, num_examples), dtype=np.int32)
 
 
+def paired_stats(pairs: Sequence[tuple[np.ndarray, np.ndarray]], indices: np.ndarray
+                 ) -> np.ndarray:
+  """The bootstrap distribution (one value per resample) of the mean over pairs of
+  acc(hits_r) - acc(hits_0); pairs: (hits at r, hits at 0), boolean arrays over the same
+  examples, resampled by the rows of `indices`."""
+  diffs = np.stack([np.asarray(r, np.float32) - np.asarray(z, np.float32) for r, z in pairs])
+  out = np.zeros(len(indices))
+  for start in range(0, len(indices), 100):  # 100 resamples at a time: bounded memory.
+    out[start:start + 100] = diffs[:, indices[start:start + 100]].mean(axis=2).mean(axis=0)
+  return out
+
+
+def interval(bootstrap: np.ndarray) -> list[float]:
+  """[low, high]: the 2.5 and 97.5 percentiles of a bootstrap distribution."""
+  low, high = np.percentile(bootstrap, [2.5, 97.5])
+  return [float(low), float(high)]
+
+
 def paired_interval(pairs: Sequence[tuple[np.ndarray, np.ndarray]],
                     indices: np.ndarray) -> list[float]:
-  """[low, high] of the 95% paired-bootstrap interval of mean over pairs of (hits_r - hits_0)
-  accuracy; pairs: (hits at r, hits at 0), boolean arrays over the same examples."""
-  diffs = np.stack([np.asarray(r, np.float32) - np.asarray(z, np.float32) for r, z in pairs])
-  stats = np.zeros(len(indices))
-  for start in range(0, len(indices), 100):  # 100 resamples at a time: bounded memory.
-    block = indices[start:start + 100]
-    stats[start:start + 100] = diffs[:, block].mean(axis=2).mean(axis=0)
-  low, high = np.percentile(stats, [2.5, 97.5])
-  return [float(low), float(high)]
+  """The 95% paired-bootstrap interval of the mean over pairs of acc(r) - acc(0)."""
+  return interval(paired_stats(pairs, indices))
 
 
 def add_deltas(records: list[dict[str, Any]],
                hits_of: Callable[[dict[str, Any]], np.ndarray | None]) -> None:
   """Sets delta (accuracy minus the same seed's r = 0 accuracy on that task and method) and
-  delta_ci95 on every "task" record with noise_ratio > 0 whose seed has an r = 0 record; hits_of
-  gives a record's per-example hits (None when not kept)."""
+  delta_ci95 on every "task" record with noise_ratio > 0 whose seed has an r = 0 record, and
+  appends one "delta" record per (r, method, kind): the mean over the kind's tasks of the mean
+  delta over seeds, its interval from the tasks' bootstrap distributions averaged (each task's
+  examples resampled on their own). hits_of gives a record's per-example hits (None when not
+  kept: the intervals are then None)."""
   tasks = [r for r in records if r["record"] == "task"]
   base = {(r["seed"], r["task"], r["method"]): r for r in tasks if r["noise_ratio"] == 0}
   groups: dict[tuple[Any, ...], list[tuple[dict, dict]]] = {}
@@ -60,17 +74,26 @@ def add_deltas(records: list[dict[str, Any]],
     zero = base.get((record["seed"], record["task"], record["method"]))
     if record["noise_ratio"] > 0 and zero is not None:
       record["delta"] = float(record["accuracy"] - zero["accuracy"])
-      groups.setdefault((record["noise_ratio"], record["task"], record["method"]), []).append(
-          (record, zero))
+      groups.setdefault((record["noise_ratio"], record["method"], record["kind"],
+                         record["task"]), []).append((record, zero))
   cache: dict[int, np.ndarray] = {}
-  for members in groups.values():
+  kinds: dict[tuple[Any, ...], list[tuple[float, np.ndarray | None]]] = {}
+  for key, members in groups.items():
     pairs = [(hits_of(r), hits_of(z)) for r, z in members]
-    interval = None
-    if all(h is not None for pair in pairs for h in pair) and len({len(h) for p in pairs
-                                                                    for h in p}) == 1:
-      size = len(pairs[0][0])
-      if size not in cache:
-        cache[size] = bootstrap_indices(size)
-      interval = paired_interval(pairs, cache[size])
+    sizes = {len(h) if h is not None else -1 for pair in pairs for h in pair}
+    bootstrap = None
+    if len(sizes) == 1 and -1 not in sizes:
+      size = sizes.pop()
+      cache[size] = cache[size] if size in cache else bootstrap_indices(size)
+      bootstrap = paired_stats(pairs, cache[size])
     for record, _ in members:
-      record["delta_ci95"] = interval
+      record["delta_ci95"] = None if bootstrap is None else interval(bootstrap)
+    kinds.setdefault(key[:3], []).append(
+        (float(np.mean([r["delta"] for r, _ in members])), bootstrap))
+  for (ratio, method, kind), parts in kinds.items():
+    complete = all(b is not None for _, b in parts)
+    records.append({"record": "delta", "seed": None, "noise_ratio": ratio, "method": method,
+                    "kind": kind, "tasks": len(parts),
+                    "delta": float(np.mean([d for d, _ in parts])),
+                    "delta_ci95": interval(np.mean([b for _, b in parts], axis=0))
+                    if complete else None})

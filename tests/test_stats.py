@@ -46,9 +46,9 @@ def test_add_deltas_pairs_each_seed_with_its_own_clean_run():
       h = rng.random(400) < (0.9 - r / 3)
       hits[(seed, r)] = h
       records.append({"record": "task", "seed": seed, "noise_ratio": r, "task": "t",
-                      "method": "lp", "accuracy": float(h.mean())})
-  records.append({"record": "task", "seed": 0, "noise_ratio": 0.3, "task": "u", "method": "lp",
-                  "accuracy": 0.5})  # No r = 0 record of its own: no delta.
+                      "kind": "id", "method": "lp", "accuracy": float(h.mean())})
+  records.append({"record": "task", "seed": 0, "noise_ratio": 0.3, "task": "u", "kind": "id",
+                  "method": "lp", "accuracy": 0.5})  # No r = 0 record of its own: no delta.
   records.append({"record": "pretrain", "seed": 0, "noise_ratio": 0.3})
   stats.add_deltas(records, lambda rec: hits.get((rec["seed"], rec["noise_ratio"])))
   noisy = [r for r in records if r["record"] == "task" and r["task"] == "t" and r["noise_ratio"]]
@@ -58,9 +58,16 @@ def test_add_deltas_pairs_each_seed_with_its_own_clean_run():
   assert noisy[0]["delta_ci95"] == noisy[1]["delta_ci95"]  # One interval, pooled over seeds.
   low, high = noisy[0]["delta_ci95"]
   assert low < np.mean([r["delta"] for r in noisy]) < high
-  assert "delta" not in records[-2] and "delta" not in records[-1]
+  assert "delta" not in records[4] and "delta" not in records[5]
   assert all("delta" not in r for r in records if r["noise_ratio"] == 0)
+  # One "delta" record per (r, method, kind): here one task, so its numbers are that task's.
+  (average,) = [r for r in records if r["record"] == "delta"]
+  assert (average["noise_ratio"], average["method"], average["kind"], average["tasks"]) == (
+      0.3, "lp", "id", 1)
+  assert abs(average["delta"] - np.mean([r["delta"] for r in noisy])) < 1e-12
+  assert np.allclose(average["delta_ci95"], noisy[0]["delta_ci95"])
   # Without hits the delta stays and the interval is None.
   bare = [dict(r) for r in records[:4]]
   stats.add_deltas(bare, lambda rec: None)
   assert bare[1]["delta_ci95"] is None and "delta" in bare[1]
+  assert bare[-1]["record"] == "delta" and bare[-1]["delta_ci95"] is None

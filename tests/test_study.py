@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from nmjax import jobs  # pylint: disable=wrong-import-position
 from nmjax.errors import ConfigError  # pylint: disable=wrong-import-position
-from nmjax import report  # pylint: disable=wrong-import-position
+from nmjax import figures, report  # pylint: disable=wrong-import-position
 from nmjax.jobs import study  # pylint: disable=wrong-import-position
 
 SMOKE = "configs/default.py:smoke"
@@ -62,6 +62,8 @@ def _scores(records):
       out[key] = (r["accuracy"], r["sve"], r["lsvr"], r["z_sve"] if "z_sve" in r else None)
     elif r["record"] == "spectrum":
       out[key] = (r["sve"], r["lsvr"], tuple(r["spectrum"]))
+    elif r["record"] == "delta":
+      out[key + (r["kind"],)] = (r["delta"], tuple(r["delta_ci95"] or ()))
     else:
       out[key] = (r["test_acc"], r["train_loss"], r["step"])
   return out
@@ -134,6 +136,11 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
     assert math.isclose(r["delta"], r["accuracy"] - tasks[(0.0, task, method)]["accuracy"])
     low, high = r["delta_ci95"]
     assert low <= r["delta"] <= high and high - low < 0.5, r
+  averages = [r for r in records if r["record"] == "delta"]
+  assert sorted((r["kind"], r["method"]) for r in averages) == sorted(
+      (k, m) for k in ("id", "ood") for m in ("lp", "mlp", "nmtune"))
+  assert all(r["tasks"] == 1 and r["noise_ratio"] == 0.3 for r in averages)
+  assert "Change from r = 0 (points; mean over seeds [95% paired bootstrap interval])" in out
   # The realized noise on the images used, and the memorization gap from it.
   assert pre[0.0]["noise_rate_train"] == 0.0 and abs(pre[0.0]["memorization_gap"]) < 1e-9
   assert abs(pre[0.3]["noise_rate_train"] - 0.3) < 0.02, pre[0.3]
@@ -316,11 +323,14 @@ def test_several_seeds_show_mean_and_sample_std(tmp_path):
       for task in tasks:
         records.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
                         "sve": 3.0 + seed, "lsvr": 0.2, "spectrum": [0.2, 0.5, 0.3]})
+  from nmjax import stats  # pylint: disable=g-import-not-at-top
+  stats.add_deltas(records, lambda record: None)  # No hits kept: deltas without intervals.
   table = report.Table(sweep, records)
   text = report.format_summary(table)
   assert ("| 0% | 90.00 ± 0.00 | 82.00 ± 2.00 | 30.00 ± 0.00 | 4.0000 ± 1.0000 |"
           " 0.2000 ± 0.0000 |") in text, text
   assert "| 30% | 90.00 ± 0.00 | 79.00 ± 2.00 |" in text, text
-  report.plot_accuracy(table, str(tmp_path / "a.png"), "t")
-  report.plot_spectral(table, str(tmp_path / "s.png"), "t")
+  assert "| r | ID lp | OOD lp |\n|---|---|---|\n| 30% | -3.00 | +0.00 |" in text, text
+  figures.plot_accuracy(table, str(tmp_path / "a.png"), "t")
+  figures.plot_spectral(table, str(tmp_path / "s.png"), "t")
   assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
