@@ -9,10 +9,9 @@ per-example hits (Evaluation.correct); records without them get delta_ci95 None.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import os
 
 import numpy as np
 
@@ -20,13 +19,12 @@ RESAMPLES = 1000
 _SEED = 20240116  # Fixed: the interval is a pure function of the hits.
 
 
-def load_hits(path: str, task: str, method: str) -> np.ndarray | None:
-  """The hits of (task, method) from an npz of Evaluation.correct; None if it was not kept."""
+def load_hits(path: str) -> dict[str, np.ndarray]:
+  """An npz of Evaluation.correct ("task|method" -> hits), read once; {} if it was not kept."""
   if not os.path.exists(path):
-    return None
+    return {}
   with np.load(path) as saved:
-    key = f"{task}|{method}"
-    return saved[key] if key in saved.files else None
+    return {key: saved[key] for key in saved.files}
 
 
 def bootstrap_indices(num_examples: int, resamples: int = RESAMPLES) -> np.ndarray:

@@ -165,11 +165,11 @@ def _check_same(saved: dict[str, Any], current: dict[str, Any], what: str, workd
 
 def _read_json(path: str) -> dict[str, Any] | None:
   """A finished stage's record; None when absent or torn (the stage then runs again)."""
-  if not os.path.exists(path):
-    return None
   try:
     with open(path) as f:
       return json.load(f)
+  except FileNotFoundError:
+    return None
   except (OSError, ValueError):
     print(f"[study] {path} is unreadable; running its stage again", flush=True)
     return None
@@ -241,14 +241,10 @@ def study_records(plan: Plan, stages: dict[Point, tuple[dict, dict]]) -> list[di
       spectrum = ev["spectra"][task.name]
       records.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
                       **spectrum})
-  stats.add_deltas(records, lambda r: _hits(stages, r))
+  hits = {p: stats.load_hits(os.path.join(stages[p][1]["workdir"], HITS_FILE)) for p in stages}
+  stats.add_deltas(records, lambda r: hits[Point(r["seed"], r["noise_ratio"])].get(
+      f"{r['task']}|{r['method']}"))
   return records
-
-
-def _hits(stages: dict[Point, tuple[dict, dict]], record: dict[str, Any]) -> np.ndarray | None:
-  """A task record's per-example hits, from its evaluation stage."""
-  stage_dir = stages[Point(record["seed"], record["noise_ratio"])][1]["workdir"]
-  return stats.load_hits(os.path.join(stage_dir, HITS_FILE), record["task"], record["method"])
 
 
 def _noise_words(config: ml_collections.ConfigDict) -> str:
@@ -323,15 +319,14 @@ def _run_point(config: ml_collections.ConfigDict, plan: Plan, point: Point, work
   """The two stages of one point (each run or reused); returns their records and how many ran."""
   pre_dir = prepare_workdir(os.path.join(workdir, "pretrain", point.name))
   with lock.hold(pre_dir, f"study stage {point.name}"):  # One process per point: others refused.
-    return _run_locked_point(config, plan, point, (pre_dir, os.path.join(
-        workdir, "eval", point.name)), done, clock, index)
+    return _run_locked_point(config, plan, point, workdir, done, clock, index)
 
 
-def _run_locked_point(config: ml_collections.ConfigDict, plan: Plan, point: Point,
-                      dirs: tuple[str, str], done: dict | None, clock: Countdown, index: int
-                      ) -> tuple[dict, dict, int]:
+def _run_locked_point(config: ml_collections.ConfigDict, plan: Plan, point: Point, workdir: str,
+                      done: dict | None, clock: Countdown, index: int) -> tuple[dict, dict, int]:
   num_stages = 2 * len(plan.points)
-  (pre_dir, eval_dir), workdir = dirs, os.path.dirname(os.path.dirname(dirs[0]))
+  pre_dir = os.path.join(workdir, "pretrain", point.name)
+  eval_dir = os.path.join(workdir, "eval", point.name)
   if done is None:  # Another process may have finished it since the sweep looked.
     done = _finished(pre_dir, pretrain_config(config, point), f"the pre-training stage"
                      f" {point.name}", workdir)
@@ -397,12 +392,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if stage == "render":
     return _render_finished(config, plan, workdir)
   if isinstance(stage, Point):
-    pre, ev, ran = _run_point(config, plan, stage, workdir, None, Countdown(
+    _, _, ran = _run_point(config, plan, stage, workdir, None, Countdown(
         {"pretrain": 1, "eval": 1}), 2 * plan.points.index(stage))
     print(f"[study] stage {stage.name} done ({ran} of its 2 parts run); when every stage is"
           " done, --config.stage=render builds the report", flush=True)
     return {"stage": stage.name, "stages_run": ran, "workdir": workdir}
-  use_compile_cache(workdir)
   num_stages = 2 * len(plan.points)
   # Finished pre-training stages (a different study's fails here, before any work); the ETA
   # counts the stages still to run.
