@@ -6,14 +6,16 @@ compresses like photographs: about 110 KB at quality 90, ImageNet's average) int
 folder, then measures, on the same JPEGs and the same draws:
   * "pipeline": nmjax.data.imagenet.train_iterator end to end (record read, grain stream, JPEG
     decode, random-resized crop to 224, flip, batch; 0 = in this process, 1 and 2 grain worker
-    processes), "old" = reduced_decode=False over jpeg_records(batched_reads=True), the path
-    before reduced decoding and single reads, and "new" = the defaults;
-  * "transform": decode + crop + flip alone in this process (old: full decode; new: reduced
-    where the crop allows), on these JPEGs and on larger ones (1024x768 and 800x600), where
-    reduced decoding applies to most crops;
+    processes), "old" = decode_less=False over jpeg_records(batched_reads=True): every JPEG
+    opened and decoded whole by Pillow, records read in batches through TFDS's parser, the
+    path before issue 16; "new" = the defaults (single reads, only the rows each crop needs
+    decoded, at a reduced DCT scale where the crop allows);
+  * "transform": decode + crop + flip alone in this process (old: Pillow's whole decode; new:
+    decode_less), on these JPEGs and on larger ones (1024x768 and 800x600), where reduced-scale
+    decoding applies to most crops;
   * "profile": the cost of each stage per image, in CPU milliseconds;
-  * "quality": how often a reduced decode applies, and how far its crops are from full-decode
-    ones (mean absolute difference in grey levels of 255).
+  * "quality": how often a reduced-scale decode applies, the fraction of rows decoded, and how
+    far reduced crops are from full-decode ones (mean absolute difference, grey levels of 255).
 The dataset is written by tests/synthetic_data.write_imagenet with photo_jpeg in place of its
 own generator (whose smaller files decode faster than ImageNet's). The records are indexed as a
 1,281,167-example dataset (position i reads JPEG i % images), so grain's shuffle costs what it
@@ -24,8 +26,10 @@ Per core: images per CPU-second, i.e. images/s divided by the cores actually use
 cores used are the CPU seconds of this process and its worker processes (/proc/<pid>/stat, user
 + system) over the timed span, divided by its wall-clock length. The CPU is shared with other
 work, which lowers images/s (reported too, with the load average) far more than images per
-CPU-second. Old and new alternate within each round; figures are medians over --rounds. Rates
-start after warm-up batches (worker start-up, then the prefetch buffers drained).
+CPU-second. Old and new alternate within each round; figures are medians over --rounds, and
+new_over_old_per_core is the median of the rounds' new/old ratios (steadier than either figure
+when other work shares the CPU). Rates start after warm-up batches (worker start-up, then the
+prefetch buffers drained).
 The headline old_/new_images_per_sec_per_core come from the pipeline with one worker process
 (--headline_workers): one core's work plus the hand-off to the training process, which is what
 a host with data_workers = cores - 4 gets per worker. With two workers on this 2-core machine the
@@ -37,6 +41,7 @@ their CPU-seconds per image rise with it; that row is reported too.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -122,11 +127,11 @@ def _cpu_seconds(pids: list[int]) -> float:
   return total
 
 
-def _timed_pipeline(source, *, reduced: bool, batch: int, batches: int, workers: int) -> dict:
+def _timed_pipeline(source, *, decode_less: bool, batch: int, batches: int, workers: int) -> dict:
   labels = np.zeros(len(source), dtype=np.int64)
   iterator = imagenet.train_iterator(source, labels=labels, global_batch_size=batch, seed=0,
                                      image_size=_OUTPUT, num_workers=workers,
-                                     reduced_decode=reduced)
+                                     decode_less=decode_less)
   for _ in range(2 + 2 * workers):  # start-up, then what the workers buffered meanwhile
     next(iterator)
   pids = _process_tree()  # this process and its workers
@@ -148,10 +153,14 @@ def _pipelines(old_source, new_source, args) -> list[dict]:
   for workers in map(int, args.workers.split(",")):
     runs = {"old": [], "new": []}
     for _ in range(args.rounds):
-      for name, source, reduced in (("old", old_source, False), ("new", new_source, True)):
-        runs[name].append(_timed_pipeline(source, reduced=reduced, batch=args.batch,
+      for name, source, decode_less in (("old", old_source, False), ("new", new_source, True)):
+        runs[name].append(_timed_pipeline(source, decode_less=decode_less, batch=args.batch,
                                           batches=args.batches, workers=workers))
-    row = {"workers": workers}
+    # Old and new ran back to back in each round: their ratio is steadier than either figure
+    # on a shared machine.
+    paired = [n["images_per_cpu_s"] / o["images_per_cpu_s"]
+              for o, n in zip(runs["old"], runs["new"])]
+    row = {"workers": workers, "new_over_old_per_core": round(float(np.median(paired)), 3)}
     for name, rounds in runs.items():
       row[name] = {
           "images_per_s": round(float(np.median([r["images_per_s"] for r in rounds])), 1),
@@ -183,47 +192,58 @@ def _transform(jpegs: list[bytes], draws: np.ndarray, rounds: int) -> dict:
   """Decode + crop + flip alone, in CPU ms per image, old and new alternating."""
   times = {"old": [], "new": []}
   for _ in range(rounds):
-    for name, reduced in (("old", False), ("new", True)):
-      times[name].append(_cpu_ms(lambda i, r=reduced: imagenet.random_resized_crop(
-          imagenet.open_image(jpegs[i]), draws[i], _OUTPUT, reduced_decode=r), len(jpegs), 1))
+    for name, decode_less in (("old", False), ("new", True)):
+      times[name].append(_cpu_ms(lambda i, d=decode_less: imagenet.random_resized_crop(
+          jpegs[i], draws[i], _OUTPUT, decode_less=d), len(jpegs), 1))
   old_ms, new_ms = float(np.median(times["old"])), float(np.median(times["new"]))
   return {"old_ms": round(old_ms, 3), "new_ms": round(new_ms, 3),
           "old_images_per_cpu_s": round(1e3 / old_ms, 1),
           "new_images_per_cpu_s": round(1e3 / new_ms, 1)}
 
 
+def _decode_plan(jpeg: bytes, uniforms: np.ndarray) -> tuple:
+  """What the new path decodes for this crop: (frame, box, DCT scale, original rows)."""
+  frame = imagenet.jpeg_frame(jpeg)
+  box = imagenet.crop_box(frame.width, frame.height, uniforms)
+  scale = imagenet.dct_scale(box, _OUTPUT)
+  reduced = tuple(v / scale for v in box)
+  rows = imagenet.resize_rows(-(-frame.width // scale), -(-frame.height // scale), reduced,
+                              _OUTPUT) * scale
+  return frame, box, scale, min(rows, frame.height) if frame.one_scan else frame.height
+
+
 def _quality(jpegs: list[bytes], draws: np.ndarray) -> dict:
-  scales, diffs = [], []
+  scales, rows, diffs = [], [], []
   for jpeg, uniforms in zip(jpegs, draws):
-    width, height = imagenet.open_image(jpeg).size
-    scales.append(imagenet.dct_scale(imagenet.crop_box(width, height, uniforms), _OUTPUT))
-    if scales[-1] > 1:
-      new, old = (imagenet.random_resized_crop(imagenet.open_image(jpeg), uniforms, _OUTPUT,
-                                               reduced_decode=r).astype(np.int16)
-                  for r in (True, False))
+    frame, _, scale, decoded_rows = _decode_plan(jpeg, uniforms)
+    scales.append(scale)
+    rows.append(decoded_rows / frame.height)
+    if scale > 1:
+      new, old = (imagenet.random_resized_crop(jpeg, uniforms, _OUTPUT, decode_less=d).astype(
+          np.int16) for d in (True, False))
       diffs.append(float(np.abs(new - old).mean()))
   counts = np.bincount(scales, minlength=9)
   return {"crops": len(jpegs), "decoded_at": {f"1/{s}": int(counts[s]) for s in (1, 2, 4, 8)},
+          "mean_fraction_of_rows_decoded": round(float(np.mean(rows)), 3),
           "reduced_mean_abs_diff": {"mean": round(float(np.mean(diffs)), 2) if diffs else None,
                                     "max": round(max(diffs), 2) if diffs else None}}
 
 
 def _profile(jpegs: list[bytes], draws: np.ndarray, old_source, new_source, args) -> dict:
-  """CPU ms per image of each stage, the new path's stages on the same JPEGs and draws."""
+  """CPU ms per image of each stage, old (Pillow: open, decode whole) and new (jpeg_frame,
+  decode_rows) on the same JPEGs and draws."""
   count, rounds = len(jpegs), args.rounds
-  opened = [imagenet.open_image(j) for j in jpegs]
-  boxes = [imagenet.crop_box(*im.size, d) for im, d in zip(opened, draws)]
+  plans = [_decode_plan(j, d) for j, d in zip(jpegs, draws)]
   full = [imagenet.decode(j) for j in jpegs]
   for image in full:
     image.load()
-  crops = [im.resize((_OUTPUT, _OUTPUT), Image.Resampling.BILINEAR, box=b)
-           for im, b in zip(full, boxes)]
+  crops = [im.resize((_OUTPUT, _OUTPUT), Image.Resampling.BILINEAR, box=plan[1])
+           for im, plan in zip(full, plans)]
 
   def decode_at(scale: int) -> float:
     def decode(i: int) -> None:
-      image = imagenet.open_image(jpegs[i])
-      image.draft("RGB", (image.size[0] // scale, image.size[1] // scale))
-      image.load()
+      frame = plans[i][0]
+      imagenet.decode_rows(jpegs[i], frame, frame.height, scale)
     return round(_cpu_ms(decode, count, rounds), 3)
 
   batch = np.empty((args.batch, _OUTPUT, _OUTPUT, 3), np.uint8)
@@ -240,24 +260,30 @@ def _profile(jpegs: list[bytes], draws: np.ndarray, old_source, new_source, args
     return _cpu_ms(lambda k: records.read_many(source, ids[k * args.batch:(k + 1) * args.batch]),
                    4, rounds) / args.batch
 
+  def ms(fn) -> float:
+    return round(_cpu_ms(fn, count, rounds), 3)
+
   return {
       "stream_imagenet_size": round(stream_ms(_IMAGENET_EXAMPLES), 3),
       "stream_over_256_examples": round(stream_ms(256), 3),
       "read_record_batched": round(read_ms(old_source), 3),
       "read_record_single": round(read_ms(new_source), 3),
-      "open_header": round(_cpu_ms(lambda i: imagenet.open_image(jpegs[i]), count, rounds), 3),
-      "decode_full": round(_cpu_ms(lambda i: imagenet.open_image(jpegs[i]).load(), count,
-                                   rounds), 3),
+      "old_open_header": ms(lambda i: imagenet.open_image(jpegs[i])),
+      "new_jpeg_frame": ms(lambda i: imagenet.jpeg_frame(jpegs[i])),
+      "old_decode_whole": ms(lambda i: imagenet.open_image(jpegs[i]).load()),
+      "new_decode_rows": ms(lambda i: imagenet.decode_rows(jpegs[i], plans[i][0], plans[i][3],
+                                                            plans[i][2])),
       # At 1/8 scale the IDCT, upsampling and colour conversion nearly vanish: what is left is
       # the entropy decoding of the whole file, which no DCT scale avoids.
-      "decode_half_scale": decode_at(2),
-      "decode_eighth_scale": decode_at(8),
-      "resize_full_decode": round(_cpu_ms(lambda i: full[i].resize(
-          (_OUTPUT, _OUTPUT), Image.Resampling.BILINEAR, box=boxes[i]), count, rounds), 3),
-      "flip_transpose": round(_cpu_ms(lambda i: crops[i].transpose(
-          Image.Transpose.FLIP_LEFT_RIGHT), count, rounds), 3),
-      "to_numpy_into_batch": round(_cpu_ms(lambda i: batch.__setitem__(
-          i % args.batch, np.asarray(crops[i])), count, rounds), 3),
+      "decode_whole_half_scale": decode_at(2),
+      "decode_whole_eighth_scale": decode_at(8),
+      "resize_full_decode": ms(lambda i: full[i].resize(
+          (_OUTPUT, _OUTPUT), Image.Resampling.BILINEAR, box=plans[i][1])),
+      "flip_transpose": ms(lambda i: crops[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+      "to_numpy_into_batch": ms(lambda i: batch.__setitem__(i % args.batch, np.asarray(crops[i]))),
+      # Mirroring as numpy's reversed view copied into the batch instead costs about 8x Pillow's.
+      "numpy_flip_into_batch": ms(lambda i: batch.__setitem__(
+          i % args.batch, np.asarray(crops[i])[:, ::-1])),
   }
 
 
@@ -274,12 +300,14 @@ def main() -> None:
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
-    with mock.patch.object(synthetic_data, "synthetic_jpeg", photo_jpeg):
+    # TFDS reports on stdout, which holds nothing but the JSON object.
+    with mock.patch.object(synthetic_data, "synthetic_jpeg", photo_jpeg), \
+        contextlib.redirect_stdout(sys.stderr):
       synthetic_data.write_imagenet(tmp, splits={"train": args.images}, sizes=_SIZES)
+      new_records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp)
+      old_records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp,
+                                          batched_reads=True)
     write_s = time.perf_counter() - start
-    new_records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp)
-    old_records = imagenet.jpeg_records("imagenet2012", "train", data_dir=tmp,
-                                        batched_reads=True)
     positions = np.arange(_IMAGENET_EXAMPLES) % args.images
     new_source = records.SubsetRecords(new_records, positions)
     old_source = records.SubsetRecords(old_records, positions)
@@ -307,6 +335,7 @@ def main() -> None:
   headline = next((r for r in rows if r["workers"] == args.headline_workers), rows[-1])
   results = {"old_images_per_sec_per_core": headline["old"]["images_per_sec_per_core"],
              "new_images_per_sec_per_core": headline["new"]["images_per_sec_per_core"],
+             "new_over_old_per_core": headline["new_over_old_per_core"],
              "headline_workers": headline["workers"],
              "per_core": "images per CPU-second of this process and its workers (images/s / "
                          "cores used), median over rounds"} | results

@@ -145,10 +145,30 @@ def test_random_resized_crop_geometry():
   assert abs(centre[..., 0].mean() - 99.5) < 2
 
 
-def _jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
+def _jpeg(pixels: np.ndarray | Image.Image, quality: int = 95, **options) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+  image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+  image.save(buffer, format="JPEG", quality=quality, **options)
   return buffer.getvalue()
+
+
+def _photo(rng, width: int, height: int, mode: str = "RGB", **options) -> bytes:
+  """A photo-like JPEG (synthetic_data's texture) of the given mode and Pillow save options."""
+  image = Image.open(io.BytesIO(synthetic_data.synthetic_jpeg(rng, width, height)))
+  return _jpeg(image.convert(mode), quality=90, **options)
+
+
+def _jpeg_kinds(rng) -> dict[str, bytes]:
+  """JPEGs of the kinds the decoder meets: chroma subsamplings, greyscale, progressive, restart
+  markers, odd sizes, a portrait that Pillow resizes vertically first, and CMYK (opened by
+  Pillow)."""
+  return {
+      "4:2:0": _photo(rng, 321, 243), "4:4:4": _photo(rng, 240, 320, subsampling=0),
+      "4:2:2": _photo(rng, 250, 190, subsampling=1), "grey": _photo(rng, 300, 225, "L"),
+      "progressive": _photo(rng, 320, 240, progressive=True),
+      "restarts": _photo(rng, 270, 200, restart_marker_rows=2),
+      "portrait": _photo(rng, 130, 330), "cmyk": _photo(rng, 200, 150, "CMYK"),
+  }
 
 
 def _centroid(image) -> np.ndarray:
@@ -159,23 +179,76 @@ def _centroid(image) -> np.ndarray:
   return np.array([(xs * grey).sum(), (ys * grey).sum()]) / grey.sum()
 
 
+def test_jpeg_frame_reads_the_header_and_leaves_other_images_to_pillow():
+  kinds = _jpeg_kinds(np.random.default_rng(0))
+  for name, jpeg in kinds.items():
+    frame = imagenet.jpeg_frame(jpeg)
+    if name == "cmyk":
+      assert frame is None
+      continue
+    assert (frame.width, frame.height) == imagenet.open_image(jpeg).size, name
+    assert jpeg[frame.height_offset:frame.height_offset + 2] == frame.height.to_bytes(2, "big")
+    assert frame.one_scan == (name != "progressive"), name
+  png = io.BytesIO()
+  Image.new("RGB", (8, 8)).save(png, format="PNG")
+  for other in (png.getvalue(), kinds["4:2:0"][:40], b"", b"\xff\xd8\xff"):
+    assert imagenet.jpeg_frame(other) is None
+
+
+def test_resize_rows_give_the_pixels_of_the_whole_image():
+  # Pillow's resize of a box from the image's first resize_rows rows alone equals the one from
+  # the whole image, for boxes and images of every shape (incl. the vertical-first ones).
+  rng = np.random.default_rng(4)
+  pixels = rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)
+  cut = 0
+  for _ in range(300):
+    width, height = (int(v) for v in rng.integers(20, 400, 2))
+    size = int(rng.choice([16, 32, 112, 224]))
+    w, h = int(rng.integers(1, width + 1)), int(rng.integers(1, height + 1))
+    x0, y0 = rng.random(2) * (width - w, height - h)
+    box = (x0, y0, x0 + w, y0 + h)
+    rows = imagenet.resize_rows(width, height, box, size)
+    image = Image.fromarray(pixels[:height, :width])
+    np.testing.assert_array_equal(
+        np.asarray(image.crop((0, 0, width, rows)).resize((size, size), box=box,
+                                                          resample=Image.Resampling.BILINEAR)),
+        np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box)))
+    cut += rows < height
+  assert cut > 150
+
+
+def test_decode_rows_gives_the_rows_of_a_full_decode():
+  for name, jpeg in _jpeg_kinds(np.random.default_rng(1)).items():
+    frame = imagenet.jpeg_frame(jpeg)
+    if frame is None:
+      continue
+    full = np.asarray(imagenet.decode(jpeg))
+    for rows in (1, 17, 100, frame.height - 1):
+      top = np.asarray(imagenet.decode_rows(jpeg, frame, rows))
+      assert top.shape == (rows if frame.one_scan else frame.height, frame.width, 3), name
+      np.testing.assert_array_equal(top[:rows - 1], full[:rows - 1], err_msg=name)
+
+
 def test_reduced_decodes_map_the_box_onto_the_same_region_of_the_original():
   # A bright rectangle on black, in a JPEG whose sides are not multiples of 8.
   pixels = np.zeros((389, 517, 3), np.uint8)
   pixels[101:190, 203:330] = (255, 200, 180)
   jpeg = _jpeg(pixels)
-  full = imagenet.decode(jpeg)
+  full, frame = imagenet.decode(jpeg), imagenet.jpeg_frame(jpeg)
   box = (150, 60, 470, 380)  # 320 x 320, holding the rectangle
   for size, scale in ((200, 1), (160, 2), (80, 4), (40, 8)):
     assert imagenet.dct_scale(box, size) == scale
-    image, mapped = imagenet.decode_for_box(imagenet.open_image(jpeg), box, size)
-    assert image.mode == "RGB" and image.size == (-(-517 // scale), -(-389 // scale))
+    image = imagenet.decode_rows(jpeg, frame, frame.height, scale)
+    assert image.size == (-(-517 // scale), -(-389 // scale))
+    # Pillow's draft (decode_for_box, for Pillow images) decodes the same pixels, same box.
+    drafted, mapped = imagenet.decode_for_box(imagenet.open_image(jpeg), box, size)
+    np.testing.assert_array_equal(np.asarray(drafted), np.asarray(image))
     assert mapped == tuple(v / scale for v in box)
     # Pixel j of a 1/s decode covers original pixels [j*s, (j+1)*s): the rectangle is where it
     # is in the full decode, to a tenth of an original pixel.
     np.testing.assert_allclose(_centroid(image) * scale, _centroid(full), atol=0.1)
     # So the crops show it at the same place: within one original pixel (size / 320 of theirs).
-    crop = image.resize((size, size), Image.Resampling.BILINEAR, box=mapped)
+    crop = imagenet.resized_crop(jpeg, lambda w, h: box, size)
     full_crop = full.resize((size, size), Image.Resampling.BILINEAR, box=box)
     np.testing.assert_allclose(_centroid(crop), _centroid(full_crop), atol=size / 320)
   # Decoded already, not a JPEG, or reduced_decode=False: full size, the box unchanged.
@@ -188,39 +261,41 @@ def test_reduced_decodes_map_the_box_onto_the_same_region_of_the_original():
 
 
 def test_crops_equal_full_decodes_unless_reduced_and_stay_close_when_reduced():
+  # decode_less (the default) against Pillow's whole decode (the pipeline before), on every kind
+  # of JPEG: the same pixels unless dct_scale reduces the decode, close to them where it does.
   rng = np.random.default_rng(3)
-  jpeg = synthetic_data.synthetic_jpeg(rng, 320, 240)
-  scales = []
-  # At 112 most crops are too small for a reduced decode, at 32 all are (1/2 or 1/4).
-  for size in (112, 32):
-    for _ in range(30):
-      uniforms = rng.random(imagenet.DRAWS_PER_EXAMPLE)
-      scale = imagenet.dct_scale(imagenet.crop_box(320, 240, uniforms), size)
-      new = imagenet.random_resized_crop(imagenet.open_image(jpeg), uniforms, size)
-      old = imagenet.random_resized_crop(imagenet.open_image(jpeg), uniforms, size,
-                                         reduced_decode=False)
+  scales, cut = [], 0
+  for name, jpeg in _jpeg_kinds(rng).items():
+    width, height = imagenet.open_image(jpeg).size
+    # At 112 most crops are too small for a reduced decode, at 32 all are (1/2 or 1/4).
+    for size in (112, 32):
+      for _ in range(12):
+        uniforms = rng.random(imagenet.DRAWS_PER_EXAMPLE)
+        box = imagenet.crop_box(width, height, uniforms)
+        scale = imagenet.dct_scale(box, size)
+        new = imagenet.random_resized_crop(jpeg, uniforms, size)
+        old = imagenet.random_resized_crop(jpeg, uniforms, size, decode_less=False)
+        if scale == 1:
+          np.testing.assert_array_equal(new, old, err_msg=f"{name} {box} -> {size}")
+          cut += imagenet.resize_rows(width, height, box, size) < height
+        else:
+          assert np.abs(new.astype(np.int16) - old).mean() < _REDUCED_TOLERANCE, name
+        scales.append(scale)
+      # Eval's centre square, likewise.
+      scale = imagenet.dct_scale(imagenet.center_box(width, height), size)
+      new = imagenet.center_crop(jpeg, size)
+      old = imagenet.center_crop(jpeg, size, decode_less=False)
       if scale == 1:
-        np.testing.assert_array_equal(new, old)
+        np.testing.assert_array_equal(new, old, err_msg=name)
       else:
-        assert np.abs(new.astype(np.int16) - old).mean() < _REDUCED_TOLERANCE
-      scales.append(scale)
-  assert {1, 2, 4} <= set(scales)
-  # reduced_decode=False is the full decode resized (and flipped) as before.
-  uniforms = np.full(imagenet.DRAWS_PER_EXAMPLE, 0.7)
+        assert np.abs(new.astype(np.int16) - old).mean() < _REDUCED_TOLERANCE, name
+  assert {1, 2, 4} <= set(scales) and cut > 40
+  # decode_less=False is Pillow's full decode resized (and flipped) as before.
+  jpeg, uniforms = _jpeg_kinds(rng)["4:2:0"], np.full(imagenet.DRAWS_PER_EXAMPLE, 0.7)
   full = imagenet.decode(jpeg).resize((32, 32), Image.Resampling.BILINEAR,
-                                      box=imagenet.crop_box(320, 240, uniforms))
+                                      box=imagenet.crop_box(321, 243, uniforms))
   np.testing.assert_array_equal(
-      imagenet.random_resized_crop(imagenet.open_image(jpeg), uniforms, 32,
-                                   reduced_decode=False), full)
-  # Eval's centre square (side 210 here): full decode at 112, 1/2 at 64, 1/4 at 32.
-  for size, scale in ((112, 1), (64, 2), (32, 4)):
-    assert imagenet.dct_scale(imagenet.center_box(320, 240), size) == scale
-    new = imagenet.center_crop(imagenet.open_image(jpeg), size)
-    old = imagenet.center_crop(imagenet.open_image(jpeg), size, reduced_decode=False)
-    if scale == 1:
-      np.testing.assert_array_equal(new, old)
-    else:
-      assert np.abs(new.astype(np.int16) - old).mean() < _REDUCED_TOLERANCE
+      imagenet.random_resized_crop(jpeg, uniforms, 32, decode_less=False), full)
 
 
 def test_undecodable_records_are_named():
@@ -246,9 +321,10 @@ def test_train_images_are_the_crops_of_the_stream_draws(train_records):
     element = stream[k]
     np.testing.assert_array_equal(batch["index"], element["id"])  # index = record position
     for image, i, uniforms in zip(batch["image"], element["id"], element["uniforms"]):
-      opened = imagenet.open_image(train_records[int(i)]["image"])
-      scales.add(imagenet.dct_scale(imagenet.crop_box(*opened.size, uniforms), 32))
-      np.testing.assert_array_equal(image, imagenet.random_resized_crop(opened, uniforms, 32))
+      jpeg = train_records[int(i)]["image"]
+      scales.add(imagenet.dct_scale(imagenet.crop_box(*imagenet.open_image(jpeg).size,
+                                                      uniforms), 32))
+      np.testing.assert_array_equal(image, imagenet.random_resized_crop(jpeg, uniforms, 32))
   assert scales == {1, 2}
 
 
@@ -287,6 +363,10 @@ def test_processes_split_each_global_batch_and_resume_from_state(train_records):
   with pytest.raises(ConfigError, match="image_size=32 -> 64"):
     imagenet.train_iterator(train_records, labels=np.zeros(48), global_batch_size=8, seed=7,
                             num_steps=10, image_size=64, start_state=state)
+  # Reduced-scale crops differ with decode_less: a state does not move between the two.
+  with pytest.raises(ConfigError, match="decode_less=True -> False"):
+    imagenet.train_iterator(train_records, labels=np.zeros(48), global_batch_size=8, seed=7,
+                            num_steps=10, image_size=32, decode_less=False, start_state=state)
 
 
 def test_worker_processes_give_the_same_batches(train_records):
@@ -310,7 +390,7 @@ def test_eval_batches_are_padded_masked_and_cover_each_example_once(data_dir):
       assert not batch["image"][~batch["mask"]].any()
       seen.extend(batch["index"][batch["mask"]].tolist())
       for image, index in zip(batch["image"][batch["mask"]], batch["index"][batch["mask"]]):
-        expected = imagenet.center_crop(imagenet.decode(records[int(index)]["image"]), 32)
+        expected = imagenet.center_crop(records[int(index)]["image"], 32)
         np.testing.assert_array_equal(image, expected)
   assert sorted(seen) == list(range(20))
 

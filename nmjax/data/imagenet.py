@@ -8,19 +8,20 @@ label: ClassLabel, prepared as array_record) read with the image left encoded
     resized to image_size x image_size, then a random horizontal flip;
   * eval (`eval_batches`): the central square of side 0.875 * min(H, W) resized to image_size
     (at 224 this is the usual resize-to-256 + centre-crop-224, done in one resampling).
-Resampling is bilinear with Pillow's antialiasing. The crop box is drawn from the image's size
-(read from the JPEG header) before anything is decoded, and the JPEG is then decoded at the
-smallest DCT scale (libjpeg's 1/2, 1/4 or 1/8, Pillow's `draft`) at which the box still spans at
-least image_size pixels each way (`dct_scale`), so the resize never enlarges what a full decode
-would have shrunk. The box is mapped into the reduced image exactly (pixel j of a 1/s decode
-covers original pixels [j*s, (j+1)*s), so the box becomes box / s, a float box the resize takes
-as it is) and covers the same region of the original. Crops too small for a reduced decode give
-exactly the pixels of a full decode; reduced ones differ from them by resampling only, within
-the tolerance tests/test_imagenet.py checks. reduced_decode=False decodes every JPEG at full size
-(the previous pipeline, kept for comparison: benchmarks/input.py). At ImageNet's common sizes
-(about 500x375) few crops allow a reduced decode (1/2 needs a box of at least 2 * image_size
-pixels each way); it pays on larger JPEGs (about 1.3x the speed at 1024x768 and 800x600), and
-the entropy decoding of the whole file, which no scale avoids, stays most of a decode's cost.
+Resampling is bilinear with Pillow's antialiasing. The crop box is drawn from the image's size,
+read from the JPEG's frame header (`jpeg_frame`), before anything is decoded; then only what
+the crop needs is decoded (`resized_crop`):
+  * the rows: libjpeg is told the image ends just below the rows the resize reads
+    (`resize_rows`, `decode_rows`) and leaves the rest of the file undecoded, which gives the
+    same pixels as a full decode (about 86% of the rows on average at 224);
+  * the scale: where the box spans at least 2, 4 or 8 x image_size pixels each way, the JPEG is
+    decoded at libjpeg's DCT scale 1/2, 1/4 or 1/8 (`dct_scale`) and the box mapped into the
+    reduced image exactly (pixel j of a 1/s decode covers original pixels [j*s, (j+1)*s), so
+    the box becomes box / s), covering the same region of the original; these crops differ
+    from full-decode ones by resampling only, within the tolerance tests/test_imagenet.py
+    checks. At ImageNet's common sizes (about 500x375) almost no crop allows it.
+decode_less=False opens and decodes every JPEG whole with Pillow (the pipeline before, the
+reference of tests/test_imagenet.py and benchmarks/input.py).
 
 The stream is nmjax.data.pipeline's train_stream: a pure function of the seed whatever the
 process and worker counts (every random draw is keyed by the stream position). The iterator
@@ -36,7 +37,7 @@ import io
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -56,27 +57,38 @@ _ASPECT_RANGE = (3 / 4, 4 / 3)
 _EVAL_CROP_FRACTION = 0.875
 # The reductions of each side libjpeg decodes at through Pillow's draft, largest first.
 _DCT_SCALES = (8, 4, 2)
+# Frame (SOF) markers: Huffman-coded baseline, extended sequential and progressive, which
+# decode_rows takes; lossless, hierarchical and arithmetic-coded ones, which Pillow opens.
+_HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
+_OTHER_FRAMES = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+# Rows decoded past those a resize reads: the last row of a cut decode differs from a full one.
+_CUT_MARGIN = 2
 _MANUAL_DOWNLOAD = ("download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
                     "image-net.org")
 
 
 class _SingleReads(Sequence):
-  """A TFDS data source read one record at a time.
+  """A TFDS data source of tf.train.Examples read one record at a time: {"image", "label"}.
 
   Without `__getitems__`, records.read_many reads record by record: array_record's batched read
   (a thread pool per call) cost 1.6-5x (typically 2.5x) the CPU per record of single reads on a
   2-core host (benchmarks/input.py, "profile"), and the pipeline's workers already read in
-  parallel.
+  parallel. Each record is parsed with TFDS's own Example proto and only the encoded image and
+  the label are taken out of it, which halves the CPU per record of TFDS's generic parser
+  (about 0.16 -> 0.08 ms); the records are those TFDS reads (tests/test_imagenet.py).
   """
 
-  def __init__(self, data_source: Sequence[Any]):
-    self._data_source = data_source
+  def __init__(self, data_source: Any):
+    self._serialized = data_source.data_source  # the array_record source under TFDS's
 
   def __len__(self) -> int:
-    return len(self._data_source)
+    return len(self._serialized)
 
-  def __getitem__(self, i: int) -> Any:
-    return self._data_source[i]
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    feature = tf_example_pb2.Example.FromString(self._serialized[i]).features.feature
+    return {"image": feature["image"].bytes_list.value[0],
+            "label": feature["label"].int64_list.value[0]}
 
 
 def jpeg_records(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
@@ -168,9 +180,81 @@ def dct_scale(box: Box, size: int) -> int:
   return next((s for s in _DCT_SCALES if side >= s * size), 1)
 
 
+class JpegFrame(NamedTuple):
+  """What jpeg_frame reads from a JPEG's markers before its first scan."""
+  width: int
+  height: int
+  height_offset: int  # byte offset of the 16-bit image height in the data
+  one_scan: bool  # sequential with all components in one scan: its rows come in order
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+  """The frame of a Huffman-coded (baseline, extended or progressive) greyscale or colour JPEG;
+  None for anything else (CMYK, lossless, arithmetic-coded, not a JPEG), which Pillow opens."""
+  if data[:2] != b"\xff\xd8":
+    return None
+  pos, frame = 2, None
+  while pos + 10 <= len(data) and data[pos] == 0xFF:
+    marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+    if marker == 0xFF:  # a fill byte before the marker
+      pos += 1
+      continue
+    if marker in _HUFFMAN_FRAMES:
+      if data[pos + 4] != 8:  # 12-bit samples: Pillow's libjpeg decodes 8-bit only
+        return None
+      height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(
+          data[pos + 7:pos + 9], "big")
+      frame = (width, height, pos + 5, marker != 0xC2, data[pos + 9])
+    elif marker in _OTHER_FRAMES or marker < 0xC0 or 0xD0 <= marker <= 0xD9:
+      return None  # another coding, or a marker without a length before the first scan
+    elif marker == 0xDA:  # the first scan: frame known, or not a JPEG this path decodes
+      if frame is None or frame[1] == 0 or frame[4] not in (1, 3):
+        return None
+      width, height, offset, sequential, components = frame
+      return JpegFrame(width, height, offset, sequential and data[pos + 4] == components)
+    pos += 2 + length
+  return None
+
+
+def resize_rows(width: int, height: int, box: Box, size: int) -> int:
+  """How many of a width x height image's first rows Pillow's bilinear resize of `box` to
+  size x size needs: the resize of that many rows alone gives the same pixels.
+
+  The filter reaches `support` rows (the vertical shrink factor, at least 1) past the box. Pillow
+  13 resizes vertically first where the height shrinks by more than twice what the width does
+  (measured: height - size > 2 * max(width - size, 0)); the rows kept keep that order, which
+  changes the rounding. _CUT_MARGIN covers the last row of a cut decode (see decode_rows).
+  """
+  support = max((box[3] - box[1]) / size, 1.0)
+  rows = math.ceil(box[3] + support) + _CUT_MARGIN
+  vertical_first_above = size + 2 * max(width - size, 0)
+  if height > vertical_first_above:
+    rows = max(rows, vertical_first_above + 1)
+  return min(rows, height)
+
+
+def decode_rows(data: bytes, frame: JpegFrame, rows: int, scale: int = 1) -> Image.Image:
+  """The JPEG decoded to RGB at 1/scale (1, 2, 4 or 8: libjpeg's DCT scaling) from its top down
+  to original row `rows` (all rows unless frame.one_scan).
+
+  The frame header is given `rows` as the image height, so libjpeg stops there and skips the
+  rest of the file: the rows are those of a full decode but for the last one (chroma upsampling
+  replicates the last chroma row at an image's bottom edge).
+  """
+  if rows < frame.height and frame.one_scan:
+    offset = frame.height_offset
+    data = b"".join((data[:offset], rows.to_bytes(2, "big"), data[offset + 2:]))
+  else:
+    rows = frame.height
+  # libjpeg's 1/s decode is ceil(width / s) x ceil(height / s) pixels.
+  shape = (-(-frame.width // scale), -(-rows // scale))
+  return Image.frombytes("RGB", shape, data, "jpeg", "RGB", "", scale, 0)
+
+
 def decode_for_box(image: Image.Image, box: Box, size: int, *,
                    reduced_decode: bool = True) -> tuple[Image.Image, Box]:
-  """`image` decoded to RGB for resizing `box` to size x size, and the box in its coordinates.
+  """`image` (Pillow) decoded to RGB for resizing `box` to size x size, and the box in its
+  coordinates.
 
   A JPEG opened but not yet decoded (open_image) is decoded at scale 1/dct_scale(box, size)
   when reduced_decode; the scale is read back from Pillow's draft (it can only pick 1/8, 1/4,
@@ -187,44 +271,58 @@ def decode_for_box(image: Image.Image, box: Box, size: int, *,
   return (image if image.mode == "RGB" else image.convert("RGB")), box
 
 
-def random_resized_crop(image: Image.Image, uniforms: np.ndarray, size: int, *,
-                        min_area: float = _MIN_AREA, flip: bool = True,
-                        reduced_decode: bool = True) -> np.ndarray:
-  """Inception-style crop of `image` resized to (size, size, 3) uint8, maybe mirrored.
+def resized_crop(image: Image.Image | bytes, box_of: Callable[[int, int], Box], size: int, *,
+                 decode_less: bool = True) -> Image.Image:
+  """box_of(width, height) of `image` resized to size x size (bilinear, antialiased), RGB.
 
-  The box is crop_box(image size, uniforms, min_area); the last value of uniforms mirrors the
-  result when flip and it is < 0.5. An image opened but not decoded (open_image, or decode of an
-  RGB JPEG) is decoded at a reduced scale where the box allows (decode_for_box).
+  JPEG bytes (jpeg_frame) with decode_less are decoded down to the rows the resize reads
+  (resize_rows) at scale 1/dct_scale(box, size), the box divided by that scale; other bytes are
+  opened with Pillow and decoded as a Pillow image is, by decode_for_box.
   """
-  box = crop_box(*image.size, uniforms, min_area=min_area)
-  decoded, box = decode_for_box(image, box, size, reduced_decode=reduced_decode)
-  out = decoded.resize((size, size), Image.Resampling.BILINEAR, box=box)
-  if flip and uniforms[-1] < 0.5:
+  frame = jpeg_frame(image) if decode_less and isinstance(image, bytes) else None
+  if frame is None:
+    opened = open_image(image) if isinstance(image, bytes) else image
+    decoded, box = decode_for_box(opened, box_of(*opened.size), size, reduced_decode=decode_less)
+    return decoded.resize((size, size), Image.Resampling.BILINEAR, box=box)
+  box = box_of(frame.width, frame.height)
+  scale = dct_scale(box, size)
+  box = tuple(v / scale for v in box)
+  rows = resize_rows(-(-frame.width // scale), -(-frame.height // scale), box, size) * scale
+  return decode_rows(image, frame, rows, scale).resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def random_resized_crop(image: Image.Image | bytes, uniforms: np.ndarray, size: int, *,
+                        min_area: float = _MIN_AREA, flip: bool = True,
+                        decode_less: bool = True) -> np.ndarray:
+  """Inception-style crop of `image` (Pillow, or encoded) resized to (size, size, 3) uint8 as
+  resized_crop does: box crop_box(image size, uniforms, min_area), mirrored when flip and the
+  last uniform is < 0.5."""
+  out = resized_crop(image, functools.partial(crop_box, uniforms=uniforms, min_area=min_area),
+                     size, decode_less=decode_less)
+  if flip and uniforms[-1] < 0.5:  # Pillow's mirror costs 1/8 of numpy's reversed-view copy
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(out)
 
 
-def center_crop(image: Image.Image, size: int, *, reduced_decode: bool = True) -> np.ndarray:
-  """The central square of side 0.875 * min(H, W), resized to (size, size, 3) uint8 (decoded
-  at a reduced scale where the square allows, as random_resized_crop)."""
-  decoded, box = decode_for_box(image, center_box(*image.size), size,
-                                reduced_decode=reduced_decode)
-  return np.asarray(decoded.resize((size, size), Image.Resampling.BILINEAR, box=box))
+def center_crop(image: Image.Image | bytes, size: int, *, decode_less: bool = True) -> np.ndarray:
+  """The central square of side 0.875 * min(H, W), resized to (size, size, 3) uint8 (decoded as
+  resized_crop does)."""
+  return np.asarray(resized_crop(image, center_box, size, decode_less=decode_less))
 
 
 def _crop_or_fail(example: Mapping[str, Any],
-                  crop: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
-  """crop(the example's opened image), naming the record if its image cannot be decoded."""
+                  crop: Callable[[bytes], np.ndarray]) -> np.ndarray:
+  """crop(the example's encoded image), naming the record if its image cannot be decoded."""
   try:
-    return crop(open_image(example["image"]))
+    return crop(example["image"])
   except (OSError, ValueError) as e:
     raise DataError(f"record {int(example['index'])} holds an image that cannot be decoded "
                     f"({e}); fix: re-prepare the dataset with tfds build") from None
 
 
 def _center_crop_example(example: Mapping[str, Any], image_size: int,
-                         reduced_decode: bool) -> dict[str, Any]:
-  crop = functools.partial(center_crop, size=image_size, reduced_decode=reduced_decode)
+                         decode_less: bool) -> dict[str, Any]:
+  crop = functools.partial(center_crop, size=image_size, decode_less=decode_less)
   return {"image": _crop_or_fail(example, crop), "label": example["label"],
           "index": example["index"]}
 
@@ -237,13 +335,13 @@ def _check_image_size(image_size: int) -> None:
 
 def _train_batch(batch: Batch, *, source_records: Sequence[Mapping[str, Any]],
                  labels: np.ndarray, image_size: int, min_area: float, flip: bool,
-                 reduced_decode: bool) -> Batch:
+                 decode_less: bool) -> Batch:
   """One host batch of the stream ({"id", "uniforms"}) read, decoded and cropped."""
   examples = records.read_many(source_records, batch["id"])
   images = np.empty((len(examples), image_size, image_size, 3), dtype=np.uint8)
   for i, (example, uniforms) in enumerate(zip(examples, batch["uniforms"])):
     crop = functools.partial(random_resized_crop, uniforms=uniforms, size=image_size,
-                             min_area=min_area, flip=flip, reduced_decode=reduced_decode)
+                             min_area=min_area, flip=flip, decode_less=decode_less)
     images[i] = _crop_or_fail(example, crop)
   index = np.fromiter((e["index"] for e in examples), np.int64, len(examples))
   return {
@@ -269,7 +367,7 @@ def train_iterator(
     flip: bool = True,
     num_workers: int = 0,
     num_threads: int = 1,
-    reduced_decode: bool = True,
+    decode_less: bool = True,
     start_state: dict[str, Any] | None = None,
 ) -> pipeline.TrainIterator:
   """Host-local training batches of random-resized crops (see the module docstring).
@@ -285,10 +383,11 @@ def train_iterator(
     num_workers: grain worker processes that read, decode and augment whole batches (0: in this
       process); the batches do not depend on it.
     num_threads: prefetch threads per worker (or in this process when num_workers is 0).
-    reduced_decode: decode JPEGs at a reduced DCT scale where the crop allows (module
-      docstring); False decodes every one at full size. It changes only the resampling of the
-      crops large enough for it, not which examples, crops and flips a batch holds, so (like
-      the Pillow version) it is not part of the state's fingerprint.
+    decode_less: decode each JPEG only down to the rows its crop needs, at a reduced DCT scale
+      where the crop allows (resized_crop); False opens and decodes every one whole with Pillow
+      (the pipeline before, kept as the reference). Which examples, crops and flips a batch
+      holds do not depend on it, but the pixels of reduced-scale crops do, so it is part of the
+      state's fingerprint.
 
   Yields dicts: image uint8 (b, image_size, image_size, 3), label int32 (from `labels`),
   clean_label int32, index int32, with b = global_batch_size // process_count.
@@ -304,13 +403,13 @@ def train_iterator(
       process_count=process_count, draws_per_example=DRAWS_PER_EXAMPLE, draws_after_repeat=True)
   load = functools.partial(_train_batch, source_records=source_records,
                            labels=np.asarray(labels), image_size=image_size, min_area=min_area,
-                           flip=flip, reduced_decode=reduced_decode)
+                           flip=flip, decode_less=decode_less)
   batches = pipeline.WorkerBatches(stream.map(load), num_workers=num_workers,
                                    num_threads=num_threads)
   fingerprint = {
       "pipeline": "imagenet", "seed": int(seed), "global_batch_size": int(global_batch_size),
       "num_examples": int(len(source_records)), "image_size": int(image_size),
-      "min_area": float(min_area), "flip": bool(flip),
+      "min_area": float(min_area), "flip": bool(flip), "decode_less": bool(decode_less),
   }
   return pipeline.TrainIterator(batches, fingerprint, start_state)
 
@@ -323,12 +422,12 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = 1,
-    reduced_decode: bool = True,
+    decode_less: bool = True,
 ) -> Iterator[Batch]:
   """Padded, masked eval batches of centre crops: nmjax.data.pipeline.eval_batches' semantics.
 
   Decoding runs in `num_threads` prefetch threads, each preparing whole batches (Pillow releases
-  the GIL while it decodes and resizes, so threads overlap). reduced_decode: as for
+  the GIL while it decodes and resizes, so threads overlap). decode_less: as for
   train_iterator.
 
   Yields dicts: image uint8 (b, image_size, image_size, 3), label int32 (clean), index int32,
@@ -337,6 +436,6 @@ def eval_batches(
   _check_image_size(image_size)
   crops = records.MappedRecords(
       source_records, functools.partial(_center_crop_example, image_size=image_size,
-                                        reduced_decode=reduced_decode))
+                                        decode_less=decode_less))
   return pipeline.eval_batches(crops, batch_size=batch_size, process_index=process_index,
                                process_count=process_count, num_threads=num_threads)
