@@ -24,7 +24,7 @@ import numpy as np
 
 from nmjax import encoder as encoder_lib
 from nmjax import features as features_lib
-from nmjax import nmtune, parallel, probe, spectral, tasks as tasks_lib
+from nmjax import nmtune, parallel, probe, report, spectral, tasks as tasks_lib
 from nmjax.clip import encode as clip_encode, zeroshot
 from nmjax.config import check_choice, check_range, parse_names
 from nmjax.data import image_text, pipeline
@@ -206,14 +206,16 @@ def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kin
                     num_views: int, seed: int, plain: np.ndarray | None = None
                     ) -> nmtune.OnlineViews | nmtune.CachedViews:
   """The train split as two-view rows: "online" (encoded inside every step) or "cached"
-  (num_views augmented views per image encoded once, kept beside the split's features).
+  (num_views augmented views per image encoded once, kept beside the split's features; never
+  mirrored where the dataset's flip_ok is False).
   plain: the split's plain features, in the same order (a validation split is scored on them)."""
   enc = cache.encoder
   images, labels = _images(cache.records(split))
   if kind == "online":
     return nmtune.OnlineViews(encode=enc.encode, variables=enc.variables, images=images,
                               labels=labels, feature_dim=enc.feature_dim, plain_features=plain)
-  path = cache.path(split, suffix=f"-aug{num_views}-seed{seed}")
+  flip = bool(cache.info(split.dataset).flip_ok)  # Never mirror what a mirror changes (digits).
+  path = cache.path(split, suffix=f"-aug{num_views}-seed{seed}" + ("" if flip else "-noflip"))
   if os.path.exists(path):
     try:
       stored = features_lib.load(path, feature_dim=enc.feature_dim)
@@ -222,7 +224,7 @@ def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kin
     except (DataError, ValueError) as e:
       print(f"[features] ignoring a bad cached views file ({e}); encoding again", flush=True)
   views = nmtune.cache_views(enc.encode, enc.variables, images, labels, num_views=num_views,
-                             seed=seed, batch_size=cache.batch_size)
+                             seed=seed, batch_size=cache.batch_size, flip=flip)
   cache.extracted += 1
   if jax.process_index() == 0:
     features_lib.save(path, views.features.reshape(-1, enc.feature_dim),
@@ -394,7 +396,7 @@ def run(cache: encoder_lib.FeatureCache, request: Request) -> Evaluation:
 
 
 def kind_averages(rows: list[dict[str, Any]], method: str) -> dict[str, float]:
-  """{kind: mean accuracy of `method` over the rows' tasks of that kind (id, ood)}."""
+  """{kind: mean accuracy of `method` over the rows' tasks of that kind (nmjax.tasks.KINDS)}."""
   return {kind: float(np.mean(a)) for kind in tasks_lib.KINDS
           if (a := [r["accuracy"] for r in rows if r["method"] == method and r["kind"] == kind])}
 
@@ -405,6 +407,6 @@ def averages_line(rows: list[dict[str, Any]], methods: list[str]) -> str:
   for kind in tasks_lib.KINDS:
     cells = [(m, kind_averages(rows, m).get(kind)) for m in methods]
     if any(v is not None for _, v in cells):
-      parts.append(f"{kind.upper()} " + " ".join(f"{m} {100 * v:.2f}" for m, v in cells
+      parts.append(f"{report.KIND_LABELS[kind]} " + " ".join(f"{m} {100 * v:.2f}" for m, v in cells
                                                  if v is not None))
   return " | ".join(parts)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from nmjax.report import (KINDS, Sweep, Table, label_axes, mean_std, pyplot, ratio_label,
+from nmjax.report import (KIND_LABELS, Sweep, Table, label_axes, mean_std, pyplot, ratio_label,
                           save_figure)
 
 
@@ -39,21 +39,24 @@ def _noise_axis(sweep: Sweep) -> str:
 
 
 def plot_accuracy(table: Table, path: str, title: str) -> None:
-  """accuracy_vs_noise.png: ID and OOD average accuracy against r, one line per method."""
+  """accuracy_vs_noise.png: each kind's average accuracy against r, one line per method (top),
+  and its change from r = 0 with the paired 95% interval (bottom)."""
   plt = pyplot()
   sweep = table.sweep
   xs = [100 * r for r in sweep.ratios]
-  fig, axes = plt.subplots(2, 2, figsize=(8.0, 6.2), dpi=100, squeeze=False)
-  for column, kind in enumerate(KINDS):
+  kinds = sweep.present_kinds
+  fig, axes = plt.subplots(2, len(kinds), figsize=(4.0 * len(kinds), 6.2), dpi=100,
+                           squeeze=False)
+  for column, kind in enumerate(kinds):
     for method in sweep.methods:
       style = "--" if method.startswith("lp") else "-"
       _errorbar(axes[0, column], xs, [[100 * v for v in table.avg_accuracy(r, method, kind)]
                                       for r in sweep.ratios], label=method, linestyle=style)
       _delta_bars(axes[1, column], table, method, kind, label=method, linestyle=style)
-    label_axes(axes[0, column], title=f"{kind.upper()} average accuracy",
+    label_axes(axes[0, column], title=f"{KIND_LABELS[kind]} average accuracy",
                xlabel=_noise_axis(sweep), ylabel="test accuracy (%)")
     axes[1, column].axhline(0.0, color="grey", linewidth=0.8)
-    label_axes(axes[1, column], title=f"{kind.upper()}: change from r = 0 (95% interval)",
+    label_axes(axes[1, column], title=f"{KIND_LABELS[kind]}: change from r = 0 (95% interval)",
                xlabel=_noise_axis(sweep), ylabel="points",
                legend_fontsize=7 if axes[1, column].containers else None)
   fig.suptitle(title, fontsize=9)

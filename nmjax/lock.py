@@ -88,11 +88,13 @@ def _refusal(folder: str, fd: int) -> InUse:
 
 
 @contextlib.contextmanager
-def hold(folder: str, what: str, *, process_index: int = 0) -> Iterator[Holder | None]:
+def hold(folder: str, what: str, *, process_index: int = 0,
+         wait: bool = False) -> Iterator[Holder | None]:
   """Holds `folder`'s lock for the block (folder must exist); yields this process's Holder.
 
-  Raises InUse at once when another run holds it. On a filesystem without locks a warning is
-  printed and the block runs unlocked (yields None).
+  Raises InUse at once when another run holds it, or with wait=True prints one line naming the
+  holder and waits for it to let go. On a filesystem without locks a warning is printed and the
+  block runs unlocked (yields None).
   """
   path = lock_path(folder, process_index)
   try:
@@ -104,7 +106,10 @@ def hold(folder: str, what: str, *, process_index: int = 0) -> Iterator[Holder |
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise _refusal(folder, fd) from None
+      if not wait:
+        raise _refusal(folder, fd) from None
+      print(f"[lock] {str(_refusal(folder, fd)).split('; wait')[0]}: waiting for it", flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         raise

@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("id", "ood")  # nmjax.tasks.KINDS: in-distribution, out-of-distribution.
+KINDS = ("source", "id", "ood", "far")  # nmjax.tasks.KINDS, in the order tables show them.
+KIND_LABELS = {"source": "Source", "id": "ID", "ood": "OOD", "far": "Far"}
+
+
+def present_kinds(kinds: Any) -> list[str]:
+  """The kinds of KINDS that occur in `kinds` (an iterable of task kinds), in KINDS order."""
+  seen = set(kinds)
+  return [k for k in KINDS if k in seen]
 
 
 @contextlib.contextmanager
@@ -88,10 +95,13 @@ def save_figure(fig: Any, path: str) -> None:
 def format_results(rows: list[dict[str, Any]], methods: list[str], title: str, header: str
                    ) -> str:
   """results.md of an evaluation: averages by kind and method, then one row per task."""
-  lines = [f"# {title}\n\n{header}\n", "| method | ID avg | OOD avg |", "|---|---|---|"]
+  kinds = present_kinds(r["kind"] for r in rows)
+  lines = [f"# {title}\n\n{header}\n",
+           "| method | " + " | ".join(f"{KIND_LABELS[k]} avg" for k in kinds) + " |",
+           "|---|" + "---|" * len(kinds)]
   for method in methods:
     cells = []
-    for kind in KINDS:
+    for kind in kinds:
       accs = [r["accuracy"] for r in rows if r["method"] == method and r["kind"] == kind]
       cells.append(f"{100 * np.mean(accs):.2f}" if accs else "-")
     lines.append(f"| {method} | {' | '.join(cells)} |")
@@ -197,6 +207,10 @@ class Sweep:
   pretrain_field: str = "test_acc"  # the pre-training record's number in the main table
 
   @property
+  def present_kinds(self) -> list[str]:
+    return present_kinds(self.kinds.values())
+
+  @property
   def pretrain_label(self) -> str:
     return {"test_acc": "pretrain test acc",
             "test_i2t_acc": "pretrain i2t acc"}.get(self.pretrain_field, self.pretrain_field)
@@ -268,12 +282,16 @@ def ratio_label(ratio: float) -> str:
 def format_summary(table: Table) -> str:
   """The study's main table: rows r, ID and OOD averages per method (and the spectral metrics)."""
   sweep = table.sweep
-  head = (["r", sweep.pretrain_label] + [f"ID {m}" for m in sweep.methods]
-          + [f"OOD {m}" for m in sweep.methods] + ["SVE (ID)", "LSVR (OOD)"])
+  gap = any("memorization_gap" in r for r in table.records if r["record"] == "pretrain")
+  head = (["r", sweep.pretrain_label] + (["memorization gap"] if gap else [])
+          + [f"{KIND_LABELS[k]} {m}" for k in sweep.present_kinds for m in sweep.methods]
+          + ["SVE (ID)", "LSVR (OOD)"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for ratio in sweep.ratios:
     cells = [ratio_label(ratio), _cell(table.pretrain(ratio, sweep.pretrain_field))]
-    for kind in KINDS:
+    if gap:
+      cells.append(_cell(table.pretrain(ratio, "memorization_gap")))
+    for kind in sweep.present_kinds:
       cells += [_cell(table.avg_accuracy(ratio, m, kind)) for m in sweep.methods]
     cells += [_cell(table.spectral(ratio, "sve", kind="id"), 1, 4),
               _cell(table.spectral(ratio, "lsvr", kind="ood"), 1, 4)]
@@ -296,11 +314,12 @@ def format_deltas(table: Table) -> str:
   ratios = [r for r in sweep.ratios if r > 0]
   if not ratios or 0 not in sweep.ratios:
     return ""
-  head = ["r"] + [f"{kind.upper()} {m}" for kind in KINDS for m in sweep.methods]
+  head = ["r"] + [f"{KIND_LABELS[k]} {m}" for k in sweep.present_kinds for m in sweep.methods]
   lines = ["", "Change from r = 0 (points; mean over seeds [95% paired bootstrap interval]):", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for ratio in ratios:
-    cells = [_delta_cell(table.delta(ratio, m, kind)) for kind in KINDS for m in sweep.methods]
+    cells = [_delta_cell(table.delta(ratio, m, kind)) for kind in sweep.present_kinds
+             for m in sweep.methods]
     lines.append("| " + " | ".join([ratio_label(ratio)] + cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -373,7 +392,7 @@ def write_scalars(table: Table, root: str) -> None:
     for ratio in sweep.ratios:
       step = int(round(1000 * ratio))
       for method in sweep.methods:
-        for kind in KINDS:
+        for kind in sweep.present_kinds:
           for value in one_seed.avg_accuracy(ratio, method, kind):
             writer.add_scalar(f"accuracy/{kind}_avg/{method}", value, step)
       for metric, kind in (("sve", "id"), ("lsvr", "ood")):

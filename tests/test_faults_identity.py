@@ -222,3 +222,29 @@ def test_two_runs_on_one_workdir_one_refused_the_other_equal_to_a_lone_run(check
   assert step == lone_step == 12
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(lone_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_waiting_lock_waits_for_the_holder_then_holds(tmp_path, capsys):
+  """lock.hold(wait=True): one line naming the holder, then the block runs once it let go."""
+  import threading  # pylint: disable=g-import-not-at-top
+  order = []
+  held = threading.Event()
+
+  def holder():
+    with lock.hold(str(tmp_path), "first"):
+      held.set()
+      time.sleep(0.5)
+      order.append("first done")
+
+  thread = threading.Thread(target=holder)
+  thread.start()
+  held.wait()
+  with pytest.raises(lock.InUse):  # Without wait: refused at once.
+    with lock.hold(str(tmp_path), "second"):
+      pass
+  with lock.hold(str(tmp_path), "second", wait=True):
+    order.append("second holds")
+  thread.join()
+  assert order == ["first done", "second holds"]
+  out = capsys.readouterr().out
+  assert out.count("[lock]") == 1 and "first" in out and "waiting for it" in out, out

@@ -517,3 +517,23 @@ def test_random_resized_crop_flip_full_crop_is_the_image():
   assert out.shape == images.shape
   assert np.abs(out[0] - images[0]).max() > 1.0
   assert out.min() >= 0.0 and out.max() <= 255.0 + 1e-3
+
+
+def _pixels(variables, images):
+  del variables
+  return images.reshape(len(images), -1)
+
+
+def test_cached_views_are_never_mirrored_with_flip_off():
+  """A left-to-right ramp stays increasing through every crop; a mirror makes it decrease."""
+  ramp = np.broadcast_to(np.arange(28, dtype=np.uint8)[None, :, None] * 9, (28, 28, 1))
+  images = np.repeat(ramp[None], 16, axis=0)
+  labels = np.zeros(16, np.int64)
+
+  def increasing(flip):
+    views = nmtune.cache_views(_pixels, {}, images, labels, num_views=2, seed=3, batch_size=8,
+                               flip=flip).features.reshape(2 * 16, 28, 28)
+    return views[:, 14, -1] > views[:, 14, 0]
+
+  assert increasing(False).all()
+  assert 0 < increasing(True).sum() < 32  # Some of the 32 views mirrored, some not.

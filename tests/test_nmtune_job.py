@@ -93,14 +93,14 @@ def test_checkpoint_mode_writes_results_and_reuses_features(checkpoint, tmp_path
       (t, m) for t in ("digits", "mnist->digits") for m in ("lp", "mlp", "nmtune")]
   for row in rows:
     assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["sve"])
-    assert row["kind"] == ("id" if row["task"] == "digits" else "ood")
+    assert row["kind"] == ("id" if row["task"] == "digits" else "far")
     assert row["noise_ratio"] == 0.1 and row["views"] == "features"
   nmtune_rows = [r for r in rows if r["method"] == "nmtune"]
   assert all(math.isfinite(r["z_sve"]) and math.isfinite(r["loss_means"]["svd"])
              for r in nmtune_rows)
   assert [r["mse_weight"] for r in rows if r["method"] == "mlp"] == [0.0, 0.0]
   table = (tmp_path / "results.md").read_text()
-  assert "| method | ID avg | OOD avg |" in table and "| nmtune |" in table
+  assert "| method | ID avg | Far avg |" in table and "| nmtune |" in table
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
   assert all(len(r["test_accuracy_per_epoch"]) == 2 for r in rows)  # lp's too (smoke: 2).
   assert first["features_extracted"] == 3  # digits train and test (shared), mnist train.

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from nmjax import jobs  # pylint: disable=wrong-import-position
 from nmjax.errors import ConfigError  # pylint: disable=wrong-import-position
-from nmjax import figures, report  # pylint: disable=wrong-import-position
+from nmjax import figures, report, tasks as tasks_lib  # pylint: disable=wrong-import-position
 from nmjax.jobs import study  # pylint: disable=wrong-import-position
 
 SMOKE = "configs/default.py:smoke"
@@ -64,6 +64,8 @@ def _scores(records):
       out[key] = (r["sve"], r["lsvr"], tuple(r["spectrum"]))
     elif r["record"] == "delta":
       out[key + (r["kind"],)] = (r["delta"], tuple(r["delta_ci95"] or ()))
+    elif r["record"] == "tune":
+      out[key] = (r["chosen"], tuple(m["mean_val_accuracy"] for m in r["members"]))
     else:
       out[key] = (r["test_acc"], r["train_loss"], r["step"])
   return out
@@ -138,26 +140,37 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
     assert low <= r["delta"] <= high and high - low < 0.5, r
   averages = [r for r in records if r["record"] == "delta"]
   assert sorted((r["kind"], r["method"]) for r in averages) == sorted(
-      (k, m) for k in ("id", "ood") for m in ("lp", "mlp", "nmtune"))
+      (k, m) for k in ("id", "far") for m in ("lp", "mlp", "nmtune"))
   assert all(r["tasks"] == 1 and r["noise_ratio"] == 0.3 for r in averages)
   assert "Change from r = 0 (points; mean over seeds [95% paired bootstrap interval])" in out
   # The realized noise on the images used, and the memorization gap from it.
   assert pre[0.0]["noise_rate_train"] == 0.0 and abs(pre[0.0]["memorization_gap"]) < 1e-9
-  assert abs(pre[0.3]["noise_rate_train"] - 0.3) < 0.02, pre[0.3]
+  assert pre[0.3]["noise_rate_train"] == 0.3, pre[0.3]  # Exactly 48 of the 160 images used.
   r, c = pre[0.3]["noise_rate_train"], pre[0.3]["train_acc_clean"]
   assert math.isclose(pre[0.3]["memorization_gap"],
                       pre[0.3]["train_acc_noisy"] - ((1 - r) * c + r * (1 - c) / 9))
 
   text = open(os.path.join(workdir, "results.md")).read()
-  assert ("| r | pretrain test acc | ID lp | ID mlp | ID nmtune | OOD lp | OOD mlp | OOD nmtune |"
-          in text)
+  assert ("| r | pretrain test acc | memorization gap | ID lp | ID mlp | ID nmtune | Far lp |"
+          " Far mlp | Far nmtune |" in text)
   for row in ("| 0% |", "| 30% |", "## nmtune: test accuracy (%) per task", "## SVE of"):
     assert row in text, text
   # The main table's ID cell is the average of that method's ID tasks.
   lp_id = [r["accuracy"] for r in records if r["record"] == "task" and r["method"] == "lp"
            and r["kind"] == "id" and r["noise_ratio"] == 0.0]
   line = next(l for l in text.splitlines() if l.startswith("| 0% |"))
-  assert line.split(" | ")[2] == f"{100 * sum(lp_id) / len(lp_id):.2f}"
+  assert line.split(" | ")[3] == f"{100 * sum(lp_id) / len(lp_id):.2f}"
+  # The tune stage: NMTune's weights chosen on the r = 0 encoder's validation split, then used
+  # by every evaluation stage.
+  tune = [r for r in records if r["record"] == "tune"]
+  assert len(tune) == 1 and len(tune[0]["members"]) == 2 and tune[0]["val_fraction"] == 0.2
+  chosen = tune[0]["members"][tune[0]["chosen"]]
+  assert chosen["mean_val_accuracy"] == max(m["mean_val_accuracy"] for m in tune[0]["members"])
+  assert tune[0]["weights"] == chosen["values"] and "svd_weight" in chosen["values"]
+  for r in records:
+    if r["record"] == "task" and r["method"] == "nmtune":
+      assert r["svd_weight"] == chosen["values"]["svd_weight"] and r["views"] == "cached", r
+  assert "were chosen once among the grid svd_weight=0.001,0.01" in text
 
 
 def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
@@ -173,7 +186,8 @@ def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
   # A narrower sweep reuses its stages too, and its table has just its rows.
   narrow = jobs.run(_smoke(noise_ratios="0.3"), workdir)
   assert narrow["stages_run"] == 0
-  assert {r["noise_ratio"] for r in narrow["records"]} == {0.3}
+  # (The tune record names the r = 0 encoder it chose the weights on.)
+  assert {r["noise_ratio"] for r in narrow["records"] if r["record"] != "tune"} == {0.3}
   jobs.run(_smoke(), workdir)  # The whole report again, for the other tests.
   assert _scores(_read_records(workdir)) == before
 
@@ -195,7 +209,8 @@ def test_a_changed_stage_config_is_refused_not_mixed(smoke_run):
   with pytest.raises(ConfigError, match=r"holds the pre-training stage seed0_r0 of a different"
                      r" study \(learning_rate: saved 0.1 vs now 0.05\)"):
     jobs.run(_smoke(**{"pretrain.learning_rate": 0.05}), workdir)
-  with pytest.raises(ConfigError, match=r"holds the evaluation stage seed0_r0 of a different"
+  # (The tune stage, which the evaluation stages follow, is the first to differ.)
+  with pytest.raises(ConfigError, match=r"holds the tune stage of a different"
                      r" study \(epochs: saved 2 vs now 3\)"):
     jobs.run(_smoke(**{"nmtune.epochs": 3}), workdir)
 
@@ -207,7 +222,7 @@ def test_killed_mid_way_then_restarted_gives_the_same_numbers(smoke_run, tmp_pat
   them would have left them."""
   workdir, _ = smoke_run
   killed = tmp_path / "killed"
-  for part in ("pretrain/seed0_r0", "eval/seed0_r0"):
+  for part in ("pretrain/seed0_r0", "tune", "eval/seed0_r0"):
     shutil.copytree(os.path.join(workdir, part), killed / part)
   proc = _main(killed)
   checkpoints = killed / "pretrain" / "seed0_r0.3" / "checkpoints"
@@ -282,8 +297,9 @@ def test_bad_sweep_config_fails_before_any_work(tmp_path, overrides, message):
 def test_main_default_config_is_the_study():
   config = default_config.get_config()
   assert config.job == "study"
-  assert config.noise_ratios == "0,0.05,0.1,0.2,0.3" and config.methods == "lp,mlp,nmtune"
-  assert config.tasks == "embedded" and config.pretrain.model == "resnet_small"
+  assert config.noise_ratios == "0,0.1,0.3" and config.methods == "lp,mlp,nmtune"
+  assert config.seeds == "0,1" and config.tune_grid and config.tune_val_fraction == 0.2
+  assert config.tasks == "study" and config.pretrain.model == "resnet_small"
   assert config.pretrain.dataset == "fashion_mnist" and config.pretrain.noise_type == "symmetric"
   # What the sweep sets per stage is not a field of the sub-configs.
   for field in ("job", "noise_ratio", "seed", "data_dir", "distributed"):
@@ -294,16 +310,20 @@ def test_main_default_config_is_the_study():
   point = study.Point(seed=1, noise_ratio=0.2)
   stage = study.pretrain_config(config, point)
   assert stage.noise_ratio == 0.2 and stage.seed == 1 and stage.job == "pretrain"
-  assert stage.num_epochs == 3.0 and stage.max_train_examples == 20000
-  tuned = study.eval_config(config, point, checkpoint="/ckpt")
+  assert stage.num_epochs == 20.0 and stage.max_train_examples == 2500
+  assert stage.crop_padding == 0 and not stage.flip  # The memorizing regime (README).
+  tuned = study.eval_config(config, point, checkpoint="/ckpt", weights={"cov_weight": 0.4})
   assert tuned.job == "nmtune" and tuned.seed == 1 and tuned.checkpoint == "/ckpt"
-  assert tuned.method == "lp,mlp,nmtune" and tuned.epochs == 30 and tuned.views == "features"
+  assert tuned.method == "lp,mlp,nmtune" and tuned.epochs == 10 and tuned.views == "cached"
+  assert tuned.cov_weight == 0.4 and tuned.cached_views == 2
+  # The source task probes images the pre-training never saw.
+  source = tasks_lib.TASKS["fashion_mnist_source"]
+  assert source.train.part == "held_out" and 60000 - tasks_lib.HELD_OUT >= 3000
   with open(os.path.join(ROOT, "main.py")) as f:
     assert '"configs", "default.py"' in f.read()
 
 
 def test_several_seeds_show_mean_and_sample_std(tmp_path):
-  from nmjax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   tasks = tasks_lib.resolve("digits,mnist->digits")
   seeds, ratios = [0, 1, 2], [0.0, 0.3]
   sweep = report.Sweep(ratios=ratios, seeds=seeds, methods=["lp"],
@@ -317,7 +337,7 @@ def test_several_seeds_show_mean_and_sample_std(tmp_path):
           {"record": "pretrain", **common, "test_acc": 0.9},
           {"record": "task", **common, "task": "digits", "kind": "id", "method": "lp",
            "accuracy": acc - ratio / 10},
-          {"record": "task", **common, "task": "mnist->digits", "kind": "ood", "method": "lp",
+          {"record": "task", **common, "task": "mnist->digits", "kind": "far", "method": "lp",
            "accuracy": 0.3},
       ]
       for task in tasks:
@@ -327,10 +347,11 @@ def test_several_seeds_show_mean_and_sample_std(tmp_path):
   stats.add_deltas(records, lambda record: None)  # No hits kept: deltas without intervals.
   table = report.Table(sweep, records)
   text = report.format_summary(table)
-  assert ("| 0% | 90.00 ± 0.00 | 82.00 ± 2.00 | 30.00 ± 0.00 | 4.0000 ± 1.0000 |"
-          " 0.2000 ± 0.0000 |") in text, text
+  # (No OOD task here, only a far one: LSVR (OOD) has nothing to average.)
+  assert ("| 0% | 90.00 ± 0.00 | 82.00 ± 2.00 | 30.00 ± 0.00 | 4.0000 ± 1.0000 | - |"
+          in text), text
   assert "| 30% | 90.00 ± 0.00 | 79.00 ± 2.00 |" in text, text
-  assert "| r | ID lp | OOD lp |\n|---|---|---|\n| 30% | -3.00 | +0.00 |" in text, text
+  assert "| r | ID lp | Far lp |\n|---|---|---|\n| 30% | -3.00 | +0.00 |" in text, text
   figures.plot_accuracy(table, str(tmp_path / "a.png"), "t")
   figures.plot_spectral(table, str(tmp_path / "s.png"), "t")
   assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0

@@ -14,7 +14,7 @@ def test_registry_kinds_groups_and_paper_names():
   assert tasks.GROUPS["embedded"] == ("fashion_mnist", "mnist", "digits", "mnist->digits",
                                       "digits->mnist", "fashion_mnist_c")
   assert {t.kind for t in tasks.resolve("embedded_id")} == {"id"}
-  assert {t.kind for t in tasks.resolve("embedded_ood")} == {"ood"}
+  assert {t.kind for t in tasks.resolve("embedded_ood")} == {"ood", "far"}
   paper = {t.name for t in tasks.resolve("paper")}
   for name in ("cifar10", "cifar100", "oxford_flowers102", "food101", "oxford_iiit_pet",
                "cars196", "dtd", "caltech101", "eurosat", "patch_camelyon", "resisc45",
@@ -114,3 +114,29 @@ def test_logit_subset_maps_test_classes_by_name():
   assert tasks.label_map(train, info("same", ["w", "x", "y", "z"]), plain) is None
   with pytest.raises(DataError, match="has 2 classes"):
     tasks.label_map(train, info("small", ["d", "b"]), plain)
+
+
+def test_study_tasks_probe_the_source_on_held_out_images_and_shift_whole_test_splits():
+  """The embedded study's group: the source task apart from the downstream ones, trained on the
+  train split's last HELD_OUT images (which the study's pre-training never reads) and tested on
+  the whole test split; corruption shifts of Fashion-MNIST and MNIST on whole test splits; the
+  far pair mnist<->digits as its own kind."""
+  chosen = tasks.resolve("study")
+  assert {t.name: t.kind for t in chosen} == {
+      "fashion_mnist_source": "source", "mnist": "id", "digits": "id",
+      "fashion_mnist_test_c": "ood", "mnist_c": "ood", "mnist->digits": "far",
+      "digits->mnist": "far"}
+  source = tasks.TASKS["fashion_mnist_source"]
+  assert source.train == tasks.Split("fashion_mnist", "train", "held_out")
+  assert source.test == (tasks.Split("fashion_mnist", "test"),)
+  for name, dataset in (("fashion_mnist_test_c", "fashion_mnist"), ("mnist_c", "mnist")):
+    task = tasks.TASKS[name]
+    assert [(s.dataset, s.split, s.part, s.shift) for s in task.test] == [
+        (dataset, "test", None, c) for c in tasks.STUDY_SHIFTS]
+  labels = np.arange(60000) % 10
+  held = tasks.part_indices(labels, "held_out")
+  assert held[0] == 60000 - tasks.HELD_OUT and held[-1] == 59999 and len(held) == tasks.HELD_OUT
+  with pytest.raises(DataError, match="held_out needs more than 10000 examples"):
+    tasks.part_indices(labels[:5000], "held_out")
+  probe = tasks.part_indices(labels, "probe_test")
+  assert len(probe) == 12000 and not set(probe) & set(tasks.part_indices(labels, "probe_train"))

@@ -50,7 +50,7 @@ def test_smoke_writes_results_and_a_second_run_reuses_features(checkpoint, tmp_p
     assert math.isfinite(row["sve"]) and 0.0 < row["lsvr"] <= 1.0
     assert row["feature_dim"] == 64 and row["step"] == 12 and row["noise_ratio"] == 0.1
   digits, transfer = rows[0], rows[2]
-  assert digits["kind"] == "id" and transfer["kind"] == "ood"
+  assert digits["kind"] == "id" and transfer["kind"] == "far"
   assert (digits["num_train"], digits["num_test"]) == (400, 355)   # max_examples=400
   assert (transfer["num_train"], transfer["num_test"]) == (400, 355)
   assert first["features_extracted"] == 3  # digits/train, digits/test, mnist/train

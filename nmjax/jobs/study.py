@@ -2,28 +2,28 @@
 
 For each seed and noise ratio r of the sweep, two stages run in the workdir:
   pretrain/seed<S>_r<R>/   pre-training (nmjax.train.pretrain) with noise r and seed S;
-  eval/seed<S>_r<R>/       the NMTune evaluation (nmjax.evaluate): every method
-                           on every task over the frozen encoder, with SVE/LSVR and the singular
-                           value spectrum of each task's test features.
+  eval/seed<S>_r<R>/       the NMTune evaluation (nmjax.evaluate): every method on every task
+                           over the frozen encoder, with SVE/LSVR and spectra of the test features;
+and, with config.tune_grid, one tune/ stage (nmjax/jobs/study_tune.py) on the first seed's r = 0
+encoder, whose chosen NMTune weights every evaluation stage uses (it runs when the first
+evaluation needs it, under a lock other processes wait on).
 A point runs as its own process (a job-array task) on a shared workdir with --config.stage=NAME
 or an index (list: the names), holding the point's lock (a second process is refused, one line);
 --config.stage=render builds the report from the finished points and names the missing ones.
-A stage that finishes writes stage.json (its config and results) atomically; a stage whose
-stage.json is there and whose config is the same is reused, never run again. A killed pre-training
-stage resumes from its last checkpoint with bitwise the same outcome (nmjax/train/loop.py); a
-killed evaluation stage runs again, reusing the features it had cached; every fit is seeded. So a
-study killed anywhere and started again ends with the same numbers as an uninterrupted one.
+A stage that finishes writes stage.json (its config and results) atomically and is reused when
+its config is the same. A killed pre-training stage resumes from its last checkpoint bitwise
+(nmjax/train/loop.py); a killed evaluation or tune stage runs again on its cached features; every
+fit is seeded. So a study killed anywhere and started again ends with the same numbers.
 
 The report (nmjax.report.write_study), rendered from the stages' stage.json files: results.jsonl
-(every number: "pretrain" records with memorization_gap, "task" records with delta and
-delta_ci95 for r > 0 (nmjax.stats), "spectrum" records), results.md, three plots and tb/.
+("pretrain" records with memorization_gap, "task" records with delta and delta_ci95 for r > 0
+(nmjax.stats), "spectrum" records, the "tune" record), results.md, three plots and tb/.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -32,11 +32,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from nmjax import evaluate, lock, noise, report, stats, tasks as tasks_lib
+from nmjax import evaluate, lock, report, tasks as tasks_lib
 from nmjax.config import (check_choice, clip_run, parse_names, parse_numbers, pretrain_run,
                           tuning_config)
 from nmjax.errors import ConfigError
-from nmjax.jobs import prepare_workdir, use_compile_cache
+from nmjax.jobs import prepare_workdir, study_report, study_tune, use_compile_cache
 from nmjax.progress import Countdown, format_seconds
 from nmjax.train import pretrain, pretrain_clip
 
@@ -95,13 +95,16 @@ def _pretrainer(config: ml_collections.ConfigDict) -> Any:
   return pretrain_clip if is_clip(config) else pretrain
 
 
-def eval_config(config: ml_collections.ConfigDict, point: Point,
-                checkpoint: str) -> ml_collections.ConfigDict:
-  """The NMTune evaluation config (checkpoint mode) of one point of the sweep."""
+def eval_config(config: ml_collections.ConfigDict, point: Point, checkpoint: str,
+                weights: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The NMTune evaluation config (checkpoint mode) of one point of the sweep; weights: the
+  tune stage's choice (NMTune fields), set over config.nmtune's."""
   cfg = tuning_config(config.nmtune, method=config.methods, tasks=config.tasks)
   cfg.checkpoint = checkpoint
   cfg.seed = int(point.seed)
   cfg.data_dir = config.data_dir
+  for field, value in (weights or {}).items():
+    cfg[field] = value
   return cfg
 
 
@@ -118,9 +121,10 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
   points = [Point(seed, ratio) for seed in seeds for ratio in ratios]
   if "pretrain_job" in config:
     check_choice(config, "pretrain_job", PRETRAIN_JOBS)
-  for point in points[:1]:
-    _pretrainer(config).validate(pretrain_config(config, point))
-    evaluate.check_tuning(eval_config(config, point, checkpoint="<pretrain stage>"))
+  _pretrainer(config).validate(pretrain_config(config, points[0]))
+  evaluate.check_tuning(eval_config(config, points[0], checkpoint="<pretrain stage>"))
+  study_tune.check(config)
+  study_tune.check_held_out(config, chosen)
   plan = Plan(points, ratios, seeds, methods, chosen, spectrum_tasks, is_clip(config))
   chosen_stage(config, plan)  # A stage the sweep does not have fails before any work.
   return plan
@@ -225,59 +229,67 @@ def _run_eval(cfg: ml_collections.ConfigDict, plan: Plan, stage_dir: str) -> dic
   return record
 
 
-def study_records(plan: Plan, stages: dict[Point, tuple[dict, dict]]) -> list[dict[str, Any]]:
-  """results.jsonl's records, from the finished stages."""
-  records = []
-  for point in (p for p in plan.points if p in stages):
-    pre, ev = stages[point]
-    common = {"seed": point.seed, "noise_ratio": point.noise_ratio}
-    records.append({"record": "pretrain", **common, **pre["result"],
-                    "memorization_gap": noise.memorization_gap(pre["result"]),
-                    "seconds": pre["seconds"], "workdir": pre["workdir"]})
-    for row in ev["rows"]:
-      records.append({"record": "task", **common, **{k: v for k, v in row.items()
-                                                     if k not in ("seed", "noise_ratio")}})
-    for task in plan.tasks:
-      spectrum = ev["spectra"][task.name]
-      records.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
-                      **spectrum})
-  hits = {p: stats.load_hits(os.path.join(stages[p][1]["workdir"], HITS_FILE)) for p in stages}
-  stats.add_deltas(records, lambda r: hits[Point(r["seed"], r["noise_ratio"])].get(
-      f"{r['task']}|{r['method']}"))
-  return records
+def _first_pretrain(config: ml_collections.ConfigDict, plan: Plan, workdir: str) -> dict:
+  """The first seed's r = 0 pre-training record (what the tune stage reads): found finished,
+  run here (taking its point's lock) or, while another process runs it, waited for."""
+  point = Point(plan.seeds[0], 0.0)
+  pre_dir = prepare_workdir(os.path.join(workdir, "pretrain", point.name))
+  what, said = f"the pre-training stage {point.name}", False
+  while True:
+    pre = _finished(pre_dir, pretrain_config(config, point), what, workdir)
+    if pre is not None:
+      return pre
+    try:
+      with lock.hold(pre_dir, f"study stage {point.name}"):
+        pre = _finished(pre_dir, pretrain_config(config, point), what, workdir)
+        if pre is None:
+          print(f"[study] the tune stage needs {what}: running it here", flush=True)
+          pre = _run_pretrain(pretrain_config(config, point), point, pre_dir, workdir,
+                              _pretrainer(config))
+          shutil.rmtree(os.path.join(workdir, "eval", point.name), ignore_errors=True)
+        return pre
+    except lock.InUse:
+      if not said:
+        print(f"[study] the tune stage waits for {what} (another process runs it)", flush=True)
+        said = True
+      time.sleep(2.0)
 
 
-def _noise_words(config: ml_collections.ConfigDict) -> str:
-  if is_clip(config):
-    return "caption noise r (exactly r of the pairs given another pair's caption)"
-  return f"{config.pretrain.noise_type} label noise r"
+def _tune_identity(config: ml_collections.ConfigDict, plan: Plan) -> tuple[dict, Any]:
+  cfg = study_tune.config_of(config, plan.seeds[0], "<pretrain stage>")
+  pretrain = {f"pretrain.{k}": v for k, v in _identity(pretrain_config(
+      config, Point(plan.seeds[0], 0.0))).items()}
+  return {**_identity(cfg), **pretrain}, cfg
 
 
-def _describe(config: ml_collections.ConfigDict, plan: Plan) -> str:
-  pre = config.pretrain
-  images = ("all" if pre.max_train_examples <= 0 else f"the first {pre.max_train_examples:,}")
-  length = (f"{pre.num_train_steps} steps" if pre.num_train_steps > 0
-            else f"{pre.num_epochs:g} epochs")
-  seeds = ", ".join(map(str, plan.seeds))
-  return (f"Pre-training: {pre.model} on {pre.dataset} ({images} training images, {length}, batch"
-          f" {pre.batch_size}, {pre.optimizer}) with {_noise_words(config)}; seed(s)"
-          f" {seeds}. Downstream: {', '.join(plan.methods)} over the frozen features on"
-          f" {len(plan.tasks)} tasks ({sum(t.kind == 'id' for t in plan.tasks)} ID,"
-          f" {sum(t.kind == 'ood' for t in plan.tasks)} OOD), {config.nmtune.epochs} epochs on"
-          f" {config.nmtune.views}; accuracy in % averaged over tasks; SVE averaged over ID tasks"
-          " and LSVR over OOD tasks, of the frozen test features (row centering)."
-          + (" Cells are mean ± sample std over seeds." if len(plan.seeds) > 1 else "")
-          + _grid_words(config.nmtune))
+def tuned(config: ml_collections.ConfigDict, plan: Plan, workdir: str, *,
+          run: bool = True) -> dict[str, Any] | None:
+  """The tune stage's record (nmjax/jobs/study_tune.py): reused when finished, else (run=True)
+  run under its lock, which a second process waits on; None without config.tune_grid, or
+  when unfinished and run=False."""
+  if not study_tune.enabled(config):
+    return None
+  tune_dir = os.path.join(workdir, study_tune.STAGE_NAME)
+  identity, cfg = _tune_identity(config, plan)
 
+  def finished() -> dict[str, Any] | None:
+    saved = _read_json(os.path.join(tune_dir, STAGE_FILE))
+    if saved is not None:
+      _check_same(saved["config"], identity, "the tune stage", workdir)
+    return saved
 
-def _grid_words(nmtune_config: ml_collections.ConfigDict) -> str:
-  """The NMTune grid's sentence of the description ('' without one)."""
-  grid = nmtune_config.get("grid", "")
-  if not grid:
-    return ""
-  return (f" NMTune's configuration is chosen per train split among the grid {grid} on a"
-          f" {100 * nmtune_config.val_fraction:g}% stratified validation split of train (never"
-          " a test set); every configuration's accuracies are in results.jsonl (grid_results).")
+  record = finished()
+  if record is not None or not run:
+    return record
+  pre = _first_pretrain(config, plan, workdir)
+  cfg.checkpoint = pre["workdir"]
+  with lock.hold(prepare_workdir(tune_dir), "study tune stage", wait=True):
+    record = finished()  # Another process may have finished it while this one waited.
+    if record is None:
+      record = study_tune.run(cfg, plan.tasks, tune_dir, identity)
+      print(f"[study] tune stage done in {format_seconds(record['seconds'])}: "
+            + "; ".join(study_tune.lines(record)), flush=True)
+  return record
 
 
 def sweep_of(plan: Plan) -> report.Sweep:
@@ -287,31 +299,18 @@ def sweep_of(plan: Plan) -> report.Sweep:
 
 def render(config: ml_collections.ConfigDict, plan: Plan, stages: dict[Point, tuple[dict, dict]],
            workdir: str) -> report.Table:
-  """Writes the report (report.STUDY_FILES and tb/); returns its table."""
+  """Writes the report (report.STUDY_FILES and tb/) and prints its table; returns it."""
   title = (f"{config.pretrain.model} pre-trained on {config.pretrain.dataset} with"
-           f" {_noise_words(config)}")
-  return report.write_study(study_records(plan, stages), sweep_of(plan), workdir,
-                            header=_describe(config, plan), title=title)
-
-
-def _stage_line(index: int, num_stages: int, what: str, text: str, seconds: float | None,
-                clock: Countdown) -> None:
-  took = ", reused" if seconds is None else f" | {format_seconds(seconds)}"
-  print(f"[study] stage {index}/{num_stages} {what}: {text}{took} | {clock.line()}", flush=True)
-
-
-def _pretrain_text(record: dict[str, Any]) -> str:
-  if "test_i2t_acc" in record["result"]:
-    result = record["result"]
-    return (f"held-out pairs: image->text {result['test_i2t_acc']:.4f}, text->image"
-            f" {result['test_t2i_acc']:.4f} (in-batch retrieval)")
-  acc = record["result"].get("test_acc")
-  if acc is None:
-    return ""
-  clean = record["result"].get("train_acc_clean", math.nan)
-  gap = noise.memorization_gap(record["result"])
-  return (f"test acc {acc:.4f} (train acc vs clean labels {clean:.4f}"
-          + ("" if gap is None else f", memorization gap {gap:+.4f}") + ")")
+           f" {study_report.noise_words(config, is_clip(config))}")
+  tune = tuned(config, plan, workdir, run=False)
+  records = study_report.records(plan, stages, HITS_FILE)
+  if tune:  # The weights' record: chosen on the first seed's r = 0 encoder.
+    records.append({"record": "tune", "seed": plan.seeds[0], "noise_ratio": 0.0, **{
+        k: tune[k] for k in ("grid", "val_fraction", "members", "chosen", "weights")}})
+  header = study_report.describe(config, plan, tune)
+  table = report.write_study(records, sweep_of(plan), workdir, header=header, title=title)
+  print("\n" + header + "\n\n" + report.format_summary(table), flush=True)
+  return table
 
 
 def _run_point(config: ml_collections.ConfigDict, plan: Plan, point: Point, workdir: str,
@@ -338,17 +337,19 @@ def _run_locked_point(config: ml_collections.ConfigDict, plan: Plan, point: Poin
     # Its encoder was trained again: nothing an earlier evaluation left is valid.
     shutil.rmtree(eval_dir, ignore_errors=True)
   seconds = clock.done("pretrain", time.perf_counter() - start) if ran else None
-  _stage_line(index + 1, num_stages, f"pretrain {point}", _pretrain_text(pre), seconds, clock)
+  study_report.stage_line(index + 1, num_stages, f"pretrain {point}",
+                          study_report.pretrain_text(pre), seconds, clock)
 
+  tune = tuned(config, plan, workdir)
   start = time.perf_counter()
-  eval_cfg = eval_config(config, point, pre_dir)
+  eval_cfg = eval_config(config, point, pre_dir, tune and tune["weights"])
   ev = _finished(eval_dir, eval_cfg, f"the evaluation stage {point.name}", workdir)
   seconds = None
   if ev is None:
     ev = _run_eval(eval_cfg, plan, eval_dir)
     seconds = clock.done("eval", time.perf_counter() - start)
     ran += 1
-  _stage_line(index + 2, num_stages, f"eval {point}",
+  study_report.stage_line(index + 2, num_stages, f"eval {point}",
               evaluate.averages_line(ev["rows"], plan.methods), seconds, clock)
   return pre, ev, ran
 
@@ -357,11 +358,13 @@ def _render_finished(config: ml_collections.ConfigDict, plan: Plan, workdir: str
                      ) -> dict[str, Any]:
   """--config.stage=render: the report of the ratios whose stages every seed has finished."""
   stages = {}
+  tune = tuned(config, plan, workdir, run=False)
   for point in plan.points:
     pre = _finished(os.path.join(workdir, "pretrain", point.name), pretrain_config(config, point),
                     f"the pre-training stage {point.name}", workdir)
     ev = pre and _finished(os.path.join(workdir, "eval", point.name), eval_config(
-        config, point, pre["workdir"]), f"the evaluation stage {point.name}", workdir)
+        config, point, pre["workdir"], tune and tune["weights"]),
+        f"the evaluation stage {point.name}", workdir)
     if ev:
       stages[point] = (pre, ev)
   missing = [p.name for p in plan.points if p not in stages]
@@ -372,7 +375,6 @@ def _render_finished(config: ml_collections.ConfigDict, plan: Plan, workdir: str
   shown = dataclasses.replace(plan, ratios=ratios, points=[
       p for p in plan.points if p.noise_ratio in ratios])
   table = render(config, shown, stages, workdir)
-  print("\n" + _describe(config, shown) + "\n\n" + report.format_summary(table), flush=True)
   print(f"[study] report in {workdir} from {len(shown.points)} of {len(plan.points)} stage(s)"
         + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)
   return {"records": table.records, "missing": missing, "workdir": workdir}
@@ -398,8 +400,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           " done, --config.stage=render builds the report", flush=True)
     return {"stage": stage.name, "stages_run": ran, "workdir": workdir}
   num_stages = 2 * len(plan.points)
-  # Finished pre-training stages (a different study's fails here, before any work); the ETA
-  # counts the stages still to run.
+  # Finished pre-training stages (another study's fails here, before any work); the ETA: the rest.
   done = {p: _finished(os.path.join(workdir, "pretrain", p.name), pretrain_config(config, p),
                        f"the pre-training stage {p.name}", workdir) for p in plan.points}
   pending = {"pretrain": sum(done[p] is None for p in plan.points),
@@ -423,7 +424,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return {"preempted": True, "stages_run": ran}
 
   table = render(config, plan, stages, workdir)
-  print("\n" + _describe(config, plan) + "\n\n" + report.format_summary(table), flush=True)
   print(f"[study] done in {format_seconds(clock.elapsed())} ({ran} stage(s) run,"
         f" {num_stages - ran} reused). Report in {workdir}: " + ", ".join(report.STUDY_FILES)
         + ", tb/ (tensorboard --logdir " + os.path.join(workdir, "tb")

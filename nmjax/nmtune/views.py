@@ -92,9 +92,11 @@ def encode_augmented(encode: Encode, variables: Any, images: jax.Array, draws: j
 
 
 def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.ndarray, *,
-                num_views: int, seed: int = 0, batch_size: int = 512) -> CachedViews:
+                num_views: int, seed: int = 0, batch_size: int = 512,
+                flip: bool = True) -> CachedViews:
   """Encodes num_views augmented copies of every image (random_resized_crop_flip, numpy-seeded
-  draws), batch_size images per call; the view pool of CachedViews."""
+  draws; flip=False: never mirrored, for data such as digits), batch_size images per call; the
+  view pool of CachedViews."""
   if num_views < 2:
     raise ConfigError(f"num_views={num_views} (config.cached_views) is not allowed; allowed: >= 2"
                       " (each step pairs two distinct views of an image)")
@@ -102,6 +104,8 @@ def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.n
   num_images = len(images)
   rng = np.random.default_rng([seed, 7])
   draws = rng.random((num_views, num_images, AUGMENT_DRAWS), dtype=np.float32)
+  if not flip:
+    draws[..., 4] = 1.0  # The flip draw: mirrored only below 0.5.
   chunks = []
   for view in range(num_views):
     parts = []

@@ -290,7 +290,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   source = sources.get_source(config.dataset, data_dir=config.data_dir or None)
   info = source.info
   train_records, test_records = _split_records(config, source)
-  clean = source.labels("train")
+  # The noise is drawn on the labels of the images used (exactly round(r N) of them changed).
+  clean = source.labels("train")[:len(train_records)]
   noisy = noise.apply_label_noise(clean, config.noise_ratio, info.num_classes, config.seed,
                                   config.noise_type)
   steps_per_epoch, num_steps = total_steps(
@@ -298,8 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       num_epochs=config.num_epochs, num_train_steps=config.num_train_steps)
   input_fns = _input_fns(config, info, train_records, test_records, noisy, num_steps)
   spec = _loop_spec(config, info, input_fns, steps_per_epoch, num_steps)
-  # The train records are the split's first len(train_records): the rate on the images used.
-  changed = float(np.mean(noisy[:len(train_records)] != clean[:len(train_records)]))
+  changed = float(np.mean(noisy != clean))
   if parallel.is_main_process():
     print(f"[pretrain] {config.model} on {config.dataset}: {len(train_records)} train /"
           f" {len(test_records)} test examples, noise {config.noise_type} {config.noise_ratio}"
