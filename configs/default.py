@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
                                         noise_type="symmetric", epochs=20.0, smoke=args.smoke)
   if not args.smoke:
     # A regime that memorizes part of the noise (README: the design): the first 2,500 training
-    # images (the source task probes the last 10,000), 20 epochs, no augmentation.
+    # images (the source task probes the last 5,000), 20 epochs, no augmentation.
     config.pretrain.max_train_examples = 2500
   config.pretrain.crop_padding = 0
   config.pretrain.flip = False

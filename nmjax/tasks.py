@@ -25,7 +25,7 @@ Embedded tasks (no download; what the embedded study runs):
   fashion_mnist_c/<corruption>_<severity>: one corruption at one severity (e.g. .../blur_5)
 The embedded study's tasks (group "study"; its pre-training uses at most the first 50,000
 Fashion-MNIST training images):
-  fashion_mnist_source  source  probe on the last 10,000 Fashion-MNIST training images (held_out),
+  fashion_mnist_source  source  probe on the last 5,000 Fashion-MNIST training images (held_out),
                                 test on the whole 10,000-image test split
   fashion_mnist_test_c  ood     the same probe, tested on the whole test split under
                                 gaussian_noise_3 and rotation_3 (20,000 images)
@@ -52,7 +52,7 @@ from nmjax.errors import ConfigError, DataError
 
 KINDS = ("source", "id", "ood", "far")  # In the order reports show them.
 PARTS = ("probe_train", "probe_test", "held_out")
-HELD_OUT = 10000  # Part "held_out": the split's last HELD_OUT examples.
+HELD_OUT = 5000  # Part "held_out": the split's last HELD_OUT examples.
 FMNIST_C_SHIFTS = ("gaussian_noise_3", "blur_3", "contrast_3", "rotation_3")
 STUDY_SHIFTS = ("gaussian_noise_3", "rotation_3")  # A pixel-level and a geometric shift.
 

@@ -136,7 +136,7 @@ def test_study_tasks_probe_the_source_on_held_out_images_and_shift_whole_test_sp
   labels = np.arange(60000) % 10
   held = tasks.part_indices(labels, "held_out")
   assert held[0] == 60000 - tasks.HELD_OUT and held[-1] == 59999 and len(held) == tasks.HELD_OUT
-  with pytest.raises(DataError, match="held_out needs more than 10000 examples"):
-    tasks.part_indices(labels[:5000], "held_out")
+  with pytest.raises(DataError, match="held_out needs more than 5000 examples"):
+    tasks.part_indices(labels[:4000], "held_out")
   probe = tasks.part_indices(labels, "probe_test")
   assert len(probe) == 12000 and not set(probe) & set(tasks.part_indices(labels, "probe_train"))
