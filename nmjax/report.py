@@ -296,7 +296,7 @@ def format_summary(table: Table) -> str:
     cells += [_cell(table.spectral(ratio, "sve", kind="id"), 1, 4),
               _cell(table.spectral(ratio, "lsvr", kind="ood"), 1, 4)]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n" + format_deltas(table)
+  return "\n".join(lines) + "\n" + format_deltas(table) + format_gains(table)
 
 
 def _delta_cell(record: dict[str, Any] | None) -> str:
@@ -320,6 +320,26 @@ def format_deltas(table: Table) -> str:
   for ratio in ratios:
     cells = [_delta_cell(table.delta(ratio, m, kind)) for kind in sweep.present_kinds
              for m in sweep.methods]
+    lines.append("| " + " | ".join([ratio_label(ratio)] + cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def format_gains(table: Table) -> str:
+  """Each "gain" record (nmjax.stats.add_gains): a method's accuracy over a baseline's on the same
+  encoder, per r and kind, with its interval; '' without them."""
+  gains = [r for r in table.records if r["record"] == "gain"]
+  columns = list(dict.fromkeys((r["method"], r["baseline"], r["kind"]) for r in gains
+                               if r["kind"] in table.sweep.present_kinds))
+  if not columns:
+    return ""
+  head = ["r"] + [f"{KIND_LABELS[k]} {m} - {b}" for m, b, k in columns]
+  lines = ["", "Gain of one method over another on the same encoder (points; mean over seeds"
+           " [95% paired bootstrap interval]):", "", "| " + " | ".join(head) + " |",
+           "|" + "---|" * len(head)]
+  for ratio in table.sweep.ratios:
+    cells = [_delta_cell(next((r for r in gains if r["noise_ratio"] == ratio and
+                               (r["method"], r["baseline"], r["kind"]) == c), None))
+             for c in columns]
     lines.append("| " + " | ".join([ratio_label(ratio)] + cells) + " |")
   return "\n".join(lines) + "\n"
 

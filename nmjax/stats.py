@@ -95,3 +95,39 @@ def add_deltas(records: list[dict[str, Any]],
                     "delta": float(np.mean([d for d, _ in parts])),
                     "delta_ci95": interval(np.mean([b for _, b in parts], axis=0))
                     if complete else None})
+
+
+GAINS = (("nmtune", "mlp"), ("nmtune", "lp"))  # (method, baseline) pairs that "gain" compares
+
+
+def add_gains(records: list[dict[str, Any]],
+              hits_of: Callable[[dict[str, Any]], np.ndarray | None],
+              pairs: Sequence[tuple[str, str]] = GAINS) -> None:
+  """Appends one "gain" record per (r, kind, method, baseline) of `pairs` present: the mean over
+  the kind's tasks of the mean over seeds of acc(method) - acc(baseline) on the same encoder and
+  test set, with its 95% paired-bootstrap interval (the same resample for both methods and every
+  seed; each task's examples resampled on their own; None without hits)."""
+  tasks = [r for r in records if r["record"] == "task"]
+  by = {(r["seed"], r["noise_ratio"], r["task"], r["method"]): r for r in tasks}
+  for method, baseline in pairs:
+    kinds: dict[tuple[float, str], list[tuple[float, np.ndarray | None]]] = {}
+    for ratio, kind, task in dict.fromkeys((r["noise_ratio"], r["kind"], r["task"])
+                                           for r in tasks):
+      members = [(by[key], by[key[:3] + (baseline,)]) for key in
+                 ((s, ratio, task, method) for s in sorted({r["seed"] for r in tasks}))
+                 if key in by and key[:3] + (baseline,) in by]
+      if not members:
+        continue
+      pairs_hits = [(hits_of(a), hits_of(b)) for a, b in members]
+      sizes = {-1 if h is None else len(h) for pair in pairs_hits for h in pair}
+      bootstrap = (paired_stats(pairs_hits, bootstrap_indices(sizes.pop()))
+                   if len(sizes) == 1 and -1 not in sizes else None)
+      kinds.setdefault((ratio, kind), []).append(
+          (float(np.mean([a["accuracy"] - b["accuracy"] for a, b in members])), bootstrap))
+    for (ratio, kind), parts in kinds.items():
+      complete = all(b is not None for _, b in parts)
+      records.append({"record": "gain", "seed": None, "noise_ratio": ratio, "kind": kind,
+                      "method": method, "baseline": baseline, "tasks": len(parts),
+                      "delta": float(np.mean([d for d, _ in parts])),
+                      "delta_ci95": interval(np.mean([b for _, b in parts], axis=0))
+                      if complete else None})

@@ -71,3 +71,23 @@ def test_add_deltas_pairs_each_seed_with_its_own_clean_run():
   stats.add_deltas(bare, lambda rec: None)
   assert bare[1]["delta_ci95"] is None and "delta" in bare[1]
   assert bare[-1]["record"] == "delta" and bare[-1]["delta_ci95"] is None
+
+
+def test_add_gains_compares_methods_on_the_same_encoder_and_examples():
+  """nmtune - mlp per (r, kind): the mean over seeds and tasks of the accuracy difference, its
+  interval from the same resample for both methods; a missing baseline gives no record."""
+  rng = np.random.default_rng(0)
+  records, hits = [], {}
+  for seed in (0, 1):
+    for method, p in (("mlp", 0.6), ("nmtune", 0.7)):
+      correct = rng.random(2000) < p
+      record = {"record": "task", "seed": seed, "noise_ratio": 0.0, "task": "t", "kind": "id",
+                "method": method, "accuracy": float(correct.mean())}
+      records.append(record)
+      hits[(seed, method)] = correct
+  stats.add_gains(records, lambda r: hits[(r["seed"], r["method"])])
+  gains = [r for r in records if r["record"] == "gain"]
+  assert [(g["method"], g["baseline"], g["kind"]) for g in gains] == [("nmtune", "mlp", "id")]
+  expected = np.mean([hits[(s, "nmtune")].mean() - hits[(s, "mlp")].mean() for s in (0, 1)])
+  low, high = gains[0]["delta_ci95"]
+  assert np.isclose(gains[0]["delta"], expected) and low < expected < high and low > 0.05

@@ -62,8 +62,8 @@ def _scores(records):
       out[key] = (r["accuracy"], r["sve"], r["lsvr"], r["z_sve"] if "z_sve" in r else None)
     elif r["record"] == "spectrum":
       out[key] = (r["sve"], r["lsvr"], tuple(r["spectrum"]))
-    elif r["record"] == "delta":
-      out[key + (r["kind"],)] = (r["delta"], tuple(r["delta_ci95"] or ()))
+    elif r["record"] in ("delta", "gain"):
+      out[key + (r["kind"], r.get("baseline"))] = (r["delta"], tuple(r["delta_ci95"] or ()))
     elif r["record"] == "tune":
       out[key] = (r["chosen"], tuple(m["mean_val_accuracy"] for m in r["members"]))
     else:
@@ -143,6 +143,13 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
       (k, m) for k in ("id", "far") for m in ("lp", "mlp", "nmtune"))
   assert all(r["tasks"] == 1 and r["noise_ratio"] == 0.3 for r in averages)
   assert "Change from r = 0 (points; mean over seeds [95% paired bootstrap interval])" in out
+  gains = {(r["noise_ratio"], r["kind"], r["method"], r["baseline"]): r for r in records
+           if r["record"] == "gain"}
+  assert len(gains) == 2 * 2 * 2 and "| r | ID nmtune - mlp | Far nmtune - mlp |" in out, out
+  for (ratio, kind, method, baseline), gain in gains.items():
+    pair = [tasks[(ratio, t, m)]["accuracy"] for m in (method, baseline)
+            for t in ("digits", "mnist->digits") if tasks[(ratio, t, m)]["kind"] == kind]
+    assert math.isclose(gain["delta"], pair[0] - pair[1]), gain
   # The realized noise on the images used, and the memorization gap from it.
   assert pre[0.0]["noise_rate_train"] == 0.0 and abs(pre[0.0]["memorization_gap"]) < 1e-9
   assert pre[0.3]["noise_rate_train"] == 0.3, pre[0.3]  # Exactly 48 of the 160 images used.

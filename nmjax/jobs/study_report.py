@@ -35,8 +35,11 @@ def records(plan: Any, stages: Mapping[Any, tuple[dict, dict]], hits_file: str
                       **spectrum})
   hits = {(p.seed, p.noise_ratio): stats.load_hits(os.path.join(stages[p][1]["workdir"],
                                                                  hits_file)) for p in stages}
-  stats.add_deltas(out, lambda r: hits[(r["seed"], r["noise_ratio"])].get(
-      f"{r['task']}|{r['method']}"))
+  def hits_of(r):
+    return hits[(r["seed"], r["noise_ratio"])].get(f"{r['task']}|{r['method']}")
+
+  stats.add_deltas(out, hits_of)
+  stats.add_gains(out, hits_of)
   return out
 
 
