@@ -282,7 +282,8 @@ def ratio_label(ratio: float) -> str:
 def format_summary(table: Table) -> str:
   """The study's main table: rows r, ID and OOD averages per method (and the spectral metrics)."""
   sweep = table.sweep
-  gap = any("memorization_gap" in r for r in table.records if r["record"] == "pretrain")
+  gap = any(r.get("memorization_gap") is not None for r in table.records
+            if r["record"] == "pretrain")
   head = (["r", sweep.pretrain_label] + (["memorization gap"] if gap else [])
           + [f"{KIND_LABELS[k]} {m}" for k in sweep.present_kinds for m in sweep.methods]
           + ["SVE (ID)", "LSVR (OOD)"])
