@@ -20,6 +20,7 @@ import gzip
 import os
 import pathlib
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -180,12 +181,15 @@ def prepare(data_dir: str | os.PathLike, raw_dir: str | os.PathLike) -> NmjaxFas
     builder = NmjaxFashionMnist(data_dir=os.fspath(data_dir), file_format="array_record")
     if not builder.is_prepared():
       _remove_stale_incomplete_dirs(pathlib.Path(builder.data_dir).parent)
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(
-              manual_dir=os.fspath(raw_dir),
-              # The GCS probe would reach for the network (and hang offline) before anything else.
-              try_download_gcs=False,
-          ),
-      )
+      # TFDS announces the preparation on stdout; it is progress, so stderr (a job's stdout,
+      # e.g. the study's --config.stage=list, stays its own).
+      with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.fspath(raw_dir),
+                # The GCS probe would reach for the network (and hang offline) first.
+                try_download_gcs=False,
+            ),
+        )
   return builder
