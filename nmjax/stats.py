@@ -9,6 +9,7 @@ per-example hits (Evaluation.correct); records without them get delta_ci95 None.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,16 +34,35 @@ def bootstrap_indices(num_examples: int, resamples: int = RESAMPLES) -> np.ndarr
   return rng.integers(0, num_examples, size=(resamples, num_examples), dtype=np.int32)
 
 
-def paired_stats(pairs: Sequence[tuple[np.ndarray, np.ndarray]], indices: np.ndarray
-                 ) -> np.ndarray:
+def resample_counts(indices: np.ndarray) -> np.ndarray:
+  """(resamples, N) uint8: how many times each example is drawn in each row of `indices`."""
+  resamples, num_examples = indices.shape
+  offsets = (np.arange(resamples, dtype=np.int64) * num_examples)[:, None]
+  counts = np.bincount((indices + offsets).ravel(), minlength=resamples * num_examples)
+  return counts.reshape(resamples, num_examples).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def bootstrap_counts(num_examples: int, resamples: int = RESAMPLES) -> np.ndarray:
+  """resample_counts(bootstrap_indices(num_examples)), kept for the sizes last used."""
+  counts = resample_counts(bootstrap_indices(num_examples, resamples))
+  counts.setflags(write=False)
+  return counts
+
+
+def paired_stats(pairs: Sequence[tuple[np.ndarray, np.ndarray]], indices: np.ndarray | None,
+                 *, counts: np.ndarray | None = None) -> np.ndarray:
   """The bootstrap distribution (one value per resample) of the mean over pairs of
   acc(hits_r) - acc(hits_0); pairs: (hits at r, hits at 0), boolean arrays over the same
-  examples, resampled by the rows of `indices`."""
-  diffs = np.stack([np.asarray(r, np.float32) - np.asarray(z, np.float32) for r, z in pairs])
-  out = np.zeros(len(indices))
-  for start in range(0, len(indices), 100):  # 100 resamples at a time: bounded memory.
-    out[start:start + 100] = diffs[:, indices[start:start + 100]].mean(axis=2).mean(axis=0)
-  return out
+  examples, resampled by the rows of `indices` (or their resample_counts, `counts`). A
+  resample's mean is (counts @ mean-over-pairs difference) / N: one matrix product."""
+  diffs = np.mean([np.asarray(r, np.float64) - np.asarray(z, np.float64) for r, z in pairs],
+                  axis=0)
+  counts = resample_counts(indices) if counts is None else counts
+  out = np.empty(len(counts))
+  for start in range(0, len(counts), 100):  # 100 resamples at a time: bounded memory.
+    out[start:start + 100] = counts[start:start + 100].astype(np.float64) @ diffs
+  return out / counts.shape[1]
 
 
 def interval(bootstrap: np.ndarray) -> list[float]:
@@ -74,7 +94,6 @@ def add_deltas(records: list[dict[str, Any]],
       record["delta"] = float(record["accuracy"] - zero["accuracy"])
       groups.setdefault((record["noise_ratio"], record["method"], record["kind"],
                          record["task"]), []).append((record, zero))
-  cache: dict[int, np.ndarray] = {}
   kinds: dict[tuple[Any, ...], list[tuple[float, np.ndarray | None]]] = {}
   for key, members in groups.items():
     pairs = [(hits_of(r), hits_of(z)) for r, z in members]
@@ -82,8 +101,7 @@ def add_deltas(records: list[dict[str, Any]],
     bootstrap = None
     if len(sizes) == 1 and -1 not in sizes:
       size = sizes.pop()
-      cache[size] = cache[size] if size in cache else bootstrap_indices(size)
-      bootstrap = paired_stats(pairs, cache[size])
+      bootstrap = paired_stats(pairs, None, counts=bootstrap_counts(size))
     for record, _ in members:
       record["delta_ci95"] = None if bootstrap is None else interval(bootstrap)
     kinds.setdefault(key[:3], []).append(
@@ -120,7 +138,7 @@ def add_gains(records: list[dict[str, Any]],
         continue
       pairs_hits = [(hits_of(a), hits_of(b)) for a, b in members]
       sizes = {-1 if h is None else len(h) for pair in pairs_hits for h in pair}
-      bootstrap = (paired_stats(pairs_hits, bootstrap_indices(sizes.pop()))
+      bootstrap = (paired_stats(pairs_hits, None, counts=bootstrap_counts(sizes.pop()))
                    if len(sizes) == 1 and -1 not in sizes else None)
       kinds.setdefault((ratio, kind), []).append(
           (float(np.mean([a["accuracy"] - b["accuracy"] for a, b in members])), bootstrap))

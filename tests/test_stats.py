@@ -91,3 +91,16 @@ def test_add_gains_compares_methods_on_the_same_encoder_and_examples():
   expected = np.mean([hits[(s, "nmtune")].mean() - hits[(s, "mlp")].mean() for s in (0, 1)])
   low, high = gains[0]["delta_ci95"]
   assert np.isclose(gains[0]["delta"], expected) and low < expected < high and low > 0.05
+
+
+def test_resample_counts_give_the_gathered_means():
+  """paired_stats through counts equals the mean of the gathered differences, resample by
+  resample (the direct definition)."""
+  rng = np.random.default_rng(1)
+  pairs = [(rng.random(300) < 0.6, rng.random(300) < 0.5) for _ in range(3)]
+  indices = stats.bootstrap_indices(300, resamples=50)
+  direct = np.mean([(r.astype(float) - z.astype(float))[indices].mean(axis=1)
+                    for r, z in pairs], axis=0)
+  np.testing.assert_allclose(stats.paired_stats(pairs, indices), direct, rtol=0, atol=1e-12)
+  counts = stats.bootstrap_counts(300, 50)
+  assert counts.sum() == 50 * 300 and np.array_equal(counts, stats.resample_counts(indices))
