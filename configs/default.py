@@ -23,7 +23,7 @@ As a job array (README): --config.stage=list prints the points, --config.stage=N
 index) runs one point in its own process on a shared workdir, --config.stage=render the report.
 
 Measured on this project's 2-core CPU machine (README, 2026-12-03): the whole default study
-7m48s wall from a fresh workdir with two other processes on the cores (r = 0: source lp 84.01,
+6m53s wall from a fresh workdir (7m48s with two other processes on the cores) (r = 0: source lp 84.01,
 ID lp 71.87 / mlp 79.84 / nmtune 80.28, mean of two seeds); the smoke variant under a minute.
 """
 
