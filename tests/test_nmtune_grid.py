@@ -5,6 +5,7 @@ that never reads test labels."""
 
 import functools
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -150,3 +151,22 @@ def test_a_diverging_member_is_marked_and_never_chosen():
   configs = nmtune.point_configs(nmtune.resolve_config(config))
   assert [r.get("diverged") is not None for r in nmtune.fit_grid(train, test, configs)] == [
       False, True]
+
+
+def test_large_heads_train_one_per_program_and_still_mark_divergence():
+  from nmjax.nmtune import runs as runs_lib  # The grouping rule itself (not in the public API).
+  for dim, expected in ((64, [[0, 1, 2]]), (512, [[0], [1], [2]])):
+    source = runs_lib.train_labels(_small(dim=dim), None)
+    prepared = [runs_lib.prepare(source, nmtune.resolve_config({"lr": lr, "batch_size": 32}))
+                for lr in (1e-3, 2e-3, 3e-3)]
+    assert runs_lib.program_groups(prepared) == expected, dim
+    variables = nmtune.init_variables(prepared[0].model, dim, seed=0)
+    assert nmtune.parameter_count(prepared[0].model, dim) == sum(
+        x.size for x in jax.tree.leaves(variables["params"]))
+  train, test = _small(dim=512), _small(60, dim=512, seed=1)
+  configs = [{"epochs": 1, "batch_size": 32, "lr": lr} for lr in (1e-3, 1e12)]
+  grid = nmtune.fit_grid(train, test, configs)
+  assert [r["configs_in_program"] for r in grid] == [1, 1]
+  assert grid[0].get("diverged") is None and "step" in grid[1]["diverged"]
+  alone = nmtune.fit(train, test, configs[0])
+  assert grid[0]["loss_means"] == alone["loss_means"]  # The same program as fit: bit-equal.

@@ -12,7 +12,7 @@ from nmjax.nmtune.fit import (METHODS, default_config, fit, fit_grid, fit_grid_m
                               loss_weights, probe_config, resolve_config)
 from nmjax.nmtune.grid import (GRID_FIELDS, ONE_PROGRAM_FIELDS, choose, parse_grid, point_configs,
                               report_lines)
-from nmjax.nmtune.head import NMTuneHead, init_variables
+from nmjax.nmtune.head import NMTuneHead, init_variables, parameter_count
 from nmjax.nmtune.losses import (COVARIANCE_ROUTES, FASTEST_SINGULAR_VALUE_ROUTE,
                                  SINGULAR_VALUE_ROUTES, consistency_loss, covariance_loss,
                                  dominant_share, dominant_singular_value_loss,
@@ -37,8 +37,8 @@ __all__ = [
     "encode_augmented", "epoch_inputs", "fit", "fit_grid", "fit_grid_multi", "fit_multi",
     "gram_singular_values", "grid_online_epoch", "grid_predict", "grid_table_epoch",
     "init_variables", "initial_optimizer_state", "loss_terms", "loss_weights",
-    "make_optimizer", "normalize_rows",
-    "online_epoch", "parse_grid", "point_configs", "predict", "predict_all", "probe_config",
+    "make_optimizer", "normalize_rows", "online_epoch", "parameter_count", "parse_grid",
+    "point_configs", "predict", "predict_all", "probe_config",
     "program_hparams", "random_resized_crop_flip", "report_lines", "resolve_config",
     "single_threaded_lapack", "singular_value_route", "singular_values", "table_epoch",
     "validation_split",

@@ -31,7 +31,7 @@ from nmjax.features import MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set
     inferred_classes_note, warn_if_huge
 from nmjax.nmtune import grid as grid_lib
 from nmjax.nmtune.programs import LOSS_TERMS, predict_all
-from nmjax.nmtune.runs import (TrainLike, Trained, group_key, prepare, train_group,
+from nmjax.nmtune.runs import (TrainLike, Trained, prepare, program_groups, train_group,
                                train_labels)
 
 METHODS = ("nmtune", "mlp", "lp_aug")
@@ -160,7 +160,8 @@ def _settings(trained: Trained) -> dict[str, Any]:
       **loss_weights(config.mse_weight, config.cov_weight, config.svd_weight, config.svd_topk),
       "mlp_ratio": config.mlp_ratio, "mlp_layers": run.model.mlp_layers,
       "residual_scale_init": config.residual_scale_init, "seed": config.seed,
-      "residual_scale_mean": (float(np.mean(params["residual_scale"]))
+      # np.asarray first: np.mean of a device array calls its .mean() (a compiled program).
+      "residual_scale_mean": (float(np.mean(np.asarray(params["residual_scale"])))
                               if "residual_scale" in params else None),
       "sv_route": run.spec.sv_route, "val_fraction": config.val_fraction,
   }
@@ -207,10 +208,11 @@ def fit_grid_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
   result} per config, in order, each trained as fit_multi(train, tests, config) trains it (the
   same rows, views, seed and hyperparameters; batched float32 kernels round differently, so the
   losses agree to about 1e-6 and an accuracy may differ by a prediction near a tie). Configs
-  that differ only in grid.ONE_PROGRAM_FIELDS train
-  in one jitted program (nmjax.nmtune.runs); each result's configs_in_program says how many
-  shared its program and seconds is that program's whole fit. A grid member whose loss becomes
-  non-finite is marked (its results' "diverged") instead of failing the others."""
+  that differ only in grid.ONE_PROGRAM_FIELDS train in one jitted program, as many as keep
+  their stacked state small (nmjax.nmtune.runs.program_groups; a large head trains alone, as
+  fit trains it); each result's configs_in_program says how many shared its program and seconds
+  is that program's whole fit. With several configs, one whose loss becomes non-finite is
+  marked (its results' "diverged") instead of failing the others."""
   start = time.perf_counter()
   if not tests:
     raise DataError("NMTune: no test sets given")
@@ -224,18 +226,16 @@ def fit_grid_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
     if config.num_classes not in sources:  # Validated once, shared by every run.
       sources[config.num_classes] = train_labels(train, config.num_classes)
     runs.append(prepare(sources[config.num_classes], _method_config(config)))
-  groups: dict[tuple[Any, ...], list[int]] = {}
-  for i, run in enumerate(runs):
-    groups.setdefault(group_key(run), []).append(i)
   out: list[dict[str, dict[str, Any]]] = [{} for _ in runs]
-  for number, members in enumerate(groups.values()):
+  for number, members in enumerate(program_groups(runs)):
     group_start = start if number == 0 else time.perf_counter()
     first, config = runs[members[0]], resolved[members[0]]
     test_sets = _test_sets(tests, first.feature_dim, first.num_classes,
                            given_classes=config.num_classes is not None)
     biases = {n: _logit_bias(first.config, n, s, first.num_classes, logit_subsets)
               for n, s in test_sets.items()}
-    trained = train_group([runs[i] for i in members], test_sets, biases, log, group_start)
+    trained = train_group([runs[i] for i in members], test_sets, biases, log, group_start,
+                          mark_divergence=len(runs) > 1)
     for i, results in zip(members, _results(trained, test_sets, biases,
                                             time.perf_counter() - group_start)):
       out[i] = results

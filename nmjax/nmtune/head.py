@@ -95,3 +95,16 @@ def init_variables(model: NMTuneHead, feature_dim: int, seed: int) -> dict[str, 
   # Built on the host and moved in one transfer: jnp.ones, jnp.zeros and dtype conversions
   # would each compile a small program the first time a process meets its shape.
   return jax.device_put({"params": params, **({"batch_stats": batch_stats} if batch_stats else {})})
+
+
+def parameter_count(model: NMTuneHead, feature_dim: int) -> int:
+  """How many trainable values init_variables(model, feature_dim, seed)["params"] holds."""
+  count = feature_dim * model.num_classes + model.num_classes  # The classifier.
+  if model.mlp_layers > 0:
+    width = max(1, int(round(model.mlp_ratio * feature_dim)))
+    fan_in = feature_dim
+    for _ in range(model.mlp_layers):
+      count += fan_in * width + 3 * width  # Kernel, bias, BatchNorm scale and bias.
+      fan_in = width
+    count += width * feature_dim + 2 * feature_dim  # The output kernel and bias, the scale.
+  return count

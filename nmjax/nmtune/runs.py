@@ -4,9 +4,10 @@ seeded draws to final states, per-epoch accuracies and loss terms.
 
 A group of runs shares one compiled program when they differ only in traced hyperparameters
 (nmjax.nmtune.programs.HPARAMS), their residual scale's initial value or their seed: same train
-data, method structure, epochs and rows per step (group_key). K = 1 runs the plain epoch
-programs; K > 1 the grid programs, with one gather (or one encoding of the views) per step for
-all members when they share a seed (so the same data order).
+data, method structure, epochs and rows per step (group_key), and only as many as keep their
+stacked state small (members_per_program: where vmapping them measured faster than one at a
+time). K = 1 runs the plain epoch programs; K > 1 the grid programs, with one gather (or one
+encoding of the views) per step for all members when they share a seed (so the same data order).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from nmjax.errors import ConfigError, DataError, TrainingError
 from nmjax.features import (FeatureSet, as_feature_set, check_labels, check_matrix,
                             warn_if_huge)
-from nmjax.nmtune.head import NMTuneHead, init_variables
+from nmjax.nmtune.head import NMTuneHead, init_variables, parameter_count
 from nmjax.nmtune.losses import singular_value_route
 from nmjax.nmtune.programs import (LOSS_TERMS, ProgramSpec, State, grid_online_epoch,
                                    grid_table_epoch, initial_optimizer_state, online_epoch,
@@ -170,9 +171,41 @@ def prepare(source: tuple[Any, np.ndarray, int], config: ml_collections.ConfigDi
 
 
 def group_key(run: Run) -> tuple[Any, ...]:
-  """Runs with equal keys train in one program (the same data, spec, epochs and step rows)."""
+  """Runs with equal keys may train in one program (the same data, spec, epochs, step rows)."""
   return (id(run.train), run.spec, run.config.epochs, run.config.batch_size,
           run.config.val_fraction)
+
+
+# The most bytes of training state (parameters, AdamW's two moments) that the members of one
+# grid program over a feature table hold together: half this machine's 32 MiB L3. Measured per
+# step on 2 cores against one run's program, K members vmapped: D = 64 (0.4 MB a member), K = 16:
+# 1.24x faster; D = 128 (1.6 MB), K = 16: 1.11x; D = 256 (6.4 MB), K = 4: 0.96x; D = 512
+# (25 MB), K = 16: 0.75x (the stacked state no longer stays in cache, and the update streams it
+# through memory every step). Online views stay in one program: their encoding is shared.
+GRID_STATE_BYTES = 16 << 20
+
+
+def members_per_program(run: Run) -> int:
+  """How many runs like `run` (group_key) one grid program trains: all of them with online
+  views; over a feature table, as many as fit GRID_STATE_BYTES (at least 1: one run's own
+  program, exactly fit's)."""
+  if isinstance(run.train, OnlineViews):
+    return 1 << 30
+  state_bytes = 3 * 4 * parameter_count(run.model, run.feature_dim)
+  return max(1, GRID_STATE_BYTES // state_bytes)
+
+
+def program_groups(runs: Sequence[Run]) -> list[list[int]]:
+  """The indices of `runs` grouped into programs: equal group_key, in order, each group split
+  into chunks of members_per_program."""
+  groups: dict[tuple[Any, ...], list[int]] = {}
+  for i, run in enumerate(runs):
+    groups.setdefault(group_key(run), []).append(i)
+  chunks = []
+  for members in groups.values():
+    size = members_per_program(runs[members[0]])
+    chunks += [members[start:start + size] for start in range(0, len(members), size)]
+  return chunks
 
 
 def initial_state(run: Run) -> State:
@@ -240,7 +273,7 @@ def _nonfinite(terms: np.ndarray, epoch: int) -> str | None:
 def _train_epoch(runs: Sequence[Run], epoch: int, rngs: Sequence[np.random.Generator],
                  epoch_fn: Callable[..., tuple[State, jax.Array]], state: State,
                  done: Sequence[Trained], test_sets: Mapping[str, FeatureSet],
-                 biases: Mapping[str, np.ndarray]) -> State:
+                 biases: Mapping[str, np.ndarray], mark_divergence: bool) -> State:
   """One epoch of a group: the draws, the program call, the loss checks and the accuracies."""
   inputs = [r.inputs(rng) for r, rng in zip(runs, rngs)]
   if len(inputs) > 1:  # One array per input, the member axis after the step axis.
@@ -250,7 +283,7 @@ def _train_epoch(runs: Sequence[Run], epoch: int, rngs: Sequence[np.random.Gener
   for i, trained in enumerate(done):
     trained.losses.append(terms[:, i].mean(axis=0))
     where = trained.diverged or _nonfinite(terms[:, i], epoch)
-    if where and len(runs) == 1:
+    if where and not mark_divergence:
       raise TrainingError(f"NMTune: the loss became non-finite at {where}; lower config.lr or"
                           " the regularizer weights")
     trained.diverged = where
@@ -265,10 +298,11 @@ def _train_epoch(runs: Sequence[Run], epoch: int, rngs: Sequence[np.random.Gener
 
 def train_group(runs: Sequence[Run], test_sets: Mapping[str, FeatureSet],
                 biases: Mapping[str, np.ndarray], log: Callable[[str], None] | None,
-                start: float) -> list[Trained]:
-  """The epochs of runs sharing one program (group_key): every epoch, each run's own seeded draws
-  (one set when they share a seed), one program call, then each run's test and validation
-  accuracy. A lone run whose loss becomes non-finite fails; a grid member is marked diverged."""
+                start: float, *, mark_divergence: bool) -> list[Trained]:
+  """The epochs of runs sharing one program (program_groups): every epoch, each run's own seeded
+  draws (one set when they share a seed), one program call, then each run's test and validation
+  accuracy. A run whose loss becomes non-finite is marked diverged (mark_divergence: a member
+  of a grid) or fails."""
   shared = len({r.config.seed for r in runs}) == 1
   rngs = [np.random.default_rng([r.config.seed, 11]) for r in (runs[:1] if shared else runs)]
   states = [initial_state(r) for r in runs]
@@ -278,7 +312,8 @@ def train_group(runs: Sequence[Run], test_sets: Mapping[str, FeatureSet],
   countdown = Countdown(runs[0].config.epochs, start=start)
   with single_threaded_lapack():
     for epoch in range(runs[0].config.epochs):
-      state = _train_epoch(runs, epoch, rngs, epoch_fn, state, done, test_sets, biases)
+      state = _train_epoch(runs, epoch, rngs, epoch_fn, state, done, test_sets, biases,
+                           mark_divergence)
       countdown.done()
       if log is not None:
         log(_epoch_line(done, epoch, countdown))
