@@ -71,7 +71,8 @@ def _read_holder(fd: int) -> Holder | None:
     return None
 
 
-def _refusal(folder: str, fd: int) -> InUse:
+def _holder_words(fd: int) -> str:
+  """'another run (its holder)', for the lines a refused or waiting run prints."""
   holder = None
   for _ in range(10):  # The holder may be writing its record right now.
     holder = _read_holder(fd)
@@ -79,12 +80,14 @@ def _refusal(folder: str, fd: int) -> InUse:
       break
     time.sleep(0.05)
   if holder is None:
-    who = "another run (its lock file names no holder yet)"
-  else:
-    gone = " (that process has exited; one it started still holds the lock)"
-    who = f"another run ({holder}{gone if holder.running() is False else ''})"
-  return InUse(f"--workdir={folder} is in use by {who}; wait for it to finish or pass another"
-               " --workdir")
+    return "another run (its lock file names no holder yet)"
+  gone = " (that process has exited; one it started still holds the lock)"
+  return f"another run ({holder}{gone if holder.running() is False else ''})"
+
+
+def _refusal(folder: str, fd: int) -> InUse:
+  return InUse(f"--workdir={folder} is in use by {_holder_words(fd)}; wait for it to finish or"
+               " pass another --workdir")
 
 
 @contextlib.contextmanager
@@ -108,7 +111,8 @@ def hold(folder: str, what: str, *, process_index: int = 0,
     except BlockingIOError:
       if not wait:
         raise _refusal(folder, fd) from None
-      print(f"[lock] {str(_refusal(folder, fd)).split('; wait')[0]}: waiting for it", flush=True)
+      print(f"[lock] --workdir={folder} is in use by {_holder_words(fd)}: waiting for it",
+            flush=True)
       fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):

@@ -193,15 +193,16 @@ def _finished(stage_dir: str, cfg: ml_collections.ConfigDict, what: str,
   return saved
 
 
-def _run_pretrain(cfg: ml_collections.ConfigDict, point: Point, stage_dir: str,
-                  workdir: str, trainer: Any) -> dict[str, Any]:
-  """Runs (or, after a kill, resumes) a pre-training stage; returns its record."""
+def _run_pretrain(config: ml_collections.ConfigDict, point: Point, workdir: str) -> dict[str, Any]:
+  """Runs (or, after a kill, resumes) a point's pre-training stage; returns its record. The
+  point's evaluation stage is cleared: nothing it left is valid for the new encoder."""
+  cfg, stage_dir = pretrain_config(config, point), os.path.join(workdir, "pretrain", point.name)
   started = _read_json(os.path.join(stage_dir, "config.json"))
   if started is not None:  # Killed mid-way: the pre-training job resumes from its checkpoint.
     _check_same(_identity(ml_collections.ConfigDict(started)), _identity(cfg),
                 f"a pre-training run {point.name}", workdir)
   start = time.perf_counter()
-  result = trainer.run(cfg, prepare_workdir(stage_dir))
+  result = _pretrainer(config).run(cfg, prepare_workdir(stage_dir))
   if result.get("preempted"):
     raise _Preempted(f"pre-training {point}")
   keep = ("step", "epoch", "test_acc", "test_loss", "test_count", "train_loss", "train_acc_noisy",
@@ -211,6 +212,7 @@ def _run_pretrain(cfg: ml_collections.ConfigDict, point: Point, stage_dir: str,
             "result": {k: result[k] for k in keep if k in result},
             "seconds": time.perf_counter() - start}
   report.write_json(os.path.join(stage_dir, STAGE_FILE), record)
+  shutil.rmtree(os.path.join(workdir, "eval", point.name), ignore_errors=True)
   return record
 
 
@@ -244,9 +246,7 @@ def _first_pretrain(config: ml_collections.ConfigDict, plan: Plan, workdir: str)
         pre = _finished(pre_dir, pretrain_config(config, point), what, workdir)
         if pre is None:
           print(f"[study] the tune stage needs {what}: running it here", flush=True)
-          pre = _run_pretrain(pretrain_config(config, point), point, pre_dir, workdir,
-                              _pretrainer(config))
-          shutil.rmtree(os.path.join(workdir, "eval", point.name), ignore_errors=True)
+          pre = _run_pretrain(config, point, workdir)
         return pre
     except lock.InUse:
       if not said:
@@ -298,11 +298,11 @@ def sweep_of(plan: Plan) -> report.Sweep:
 
 
 def render(config: ml_collections.ConfigDict, plan: Plan, stages: dict[Point, tuple[dict, dict]],
-           workdir: str) -> report.Table:
-  """Writes the report (report.STUDY_FILES and tb/) and prints its table; returns it."""
+           workdir: str, tune: dict[str, Any] | None) -> report.Table:
+  """Writes the report (report.STUDY_FILES and tb/) and prints its table; returns it. tune: the
+  tune stage's record (None without one)."""
   title = (f"{config.pretrain.model} pre-trained on {config.pretrain.dataset} with"
            f" {study_report.noise_words(config, is_clip(config))}")
-  tune = tuned(config, plan, workdir, run=False)
   records = study_report.records(plan, stages, HITS_FILE)
   if tune:  # The weights' record: chosen on the first seed's r = 0 encoder.
     records.append({"record": "tune", "seed": plan.seeds[0], "noise_ratio": 0.0, **{
@@ -331,11 +331,8 @@ def _run_locked_point(config: ml_collections.ConfigDict, plan: Plan, point: Poin
                      f" {point.name}", workdir)
   start, pre, ran = time.perf_counter(), done, 0
   if pre is None:
-    pre = _run_pretrain(pretrain_config(config, point), point, pre_dir, workdir,
-                        _pretrainer(config))
+    pre = _run_pretrain(config, point, workdir)
     ran += 1
-    # Its encoder was trained again: nothing an earlier evaluation left is valid.
-    shutil.rmtree(eval_dir, ignore_errors=True)
   seconds = clock.done("pretrain", time.perf_counter() - start) if ran else None
   study_report.stage_line(index + 1, num_stages, f"pretrain {point}",
                           study_report.pretrain_text(pre), seconds, clock)
@@ -374,7 +371,7 @@ def _render_finished(config: ml_collections.ConfigDict, plan: Plan, workdir: str
                       " missing stages first (--config.stage=list names them)")
   shown = dataclasses.replace(plan, ratios=ratios, points=[
       p for p in plan.points if p.noise_ratio in ratios])
-  table = render(config, shown, stages, workdir)
+  table = render(config, shown, stages, workdir, tune)
   print(f"[study] report in {workdir} from {len(shown.points)} of {len(plan.points)} stage(s)"
         + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)
   return {"records": table.records, "missing": missing, "workdir": workdir}
@@ -423,7 +420,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           " to continue", flush=True)
     return {"preempted": True, "stages_run": ran}
 
-  table = render(config, plan, stages, workdir)
+  table = render(config, plan, stages, workdir, tuned(config, plan, workdir, run=False))
   print(f"[study] done in {format_seconds(clock.elapsed())} ({ran} stage(s) run,"
         f" {num_stages - ran} reused). Report in {workdir}: " + ", ".join(report.STUDY_FILES)
         + ", tb/ (tensorboard --logdir " + os.path.join(workdir, "tb")

@@ -25,6 +25,7 @@ from nmjax.config import tuning_config
 from nmjax.data import sources
 from nmjax.errors import ConfigError
 from nmjax.jobs import prepare_workdir
+from nmjax.nmtune import grid as grid_lib
 
 STAGE_NAME = "tune"
 
@@ -81,8 +82,8 @@ def run(cfg: ml_collections.ConfigDict, tasks: list[Any], tune_dir: str,
   cache = evaluate.open_cache(cfg, tune_dir, batch_size=cfg.extract_batch_size,
                               batch_field="extract_batch_size")
   splits = list(dict.fromkeys(t.train for t in tasks))
-  fields = [f for f, _ in nmtune.parse_grid(cfg.grid)]
-  per_split, diverged, members = {}, None, None
+  members = grid_lib.expand(cfg)  # Each configuration's grid-field values, in the grid's order.
+  per_split, diverged = {}, [False] * len(members)
   for split in splits:
     plain = cache.get(split)
     train = plain
@@ -93,9 +94,7 @@ def run(cfg: ml_collections.ConfigDict, tasks: list[Any], tune_dir: str,
         cfg, "nmtune", cache.info(split.dataset).num_classes))
     results = [r["train"] for r in nmtune.fit_grid_multi(train, {"train": plain}, points)]
     per_split[str(split)] = [r.get("val_accuracy") for r in results]
-    bad = [bool(r.get("diverged")) for r in results]
-    diverged = bad if diverged is None else [a or b for a, b in zip(diverged, bad)]
-    members = [{f: p[f] for f in fields} for p in points]
+    diverged = [d or bool(r.get("diverged")) for d, r in zip(diverged, results)]
     print(f"[study] tune on {split}: val " + " ".join(
         f"{v:.4f}" for v in per_split[str(split)]), flush=True)
   mean_val = [float(np.mean([per_split[s][i] for s in per_split])) for i in range(len(members))]
