@@ -11,14 +11,12 @@ folder, then measures, on the same JPEGs and the same draws:
     decode_less=False over jpeg_records(batched_reads=True): every JPEG
     opened and decoded whole by Pillow, records read in batches through TFDS's parser, the
     path before issue 16; "new" = the defaults (single reads, only the rows each crop needs
-    decoded, at a reduced DCT scale where the crop allows, resized by nmjax.data.resample into
-    the batch: Pillow's pixels at about a third of its CPU);
+    decoded, at a reduced DCT scale where the crop allows, and only its columns and rows,
+    resized into the batch by nmjax.data.resample: Pillow's pixels in about half its CPU);
   * "transform": decode + crop + flip alone in this process (old: Pillow's whole decode; new:
     decode_less), on these JPEGs and on larger ones (1024x768 and 800x600), where reduced-scale
     decoding applies to most crops;
   * "profile": the cost of each stage per image, in CPU milliseconds;
-  * "ceiling": the most images per CPU-second the new path could reach here with Pillow and
-    grain, from the profile's parts that no change around them removes (see _ceiling);
   * "quality": how often a reduced-scale decode applies, the fraction of rows decoded, and how
     far reduced crops are from full-decode ones (mean absolute difference, grey levels of 255).
 The dataset is written by tests/synthetic_data.write_imagenet with photo_jpeg in place of its
@@ -302,36 +300,17 @@ def _profile(jpegs: list[bytes], draws: np.ndarray, old_source, new_source, args
       "resample_into_batch": ms(lambda i: resample.resize_into(
           full[i], plans[i][1], _OUTPUT, batch[i % args.batch], mirror=draws[i][-1] < 0.5))
                              if resample.available() else None,
+      # What the new path runs per JPEG: the crop's columns and rows decoded and resized in one
+      # call (nmjax.data.resample.decode_resize_into), None where it is not available.
+      "crop_decode_and_resize": ms(lambda i: resample.decode_resize_into(
+          jpegs[i], plans[i][2], tuple(v / plans[i][2] for v in plans[i][1]), _OUTPUT,
+          batch[i % args.batch], mirror=draws[i][-1] < 0.5)) if resample.decoder() else None,
       "flip_transpose": ms(lambda i: crops[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
       "to_numpy_into_batch": ms(lambda i: batch.__setitem__(i % args.batch, np.asarray(crops[i]))),
       # Mirroring as numpy's reversed view copied into the batch instead costs about 8x Pillow's.
       "numpy_flip_into_batch": ms(lambda i: batch.__setitem__(
           i % args.batch, np.asarray(crops[i])[:, ::-1])),
   }
-
-
-def _ceiling(profile: dict, quality: dict, rows: list[dict], workers: int) -> dict:
-  """The most images per CPU-second the new path could reach on this machine with its resize
-  and grain's workers: the CPU per image of what no change around them removes (the entropy
-  decoding of the rows above each crop's bottom, the IDCT and colour conversion of the crop box
-  alone, the resize of the box into the batch (nmjax.data.resample's, else Pillow's and the copy
-  into the batch), the record read, the stream, and, with workers, grain's hand-off: the new
-  path's CPU per image with `workers` workers minus in this process), as if every other pixel's
-  IDCT and every Python line were free. The box's IDCT and colour conversion are modelled as the
-  decode's cost beyond entropy decoding times the box's share of the decoded pixels."""
-  per_row = {r["workers"]: 1e3 / r["new"]["images_per_sec_per_core"] for r in rows
-             if r["threads"] == 1}
-  resize = (("resample_into_batch",) if profile["resample_into_batch"] is not None else
-            ("resize_full_decode", "to_numpy_into_batch"))
-  parts = {k: profile[k] for k in ("entropy_decode_rows", *resize, "read_record_single",
-                                   "stream_imagenet_size")}
-  parts["box_idct_and_colour"] = round(quality["box_share_of_decoded_pixels"] * max(
-      profile["new_decode_rows"] - profile["entropy_decode_rows"], 0.0), 3)
-  if workers and workers in per_row and 0 in per_row:
-    parts["worker_hand_off"] = round(max(per_row[workers] - per_row[0], 0.0), 3)
-  total = sum(parts.values())
-  return {"workers": workers, "cpu_ms_per_image": parts, "total_ms": round(total, 3),
-          "images_per_sec_per_core": round(1e3 / total, 1)}
 
 
 def main() -> None:
@@ -387,8 +366,6 @@ def main() -> None:
              "new_images_per_sec_per_core": headline["new"]["images_per_sec_per_core"],
              "new_over_old_per_core": headline["new_over_old_per_core"],
              "headline_workers": headline["workers"],
-             "ceiling": _ceiling(results["profile_cpu_ms_per_image"],
-                                 results["quality"]["imagenet_sizes"], rows, headline["workers"]),
              "per_core": "images per CPU-second of this process and its workers (images/s / "
                          "cores used), median over rounds"} | results
   print(json.dumps(results))

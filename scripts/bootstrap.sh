@@ -46,10 +46,15 @@ if [ "${1:-}" = tests ]; then
   fi
 fi
 
-# The crop resampler (nmjax/data/resample.c), compiled once per source, compiler and CPU into
-# $NMJAX_CACHE_DIR (~/.cache/nmjax/native); a no-op when it is there. Without a C compiler crops
-# resize with Pillow (the same pixels, slower), and this says so.
-.venv/bin/python -c "from nmjax.data import resample; resample.library()"
+# The crop resampler and decoder (nmjax/data/resample.c, decode.c: libjpeg's headers, Debian's
+# libjpeg62-turbo-dev), compiled once per source, compiler and CPU into $NMJAX_CACHE_DIR
+# (~/.cache/nmjax/native); a no-op when they are there. Without a C compiler or the headers crops
+# decode and resize with Pillow (the same pixels, slower), and this says so.
+if [ ! -f /usr/include/jpeglib.h ] && command -v apt-get >/dev/null 2>&1; then
+  sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get install -y -q libjpeg62-turbo-dev >/dev/null 2>&1 || true
+fi
+.venv/bin/python -c "from nmjax.data import resample; resample.decoder()"
 
 # 2. Fashion-MNIST (gzipped IDX files) from Debian.
 if [ ! -f "$fmnist_dir/train-images-idx3-ubyte.gz" ]; then

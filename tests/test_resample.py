@@ -1,4 +1,7 @@
-"""nmjax.data.resample: Pillow's bilinear resize of a box, the same pixels, or no answer."""
+"""nmjax.data.resample: Pillow's bilinear resize of a box, and a JPEG crop decoded and resized,
+the same pixels as Pillow's, or no answer."""
+
+import io
 
 import numpy as np
 import pytest
@@ -63,22 +66,25 @@ def test_no_answer_where_pillows_pixels_are_not_promised(monkeypatch):
   assert not resample.resize_into(image, (4, 0, 4, 10), 8, out)        # empty
   assert not resample.resize_into(image, (0, 0, 10, 10), 8, out[:, ::2])  # not contiguous
   assert not out.any()
-  # Turned off, or another Pillow: no answer, and the crops (Pillow's resize) stay the same.
-  jpeg_image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 90, 3),
-                                                                 dtype=np.uint8))
+  # Turned off, or another Pillow: no answer, and the crops (Pillow's) stay the same.
+  image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+  encoded = io.BytesIO()
+  image.save(encoded, format="JPEG", quality=90)
   uniforms = np.full(imagenet.DRAWS_PER_EXAMPLE, 0.3)
-  native = imagenet.random_resized_crop(jpeg_image, uniforms, 24)
+  native = [imagenet.random_resized_crop(x, uniforms, 24) for x in (image, encoded.getvalue())]
   for env, version in (("0", None), ("1", "12.3.0")):
     monkeypatch.setenv("NMJAX_NATIVE_RESAMPLE", env)
     if version:
       monkeypatch.setattr(resample.PIL, "__version__", version)
     resample.library.cache_clear()
+    resample.decoder.cache_clear()
     try:
-      assert not resample.available()
-      np.testing.assert_array_equal(imagenet.random_resized_crop(jpeg_image, uniforms, 24),
-                                    native)
+      assert not resample.available() and resample.decoder() is None
+      for x, expected in zip((image, encoded.getvalue()), native):
+        np.testing.assert_array_equal(imagenet.random_resized_crop(x, uniforms, 24), expected)
     finally:
       resample.library.cache_clear()
+      resample.decoder.cache_clear()
   monkeypatch.undo()
   assert resample.available()
 
@@ -91,3 +97,41 @@ def test_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
   stamp = first.stat().st_mtime_ns
   assert resample.build(compiler) == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_crop_decode_gives_the_pixels_of_pillows_whole_decode():
+  # decode.c decodes only the columns and rows the resize reads (at 1/scale where asked) and
+  # resizes them: the pixels of Pillow's whole decode at that scale, resized by Pillow.
+  if resample.decoder() is None:
+    pytest.skip("no libjpeg headers: crops decode with Pillow")
+  from test_imagenet import _jpeg_kinds  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(4)
+  checked = 0
+  for name, jpeg in _jpeg_kinds(rng).items():
+    frame = imagenet.jpeg_frame(jpeg)
+    if frame is None:  # CMYK: Pillow's
+      assert not resample.decode_resize_into(jpeg, 1, (0, 0, 8, 8), 8, np.zeros((8, 8, 3),
+                                                                                np.uint8))
+      continue
+    for case in range(14):
+      size = int(rng.choice([16, 32, 112, 224]))
+      box = imagenet.crop_box(frame.width, frame.height, rng.random(imagenet.DRAWS_PER_EXAMPLE))
+      scale = (1, 2, 4)[case % 3]
+      reduced = imagenet.decode_rows(jpeg, frame, frame.height, scale)
+      box = tuple(v / scale for v in box)
+      mirror = bool(case % 2)
+      out = np.zeros((size, size, 3), np.uint8)
+      assert resample.decode_resize_into(jpeg, scale, box, size, out, mirror=mirror), name
+      np.testing.assert_array_equal(out, _pillow(reduced, box, size, mirror),
+                                    err_msg=f"{name} 1/{scale} {box} -> {size}")
+      checked += 1
+  assert checked == 7 * 14
+  # Rows the crop reads cut off, damaged data, or a box beyond the image: no answer (Pillow
+  # then says why). A cut file whose crop's rows are all there decodes, as with decode_rows.
+  jpeg = _jpeg_kinds(rng)["4:2:0"]  # 321 x 243
+  out = np.zeros((16, 16, 3), np.uint8)
+  assert not resample.decode_resize_into(jpeg[:len(jpeg) // 2], 1, (0, 200, 300, 243), 16, out)
+  assert not resample.decode_resize_into(b"\xff\xd8not a jpeg", 1, (0, 0, 10, 10), 16, out)
+  assert not resample.decode_resize_into(jpeg, 1, (0, 0, 400, 100), 16, out)
+  assert not out.any()
+  assert resample.decode_resize_into(jpeg[:len(jpeg) // 2], 1, (0, 0, 100, 40), 16, out)

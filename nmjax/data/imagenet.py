@@ -20,9 +20,11 @@ the crop needs is decoded (`resized_crop`):
     the box becomes box / s), covering the same region of the original; these crops differ
     from full-decode ones by resampling only, within the tolerance tests/test_imagenet.py
     checks. At ImageNet's common sizes (about 500x375) almost no crop allows it.
-The resize then runs in nmjax.data.resample (Pillow's arithmetic, the same pixels, about a third
-of Pillow's CPU, written straight into the batch and mirrored there), or in Pillow where that
-cannot promise Pillow's pixels. decode_less=False opens and decodes every JPEG whole with Pillow
+Where nmjax.data.resample is built (a C compiler, libjpeg's headers) a JPEG crop is decoded and
+resized there in one call: libjpeg decodes only the columns and rows the resize reads (at the
+same DCT scale), and the resize, Pillow's arithmetic, writes and mirrors straight into the batch:
+the same pixels as Pillow's decode and resize, in about half their CPU; anything else (and any
+file libjpeg reports on) is decoded by Pillow as above. decode_less=False opens and decodes every JPEG whole with Pillow
 and resizes with Pillow (the pipeline before, the reference of tests/test_imagenet.py and
 benchmarks/input.py).
 
@@ -161,10 +163,19 @@ def resized_crop(image: Image.Image | bytes, box_of: Callable[[int, int], Box], 
 def _crop_array(image: Image.Image | bytes, box_of: Callable[[int, int], Box], size: int,
                 decode_less: bool, mirror: bool, out: np.ndarray | None) -> np.ndarray:
   """resized_crop (mirrored when `mirror`) as a (size, size, 3) uint8 array, written into `out`
-  when given. With decode_less the resize runs in nmjax.data.resample where it gives Pillow's
-  pixels (a third of Pillow's CPU), else, as with decode_less=False, in Pillow."""
-  decoded, box = decode_crop(image, box_of, size, decode_less=decode_less)
+  when given. With decode_less, JPEG bytes are decoded and resized in one call of
+  nmjax.data.resample (only the columns and rows the resize reads decoded) and anything else is
+  resized there (Pillow's pixels either way); where it does not take them, or without
+  decode_less, Pillow decodes (decode_crop) and resizes."""
   out = np.empty((size, size, 3), np.uint8) if out is None else out
+  frame = jpeg_frame(image) if decode_less and isinstance(image, bytes) else None
+  if frame is not None:
+    box = box_of(frame.width, frame.height)
+    scale = dct_scale(box, size)
+    if resample.decode_resize_into(image, scale, tuple(v / scale for v in box), size, out,
+                                   mirror=mirror):
+      return out
+  decoded, box = decode_crop(image, box_of, size, decode_less=decode_less)
   if decode_less and resample.resize_into(decoded, box, size, out, mirror=mirror):
     return out
   crop = decoded.resize((size, size), Image.Resampling.BILINEAR, box=box)

@@ -21,21 +21,22 @@
 #define PRECISION_BITS (32 - 8 - 2)
 #define HALF (1 << (PRECISION_BITS - 1))
 
-/* Per-thread scratch memory kept between calls: a fresh malloc of a few hundred KB is an mmap
- * whose pages fault in on every call. Part `part` (0..2) of `bytes` bytes each. */
-static __thread uint8_t *scratch_memory;
-static __thread size_t scratch_bytes;
+/* Per-thread scratch memory kept between calls (a fresh malloc of a few hundred KB is an mmap
+ * whose pages fault in on every call): SCRATCH_POOLS buffers, each grown on demand and kept for
+ * the thread's life. */
+#define SCRATCH_POOLS 4
+static __thread uint8_t *scratch_memory[SCRATCH_POOLS];
+static __thread size_t scratch_bytes[SCRATCH_POOLS];
 
-static uint8_t *scratch(size_t bytes, int part) {
-  size_t each = (bytes + 63) & ~(size_t)63;
-  if (3 * each > scratch_bytes) {
-    free(scratch_memory);
-    scratch_bytes = 0;
-    scratch_memory = malloc(3 * each);
-    if (!scratch_memory) return NULL;
-    scratch_bytes = 3 * each;
+static uint8_t *scratch(size_t bytes, int pool) {
+  if (bytes > scratch_bytes[pool]) {
+    free(scratch_memory[pool]);
+    scratch_bytes[pool] = 0;
+    scratch_memory[pool] = malloc(bytes);
+    if (!scratch_memory[pool]) return NULL;
+    scratch_bytes[pool] = bytes;
   }
-  return scratch_memory + part * (scratch_bytes / 3);
+  return scratch_memory[pool];
 }
 
 static inline uint8_t clip8(int32_t v) {
@@ -202,6 +203,31 @@ static void pack(const uint8_t *in, long in_stride, int width, int rows, uint8_t
     }
 }
 
+/* The input pixels a resize reads: columns [region[0], region[1]) and rows [region[2], region[3])
+ * (those the weights of either pass touch). Returns 0, or -1 when memory runs out. */
+int nmjax_resample_region(int in_w, int in_h, float x0, float y0, float x1, float y1, int out_w,
+                          int out_h, int *region) {
+  int taps_h = tap_count(x0, x1, out_w), taps_v = tap_count(y0, y1, out_h);
+  int *bh = malloc(sizeof(int) * 2 * out_w), *bv = malloc(sizeof(int) * 2 * out_h);
+  int32_t *kh = malloc(sizeof(int32_t) * out_w * taps_h);
+  int32_t *kv = malloc(sizeof(int32_t) * out_h * taps_v);
+  int rc = -1;
+  if (bh && bv && kh && kv) {
+    weights(in_w, x0, x1, out_w, taps_h, bh, kh);
+    weights(in_h, y0, y1, out_h, taps_v, bv, kv);
+    region[0] = bh[0];
+    region[1] = bh[2 * out_w - 2] + bh[2 * out_w - 1];
+    region[2] = bv[0];
+    region[3] = bv[2 * out_h - 2] + bv[2 * out_h - 1];
+    rc = 0;
+  }
+  free(bh);
+  free(bv);
+  free(kh);
+  free(kv);
+  return rc;
+}
+
 int nmjax_resample(const uint8_t *in, int in_w, int in_h, long stride, float x0, float y0,
                    float x1, float y1, int out_w, int out_h, int vertical_first, uint8_t *out,
                    int mirror) {
@@ -211,11 +237,12 @@ int nmjax_resample(const uint8_t *in, int in_w, int in_h, long stride, float x0,
   int *bh = malloc(sizeof(int) * 2 * out_w), *bv = malloc(sizeof(int) * 2 * out_h);
   int32_t *kh = malloc(sizeof(int32_t) * out_w * taps_h);
   int32_t *kv = malloc(sizeof(int32_t) * out_h * taps_v);
-  /* Every intermediate fits in max(width) x max(height) RGBX pixels; three such parts. */
+  /* Every intermediate fits in max(width) x max(height) RGBX pixels (pools 0-2; the decoder
+   * keeps its pixels in pool 3). */
   size_t most = 4 * (size_t)(in_w > out_w ? in_w : out_w) * (size_t)(in_h > out_h ? in_h : out_h);
   uint8_t *tmp = scratch(most, 0), *rgbx = scratch(most, 1), *row = scratch(most, 2);
   int rc = -1;
-  if (!bh || !bv || !kh || !kv || !tmp) goto done;
+  if (!bh || !bv || !kh || !kv || !tmp || !rgbx || !row) goto done;
   weights(in_w, x0, x1, out_w, taps_h, bh, kh);
   weights(in_h, y0, y1, out_h, taps_v, bv, kv);
   long out_stride = 3L * out_w;

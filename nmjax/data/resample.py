@@ -1,4 +1,5 @@
-"""Pillow's bilinear resize of an RGB box, the same pixels at about a third of its CPU time.
+"""Pillow's bilinear resize of an RGB box, the same pixels at about a third of its CPU time, and
+a JPEG crop decoded (only what the resize reads) and resized in one call.
 
 `resize_into(image, box, size, out, mirror)` writes what
 `image.resize((size, size), Image.Resampling.BILINEAR, box=box)` gives (mirrored left-right when
@@ -15,9 +16,17 @@ vector instructions (AVX2 where the compiler targets it) and reads Pillow's pixe
 through its Arrow export. tests/test_resample.py checks the pixels against Pillow's on random
 images, boxes and sizes.
 
-The C file is compiled on first use into $NMJAX_CACHE_DIR (default ~/.cache/nmjax/native), one
-library per source, compiler and CPU (-march=native); bootstrap builds it ahead.
-NMJAX_NATIVE_RESAMPLE=0 turns it off.
+`decode_resize_into(jpeg, scale, box, size, out, mirror)` gives what Pillow's decode of the JPEG
+at 1/scale, resized so, gives, decoding only the columns and rows the resize reads (decode.c:
+libjpeg's jpeg_crop_scanline and jpeg_skip_scanlines, no row below the last one read, the rest
+of the buffer laid out as the whole image so the resize runs as on a whole decode). It links
+the libjpeg of Pillow's wheel (the decoder Pillow itself uses) against Debian's libjpeg-turbo
+headers, or the system's libjpeg; where libjpeg reports anything about a file (an error or a
+warning) it gives no answer and Pillow decodes, so Pillow's errors stay the errors.
+
+The C files are compiled on first use into $NMJAX_CACHE_DIR (default ~/.cache/nmjax/native),
+one library per source, compiler and CPU (-march=native); bootstrap builds them ahead.
+NMJAX_NATIVE_RESAMPLE=0 turns both off.
 """
 
 from __future__ import annotations
@@ -77,51 +86,85 @@ def find_compiler() -> str | None:
               None)
 
 
-def build(compiler: str) -> pathlib.Path:
-  """The compiled library for this source, compiler and CPU (compiled now if missing; the file
-  appears whole or not at all, so concurrent processes share it). Raises OSError or
-  subprocess.CalledProcessError when compiling fails."""
-  key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), compiler.encode(),
-                                   platform.machine().encode(), _cpu_flags().encode()]))
-  target = cache_dir() / f"resample-{key.hexdigest()[:16]}.so"
+def pillow_libjpeg() -> pathlib.Path | None:
+  """The libjpeg that Pillow's wheel bundles (pillow.libs/), if it has one."""
+  found = sorted((pathlib.Path(PIL.__file__).parent.parent / "pillow.libs").glob("libjpeg*.so*"))
+  return found[0] if found else None
+
+
+def build(compiler: str, source: pathlib.Path = _SOURCE,
+          link: tuple[str, ...] = ()) -> pathlib.Path:
+  """The compiled library of `source` for this compiler, CPU and `link` arguments (compiled now
+  if missing; the file appears whole or not at all, so concurrent processes share it). Raises
+  OSError or subprocess.CalledProcessError when compiling fails."""
+  parts = [source.read_bytes(), compiler.encode(), platform.machine().encode(),
+           _cpu_flags().encode(), *(a.encode() for a in link)]
+  if source != _SOURCE:  # it includes resample.c
+    parts.append(_SOURCE.read_bytes())
+  key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+  target = cache_dir() / f"{source.stem}-{key}.so"
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
-    subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(built),
-                    str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
+    subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", f"-I{_SOURCE.parent}",
+                    "-o", str(built), str(source), *link, "-lm"],
+                   check=True, capture_output=True, text=True)
     os.replace(built, target)
   return target
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-  """The loaded resampler, or None where it is off or cannot be built (said once on stderr)."""
+def _load(source: pathlib.Path, link: tuple[str, ...], what: str) -> ctypes.CDLL | None:
+  """build + load, or None (said once on stderr) where it is off or cannot be built."""
   if os.environ.get("NMJAX_NATIVE_RESAMPLE", "1") == "0":
     return None
   if PIL.__version__ not in CHECKED_PILLOW:
     print(f"[nmjax] Pillow {PIL.__version__} is not one whose resize nmjax's resampler was"
-          f" checked against ({', '.join(CHECKED_PILLOW)}): crops resize with Pillow's"
-          " (slower, same pipeline)", file=sys.stderr)
+          f" checked against ({', '.join(CHECKED_PILLOW)}): {what} with Pillow (slower, the same"
+          " pixels)", file=sys.stderr)
     return None
   compiler = find_compiler()
   if compiler is None:
-    print("[nmjax] no C compiler (cc, gcc, clang or $CC): crops resize with Pillow's resize"
-          " (about 3x the CPU per crop)", file=sys.stderr)
+    print(f"[nmjax] no C compiler (cc, gcc, clang or $CC): {what} with Pillow (slower, the same"
+          " pixels)", file=sys.stderr)
     return None
   try:
-    lib = ctypes.CDLL(str(build(compiler)))
+    return ctypes.CDLL(str(build(compiler, source, link)))
   except (OSError, subprocess.CalledProcessError) as e:
     detail = getattr(e, "stderr", None) or e
-    print(f"[nmjax] building {_SOURCE.name} failed ({str(detail).strip()[:300]}): crops resize"
-          " with Pillow's resize", file=sys.stderr)
+    print(f"[nmjax] building {source.name} failed ({str(detail).strip()[:300]}): {what} with"
+          " Pillow (slower, the same pixels)", file=sys.stderr)
     return None
-  lib.nmjax_resample.restype = ctypes.c_int
-  lib.nmjax_resample.argtypes = [
-      ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_float,
-      ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-      ctypes.c_void_p, ctypes.c_int]
+
+
+_RESAMPLE_ARGS = [ctypes.c_float] * 4 + [ctypes.c_int] * 3
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+  """The loaded resampler (resample.c), or None where it is off or cannot be built."""
+  lib = _load(_SOURCE, (), "crops resize")
+  if lib is not None:
+    lib.nmjax_resample.restype = ctypes.c_int
+    lib.nmjax_resample.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+                                   *_RESAMPLE_ARGS, ctypes.c_void_p, ctypes.c_int]
+  return lib
+
+
+@functools.cache
+def decoder() -> ctypes.CDLL | None:
+  """The loaded crop decoder (decode.c: libjpeg, Pillow's own where its wheel bundles one, and
+  the resampler), or None where it is off or cannot be built (no libjpeg headers, say)."""
+  if library() is None:
+    return None
+  bundled = pillow_libjpeg()
+  link = (str(bundled), f"-Wl,-rpath,{bundled.parent}") if bundled else ("-ljpeg",)
+  lib = _load(_SOURCE.with_name("decode.c"), link, "crops decode")
+  if lib is not None:
+    lib.nmjax_decode_resample.restype = ctypes.c_int
+    lib.nmjax_decode_resample.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int,
+                                          *_RESAMPLE_ARGS[:-1], ctypes.c_void_p]
   return lib
 
 
@@ -132,7 +175,8 @@ def available() -> bool:
 
 def vertical_first(width: int, height: int, out_width: int, out_height: int) -> bool:
   """Whether Pillow 13 resizes a width x height image to out_width x out_height vertically
-  first (measured on 13.0.0 over random sizes and boxes: the box does not enter)."""
+  first (measured on 13.0.0 over random sizes and boxes: the box does not enter; decode.c
+  applies the same rule)."""
   return height - out_height > 2 * max(width - out_width, 0)
 
 
@@ -170,3 +214,22 @@ def resize_into(image: Image.Image, box: tuple[float, float, float, float], size
   if rc:
     raise MemoryError("nmjax resample: out of memory")
   return True
+
+
+def decode_resize_into(jpeg: bytes, scale: int, box: tuple[float, float, float, float],
+                       size: int, out: np.ndarray, *, mirror: bool = False) -> bool:
+  """Writes what Pillow's decode of the JPEG at 1/scale (1, 2, 4 or 8; libjpeg's DCT scaling),
+  resized as resize_into does, gives (box in the reduced image's pixels) into `out`, decoding
+  only the columns and rows that resize reads (decode.c); False (nothing written) where the
+  decoder is unavailable, the arguments are not ones it takes, or libjpeg reports anything
+  about the file (the caller then decodes with Pillow, which says what is wrong)."""
+  lib = decoder()
+  x0, y0, x1, y1 = box
+  if (lib is None or scale not in (1, 2, 4, 8) or out.shape != (size, size, 3)
+      or out.dtype != np.uint8 or not out.flags.c_contiguous or not (x0 < x1 and y0 < y1)):
+    return False
+  rc = lib.nmjax_decode_resample(jpeg, len(jpeg), scale, *map(float, box), size, int(mirror),
+                                 out.ctypes.data)
+  if rc < 0:
+    raise MemoryError("nmjax decode: out of memory")
+  return rc == 0
