@@ -18,6 +18,14 @@ Sections (--sections, all by default; each entry is also printed to stderr when 
              and each singular-value route's forward + backward alone (svd: QR + SVD; gram: eigh
              of the Gram matrix and matmuls; the one "auto" takes is FASTEST_SINGULAR_VALUE_ROUTE).
              With torch, the PyTorch step's median at the same D (its own fresh process).
+  grid_bound what bounds the K = 16 grid at D = 64 (--bound-dim): one member's step (table_epoch)
+             and the K-member grid step (grid_table_epoch) as fit_grid runs them; the same grid
+             step with the covariance and singular-value terms replaced by trivial ones (a
+             profile: the MLP, cross-entropy, consistency and AdamW of 16 members alone); the
+             batch of K eighs of the D x D Gram matrices alone (XLA's LAPACK call, one thread as
+             fit runs it). max_step_speedup = K x member step / (grid without those terms + the
+             eighs): the most a grid step could gain over K member steps even if everything else
+             the two regularizers do were free.
   limit      how far the step at D = 2048 is from this machine: the MLP's matmul FLOPs at the
              best float32 matmul rate measured here (square products and the MLP's own shape,
              lax.fori_loop chains of dependent products) plus AdamW's passes over the parameters
@@ -50,7 +58,7 @@ REFERENCE = {"lr": 1e-3, "weight_decay": 1e-4, "mse_weight": 1.0, "cov_weight": 
              "svd_weight": 0.001, "svd_topk": 5}
 GRID = [{"svd_weight": s, "cov_weight": c} for s in (3e-4, 1e-3, 3e-3, 1e-2)
         for c in (0.01, 0.04, 0.1, 0.4)]
-SECTIONS = ("first_fit", "grid", "step", "limit")
+SECTIONS = ("first_fit", "grid", "grid_bound", "step", "limit")
 
 
 def _log(entry: dict[str, Any]) -> None:
@@ -305,6 +313,78 @@ def sv_route_ms(dim: int, opts: argparse.Namespace) -> dict[str, float]:
   return out
 
 
+def _stacked_states(model: Any, dim: int, count: int, total_steps: int, hparams: Any) -> Any:
+  """count members' initial (params, batch_stats, AdamW state), stacked on the host."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  members = []
+  for seed in range(count):
+    variables = jax.tree.map(np.asarray, nmtune.init_variables(model, dim, seed=seed))
+    opt = nmtune.initial_optimizer_state(hparams, total_steps, variables["params"])
+    members.append((variables["params"], variables["batch_stats"], jax.tree.map(np.asarray, opt)))
+  return jax.tree.map(lambda *leaves: np.stack(leaves), *members)
+
+
+def grid_bound(opts: argparse.Namespace) -> dict[str, Any]:
+  """The grid step at D = --bound-dim against K member steps, and what bounds it (SECTIONS)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import programs  # pylint: disable=import-outside-toplevel
+  dim, count, rng = opts.bound_dim, len(GRID), np.random.default_rng(0)
+  model = nmtune.NMTuneHead(num_classes=opts.classes)
+  table = jnp.asarray(rng.standard_normal((4096, dim), dtype=np.float32))
+  labels = rng.integers(0, opts.classes, 4096).astype(np.int32)
+  rows = np.stack([rng.permutation(4096)[:128] for _ in range(opts.steps)]).astype(np.int32)
+  rows, row_labels = jnp.asarray(rows), jnp.asarray(labels[rows])
+  member = nmtune.program_hparams(REFERENCE)
+  stacked = jax.device_put({k: np.stack([np.asarray(member[k])] * count) for k in member})
+
+  def step_ms(total_steps: int, grid: bool) -> float:
+    spec = nmtune.ProgramSpec(model=model, total_steps=total_steps, two_view=False,
+                              sv_route=nmtune.singular_value_route())
+    holder = {"state": jax.device_put(_stacked_states(model, dim, count if grid else 1,
+                                                      total_steps, member))}
+    if not grid:
+      holder["state"] = jax.tree.map(lambda x: x[0], holder["state"])
+
+    def call():
+      if grid:
+        holder["state"], terms = nmtune.grid_table_epoch(
+            holder["state"], table, rows, row_labels, stacked, spec=spec, shared=True)
+      else:
+        holder["state"], terms = nmtune.table_epoch(holder["state"], table, rows, row_labels,
+                                                    member, spec=spec)
+      return terms
+
+    _time_calls(call, 1)
+    return float(np.median(_time_calls(call, opts.repeats))) / opts.steps * 1e3
+
+  total = opts.steps * (opts.repeats + 2)
+  out = {"dim": dim, "configs": count, "member_step_ms": step_ms(total, False),
+         "grid_step_ms": step_ms(total, True)}
+  # A profile: the two regularizers' terms replaced (a new total_steps, so a new trace).
+  saved = programs.covariance_loss, programs.gram_singular_values, programs.singular_values
+  programs.covariance_loss = lambda z: 0.0 * jnp.sum(z)
+  programs.gram_singular_values = programs.singular_values = (
+      lambda z: jnp.sort(jnp.linalg.norm(z, axis=0))[::-1][:min(z.shape)])
+  try:
+    out["grid_step_without_cov_and_sv_ms"] = step_ms(total + 1, True)
+  finally:
+    programs.covariance_loss, programs.gram_singular_values, programs.singular_values = saved
+  z = rng.standard_normal((count, 128, dim)).astype(np.float32)
+  grams = jnp.asarray(np.einsum("knd,kne->kde", z, z) if dim <= 128 else
+                      np.einsum("knd,kmd->knm", z, z))
+  eigh = jax.jit(jnp.linalg.eigh)
+  _time_calls(lambda: eigh(grams), 1)
+  out["eigh_batch_ms"] = float(np.median(_time_calls(lambda: eigh(grams), 4 * opts.repeats))) * 1e3
+  floor = out["grid_step_without_cov_and_sv_ms"] + out["eigh_batch_ms"]
+  out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+  out["step_speedup"] = round(count * out["member_step_ms"] / out["grid_step_ms"], 3)
+  out["max_step_speedup"] = round(count * out["member_step_ms"] / floor, 3)
+  return out
+
+
 def limit(step: dict[str, Any], dim: int, opts: argparse.Namespace) -> dict[str, Any]:
   """The step at `dim` against matmul peak x MLP FLOPs + AdamW's bytes at memory bandwidth."""
   peak = max(matmul_gflops(2048, 2048, 2048, opts.repeats),
@@ -381,6 +461,9 @@ def _sections(opts: argparse.Namespace, report: dict[str, Any]) -> None:
         entry["configs_per_s_warm"] = round(len(GRID) / entry["grid"]["warm_s"], 3)
       report["grid"][f"D{dim}"] = entry
       _log({f"grid_D{dim}": entry})
+  if "grid_bound" in opts.sections:
+    report["grid_bound"] = grid_bound(opts)
+    _log({"grid_bound": report["grid_bound"]})
   if "step" in opts.sections or "limit" in opts.sections:
     steps = {f"D{d}": step_case(d, opts) for d in opts.dims}
     if has_torch and "step" in opts.sections:
@@ -404,6 +487,7 @@ def main() -> None:
   parser.add_argument("--grid-rows-512", type=int, default=4000, help="grid rows at D=512")
   parser.add_argument("--grid-dims", default="64,512", help="grid: which of 64, 512")
   parser.add_argument("--classes", type=int, default=10)
+  parser.add_argument("--bound-dim", type=int, default=64, help="grid_bound: feature dim D")
   parser.add_argument("--dims", default="512,2048", help="step: feature dims D")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed step call")
   parser.add_argument("--repeats", type=int, default=5)
