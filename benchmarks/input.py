@@ -221,14 +221,12 @@ def _decode_plan(jpeg: bytes, uniforms: np.ndarray) -> tuple:
 
 
 def _quality(jpegs: list[bytes], draws: np.ndarray) -> dict:
-  scales, rows, shares, diffs = [], [], [], []
+  scales, rows, diffs = [], [], []
   for jpeg, uniforms in zip(jpegs, draws):
-    frame, box, scale, decoded_rows = _decode_plan(jpeg, uniforms)
+    frame, _, scale, decoded_rows = _decode_plan(jpeg, uniforms)
     scales.append(scale)
     rows.append(decoded_rows / frame.height)
-    # IDCT and colour conversion run on every decoded pixel; a decoder that cropped columns and
-    # skipped the rows above the box would run them on the box alone.
-    shares.append((box[2] - box[0]) * (box[3] - box[1]) / (frame.width * decoded_rows))
+
     if scale > 1:
       new, old = (imagenet.random_resized_crop(jpeg, uniforms, _OUTPUT, decode_less=d).astype(
           np.int16) for d in (True, False))
@@ -236,7 +234,6 @@ def _quality(jpegs: list[bytes], draws: np.ndarray) -> dict:
   counts = np.bincount(scales, minlength=9)
   return {"crops": len(jpegs), "decoded_at": {f"1/{s}": int(counts[s]) for s in (1, 2, 4, 8)},
           "mean_fraction_of_rows_decoded": round(float(np.mean(rows)), 3),
-          "box_share_of_decoded_pixels": round(float(np.mean(shares)), 3),
           "reduced_mean_abs_diff": {"mean": round(float(np.mean(diffs)), 2) if diffs else None,
                                     "max": round(max(diffs), 2) if diffs else None}}
 

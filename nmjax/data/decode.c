@@ -35,12 +35,14 @@ int nmjax_decode_resample(const uint8_t *data, unsigned long size, int scale, fl
                           uint8_t *out) {
   struct jpeg_decompress_struct cinfo;
   struct failure failure;
+  struct plan plan = {0};
   int region[4];
   cinfo.err = jpeg_std_error(&failure.pub);
   failure.pub.error_exit = fail;
   failure.pub.emit_message = warn;
   if (setjmp(failure.jump)) {
     jpeg_destroy_decompress(&cinfo);
+    plan_free(&plan);
     return 1;
   }
   jpeg_create_decompress(&cinfo);
@@ -54,10 +56,11 @@ int nmjax_decode_resample(const uint8_t *data, unsigned long size, int scale, fl
   int width = cinfo.output_width, height = cinfo.output_height;
   if (!(0 <= x0 && x0 < x1 && x1 <= width && 0 <= y0 && y0 < y1 && y1 <= height))
     longjmp(failure.jump, 1); /* a box outside the image: Pillow says so */
-  if (nmjax_resample_region(width, height, x0, y0, x1, y1, out_size, out_size, region)) {
+  if (plan_make(width, height, x0, y0, x1, y1, out_size, out_size, &plan)) {
     jpeg_destroy_decompress(&cinfo);
     return -1;
   }
+  plan_region(&plan, out_size, out_size, region);
   JDIMENSION left = region[0] > COLUMN_MARGIN ? region[0] - COLUMN_MARGIN : 0;
   JDIMENSION right = region[1] + COLUMN_MARGIN < width ? region[1] + COLUMN_MARGIN : width;
   JDIMENSION columns = right - left;
@@ -66,6 +69,7 @@ int nmjax_decode_resample(const uint8_t *data, unsigned long size, int scale, fl
   uint8_t *pixels = scratch(stride * height + 64, 3);
   if (!pixels) {
     jpeg_destroy_decompress(&cinfo);
+    plan_free(&plan);
     return -1;
   }
   if (region[2] > 0) jpeg_skip_scanlines(&cinfo, region[2]);
@@ -77,6 +81,8 @@ int nmjax_decode_resample(const uint8_t *data, unsigned long size, int scale, fl
   jpeg_destroy_decompress(&cinfo);
   /* Pillow 13's pass order (nmjax.data.resample.vertical_first). */
   int vertical_first = height - out_size > 2 * (width > out_size ? width - out_size : 0);
-  return nmjax_resample(pixels, width, height, stride, x0, y0, x1, y1, out_size, out_size,
-                        vertical_first, out, mirror);
+  int rc = plan_run(&plan, pixels, width, height, stride, x0, y0, x1, y1, out_size, out_size,
+                    vertical_first, out, mirror);
+  plan_free(&plan);
+  return rc;
 }

@@ -24,9 +24,9 @@ Where nmjax.data.resample is built (a C compiler, libjpeg's headers) a JPEG crop
 resized there in one call: libjpeg decodes only the columns and rows the resize reads (at the
 same DCT scale), and the resize, Pillow's arithmetic, writes and mirrors straight into the batch:
 the same pixels as Pillow's decode and resize, in about half their CPU; anything else (and any
-file libjpeg reports on) is decoded by Pillow as above. decode_less=False opens and decodes every JPEG whole with Pillow
-and resizes with Pillow (the pipeline before, the reference of tests/test_imagenet.py and
-benchmarks/input.py).
+file libjpeg reports on) is decoded by Pillow as above. decode_less=False opens and decodes
+every JPEG whole with Pillow and resizes with Pillow (the pipeline before, the reference of
+tests/test_imagenet.py and benchmarks/input.py).
 
 The stream is nmjax.data.pipeline's train_stream: a pure function of the seed whatever the
 process and worker counts (every random draw is keyed by the stream position). The iterator
@@ -49,7 +49,8 @@ from PIL import Image
 from nmjax.data import pipeline, records, resample, sources
 # The JPEG steps, named here too (this module's callers and tests use them as imagenet.*).
 from nmjax.data.jpeg import (Box, JpegFrame, dct_scale, decode, decode_crop,  # noqa: F401
-                             decode_for_box, decode_rows, jpeg_frame, open_image, resize_rows)
+                             decode_for_box, decode_for_scaled_box, decode_rows, jpeg_frame,
+                             open_image, resize_rows, scaled_box)
 from nmjax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
@@ -169,13 +170,13 @@ def _crop_array(image: Image.Image | bytes, box_of: Callable[[int, int], Box], s
   decode_less, Pillow decodes (decode_crop) and resizes."""
   out = np.empty((size, size, 3), np.uint8) if out is None else out
   frame = jpeg_frame(image) if decode_less and isinstance(image, bytes) else None
-  if frame is not None:
-    box = box_of(frame.width, frame.height)
-    scale = dct_scale(box, size)
-    if resample.decode_resize_into(image, scale, tuple(v / scale for v in box), size, out,
-                                   mirror=mirror):
+  if frame is None:
+    decoded, box = decode_crop(image, box_of, size, decode_less=decode_less)
+  else:
+    scale, box = scaled_box(frame, box_of, size)
+    if resample.decode_resize_into(image, scale, box, size, out, mirror=mirror):
       return out
-  decoded, box = decode_crop(image, box_of, size, decode_less=decode_less)
+    decoded = decode_for_scaled_box(image, frame, scale, box, size)
   if decode_less and resample.resize_into(decoded, box, size, out, mirror=mirror):
     return out
   crop = decoded.resize((size, size), Image.Resampling.BILINEAR, box=box)

@@ -143,18 +143,33 @@ def decode_for_box(image: Image.Image, box: Box, size: int, *,
   return (image if image.mode == "RGB" else image.convert("RGB")), box
 
 
+def scaled_box(frame: JpegFrame, box_of: Callable[[int, int], Box], size: int
+               ) -> tuple[int, Box]:
+  """(s, the box in the 1/s decode's pixels) for resizing box_of(width, height) of the frame's
+  image to size x size, s = dct_scale(box, size)."""
+  box = box_of(frame.width, frame.height)
+  scale = dct_scale(box, size)
+  return scale, tuple(v / scale for v in box)
+
+
+def decode_for_scaled_box(data: bytes, frame: JpegFrame, scale: int, box: Box,
+                          size: int) -> Image.Image:
+  """The JPEG decoded at 1/scale down to the rows resizing `box` (in the reduced image's pixels)
+  to size x size reads (resize_rows, decode_rows)."""
+  rows = resize_rows(-(-frame.width // scale), -(-frame.height // scale), box, size) * scale
+  return decode_rows(data, frame, rows, scale)
+
+
 def decode_crop(image: Image.Image | bytes, box_of: Callable[[int, int], Box], size: int, *,
                 decode_less: bool = True) -> tuple[Image.Image, Box]:
   """(`image` decoded to RGB for resizing box_of(width, height) to size x size, the box in its
   pixels). JPEG bytes (jpeg_frame) with decode_less are decoded down to the rows the resize
-  reads (resize_rows) at scale 1/dct_scale(box, size), the box divided by that scale; other
-  bytes are opened with Pillow and decoded as a Pillow image is, by decode_for_box."""
+  reads at scale 1/dct_scale(box, size), the box divided by that scale (scaled_box,
+  decode_for_scaled_box); other bytes are opened with Pillow and decoded as a Pillow image is,
+  by decode_for_box."""
   frame = jpeg_frame(image) if decode_less and isinstance(image, bytes) else None
   if frame is None:
     opened = open_image(image) if isinstance(image, bytes) else image
     return decode_for_box(opened, box_of(*opened.size), size, reduced_decode=decode_less)
-  box = box_of(frame.width, frame.height)
-  scale = dct_scale(box, size)
-  box = tuple(v / scale for v in box)
-  rows = resize_rows(-(-frame.width // scale), -(-frame.height // scale), box, size) * scale
-  return decode_rows(image, frame, rows, scale), box
+  scale, box = scaled_box(frame, box_of, size)
+  return decode_for_scaled_box(image, frame, scale, box, size), box

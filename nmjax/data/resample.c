@@ -203,50 +203,63 @@ static void pack(const uint8_t *in, long in_stride, int width, int rows, uint8_t
     }
 }
 
-/* The input pixels a resize reads: columns [region[0], region[1]) and rows [region[2], region[3])
- * (those the weights of either pass touch). Returns 0, or -1 when memory runs out. */
-int nmjax_resample_region(int in_w, int in_h, float x0, float y0, float x1, float y1, int out_w,
-                          int out_h, int *region) {
-  int taps_h = tap_count(x0, x1, out_w), taps_v = tap_count(y0, y1, out_h);
-  int *bh = malloc(sizeof(int) * 2 * out_w), *bv = malloc(sizeof(int) * 2 * out_h);
-  int32_t *kh = malloc(sizeof(int32_t) * out_w * taps_h);
-  int32_t *kv = malloc(sizeof(int32_t) * out_h * taps_v);
-  int rc = -1;
-  if (bh && bv && kh && kv) {
-    weights(in_w, x0, x1, out_w, taps_h, bh, kh);
-    weights(in_h, y0, y1, out_h, taps_v, bv, kv);
-    region[0] = bh[0];
-    region[1] = bh[2 * out_w - 2] + bh[2 * out_w - 1];
-    region[2] = bv[0];
-    region[3] = bv[2 * out_h - 2] + bv[2 * out_h - 1];
-    rc = 0;
-  }
-  free(bh);
-  free(bv);
-  free(kh);
-  free(kv);
-  return rc;
+/* Both passes' weights for resizing box (x0, y0, x1, y1) of an in_w x in_h image to
+ * out_w x out_h (see weights). */
+struct plan {
+  int taps_h, taps_v;
+  int *bh, *bv;
+  int32_t *kh, *kv;
+};
+
+static void plan_free(struct plan *p) {
+  free(p->bh);
+  free(p->bv);
+  free(p->kh);
+  free(p->kv);
 }
 
-int nmjax_resample(const uint8_t *in, int in_w, int in_h, long stride, float x0, float y0,
-                   float x1, float y1, int out_w, int out_h, int vertical_first, uint8_t *out,
-                   int mirror) {
+/* Returns 0, or -1 (nothing to free) when memory runs out. */
+static int plan_make(int in_w, int in_h, float x0, float y0, float x1, float y1, int out_w,
+                     int out_h, struct plan *p) {
+  p->taps_h = tap_count(x0, x1, out_w);
+  p->taps_v = tap_count(y0, y1, out_h);
+  p->bh = malloc(sizeof(int) * 2 * out_w);
+  p->bv = malloc(sizeof(int) * 2 * out_h);
+  p->kh = malloc(sizeof(int32_t) * out_w * p->taps_h);
+  p->kv = malloc(sizeof(int32_t) * out_h * p->taps_v);
+  if (!p->bh || !p->bv || !p->kh || !p->kv) {
+    plan_free(p);
+    return -1;
+  }
+  weights(in_w, x0, x1, out_w, p->taps_h, p->bh, p->kh);
+  weights(in_h, y0, y1, out_h, p->taps_v, p->bv, p->kv);
+  return 0;
+}
+
+/* The input pixels a plan's resize reads: columns [region[0], region[1]) and rows
+ * [region[2], region[3]) (those the weights of either pass touch). */
+static void plan_region(const struct plan *p, int out_w, int out_h, int *region) {
+  region[0] = p->bh[0];
+  region[1] = p->bh[2 * out_w - 2] + p->bh[2 * out_w - 1];
+  region[2] = p->bv[0];
+  region[3] = p->bv[2 * out_h - 2] + p->bv[2 * out_h - 1];
+}
+
+/* The resize of a plan (consumed: its bounds are shifted). Returns 0, or -1 when memory runs
+ * out. */
+static int plan_run(struct plan *p, const uint8_t *in, int in_w, int in_h, long stride,
+                    float x0, float y0, float x1, float y1, int out_w, int out_h,
+                    int vertical_first, uint8_t *out, int mirror) {
   int need_h = out_w != in_w || x0 != 0.0f || x1 != (float)out_w;
   int need_v = out_h != in_h || y0 != 0.0f || y1 != (float)out_h;
-  int taps_h = tap_count(x0, x1, out_w), taps_v = tap_count(y0, y1, out_h);
-  int *bh = malloc(sizeof(int) * 2 * out_w), *bv = malloc(sizeof(int) * 2 * out_h);
-  int32_t *kh = malloc(sizeof(int32_t) * out_w * taps_h);
-  int32_t *kv = malloc(sizeof(int32_t) * out_h * taps_v);
+  int taps_h = p->taps_h, taps_v = p->taps_v, *bh = p->bh, *bv = p->bv;
+  const int32_t *kh = p->kh, *kv = p->kv;
   /* Every intermediate fits in max(width) x max(height) RGBX pixels (pools 0-2; the decoder
    * keeps its pixels in pool 3). */
   size_t most = 4 * (size_t)(in_w > out_w ? in_w : out_w) * (size_t)(in_h > out_h ? in_h : out_h);
   uint8_t *tmp = scratch(most, 0), *rgbx = scratch(most, 1), *row = scratch(most, 2);
-  int rc = -1;
-  if (!bh || !bv || !kh || !kv || !tmp || !rgbx || !row) goto done;
-  weights(in_w, x0, x1, out_w, taps_h, bh, kh);
-  weights(in_h, y0, y1, out_h, taps_v, bv, kv);
+  if (!tmp || !rgbx || !row) return -1;
   long out_stride = 3L * out_w;
-  rc = 0;
   if (!need_h && !need_v) {
     pack(in, stride, in_w, in_h, out, out_stride, mirror);
   } else if (!need_v) {
@@ -270,10 +283,16 @@ int nmjax_resample(const uint8_t *in, int in_w, int in_h, long stride, float x0,
     horizontal(tmp, 4L * cols, cols, out_h, out_w, taps_h, bh, kh, rgbx, 4L * out_w);
     pack(rgbx, 4L * out_w, out_w, out_h, out, out_stride, mirror);
   }
-done:
-  free(bh);
-  free(bv);
-  free(kh);
-  free(kv);
+  return 0;
+}
+
+int nmjax_resample(const uint8_t *in, int in_w, int in_h, long stride, float x0, float y0,
+                   float x1, float y1, int out_w, int out_h, int vertical_first, uint8_t *out,
+                   int mirror) {
+  struct plan p;
+  if (plan_make(in_w, in_h, x0, y0, x1, y1, out_w, out_h, &p)) return -1;
+  int rc = plan_run(&p, in, in_w, in_h, stride, x0, y0, x1, y1, out_w, out_h, vertical_first,
+                    out, mirror);
+  plan_free(&p);
   return rc;
 }

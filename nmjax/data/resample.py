@@ -180,6 +180,11 @@ def vertical_first(width: int, height: int, out_width: int, out_height: int) -> 
   return height - out_height > 2 * max(width - out_width, 0)
 
 
+def _takes(out: np.ndarray, size: int) -> bool:
+  """Whether the C code can write a size x size crop into `out`."""
+  return out.shape == (size, size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+
+
 def _pixels(image: Image.Image) -> tuple[int, object]:
   """(address of the image's RGBX rows, what keeps it alive): Pillow's own memory through its
   Arrow export (one contiguous block), else a copy."""
@@ -201,8 +206,7 @@ def resize_into(image: Image.Image, box: tuple[float, float, float, float], size
   lib = library()
   width, height = image.size
   x0, y0, x1, y1 = box
-  if (lib is None or image.mode != "RGB" or out.shape != (size, size, 3)
-      or out.dtype != np.uint8 or not out.flags.c_contiguous
+  if (lib is None or image.mode != "RGB" or not _takes(out, size)
       or not 0 <= x0 < x1 <= width or not 0 <= y0 < y1 <= height):
     return False  # Pillow's resize then also says what is wrong with the box
   image.load()
@@ -225,8 +229,8 @@ def decode_resize_into(jpeg: bytes, scale: int, box: tuple[float, float, float, 
   about the file (the caller then decodes with Pillow, which says what is wrong)."""
   lib = decoder()
   x0, y0, x1, y1 = box
-  if (lib is None or scale not in (1, 2, 4, 8) or out.shape != (size, size, 3)
-      or out.dtype != np.uint8 or not out.flags.c_contiguous or not (x0 < x1 and y0 < y1)):
+  if (lib is None or scale not in (1, 2, 4, 8) or not _takes(out, size)
+      or not (x0 < x1 and y0 < y1)):
     return False
   rc = lib.nmjax_decode_resample(jpeg, len(jpeg), scale, *map(float, box), size, int(mirror),
                                  out.ctypes.data)
