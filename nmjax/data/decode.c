@@ -35,8 +35,10 @@ int nmjax_decode_resample(const uint8_t *data, unsigned long size, int scale, fl
                           uint8_t *out) {
   struct jpeg_decompress_struct cinfo;
   struct failure failure;
-  struct plan plan = {0};
+  /* Thread-local storage, not a local: what a local holds after longjmp is unspecified. */
+  static __thread struct plan plan;
   int region[4];
+  memset(&plan, 0, sizeof plan);
   cinfo.err = jpeg_std_error(&failure.pub);
   failure.pub.error_exit = fail;
   failure.pub.emit_message = warn;
