@@ -25,7 +25,9 @@ Sections (--sections, all by default; each entry is also printed to stderr when 
              batch of K eighs of the D x D Gram matrices alone (XLA's LAPACK call, one thread as
              fit runs it). max_step_speedup = K x member step / (grid without those terms + the
              eighs): the most a grid step could gain over K member steps even if everything else
-             the two regularizers do were free.
+             the two regularizers do were free. max_step_speedup_at_machine_floor = member step /
+             (its MLP's FLOPs at the matmul peak measured here + its eigh split over every
+             core): the most any grid program could gain on this machine.
   limit      how far the step at D = 2048 is from this machine: the MLP's matmul FLOPs at the
              best float32 matmul rate measured here (square products and the MLP's own shape,
              lax.fori_loop chains of dependent products) plus AdamW's passes over the parameters
@@ -379,10 +381,28 @@ def grid_bound(opts: argparse.Namespace) -> dict[str, Any]:
   _time_calls(lambda: eigh(grams), 1)
   out["eigh_batch_ms"] = float(np.median(_time_calls(lambda: eigh(grams), 4 * opts.repeats))) * 1e3
   floor = out["grid_step_without_cov_and_sv_ms"] + out["eigh_batch_ms"]
+  out.update(_machine_floor(out, dim, count, opts))
   out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
   out["step_speedup"] = round(count * out["member_step_ms"] / out["grid_step_ms"], 3)
   out["max_step_speedup"] = round(count * out["member_step_ms"] / floor, 3)
   return out
+
+
+def _machine_floor(out: dict[str, Any], dim: int, count: int, opts: argparse.Namespace
+                   ) -> dict[str, float]:
+  """The least time a member's share of a grid step could take on this machine, whatever
+  the program: its MLP's matmul FLOPs at the best matmul rate measured here (every core) plus
+  its eigh (the batch's time over K) split perfectly over every usable core; the loss terms,
+  BatchNorm and AdamW counted as free."""
+  peak = max(matmul_gflops(2048, 2048, 2048, opts.repeats),
+             matmul_gflops(128, dim, 4 * dim, opts.repeats))
+  mlp_ms = mlp_flops(128, dim, opts.classes) / peak / 1e6
+  cores = len(os.sched_getaffinity(0))
+  eigh_ms = out["eigh_batch_ms"] / count / cores
+  return {"matmul_peak_gflops": peak, "member_mlp_ms_at_peak": mlp_ms,
+          "member_eigh_ms_over_all_cores": eigh_ms, "cores": cores,
+          "machine_floor_per_member_ms": mlp_ms + eigh_ms,
+          "max_step_speedup_at_machine_floor": out["member_step_ms"] / (mlp_ms + eigh_ms)}
 
 
 def limit(step: dict[str, Any], dim: int, opts: argparse.Namespace) -> dict[str, Any]:
