@@ -226,7 +226,6 @@ def _quality(jpegs: list[bytes], draws: np.ndarray) -> dict:
     frame, _, scale, decoded_rows = _decode_plan(jpeg, uniforms)
     scales.append(scale)
     rows.append(decoded_rows / frame.height)
-
     if scale > 1:
       new, old = (imagenet.random_resized_crop(jpeg, uniforms, _OUTPUT, decode_less=d).astype(
           np.int16) for d in (True, False))

