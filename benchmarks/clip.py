@@ -32,12 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
 from benchmarks.pretrain import peak_tflops  # pylint: disable=wrong-import-position
-from nmjax.models.clip import get_clip_model  # pylint: disable=wrong-import-position
+from nmjax.models.clip_model import get_clip_model  # pylint: disable=wrong-import-position
 from nmjax.train import contrastive, state as state_lib  # pylint: disable=wrong-import-position
 
 MEAN, STD = (122.0,) * 3, (68.0,) * 3
@@ -45,8 +44,8 @@ MEAN, STD = (122.0,) * 3, (68.0,) * 3
 
 def _state(name: str, dtype: Any, context: int) -> tuple[Any, Any]:
   model = get_clip_model(name, dtype=dtype, context_length=context)
-  config = ml_collections.ConfigDict({"optimizer": "adamw", "weight_decay": 0.2})
-  tx = state_lib.make_optimizer(config, optax.constant_schedule(5e-4))
+  spec = state_lib.OptimizerSpec(optimizer="adamw", weight_decay=0.2)
+  tx = state_lib.make_optimizer(spec, optax.constant_schedule(5e-4))
   state = state_lib.create_train_state(model, jax.random.key(0), (1, *model.image_shape), tx,
                                        extra_inputs=(np.zeros((1, context), np.int32),))
   return model, state

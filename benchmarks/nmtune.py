@@ -13,7 +13,7 @@ Sections (--sections, all by default; each entry is also printed to stderr when 
              program against 16 sequential nmtune.fit calls, each in a fresh process, called
              twice (cold includes compilation, warm does not), at D = 64 (--grid-rows rows) and
              D = 512 (--grid-rows-512 rows). Target at D = 64: speedup_cold >= 3.
-  step       nmtune.table_epoch exactly as fit runs it (n = 128 rows, C classes, the reference
+  step       nmtune's table_epoch exactly as fit runs it (n = 128 rows, C classes, the reference
              hparams) at every --dims D: steps/s and rows/s of the median call of --steps steps,
              and each singular-value route's forward + backward alone (svd: QR + SVD; gram: eigh
              of the Gram matrix and matmuls; the one "auto" takes is FASTEST_SINGULAR_VALUE_ROUTE).
@@ -275,25 +275,30 @@ def mlp_flops(rows: int, dim: int, classes: int) -> float:
 
 
 def step_case(dim: int, opts: argparse.Namespace) -> dict[str, Any]:
-  """nmtune.table_epoch as fit runs it at feature dimension `dim`: steps/s and rows/s."""
+  """nmjax.nmtune.programs.table_epoch as fit runs it at feature dimension `dim`: steps/s and
+  rows/s."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import head as nmtune_head  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import losses as nmtune_losses  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import programs as nmtune_programs  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   model = nmtune.NMTuneHead(num_classes=opts.classes)
-  hparams = nmtune.program_hparams(REFERENCE)
-  spec = nmtune.ProgramSpec(model=model, total_steps=opts.steps * (opts.repeats + 2),
-                            two_view=False, sv_route=nmtune.singular_value_route())
-  variables = nmtune.init_variables(model, dim, seed=0)
+  hparams = nmtune_programs.program_hparams(REFERENCE)
+  spec = nmtune_programs.ProgramSpec(model=model, total_steps=opts.steps * (opts.repeats + 2),
+                                     two_view=False,
+                                     sv_route=nmtune_losses.singular_value_route())
+  variables = nmtune_head.init_variables(model, dim, seed=0)
   params = variables["params"]
   holder = {"state": (params, variables["batch_stats"],
-                      nmtune.make_optimizer(hparams, spec.total_steps).init(params))}
+                      nmtune_programs.make_optimizer(hparams, spec.total_steps).init(params))}
   table = jnp.asarray(rng.standard_normal((4096, dim), dtype=np.float32))
   labels = rng.integers(0, opts.classes, 4096).astype(np.int32)
   rows = np.stack([rng.permutation(4096)[:128] for _ in range(opts.steps)]).astype(np.int32)
   args = (table, jnp.asarray(rows), jnp.asarray(labels[rows]), hparams)
 
   def call():
-    holder["state"], terms = nmtune.table_epoch(holder["state"], *args, spec=spec)
+    holder["state"], terms = nmtune_programs.table_epoch(holder["state"], *args, spec=spec)
     return terms
 
   start = time.perf_counter()
@@ -325,11 +330,12 @@ def sv_route_ms(dim: int, opts: argparse.Namespace) -> dict[str, float]:
 def _stacked_states(model: Any, dim: int, count: int, total_steps: int, hparams: Any) -> Any:
   """count members' initial (params, batch_stats, AdamW state), stacked on the host."""
   import jax  # pylint: disable=import-outside-toplevel
-  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import head as nmtune_head  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import programs as nmtune_programs  # pylint: disable=import-outside-toplevel
   members = []
   for seed in range(count):
-    variables = jax.tree.map(np.asarray, nmtune.init_variables(model, dim, seed=seed))
-    opt = nmtune.initial_optimizer_state(hparams, total_steps, variables["params"])
+    variables = jax.tree.map(np.asarray, nmtune_head.init_variables(model, dim, seed=seed))
+    opt = nmtune_programs.initial_optimizer_state(hparams, total_steps, variables["params"])
     members.append((variables["params"], variables["batch_stats"], jax.tree.map(np.asarray, opt)))
   return jax.tree.map(lambda *leaves: np.stack(leaves), *members)
 
@@ -339,19 +345,20 @@ def grid_bound(opts: argparse.Namespace) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from nmjax import nmtune  # pylint: disable=import-outside-toplevel
-  from nmjax.nmtune import programs  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import losses as nmtune_losses  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import programs as nmtune_programs  # pylint: disable=import-outside-toplevel
   dim, count, rng = opts.bound_dim, len(GRID), np.random.default_rng(0)
   model = nmtune.NMTuneHead(num_classes=opts.classes)
   table = jnp.asarray(rng.standard_normal((4096, dim), dtype=np.float32))
   labels = rng.integers(0, opts.classes, 4096).astype(np.int32)
   rows = np.stack([rng.permutation(4096)[:128] for _ in range(opts.steps)]).astype(np.int32)
   rows, row_labels = jnp.asarray(rows), jnp.asarray(labels[rows])
-  member = nmtune.program_hparams(REFERENCE)
+  member = nmtune_programs.program_hparams(REFERENCE)
   stacked = jax.device_put({k: np.stack([np.asarray(member[k])] * count) for k in member})
 
   def step_ms(total_steps: int, grid: bool) -> float:
-    spec = nmtune.ProgramSpec(model=model, total_steps=total_steps, two_view=False,
-                              sv_route=nmtune.singular_value_route())
+    spec = nmtune_programs.ProgramSpec(model=model, total_steps=total_steps, two_view=False,
+                                       sv_route=nmtune_losses.singular_value_route())
     holder = {"state": jax.device_put(_stacked_states(model, dim, count if grid else 1,
                                                       total_steps, member))}
     if not grid:
@@ -359,11 +366,11 @@ def grid_bound(opts: argparse.Namespace) -> dict[str, Any]:
 
     def call():
       if grid:
-        holder["state"], terms = nmtune.grid_table_epoch(
+        holder["state"], terms = nmtune_programs.grid_table_epoch(
             holder["state"], table, rows, row_labels, stacked, spec=spec, shared=True)
       else:
-        holder["state"], terms = nmtune.table_epoch(holder["state"], table, rows, row_labels,
-                                                    member, spec=spec)
+        holder["state"], terms = nmtune_programs.table_epoch(
+            holder["state"], table, rows, row_labels, member, spec=spec)
       return terms
 
     _time_calls(call, 1)
@@ -373,14 +380,16 @@ def grid_bound(opts: argparse.Namespace) -> dict[str, Any]:
   out = {"dim": dim, "configs": count, "member_step_ms": step_ms(total, False),
          "grid_step_ms": step_ms(total, True)}
   # A profile: the two regularizers' terms replaced (a new total_steps, so a new trace).
-  saved = programs.covariance_loss, programs.gram_singular_values, programs.singular_values
-  programs.covariance_loss = lambda z: 0.0 * jnp.sum(z)
-  programs.gram_singular_values = programs.singular_values = (
+  saved = (nmtune_programs.covariance_loss, nmtune_programs.gram_singular_values,
+           nmtune_programs.singular_values)
+  nmtune_programs.covariance_loss = lambda z: 0.0 * jnp.sum(z)
+  nmtune_programs.gram_singular_values = nmtune_programs.singular_values = (
       lambda z: jnp.sort(jnp.linalg.norm(z, axis=0))[::-1][:min(z.shape)])
   try:
     out["grid_step_without_cov_and_sv_ms"] = step_ms(total + 1, True)
   finally:
-    programs.covariance_loss, programs.gram_singular_values, programs.singular_values = saved
+    (nmtune_programs.covariance_loss, nmtune_programs.gram_singular_values,
+     nmtune_programs.singular_values) = saved
   z = rng.standard_normal((count, 128, dim)).astype(np.float32)
   grams = jnp.asarray(np.einsum("knd,kne->kde", z, z) if dim <= 128 else
                       np.einsum("knd,kmd->knm", z, z))
@@ -532,14 +541,15 @@ def main() -> None:
     print(json.dumps((child_jax if opts.child == "jax" else child_torch)(opts)))
     return
   import jax  # pylint: disable=import-outside-toplevel
-  from nmjax import nmtune  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import losses as nmtune_losses  # pylint: disable=import-outside-toplevel
+  from nmjax.nmtune import runs as nmtune_runs  # pylint: disable=import-outside-toplevel
   report: dict[str, Any] = {"environment": {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "cpus_usable": len(os.sched_getaffinity(0)), "jax": jax.__version__,
-      "python": platform.python_version(), "sv_route_auto": nmtune.singular_value_route(),
+      "python": platform.python_version(), "sv_route_auto": nmtune_losses.singular_value_route(),
       "load_average_before": round(os.getloadavg()[0], 2), "torch": torch_installed()}}
-  with nmtune.single_threaded_lapack():
+  with nmtune_runs.single_threaded_lapack():
     _sections(opts, report)
   report["environment"]["load_average_after"] = round(os.getloadavg()[0], 2)
   print(json.dumps(report, indent=1))

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
   from ml_collections import ConfigDict
   config = ConfigDict()
   config.job = "study"
+  config.pretrain_job = "pretrain"            # Label noise (supervised pre-training).
   config.noise_ratios = "0,0.1,0.3"          # Comma-separated, each 0 <= r < 1.
   config.seeds = "0,1"                        # Comma-separated; each seeds pre-training and tuning.
   config.methods = "lp,mlp,nmtune"            # Also lp_aug (nmjax/evaluate.py).
@@ -70,6 +71,6 @@ def get_config(arg: str | None = None):
   if args.smoke:
     config.noise_ratios = "0,0.3"
     config.seeds = "0"
-    config.tasks = config.spectrum_tasks = "digits,mnist->digits"
+    config.tasks = config.spectrum_tasks = "digits,mnist_to_digits"
     config.tune_grid = "svd_weight=0.001,0.01"
   return config

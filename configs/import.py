@@ -44,8 +44,8 @@ Fields (--config.FIELD=VALUE):
                        with `text_features` = encode_text(tokens); the surest check of the
                        QuickGELU choice.
   trust_pickle         let torch unpickle arbitrary objects (only for files you trust).
-Writes DIR/config.json (these fields, the file's sha256, the model's layout) and the orbax
-checkpoint DIR/checkpoints/0. Expected: a few seconds for a ResNet-50 file on a 2-core CPU
+Writes DIR/config.json (these fields, the file's sha256, the model's layout), DIR/plan.json and
+the orbax checkpoint DIR/checkpoints/0; --dry_run prints the checked plan and writes nothing. Expected: a few seconds for a ResNet-50 file on a 2-core CPU
 (reading and hashing 100 MB, converting, writing), about as long for a CLIP RN50 (400 MB); the
 reference check adds one forward pass.
 """

@@ -3,7 +3,7 @@ pre-training checkpoint.
 
 Black-box mode (any features files: .npz with features (N, D) and labels (N,)):
   .venv/bin/python main.py --config configs/nmtune.py --config.train_features=TRAIN.npz \
-      --config.test_features=TEST.npz --config.method=nmtune --workdir DIR
+      --config.test_features=TEST.npz --config.methods=nmtune --workdir DIR
 appends one JSON line per method to DIR/results.jsonl.
 
 Checkpoint mode (2-core CPU, a Fashion-MNIST checkpoint from configs/pretrain.py):
@@ -14,11 +14,13 @@ and writes DIR/results.jsonl, DIR/results.md and DIR/curves.png. Measured on 2 C
 minute with views=features (ID avg lp 86.1, mlp 92.8, nmtune 92.8 on the 20%-noise checkpoint),
 1.5 minutes with views=cached, 10 minutes with views=online; all numbers in README.
 
-Arguments after ':' (comma separated): method=lp+mlp+nmtune (also lp_aug), tasks=NAMES (task or
-group names joined by '+'), views=features|online|cached, smoke (a seconds-long run). Every field
-is also --config.FIELD=VALUE: the NMTune hyperparameters (epochs, batch_size = rows per step, lr,
+Arguments after ':' (comma separated): methods=lp+mlp+nmtune (also lp_aug, and zeroshot on a CLIP
+checkpoint), tasks=NAMES (task or group names joined by '+'), views=features|online|cached, smoke
+(a seconds-long run). Every field is also --config.FIELD=VALUE, lists comma-separated
+(--config.methods=lp,nmtune): the NMTune hyperparameters (epochs, batch_size = rows per step, lr,
 weight_decay, mse_weight, cov_weight, svd_weight, svd_topk, mlp_ratio, mlp_layers,
-residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...).
+residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...). The older
+`method` (method=... after ':' or --config.method=...) is still read, as methods, with a note.
 
 A grid of NMTune configurations, trained as one jitted program and chosen on a validation split
 carved from train (seeded, stratified; never a test set):
@@ -35,6 +37,9 @@ from nmjax.config import parse_arg, tuning_config, tuning_fields
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, method="lp+mlp+nmtune", tasks="embedded", views="features", smoke=False)
-  return tuning_config(tuning_fields(views=args.views, smoke=args.smoke), method=args.method,
-                       tasks=args.tasks, smoke=args.smoke)
+  args = parse_arg(arg, methods="lp+mlp+nmtune", method="", tasks="embedded", views="features",
+                   smoke=False)
+  config = tuning_config(tuning_fields(views=args.views, smoke=args.smoke), methods=args.methods,
+                         tasks=args.tasks, smoke=args.smoke)
+  config.method = args.method  # Deprecated alias of methods (the job says so and reads it).
+  return config

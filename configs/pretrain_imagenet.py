@@ -52,7 +52,7 @@ about 470x395, one worker per core), so plan on about 16 cores (data_workers) pe
 5,800 images/s.
 """
 
-from nmjax.config import ConfigError, add_run_fields, parse_arg
+from nmjax.config import ConfigError, parse_arg, pretrain_experiment, pretrain_run
 
 _MODELS = ("resnet50", "vit_s16")
 
@@ -61,31 +61,20 @@ def get_config(arg: str | None = None):
   args = parse_arg(arg, model="resnet50", noise=0.0, noise_type="symmetric", seed=0, epochs=90.0,
                    batch=1024, label_smoothing=-1.0, nesterov=False, dtype="bfloat16",
                    image_size=224, smoke=False)
-  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
   if args.model not in _MODELS:
     raise ConfigError(f"config argument model={args.model!r} is unknown; allowed: "
                       f"{', '.join(_MODELS)}")
   vit = args.model == "vit_s16"
-  config = ConfigDict()
-  config.job = "pretrain"
-  config.dataset = "imagenet2012"
-  config.model = args.model
-  config.noise_ratio = args.noise
-  config.noise_type = args.noise_type  # symmetric | pairflip
-  config.seed = args.seed
-
+  config = pretrain_experiment(dataset="imagenet2012", model=args.model,
+                               noise_type=args.noise_type, epochs=args.epochs, smoke=False)
   config.input_pipeline = "imagenet"  # JPEG decode + random-resized crop in grain workers.
   config.image_size = args.image_size
+  config.crop_padding = 0      # Read by the default pipeline only.
   config.eval_split = "validation"   # imagenet2012's test split has no labels.
   config.data_workers = 8      # grain worker processes per host; the batches do not depend on it.
 
-  config.num_epochs = args.epochs
-  config.num_train_steps = -1  # > 0 wins over num_epochs.
   config.batch_size = args.batch  # Global, over all devices and processes.
   config.eval_batch_size = 1024
-  config.max_train_examples = -1  # > 0 trains on the first N records only (smoke runs).
-  config.max_test_examples = -1
-
   if vit:
     config.optimizer = "adamw"
     config.learning_rate = 1e-3 * args.batch / 1024
@@ -103,15 +92,11 @@ def get_config(arg: str | None = None):
   config.label_smoothing = default_smoothing if args.label_smoothing < 0 else args.label_smoothing
   config.flip = True
   config.dtype = args.dtype    # Compute dtype: bfloat16 on accelerators, float32 on CPU.
-
-  config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
-  config.max_to_keep = 3
-  add_run_fields(config)       # data_dir, record_examples, mesh, distributed, ...
 
   if args.smoke:
     _shrink_for_smoke(config, args)
-  return config
+  return pretrain_run(config, noise_ratio=args.noise, seed=args.seed)
 
 
 def _shrink_for_smoke(config, args) -> None:

@@ -33,6 +33,8 @@ def get_config(arg: str | None = None):
   # A job-array task: list (the stage names), one name or index (that point), render (the
   # report of what is finished); empty: the whole sweep, then the report.
   config.stage = ""
+  config.tune_grid = ""                       # NMTune's weights as config.nmtune sets them.
+  config.tune_val_fraction = 0.2
   config.pretrain = clip_experiment(dataset="fashion_mnist", model="clip_small",
                                     variant="smoke" if args.smoke else "embedded")
   if not args.smoke:

@@ -5,13 +5,16 @@ Command (2-core CPU, a Fashion-MNIST checkpoint from configs/pretrain.py, the em
       --config.checkpoint=runs/pretrain_fmnist_n0.2 --workdir runs/transfer_fmnist_n0.2
 
 Arguments after ':' (comma separated): tasks=NAMES (task or group names joined by '+', e.g.
-tasks=mnist+digits), methods=lp+ridge, smoke (a seconds-long run: two small tasks, 3 LP epochs).
-Any field can also be overridden as --config.FIELD=VALUE, e.g. --config.tasks=embedded_ood or
---config.probe.num_epochs=10. Tasks and groups: see nmjax/tasks.py (embedded, embedded_id,
-embedded_ood, paper, paper_id, paper_ood, or single names like mnist->digits).
+tasks=mnist+digits), methods=lp+ridge (also zeroshot on a CLIP checkpoint), smoke (a seconds-long
+run: two small tasks, 3 LP epochs). Any field can also be overridden as --config.FIELD=VALUE, lists
+comma-separated, e.g. --config.tasks=embedded_ood,mnist_to_digits or --config.probe.num_epochs=10.
+Tasks and groups: see nmjax/tasks.py (embedded, embedded_id, embedded_ood, paper, paper_id,
+paper_ood, or single names like mnist_to_digits; the older mnist->digits is read too).
 
 Writes DIR/results.jsonl (one line per task and method), DIR/results.md (ID and OOD averages and
-a per-task table) and caches features under DIR/features/ (a second run reuses them).
+a per-task table) and DIR/spectra.png; features are cached beside the checkpoint, under
+CHECKPOINT/features/ (DIR/features/ when it is not writable), where every later transfer or NMTune
+run on the same encoder reuses them.
 Expected on a 2-core CPU: about a minute for the six embedded tasks (features of ~30,000 images,
 then 30 LP epochs and a ridge fit per task); numbers in README.
 """
@@ -27,6 +30,8 @@ def get_config(arg: str | None = None):
   config.methods = args.methods.replace("+", ",")  # lp (reference AdamW probe) | ridge
   config.probe = probe_fields()
   config.spectral_center = "row"  # row (the reference's) | feature | none
+  # Method zeroshot (a CLIP encoder): "imagenet" (the CLIP paper's 80 prompts) or "simple".
+  config.zeroshot_templates = "imagenet"
   add_encoder_fields(config, tasks=args.tasks, smoke=args.smoke)
   add_extraction_fields(config, batch_field="batch_size", smoke=args.smoke)
   if args.smoke:

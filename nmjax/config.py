@@ -111,18 +111,15 @@ def add_distributed_fields(config: ml_collections.ConfigDict) -> ml_collections.
   return config
 
 
-def add_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fields every pre-training config shares: data location, debug log, scale-out.
-
-  The mesh is axis:size pairs over all devices of all processes (-1 takes the rest); 'model'
-  only matters with param_sharding=model, which splits kernels of >= 2**18 elements over it
-  (their optimizer state follows). See nmjax/parallel.py.
-  """
-  config.data_dir = ""              # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
+def add_run_fields(config: ml_collections.ConfigDict, *,
+                   data_dir: str = "") -> ml_collections.ConfigDict:
+  """Fields every pre-training run (supervised or CLIP) sets beside its experiment's: where the
+  data is, a debug log, what a resume may change, and how its processes find each other."""
+  config.data_dir = data_dir        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
   config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
-  config.mesh = "data:-1"           # e.g. data:4,model:2
-  config.param_sharding = "replicated"  # replicated | model
-  config.allow_changes = ""         # Training fields a resume may change (nmjax.train.pretrain).
+  # Comma-separated training fields (e.g. learning_rate,num_train_steps) this run may change
+  # when it resumes a checkpoint; config.json records each change (nmjax.train.supervised).
+  config.allow_changes = ""
   return add_distributed_fields(config)
 
 
@@ -143,7 +140,7 @@ def add_encoder_fields(config: ml_collections.ConfigDict, *, tasks: str,
   `smoke`), where the data is and how its processes find each other."""
   config.checkpoint = ""            # A pre-training workdir (its config.json and checkpoints/).
   config.step = -1                  # Checkpoint step; -1: the latest.
-  config.tasks = "digits,mnist->digits" if smoke else tasks.replace("+", ",")
+  config.tasks = "digits,mnist_to_digits" if smoke else tasks.replace("+", ",")
   config.data_dir = ""              # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
   return add_distributed_fields(config)
 
@@ -242,9 +239,10 @@ def nmtune_fields() -> ml_collections.ConfigDict:
 
 def parse_names(config: ml_collections.ConfigDict, field: str,
                 allowed: Iterable[str]) -> list[str]:
-  """A comma-separated config field as a list without repeats, each entry one of `allowed`."""
+  """A comma-separated config field (older commands joined it with '+', still read) as a list
+  without repeats, each entry one of `allowed`."""
   allowed = tuple(allowed)
-  names = [n.strip() for n in str(config[field]).split(",") if n.strip()]
+  names = [n.strip() for n in str(config[field]).replace("+", ",").split(",") if n.strip()]
   if not names:
     raise ConfigError(f"config.{field} is empty; allowed: {', '.join(allowed)}")
   for name in names:
@@ -259,6 +257,8 @@ def tuning_fields(*, views: str = "features", smoke: bool = False) -> ml_collect
   config = nmtune_hparams()
   config.views = views      # features | online (the reference data flow) | cached
   config.cached_views = 4   # views="cached": augmented views encoded per train image.
+  # Method zeroshot (a CLIP encoder): "imagenet" (the CLIP paper's 80 prompts) or "simple".
+  config.zeroshot_templates = "imagenet"
   add_extraction_fields(config, batch_field="extract_batch_size", smoke=smoke)
   if smoke:
     config.epochs = 2
@@ -267,7 +267,7 @@ def tuning_fields(*, views: str = "features", smoke: bool = False) -> ml_collect
   return config
 
 
-def tuning_config(tuning: ml_collections.ConfigDict, *, method: str, tasks: str,
+def tuning_config(tuning: ml_collections.ConfigDict, *, methods: str, tasks: str,
                   smoke: bool = False) -> ml_collections.ConfigDict:
   """An NMTune job's config (configs/nmtune.py): the fit's fields, `tuning`'s values, the
   methods, and either features files or a checkpoint and tasks."""
@@ -276,7 +276,8 @@ def tuning_config(tuning: ml_collections.ConfigDict, *, method: str, tasks: str,
   for key in tuning.keys():
     config[key] = copy.deepcopy(tuning[key])
   config.job = "nmtune"
-  config.method = method.replace("+", ",")  # Comma-separated: lp, lp_aug, mlp, nmtune.
+  config.methods = methods.replace("+", ",")  # Comma-separated: lp, lp_aug, mlp, nmtune, zeroshot.
+  config.method = ""  # Deprecated alias of methods: when set, the job reads it as methods.
   config.train_features = ""  # Black-box mode: features files (.npz) of the train and test sets.
   config.test_features = ""
   return add_encoder_fields(config, tasks=tasks, smoke=smoke)
@@ -303,14 +304,22 @@ def pretrain_experiment(*, dataset: str, model: str, noise_type: str, epochs: fl
   config.weight_decay = 5e-4   # Kernels only (not BatchNorm or biases).
   config.warmup_epochs = 0.5
   config.label_smoothing = 0.0
-  config.crop_padding = 2      # Random crop after zero padding by this many pixels.
+  # default: the in-memory images, random crop after zero padding, flip; imagenet: JPEGs decoded
+  # and random-resized-cropped to image_size in grain workers (nmjax/data/imagenet.py).
+  config.input_pipeline = "default"
+  config.crop_padding = 2      # default: random crop after zero padding by this many pixels.
+  config.image_size = 0        # imagenet: the crop's side (default: the dataset's own size, 0).
+  config.data_workers = 0      # imagenet: grain worker processes per host (batches do not vary).
   config.flip = True           # Horizontal flip, applied only where the dataset allows it.
+  config.eval_split = "test"   # The split evaluated (imagenet2012: validation).
   config.dtype = "float32"     # Compute dtype: float32 | bfloat16 (params stay float32).
   config.eval_every_epochs = 1  # Test accuracy every N epochs (0: never) and after the last step.
   config.log_every_steps = 100
   config.checkpoint_every_steps = 500
   config.max_to_keep = 3
-  config.mesh = "data:-1"      # e.g. data:4,model:2 (nmjax/parallel.py)
+  # Axis:size pairs over all devices of all processes (-1 takes the rest), e.g. data:4,model:2;
+  # param_sharding=model splits kernels of >= 2**18 elements over 'model' (nmjax/parallel.py).
+  config.mesh = "data:-1"
   config.param_sharding = "replicated"  # replicated | model
   if smoke:
     config.num_train_steps = 12
@@ -331,12 +340,7 @@ def pretrain_run(experiment: ml_collections.ConfigDict, *, noise_ratio: float, s
   config.job = "pretrain"
   config.noise_ratio = float(noise_ratio)
   config.seed = int(seed)
-  config.data_dir = data_dir        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
-  config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
-  # Comma-separated training fields (e.g. learning_rate,num_train_steps) this run may change
-  # when it resumes a checkpoint; config.json records each change (nmjax.train.pretrain).
-  config.allow_changes = ""
-  return add_distributed_fields(config)
+  return add_run_fields(config, data_dir=data_dir)
 
 
 def clip_experiment(*, dataset: str, model: str, variant: str = "") -> ml_collections.ConfigDict:
@@ -415,10 +419,7 @@ def clip_run(experiment: ml_collections.ConfigDict, *, caption_noise: float, see
   config.job = "pretrain_clip"
   config.caption_noise = float(caption_noise)
   config.seed = int(seed)
-  config.data_dir = data_dir
-  config.record_examples = False
-  config.allow_changes = ""
-  return add_distributed_fields(config)
+  return add_run_fields(config, data_dir=data_dir)
 
 
 def parse_numbers(config: ml_collections.ConfigDict, field: str, kind: type,

@@ -1,8 +1,12 @@
 """A frozen encoder restored from a pre-training workdir, and its features per dataset split,
-extracted once and kept as features files.
+extracted once and kept as features files beside its checkpoints (the feature cache).
 
 The weights are restored from the workdir's orbax checkpoints onto the current mesh (replicated)
 from the checkpoint's own metadata, so a checkpoint saved on any number of devices loads here.
+What the encoder is comes from the workdir's config.json, read as the record of the job that
+wrote it (its "job" field: pretrain, pretrain_clip or import). The feature cache is keyed by the
+encoder's content (its digest), so transfer, NMTune and a study's stages over one encoder
+extract each split once between them.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from nmjax import features as features_lib
@@ -29,17 +33,66 @@ from nmjax.train import checkpoint
 from nmjax.train.steps import normalize
 
 
+# What wrote a checkpoint's config.json (its "job" field): the record's fields follow from it.
+PRETRAINING_JOBS = ("pretrain", "pretrain_clip", "import")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+  """What an encoder is, read from its workdir's config.json (the record of the job that wrote
+  it: a pre-training run, a CLIP pre-training run, or an imported checkpoint)."""
+  job: str                   # PRETRAINING_JOBS
+  model: str
+  dataset: str               # what it was pre-trained on
+  dtype: str                 # compute dtype
+  noise_type: str            # symmetric | pairflip | caption (a CLIP's: pairs with another caption)
+  noise_ratio: float | None  # None: not recorded (an import that did not say)
+  clip: bool                 # two towers: image features, and a text tower for zero-shot
+  # An imported encoder's layout options and evaluation input (nmjax.convert); None otherwise.
+  model_options: dict[str, Any] | None = None
+  input: dict[str, Any] | None = None
+
+  def noise(self) -> str:
+    """'caption noise 0.1', 'symmetric noise 0.2'."""
+    return f"{self.noise_type} noise {self.noise_ratio}"
+
+
+def _field(record: Mapping[str, Any], name: str, where: str) -> Any:
+  if name not in record:
+    raise DataError(f"{where} has no field {name!r} (a {record['job']} record needs it); put that"
+                    " run's config.json back")
+  return record[name]
+
+
+def pretraining(record: Mapping[str, Any], where: str = "config.json") -> Pretraining:
+  """The Pretraining a checkpoint's config.json records, by the job that wrote it."""
+  job = record["job"] if isinstance(record, Mapping) and "job" in record else None
+  if job not in PRETRAINING_JOBS:
+    raise DataError(f"{where} records job {job!r}, not a pre-training job"
+                    f" ({', '.join(PRETRAINING_JOBS)}); it is not a pre-training workdir")
+  field = functools.partial(_field, record, where=where)
+  model, dataset, dtype = field("model"), field("dataset"), field("dtype")
+  if job == "pretrain_clip":  # r is the fraction of pairs with another pair's caption.
+    return Pretraining(job, model, dataset, dtype, "caption", field("caption_noise"), True)
+  if job == "pretrain":
+    return Pretraining(job, model, dataset, dtype, field("noise_type"), field("noise_ratio"),
+                       False)
+  return Pretraining(job, model, dataset, dtype, field("noise_type"), field("noise_ratio"),
+                     model in models.CLIP_MODELS, dict(field("model_options")),
+                     dict(field("input")))
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoder:
   """A frozen pre-trained model. encode(variables, uint8 images) -> (n, D) pooled features."""
   workdir: str
   step: int
-  config: ml_collections.ConfigDict   # the pre-training config (config.json)
+  pretraining: Pretraining            # what it is (from config.json)
   info: sources.SourceInfo            # the pre-training dataset (input shape, normalisation)
   variables: Any                      # {"params", "batch_stats"}, replicated on the mesh
   encode: Callable[[Any, jax.Array], jax.Array]
   feature_dim: int
-  digest: str                         # content_digest(config, variables)
+  digest: str                         # content_digest(pretraining, variables)
   # A CLIP's text tower: encode_text(variables, int32 tokens (n, T)) -> (n, E); None otherwise.
   encode_text: Callable[[Any, jax.Array], jax.Array] | None = None
   context_length: int = 0             # A CLIP's token positions.
@@ -57,22 +110,18 @@ class Encoder:
 
   def describe(self) -> str:
     """'resnet_small from DIR (step N; pre-trained on D with symmetric noise r)'."""
-    pre = self.config
-    noise = (f"caption noise {pre.caption_noise}" if "caption_noise" in pre else
-             f"{pre.get('noise_type', 'symmetric')} noise {pre.get('noise_ratio')}")
+    pre = self.pretraining
     return (f"{pre.model} from {self.workdir} (step {self.step}; pre-trained on {pre.dataset}"
-            f" with {noise})")
+            f" with {pre.noise()})")
 
 
-def content_digest(config: ml_collections.ConfigDict, variables: Any) -> str:
+def content_digest(pre: Pretraining, variables: Any) -> str:
   """Short sha256 of what the features depend on: the model, compute dtype and input
-  normalisation (the pre-training dataset) named in `config`, an imported model's layout options
-  and evaluation transform, and the bytes of every weight."""
-  named = [config.get("model"), config.get("dtype", "float32"), config.get("dataset")]
-  for field in ("model_options", "input"):  # Imported encoders' only (nmjax.convert).
-    if config.get(field) is not None:
-      named.append(config[field].to_dict() if hasattr(config[field], "to_dict")
-                   else config[field])
+  normalisation (the pre-training dataset), an imported model's layout options and evaluation
+  input, and the bytes of every weight."""
+  named = [pre.model, pre.dtype, pre.dataset]
+  if pre.job == "import":
+    named += [pre.model_options, pre.input]
   digest = hashlib.sha256(json.dumps(named, sort_keys=True).encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
     # Replicated arrays: every shard, the first addressable one included, is the whole array.
@@ -102,21 +151,36 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   return steps
 
 
-def model_input(config: ml_collections.ConfigDict, data_dir: str | None = None
+def model_input(pre: Pretraining, record: Mapping[str, Any], data_dir: str | None = None
                 ) -> tuple[sources.SourceInfo, EvalTransform]:
-  """What an encoder takes in: classes, input shape and normalisation (as a SourceInfo), and
-  the evaluation transform. An imported encoder's config.json carries them in its `input`
-  section (mean and std in 0..1 units, as timm writes them); a pre-trained one takes them from
-  its pre-training dataset, evaluated with the default transform."""
-  given = config.get("input")
-  if given is None:
-    return sources.get_source(config.dataset, data_dir=data_dir).info, EvalTransform()
-  size = int(given.image_size)
+  """What a (not CLIP) encoder takes in: classes, input shape and normalisation (as a
+  SourceInfo), and the evaluation transform. An imported encoder's config.json carries them in
+  its `input` section (mean and std in 0..1 units, as timm writes them); a pre-trained one takes
+  them from its pre-training dataset, evaluated with the default transform."""
+  if pre.job != "import":
+    return sources.get_source(pre.dataset, data_dir=data_dir).info, EvalTransform()
+  given = pre.input
+  size = int(given["image_size"])
   info = sources.SourceInfo(
-      name=str(config.get("dataset")), num_classes=int(config.num_classes),
-      image_shape=(size, size, len(given.mean)), mean=tuple(255.0 * m for m in given.mean),
-      std=tuple(255.0 * s for s in given.std), flip_ok=True, splits={}, class_names=())
+      name=str(pre.dataset), num_classes=int(record["num_classes"]),
+      image_shape=(size, size, len(given["mean"])), mean=tuple(255.0 * m for m in given["mean"]),
+      std=tuple(255.0 * s for s in given["std"]), flip_ok=True, splits={}, class_names=())
   return info, EvalTransform.from_config(given)
+
+
+def read_record(workdir: str) -> dict[str, Any]:
+  """The workdir's config.json (the record of the job that wrote the checkpoints)."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    if not isinstance(record, dict):
+      raise TypeError("not a JSON object")
+  except (ValueError, TypeError) as e:  # Torn, or JSON but not an object.
+    raise DataError(f"config.checkpoint={workdir}: {path} cannot be read ({type(e).__name__});"
+                    " it is torn or not a pre-training config, so nothing says what the"
+                    " checkpoints are of; put that run's config.json back") from None
+  return record
 
 
 def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
@@ -124,14 +188,8 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
   """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint)."""
   workdir = os.path.abspath(workdir) if workdir else workdir
   steps = _checkpoint_steps(workdir)
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (ValueError, TypeError, AttributeError) as e:  # Torn, or JSON but not an object.
-    raise DataError(f"config.checkpoint={workdir}: {path} cannot be read ({type(e).__name__});"
-                    " it is torn or not a pre-training config, so nothing says what the"
-                    " checkpoints are of; put that run's config.json back") from None
+  record = read_record(workdir)
+  pre = pretraining(record, where=f"config.checkpoint={workdir}: its config.json")
   if step >= 0 and step not in steps:
     raise ConfigError(f"config.step={step} is not a checkpoint of {workdir}; saved steps:"
                       f" {', '.join(map(str, sorted(steps)))}")
@@ -141,35 +199,34 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
   step, state = checkpoint.load_state(workdir, step=step if step >= 0 else None,
                                       sharding=parallel.replicated(mesh))
   variables = {k: state[k] for k in ("params", "batch_stats")}
-
-  data_dir = data_dir or config.get("data_dir") or None
-  # A CLIP workdir: pre-trained here (pretrain_clip) or imported (configs/import.py).
-  if config.get("job") == "pretrain_clip" or config.get("model") in models.CLIP_MODELS:
-    return _clip_encoder(workdir, int(step), config, variables, data_dir)
-  info, transform = model_input(config, data_dir)
-  dtype = models.DTYPES[config.get("dtype", "float32")]
-  options = config.get("model_options")
-  model = models.get_model(config.model, num_classes=info.num_classes, dtype=dtype,
-                           **(options.to_dict() if options else {}))
+  if pre.job != "import":  # A run trained here knows where its data was (an import has none).
+    data_dir = data_dir or record["data_dir"] or None
+  if pre.clip:  # Pre-trained here (pretrain_clip) or imported (configs/import.py).
+    return _clip_encoder(workdir, int(step), pre, record, variables, data_dir)
+  info, transform = model_input(pre, record, data_dir)
+  dtype = models.DTYPES[pre.dtype]
+  model = models.get_model(pre.model, num_classes=info.num_classes, dtype=dtype,
+                           **(pre.model_options or {}))
   mean, std = tuple(info.mean), tuple(info.std)
 
   def encode(variables: Any, images: jax.Array) -> jax.Array:
     _, pooled = model.apply(variables, normalize(images, mean, std, dtype), train=False)
     return pooled.astype(jnp.float32)
 
-  return Encoder(workdir=workdir, step=int(step), config=config, info=info, variables=variables,
-                 encode=encode, feature_dim=model.feature_dim,
-                 digest=content_digest(config, variables), transform=transform)
+  return Encoder(workdir=workdir, step=int(step), pretraining=pre, info=info,
+                 variables=variables, encode=encode, feature_dim=model.feature_dim,
+                 digest=content_digest(pre, variables), transform=transform)
 
 
-def _clip_encoder(workdir: str, step: int, config: ml_collections.ConfigDict, variables: Any,
-                  data_dir: str | None) -> Encoder:
+def _clip_encoder(workdir: str, step: int, pre: Pretraining, record: Mapping[str, Any],
+                  variables: Any, data_dir: str | None) -> Encoder:
   """A CLIP workdir's encoder: features are the image tower's unnormalized embedding (what
   the reference's probe uses); the text tower comes along for zero-shot."""
-  from nmjax.models.clip import CLIP  # pylint: disable=g-import-not-at-top
-  from nmjax.train import pretrain_clip  # pylint: disable=g-import-not-at-top
-  model = pretrain_clip.build_model(config)
-  info = pretrain_clip.source_info(config, data_dir=data_dir)
+  from nmjax.models.clip_model import CLIP  # pylint: disable=g-import-not-at-top
+  from nmjax.train import clip_training  # pylint: disable=g-import-not-at-top
+  run = types.SimpleNamespace(**record)  # The fields its towers were built from, as attributes.
+  model = clip_training.build_model(run)
+  info = clip_training.source_info(run, data_dir=data_dir)
   mean, std, dtype = tuple(info.mean), tuple(info.std), model.dtype
 
   def encode(variables: Any, images: jax.Array) -> jax.Array:
@@ -179,12 +236,23 @@ def _clip_encoder(workdir: str, step: int, config: ml_collections.ConfigDict, va
   def encode_text(variables: Any, tokens: jax.Array) -> jax.Array:
     return model.apply(variables, tokens, method=CLIP.encode_text)
 
-  return Encoder(workdir=workdir, step=step, config=config, info=info, variables=variables,
+  return Encoder(workdir=workdir, step=step, pretraining=pre, info=info, variables=variables,
                  encode=encode, feature_dim=model.feature_dim,
-                 digest=content_digest(config, variables), encode_text=encode_text,
-                 context_length=int(config.context_length),
+                 digest=content_digest(pre, variables), encode_text=encode_text,
+                 context_length=int(record["context_length"]),
                  # An imported CLIP's own transform (CLIP's: crop 1.0, bicubic); else the default.
-                 transform=EvalTransform.from_config(config.get("input")))
+                 transform=EvalTransform.from_config(pre.input))
+
+
+def open_cache(checkpoint: str, workdir: str, *, step: int, batch_size: int, batch_field: str,
+               max_examples: int, data_dir: str) -> "FeatureCache":
+  """The prologue of every evaluation (after jax.distributed, where asked, has started): the
+  mesh, the checkpoint's encoder and its features cache (falling back to `workdir`)."""
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch_size, mesh, field=batch_field)
+  enc = load(checkpoint, step=step, mesh=mesh, data_dir=data_dir or None)
+  return FeatureCache(enc, workdir, batch_size=batch_size, max_examples=max_examples,
+                      data_dir=data_dir or None, mesh=mesh)
 
 
 def evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
@@ -195,14 +263,37 @@ def evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
   return records_lib.SubsetRecords(records, positions)
 
 
+def cache_root(encoder: Encoder, fallback_workdir: str) -> str:
+  """Where an encoder's features are kept: beside its checkpoints, in
+  CHECKPOINT/features/<content digest>/step_<N>/, one cache for every job that evaluates it
+  (transfer, NMTune, a study's stages); under FALLBACK_WORKDIR/features/ when the checkpoint's
+  folder cannot be written (a read-only copy, someone else's run)."""
+  for base in (encoder.workdir, fallback_workdir):
+    root = os.path.join(base, "features", encoder.identity, f"step_{encoder.step}")
+    try:
+      os.makedirs(root, exist_ok=True)
+    except OSError:
+      continue
+    if os.access(root, os.W_OK):
+      if base != encoder.workdir:
+        print(f"[features] {encoder.workdir} is not writable; caching features under {root}",
+              flush=True)
+      return root
+  raise ConfigError(f"--workdir={fallback_workdir}: {os.path.join(fallback_workdir, 'features')}"
+                    " cannot be written; pass a writable directory")
+
+
 class FeatureCache:
   """Features of dataset splits for one encoder, extracted on demand and kept as features files
-  under WORKDIR/features/<encoder identity>/step_<N>/<split key>.npz."""
+  <split key>[-max<N>].npz under cache_root(encoder, workdir), which every job that evaluates
+  the encoder shares. Files are written whole (nmjax.io) and keyed by the encoder's content and
+  the split, so concurrent writers of one file write the same bytes and readers never see a torn
+  one."""
 
   def __init__(self, encoder: Encoder, workdir: str, *, batch_size: int, max_examples: int,
-               data_dir: str | None, mesh: jax.sharding.Mesh):
+               data_dir: str | None, mesh: jax.sharding.Mesh | None):
     self.encoder = encoder
-    self.root = os.path.join(workdir, "features", f"{encoder.identity}", f"step_{encoder.step}")
+    self.root = cache_root(encoder, workdir)
     self.batch_size = batch_size
     self.max_examples = max_examples
     self.data_dir = data_dir
@@ -214,6 +305,7 @@ class FeatureCache:
     return sources.get_source(dataset, data_dir=self.data_dir).info
 
   def path(self, split: tasks_lib.Split, suffix: str = "") -> str:
+    """The split's features file (suffix: another array of the split, e.g. augmented views)."""
     limit = f"-max{self.max_examples}" if self.max_examples > 0 else ""
     return os.path.join(self.root, f"{split.key}{limit}{suffix}.npz")
 

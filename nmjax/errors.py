@@ -1,4 +1,19 @@
-"""Errors that nmjax reports to a person as one clear line (main.py prints them and exits 2)."""
+"""Errors that nmjax reports to a person as one clear line (main.py prints them and exits 2), and
+the environment faults (a full disk, a path that cannot be written) turned into such a line."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import sys
+import traceback
+from collections.abc import Iterator
+
+EXIT_CODE = 2
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class NmjaxError(Exception):
@@ -33,3 +48,70 @@ def os_error_in(error: BaseException | None, errnos: tuple[int, ...]) -> OSError
       return error
     error = error.__cause__ or error.__context__
   return None
+
+
+def fail(message: str, code: int = EXIT_CODE) -> None:
+  """Prints `error: message` (one line) on stderr and exits with `code`."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _free_space(path: str) -> str:
+  folder = os.path.dirname(os.path.abspath(path))
+  while folder and not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  try:
+    free = shutil.disk_usage(folder).free
+  except OSError:
+    return "unknown"
+  for unit in ("B", "KB", "MB", "GB"):
+    if free < 1024 or unit == "GB":
+      return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+    free /= 1024
+  return ""
+
+
+def _under_data_dir(path: str) -> bool:
+  root = os.path.abspath(os.path.expanduser(
+      os.environ.get("NMJAX_DATA_DIR") or "~/.cache/nmjax"))
+  return os.path.abspath(path).startswith(root + os.sep) or os.path.abspath(path) == root
+
+
+def explain_os_error(error: OSError) -> str:
+  """The one line for a full disk or an unwritable path, naming the path."""
+  path = error.filename or error.filename2
+  where = f"{path}" if path else "a file (the system did not say which)"
+  if error.errno in FULL_DISK:
+    free = f" ({_free_space(path)} free there)" if path else ""
+    return (f"no space left on the device writing {where}{free}: {error.strerror}; free some"
+            " space (or write elsewhere) and run the same command again (committed checkpoints"
+            " and finished stages are kept)")
+  fix = ("set NMJAX_DATA_DIR to a writable folder" if path and _under_data_dir(path) else
+         "make it writable or pass another --workdir")
+  return f"cannot write {where}: {error.strerror}; {fix}"
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+  """Exits with one line on stderr for an NmjaxError (its exit_code, default 2), a Ctrl-C (130)
+  or an OSError of a full disk or an unwritable path (2); anything else propagates."""
+  try:
+    yield
+  except NmjaxError as e:
+    _debug_traceback()
+    fail(str(e), getattr(e, "exit_code", EXIT_CODE))
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop (a loop saves, then Interrupted).
+    fail("interrupted (Ctrl-C); finished results and committed checkpoints are kept; run the"
+         " same command to go on", 130)
+  except Exception as e:  # pylint: disable=broad-except
+    fault = os_error_in(e, FULL_DISK + NOT_WRITABLE)
+    if fault is None:
+      raise
+    _debug_traceback()
+    fail(explain_os_error(fault))
+
+
+def _debug_traceback() -> None:
+  """NMJAX_DEBUG=1: the traceback of an error nmjax reports as one line, before that line."""
+  if os.environ.get("NMJAX_DEBUG", "") not in ("", "0"):
+    traceback.print_exc()

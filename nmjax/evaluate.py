@@ -6,8 +6,9 @@ Methods are plug-ins in METHODS, each `fit(train, tests, config, *, logit_subset
 "lp_aug" (nmjax.nmtune) train on plain features or augmented views; "zeroshot" (nmjax.clip) trains
 nothing: a CLIP encoder's text tower scores class prompts. A task's methods are fit once
 per train split and scored on the test sets of every task that trains on it (fashion_mnist and
-fashion_mnist_c share one fit). The transfer and NMTune configs are both served here; they
-differ only in which methods they allow, where the methods' fields live and the row they write.
+fashion_mnist_c share one fit). The transfer and NMTune jobs (nmjax.jobs.transfer, .tuning) are
+both served here: each turns its plan into a Request (tasks, methods, each method's config, the
+row it writes) over an encoder's FeatureCache (nmjax.encoder); nothing here reads a job's config.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import numpy as np
 
 from nmjax import encoder as encoder_lib
 from nmjax import features as features_lib
-from nmjax import nmtune, parallel, probe, report, spectral, tasks as tasks_lib
+from nmjax import probe, spectral, tasks as tasks_lib
 from nmjax.clip import encode as clip_encode, zeroshot
-from nmjax.config import check_choice, check_range, parse_names
 from nmjax.data import image_text, pipeline
 from nmjax.errors import ConfigError, DataError
+from nmjax.nmtune.fit import fit_multi, loss_weights
+from nmjax.nmtune.grid import report_lines
+from nmjax.nmtune.views import CachedViews, OnlineViews, cache_views
 from nmjax.progress import Countdown, format_seconds
 
 TRAIN_VIEWS = ("features", "online", "cached")
@@ -42,7 +45,7 @@ def _with_probe_settings(result: dict[str, Any], method: str,
                          config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {**result, "method": method, "epochs": config.num_epochs,
           "batch_size": config.batch_size, "lr": config.learning_rate,
-          "weight_decay": config.weight_decay, **nmtune.loss_weights(0.0, 0.0, 0.0, None)}
+          "weight_decay": config.weight_decay, **loss_weights(0.0, 0.0, 0.0, None)}
 
 
 def _probe_plugin(name: str, probe_fn: Callable[..., dict[str, Any]]) -> Callable[..., dict]:
@@ -52,7 +55,7 @@ def _probe_plugin(name: str, probe_fn: Callable[..., dict[str, Any]]) -> Callabl
           logit_subsets: Mapping[str, Any] | None = None,
           log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     del log  # The probes are one compiled program each: nothing to report per epoch.
-    if isinstance(train, (nmtune.OnlineViews, nmtune.CachedViews)):
+    if isinstance(train, (OnlineViews, CachedViews)):
       raise ConfigError(f"config.method={name!r} trains on plain features; pass train features"
                         " (the 'lp_aug' method is the linear head on augmented views)")
     results = {}
@@ -69,7 +72,7 @@ def _probe_plugin(name: str, probe_fn: Callable[..., dict[str, Any]]) -> Callabl
 def _fit_nmtune(train: Any, tests: Mapping[str, Any], config: ml_collections.ConfigDict, *,
                 logit_subsets: Mapping[str, Any] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-  return nmtune.fit_multi(train, tests, config, logit_subsets=logit_subsets, log=log)
+  return fit_multi(train, tests, config, logit_subsets=logit_subsets, log=log)
 
 
 def class_names(cache: encoder_lib.FeatureCache, dataset: str) -> tuple[str, ...]:
@@ -87,7 +90,7 @@ def _fit_zeroshot(train: Any, tests: Mapping[str, Any], config: ml_collections.C
   (`train` is unused). Needs a CLIP encoder."""
   del train, log  # Nothing is trained.
   if encoder is None or encoder.encode_text is None:
-    model = "none" if encoder is None else encoder.config.get("model")
+    model = "none" if encoder is None else encoder.pretraining.model
     raise ConfigError(f"method 'zeroshot' needs a CLIP encoder (a pretrain_clip workdir);"
                       f" config.checkpoint holds {model}")
   start = time.perf_counter()
@@ -121,78 +124,6 @@ PROBE_METHODS = ("lp", "ridge")
 PLAIN_METHODS = (*PROBE_METHODS, "zeroshot")  # Never trained on augmented views.
 
 
-def nmtune_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """The nmjax.nmtune config of one NMTune method, from an NMTune config's fields."""
-  fields = {k: config[k] for k in nmtune.default_config().keys() if k in config}
-  fields["lp"] = config.lp.to_dict()
-  fields["method"] = method
-  return nmtune.resolve_config(ml_collections.ConfigDict(fields))
-
-
-def method_config(config: ml_collections.ConfigDict, method: str,
-                  num_classes: int | None = None) -> ml_collections.ConfigDict:
-  """What METHODS[method] takes. A transfer config holds the probes' fields in config.probe; an
-  NMTune config holds the NMTune fields and, for the probe, config.lp (with its own seed)."""
-  if method == "zeroshot":
-    cfg = ml_collections.ConfigDict(
-        {"templates": config.get("zeroshot_templates", zeroshot.DEFAULT_TEMPLATES)})
-  elif "probe" in config:
-    cfg = probe.resolve_config(config.probe.to_dict())
-  else:
-    tuned = nmtune_config(config, "nmtune" if method in PROBE_METHODS else method)
-    cfg = nmtune.probe_config(tuned) if method in PROBE_METHODS else tuned
-  cfg.num_classes = num_classes
-  return cfg
-
-
-def check_transfer(config: ml_collections.ConfigDict) -> tuple[list[str], list[tasks_lib.Task]]:
-  """Checks a transfer config before any work; returns (methods, tasks)."""
-  chosen = tasks_lib.resolve(config.tasks)
-  methods = parse_names(config, "methods", TRANSFER_METHODS)
-  check_choice(config, "spectral_center", CENTERS)
-  check_range(config, "batch_size", low=1, integer=True)
-  check_range(config, "max_examples", integer=True)
-  check_range(config, "step", integer=True)
-  return methods, chosen
-
-
-def check_tuning(config: ml_collections.ConfigDict) -> tuple[list[str], list[tasks_lib.Task]]:
-  """Checks an NMTune config before any work; returns (methods, tasks) (no tasks in the
-  features-file mode)."""
-  methods = parse_names(config, "method", TUNING_METHODS)
-  for method in methods:
-    method_config(config, method)
-  if config.train_features or config.test_features:
-    if not (config.train_features and config.test_features):
-      raise ConfigError("config.train_features and config.test_features go together; pass both"
-                        " features files (.npz)")
-    if config.checkpoint:
-      raise ConfigError("pass either features files (config.train_features/test_features) or"
-                        " config.checkpoint, not both")
-    return methods, []
-  if not config.checkpoint:
-    raise ConfigError("nothing to tune: pass --config.train_features=TRAIN.npz"
-                      " --config.test_features=TEST.npz, or --config.checkpoint=PRETRAIN_DIR")
-  check_choice(config, "views", TRAIN_VIEWS)
-  check_range(config, "cached_views", low=2, integer=True)
-  check_range(config, "extract_batch_size", low=1, integer=True)
-  check_range(config, "max_examples", integer=True)
-  check_range(config, "step", integer=True)
-  return methods, tasks_lib.resolve(config.tasks)
-
-
-def open_cache(config: ml_collections.ConfigDict, workdir: str, *,
-               batch_size: int, batch_field: str) -> encoder_lib.FeatureCache:
-  """The prologue of every evaluation: processes, mesh, the encoder and its features cache."""
-  parallel.maybe_initialize_distributed(config)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch_size, mesh, field=batch_field)
-  data_dir = config.data_dir or None
-  enc = encoder_lib.load(config.checkpoint, step=config.step, mesh=mesh, data_dir=data_dir)
-  return encoder_lib.FeatureCache(enc, workdir, batch_size=batch_size,
-                                  max_examples=config.max_examples, data_dir=data_dir, mesh=mesh)
-
-
 def _images(records: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
   """Every image (uint8 (N, H, W, C)) and label of a split, in order."""
   images, labels = [], []
@@ -204,7 +135,7 @@ def _images(records: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 
 def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kind: str, *,
                     num_views: int, seed: int, plain: np.ndarray | None = None
-                    ) -> nmtune.OnlineViews | nmtune.CachedViews:
+                    ) -> OnlineViews | CachedViews:
   """The train split as two-view rows: "online" (encoded inside every step) or "cached"
   (num_views augmented views per image encoded once, kept beside the split's features; never
   mirrored where the dataset's flip_ok is False).
@@ -212,35 +143,32 @@ def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kin
   enc = cache.encoder
   images, labels = _images(cache.records(split))
   if kind == "online":
-    return nmtune.OnlineViews(encode=enc.encode, variables=enc.variables, images=images,
+    return OnlineViews(encode=enc.encode, variables=enc.variables, images=images,
                               labels=labels, feature_dim=enc.feature_dim, plain_features=plain)
   flip = bool(cache.info(split.dataset).flip_ok)  # Never mirror what a mirror changes (digits).
   path = cache.path(split, suffix=f"-aug{num_views}-seed{seed}" + ("" if flip else "-noflip"))
   if os.path.exists(path):
     try:
       stored = features_lib.load(path, feature_dim=enc.feature_dim)
-      return nmtune.CachedViews(stored.features.reshape(num_views, len(labels), -1), labels,
+      return CachedViews(stored.features.reshape(num_views, len(labels), -1), labels,
                                 plain_features=plain)
     except (DataError, ValueError) as e:
       print(f"[features] ignoring a bad cached views file ({e}); encoding again", flush=True)
-  views = nmtune.cache_views(enc.encode, enc.variables, images, labels, num_views=num_views,
+  views = cache_views(enc.encode, enc.variables, images, labels, num_views=num_views,
                              seed=seed, batch_size=cache.batch_size, flip=flip)
   cache.extracted += 1
   if jax.process_index() == 0:
     features_lib.save(path, views.features.reshape(-1, enc.feature_dim),
                       np.tile(labels, num_views), domain=f"{split} x{num_views} augmented views")
-  return nmtune.CachedViews(views.features, views.labels, plain_features=plain)
+  return CachedViews(views.features, views.labels, plain_features=plain)
 
 
 def provenance(enc: encoder_lib.Encoder) -> dict[str, Any]:
-  """The encoder's fields every row carries."""
-  pre = enc.config
-  if "caption_noise" in pre:  # A CLIP: r is the fraction of pairs with another's caption.
-    noise = {"noise_ratio": pre.caption_noise, "noise_type": "caption"}
-  else:
-    noise = {"noise_ratio": pre.get("noise_ratio"), "noise_type": pre.get("noise_type")}
+  """The encoder's fields every row carries (a CLIP's noise: the caption noise)."""
+  pre = enc.pretraining
   return {"checkpoint": enc.workdir, "step": enc.step, "model": pre.model,
-          "pretrain_dataset": pre.dataset, **noise}
+          "pretrain_dataset": pre.dataset, "noise_ratio": pre.noise_ratio,
+          "noise_type": pre.noise_type}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,14 +238,6 @@ class Request:
   prefix: str = "[evaluate]"
 
 
-def tuning_request(config: ml_collections.ConfigDict, methods: list[str],
-                   chosen: list[tasks_lib.Task], prefix: str = "[nmtune]") -> Request:
-  """The request of an NMTune config in checkpoint mode (rows: tuning_row)."""
-  return Request(chosen, methods, lambda m, c: method_config(config, m, c), tuning_row,
-                 views=config.views, num_views=config.cached_views, seed=config.seed,
-                 prefix=prefix)
-
-
 def _spectrum(request: Request, test: features_lib.FeatureSet) -> dict[str, Any]:
   kwargs = {} if request.spectrum_top_k is None else {"top_k": request.spectrum_top_k}
   metrics = spectral.metrics(test.features, center=request.spectral_center, **kwargs)
@@ -366,7 +286,7 @@ def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_l
       rows.append(request.row(Fit(task, method, results[task.name], plain, tests[task.name],
                                   spectra[task.name], num_classes, views), cache.encoder))
     countdown.done()
-    for line in nmtune.report_lines({t.name: results[t.name] for t in group}):
+    for line in report_lines({t.name: results[t.name] for t in group}):
       print(f"{request.prefix}   {method} {line}", flush=True)
     scores = " ".join(f"{t.name} {results[t.name]['accuracy']:.4f}" for t in group)
     print(f"{request.prefix} fit {countdown.finished}/{countdown.total} {method} on {split}:"
@@ -407,6 +327,6 @@ def averages_line(rows: list[dict[str, Any]], methods: list[str]) -> str:
   for kind in tasks_lib.KINDS:
     cells = [(m, kind_averages(rows, m).get(kind)) for m in methods]
     if any(v is not None for _, v in cells):
-      parts.append(f"{report.KIND_LABELS[kind]} " + " ".join(f"{m} {100 * v:.2f}" for m, v in cells
-                                                 if v is not None))
+      parts.append(f"{tasks_lib.KIND_LABELS[kind]} " + " ".join(
+          f"{m} {100 * v:.2f}" for m, v in cells if v is not None))
   return " | ".join(parts)

@@ -35,8 +35,10 @@ import jax
 import numpy as np
 
 from nmjax import parallel
-from nmjax import report
+from nmjax import io as nmjax_io
 from nmjax.errors import DataError
+
+__all__ = ["extract"]
 
 Array = np.ndarray
 # The most classes a head may have (ImageNet-21k, the largest label set in common use, has 21,843).
@@ -251,7 +253,7 @@ def save(path: str | os.PathLike, features: Array, labels: Array, *,
   for key, value in (extra or {}).items():
     arrays[key] = np.asarray(value)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with report.atomic_path(path) as tmp:
+  with nmjax_io.atomic_path(path) as tmp:
     np.savez(tmp, **arrays)
   return path
 

@@ -26,6 +26,8 @@ import numpy as np
 
 from nmjax.errors import ConfigError
 
+__all__ = ["symmetric_noise", "pairflip_noise", "shuffle_captions"]
+
 NOISE_TYPES = ("symmetric", "pairflip")
 
 T = TypeVar("T")

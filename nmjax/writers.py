@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
 
-from nmjax import report
+from nmjax import io as nmjax_io
 
 
 def _json_value(value: Any) -> Any:
@@ -44,7 +45,7 @@ class MetricWriter:
     self._tb = None
     if self.active and tensorboard:
       # Imported lazily (it pulls in protobuf), and without torch.
-      self._tb = report.summary_writer(os.path.join(workdir, "tb"), flush_secs=10)
+      self._tb = summary_writer(os.path.join(workdir, "tb"), flush_secs=10)
 
   def truncate_after(self, step: int) -> None:
     """Drops records whose step is beyond `step` (they belong to a run that was not saved)."""
@@ -52,7 +53,7 @@ class MetricWriter:
       return
     with open(self.path) as f:
       keep = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
-    report.write_text(self.path, "".join(keep))
+    nmjax_io.write_text(self.path, "".join(keep))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.active:
@@ -68,3 +69,21 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def summary_writer(logdir: str, **kwargs: Any) -> Any:
+  """A tensorboardX SummaryWriter, imported without torch.
+
+  tensorboardX imports torch at import time when it is installed (the tests' reference is); in a
+  JAX process that costs seconds and memory, and torch's and XLA's thread pools were seen to
+  abort a training process that had both. So a torch not already imported is hidden from it.
+  """
+  hidden = "torch" not in sys.modules
+  if hidden:
+    sys.modules["torch"] = None  # `import torch` then raises ImportError.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if hidden:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir, **kwargs)

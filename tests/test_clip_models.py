@@ -15,8 +15,7 @@ import pytest
 
 from nmjax.clip.loss import contrastive_loss
 from nmjax.errors import ConfigError
-from nmjax.models import CLIP_MODELS, get_clip_model
-from nmjax.models.clip import CLIP, ResNetVisionConfig
+from nmjax.models.clip_model import CLIP, CLIP_MODELS, ResNetVisionConfig, get_clip_model
 from nmjax.models.clip_towers import AttentionPool2d, MultiheadAttention
 
 EOT = 49407

@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from nmjax import convert
+from nmjax.convert import readers
 from nmjax.data.transforms import EvalTransform, resize_center_crop
 from nmjax.errors import DataError
 
@@ -258,7 +259,7 @@ def test_bf16_tensors_become_float32_and_prefixes_go(tmp_path):
             for k, v in weights.items()}
   path = tmp_path / "half.safetensors"
   save_file(halves, str(path))
-  tensors = convert.read_tensors(str(path))
+  tensors = readers.read_tensors(str(path))
   assert set(tensors) == set(weights)
   assert tensors["fc.weight"].dtype == np.float32
   np.testing.assert_array_equal(tensors["fc.weight"],

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from nmjax import convert, encoder as encoder_lib, jobs, models
-from nmjax.convert import clip_layouts
+from nmjax.convert import clip_layouts, readers
 from nmjax.convert.layouts import Spec
 from nmjax.errors import ConfigError, DataError
-from nmjax.models.clip import CLIP, ResNetVisionConfig
-from nmjax.train import pretrain_clip
+from nmjax.models.clip_model import CLIP, ResNetVisionConfig
+from nmjax.train import clip_training as pretrain_clip
 from nmjax.train.steps import normalize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ transfer_config = importlib.import_module("configs.transfer")
 # the second (a block without downsample), a 256-wide attention pool with 4 heads.
 SMALL_RN = dict(kind="resnet", layers=(1, 2, 1, 1), width=8, heads=4, image_size=64, channels=3)
 SMALL_TEXT = dict(context_length=16, vocab_size=64, text_width=32, text_heads=2, text_layers=2)
-# nmjax's clip_small (nmjax.models.clip): a 28x28x1 ViT of 7x7 patches, width 64, 2 layers.
+# nmjax's clip_small (nmjax.models.clip_model): a 28x28x1 ViT of 7x7 patches, width 64, 2 layers.
 CLIP_SMALL = dict(vision=dict(kind="vit", image_size=28, patch=7, width=64, layers=2, heads=2,
                               channels=1), embed_dim=64, context_length=32, vocab_size=49408,
                   text_width=64, text_heads=2, text_layers=2)
@@ -303,7 +303,7 @@ def test_rn50_towers_match_open_clip_from_a_training_checkpoint(tmp_path):
   path = tmp_path / "epoch_32.pt"
   torch.save({"epoch": 32, "name": "RN50-yfcc15m", "optimizer": {"state": {}, "param_groups": []},
               "state_dict": {f"module.{k}": v for k, v in module.state_dict().items()}}, path)
-  tensors = convert.read_tensors(str(path))
+  tensors = readers.read_tensors(str(path))
   model = small_rn_model()
   variables = clip_layouts.import_clip(tensors, model, what=str(path))
   assert set(variables) == {"params", "batch_stats"}
@@ -323,7 +323,7 @@ def test_openai_torchscript_vit_matches_and_its_quickgelu_is_enforced(tmp_path):
   traced = torch.jit.trace(module, (torch.from_numpy(images), torch.from_numpy(tokens)),
                            check_trace=False)
   traced.save(str(path))
-  checkpoint = convert.read_checkpoint(str(path))
+  checkpoint = readers.read_checkpoint(str(path))
   assert "QuickGELU" in checkpoint.module_types and "input_resolution" in checkpoint.tensors
   with pytest.raises(DataError, match="built with QuickGELU.*--config.quick_gelu=true"):
     convert.load(str(path), "clip_small")
@@ -348,7 +348,7 @@ def test_full_size_names_and_shapes_map_one_to_one(arch):
   variables = clip_layouts.import_clip(tensors, model, what=arch)  # Views: no copy either.
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
   assert count == sum(int(np.prod(p.shape)) for p in module.parameters())
-  if arch == "clip_rn50":  # nmjax.models.clip: open_clip's model_profile.csv, 102.01 M.
+  if arch == "clip_rn50":  # nmjax.models.clip_model: open_clip's model_profile.csv, 102.01 M.
     assert count == 102_007_137 and variables["batch_stats"]
   tensors["visual.positional_embedding" if arch == "clip_vit_b16" else
           "visual.attnpool.positional_embedding"] = np.zeros((82, 2048), np.float32)

@@ -4,6 +4,7 @@ split shared by its tasks, the probes' and NMTune's rows; and the house rules th
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 from nmjax import encoder as encoder_lib
 from nmjax import evaluate, tasks as tasks_lib
 from nmjax.errors import ConfigError
+from nmjax.jobs import transfer, tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,11 +38,12 @@ def _cache(workdir):
     return model.apply(variables, normalize(images, info.mean, info.std, jnp.float32),
                        train=False)[1]
 
-  config = ml_collections.ConfigDict({"model": "resnet_small", "dataset": "digits",
-                                      "noise_ratio": 0.0, "noise_type": "symmetric"})
-  enc = encoder_lib.Encoder(workdir=str(workdir), step=0, config=config, info=info,
+  pre = encoder_lib.pretraining({"job": "pretrain", "model": "resnet_small", "dataset": "digits",
+                                 "dtype": "float32", "noise_ratio": 0.0,
+                                 "noise_type": "symmetric"})
+  enc = encoder_lib.Encoder(workdir=str(workdir), step=0, pretraining=pre, info=info,
                             variables=variables, encode=encode, feature_dim=64,
-                            digest=encoder_lib.content_digest(config, variables))
+                            digest=encoder_lib.content_digest(pre, variables))
   return encoder_lib.FeatureCache(enc, str(workdir), batch_size=200, max_examples=300,
                                   data_dir=None, mesh=None)
 
@@ -60,22 +63,23 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
 
   monkeypatch.setitem(evaluate.METHODS, "nearest_mean", nearest_mean)
   monkeypatch.setattr(evaluate, "PROBE_METHODS", (*evaluate.PROBE_METHODS, "nearest_mean"))
-  chosen = tasks_lib.resolve("digits,digits->mnist")  # One train split: one fit for both.
-  probes = transfer_config.get_config()
+  chosen = tasks_lib.resolve("digits,digits_to_mnist")  # One train split: one fit for both.
+  probes = transfer.validate(transfer_config.get_config())
   request = evaluate.Request(
       chosen, ["nearest_mean", "ridge"],
       lambda m, c: (ml_collections.ConfigDict({"num_classes": c}) if m == "nearest_mean"
-                    else evaluate.method_config(probes, m, c)),
+                    else transfer.method_config(probes, m, c)),
       evaluate.probe_row, prefix="[test]")
   result = evaluate.run(_cache(tmp_path), request)
-  assert calls == [(300, ["digits", "digits->mnist"], {"digits": None, "digits->mnist": None})]
+  assert calls == [(300, ["digits", "digits_to_mnist"],
+                    {"digits": None, "digits_to_mnist": None})]
   assert [(r["task"], r["method"]) for r in result.rows] == [
-      ("digits", "nearest_mean"), ("digits", "ridge"), ("digits->mnist", "nearest_mean"),
-      ("digits->mnist", "ridge")]
+      ("digits", "nearest_mean"), ("digits", "ridge"), ("digits_to_mnist", "nearest_mean"),
+      ("digits_to_mnist", "ridge")]
   for row in result.rows:
     assert 0.0 <= row["accuracy"] <= 1.0 and row["num_train"] == 300 and row["step"] == 0
   assert result.rows[0]["accuracy"] > 0.1  # Better than chance on 10 digit classes.
-  assert set(result.spectra) == {"digits", "digits->mnist"}
+  assert set(result.spectra) == {"digits", "digits_to_mnist"}
   assert result.features_extracted == 3  # digits train, digits test, MNIST test.
 
 
@@ -85,8 +89,8 @@ def test_the_linear_probe_plugin_matches_the_probe_and_reports_its_protocol(tmp_
   task = tasks_lib.resolve("digits")[0]
   train, (test, _) = cache.get(task.train), cache.test_set(task)
   config = nmtune_config.get_config("smoke")
-  config.seed = 3
-  lp_config = evaluate.method_config(config, "lp", num_classes=10)
+  config.seed, config.checkpoint = 3, "unused"  # validate never opens it.
+  lp_config = tuning.method_config(tuning.validate(config), "lp", num_classes=10)
   assert lp_config.seed == 3 and lp_config.num_epochs == 2 and lp_config.num_classes == 10
   result = evaluate.METHODS["lp"](train, {"t": test}, lp_config)["t"]
   direct = probe.linear_probe(train, test, lp_config)
@@ -94,7 +98,8 @@ def test_the_linear_probe_plugin_matches_the_probe_and_reports_its_protocol(tmp_
   assert (result["method"], result["epochs"], result["lr"], result["svd_weight"]) == (
       "lp", 2, 1e-2, 0.0)
   # A transfer config's probes read config.probe (seed 0 there).
-  assert evaluate.method_config(transfer_config.get_config(), "lp", 10).seed == 0
+  assert transfer.method_config(transfer.validate(transfer_config.get_config()), "lp",
+                                10).seed == 0
 
 
 def test_probes_refuse_augmented_views_and_checks_name_the_field():
@@ -104,9 +109,11 @@ def test_probes_refuse_augmented_views_and_checks_name_the_field():
     evaluate.METHODS["ridge"](views, {}, ml_collections.ConfigDict())
   with pytest.raises(ConfigError, match=r"config.methods entry 'nmtune' is unknown; allowed: lp,"
                                         r" ridge"):
-    evaluate.check_transfer(transfer_config.get_config("methods=lp+nmtune"))
+    transfer.validate(transfer_config.get_config("methods=lp+nmtune"))
+  with pytest.raises(ConfigError, match=r"config.methods entry 'ridge' is unknown"):
+    tuning.validate(nmtune_config.get_config("methods=ridge"))
   with pytest.raises(ConfigError, match=r"config.method entry 'ridge' is unknown"):
-    evaluate.check_tuning(nmtune_config.get_config("method=ridge"))
+    tuning.validate(nmtune_config.get_config("method=ridge"))  # The older name, still read.
 
 
 def _imports(path):
@@ -135,14 +142,15 @@ def test_rooms_import_one_way():
       if name.startswith("nmjax"):
         assert name.startswith("nmjax.config"), (path, name)
   jobs_dir = os.path.join(ROOT, "nmjax", "jobs")
-  jobs = {f"nmjax.jobs.{f[:-3]}" for f in os.listdir(jobs_dir)
-          if f.endswith(".py") and f != "__init__.py"}
+  from nmjax import jobs as jobs_package  # pylint: disable=g-import-not-at-top
+  jobs = {module.__name__ for module in jobs_package.JOBS.values()}
   for path in _modules("nmjax"):
     names = _imports(path)
     if not path.startswith(jobs_dir):
       assert not any(n.startswith("nmjax.jobs") for n in names), path
-    elif not path.endswith("__init__.py"):  # The package's dispatcher imports every job.
-      # A job may use the package's shared wiring (prepare_workdir) and its own parts
+    elif not re.fullmatch(r"__init__|study(_\w+)?", os.path.basename(path)[:-3]):
+      # The registry, and the study (a sweep of jobs) with its parts, aside: a job may use the
+      # runner's shared parts (plans, workdir, tables, figures) and its own parts
       # (nmjax/jobs/<job>_<part>.py), never another job.
       own = f"nmjax.jobs.{os.path.basename(path)[:-3]}_"
       assert not {n for n in names if n in jobs and not n.startswith(own)}, (path, names)

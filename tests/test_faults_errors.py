@@ -4,7 +4,6 @@ labels that would size an absurd head, test classes never seen in train, huge fe
 disk and a folder that cannot be written (no temporary file left behind)."""
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -14,10 +13,12 @@ import sys
 import numpy as np
 import pytest
 
-from nmjax import cli, encoder as encoder_lib, features, jobs, nmtune, probe, report
+from nmjax import encoder as encoder_lib, errors, features, jobs, nmtune, probe
+from nmjax import io as nmjax_io
 from nmjax import tasks as tasks_lib
 from nmjax.data import fashion_mnist, sources
 from nmjax.errors import ConfigError, DataError, NmjaxError
+from nmjax.jobs import tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -123,7 +124,9 @@ def test_files_that_are_not_features_files_are_named(tmp_path):
 
 def test_a_truncated_cached_features_file_is_named_and_extracted_again(checkpoint, tmp_path,
                                                                       capsys):
-  enc = encoder_lib.load(checkpoint)
+  own = tmp_path / "pretrain"  # A private copy: its feature cache is broken on purpose.
+  shutil.copytree(checkpoint, own, ignore=shutil.ignore_patterns("features", ".lock*"))
+  enc = encoder_lib.load(str(own))
 
   def cache():
     return encoder_lib.FeatureCache(enc, str(tmp_path), batch_size=200, max_examples=100,
@@ -193,7 +196,7 @@ def _files(tmp_path, train_labels, test_labels):
   np.savez(test, features=x, labels=test_labels)
   config = nmtune_config.get_config()
   config.train_features, config.test_features = train, test
-  config.method = "lp,nmtune"
+  config.methods = "lp,nmtune"
   return config
 
 
@@ -246,7 +249,7 @@ def test_a_truncated_config_json_is_named(checkpoint, tmp_path):
   with pytest.raises(DataError, match=f"config.checkpoint={workdir}: {path} cannot be read"
                                       r" \(JSONDecodeError\)"):
     encoder_lib.load(str(workdir))
-  # A resume in that workdir is refused too, naming it (nmjax.train.pretrain).
+  # A resume in that workdir is refused too, naming it (nmjax.train.supervised).
   with pytest.raises(ConfigError, match=f"--workdir={workdir} .*config.json") as error:
     jobs.run(pretrain_config.get_config("dataset=digits,noise=0.1,smoke"), str(workdir))
   assert "\n" not in str(error.value)
@@ -277,10 +280,10 @@ class _FullDiskFile:
 
 
 def test_a_full_disk_leaves_no_temporary_file_and_names_the_path(tmp_path, monkeypatch):
-  monkeypatch.setattr(report, "open", _FullDiskFile, raising=False)
+  monkeypatch.setattr(nmjax_io, "open", _FullDiskFile, raising=False)
   target = tmp_path / "config.json"
   with pytest.raises(OSError) as error:
-    report.write_json(target, {"a": 1})
+    nmjax_io.write_json(target, {"a": 1})
   assert error.value.errno == errno.ENOSPC and error.value.filename == str(target)
   assert not os.listdir(tmp_path)
   monkeypatch.undo()
@@ -300,12 +303,14 @@ def test_a_full_disk_leaves_no_temporary_file_and_names_the_path(tmp_path, monke
 def test_a_full_disk_in_the_nmtune_job_appends_no_torn_line(tmp_path, monkeypatch, capsys):
   _, y = _blobs()
   config = _files(tmp_path, y, y)
-  config.method = "lp"
+  config.methods = "lp"
   workdir = tmp_path / "out"
-  monkeypatch.setattr(report, "open", _FullDiskFile, raising=False)
+  plan = tuning.validate(config)
+  # The job's own writes fail (the workdir's lock and plan.json are the runner's, written first).
+  monkeypatch.setattr(nmjax_io, "open", _FullDiskFile, raising=False)
   with pytest.raises(SystemExit) as done:
-    with cli.one_line_errors():
-      jobs.run(config, str(workdir))
+    with errors.one_line_errors():
+      tuning.run(plan, str(workdir))
   assert done.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith(f"error: no space left on the device writing {workdir}/results.jsonl (")
@@ -318,7 +323,7 @@ def test_environment_faults_become_one_line(tmp_path, monkeypatch, capsys):
 
   def line_of(error):
     with pytest.raises(SystemExit) as done:
-      with cli.one_line_errors():
+      with errors.one_line_errors():
         raise error
     assert done.value.code == 2
     text = capsys.readouterr().err
@@ -339,14 +344,14 @@ def test_environment_faults_become_one_line(tmp_path, monkeypatch, capsys):
   assert line_of(ConfigError("config.x=1 is out of range")) == (
       "error: config.x=1 is out of range")
   with pytest.raises(FileNotFoundError):  # Not an environment fault: propagates as it is.
-    with cli.one_line_errors():
+    with errors.one_line_errors():
       raise FileNotFoundError(errno.ENOENT, "No such file", "x")
 
   class Stopped(NmjaxError):
     exit_code = 130
 
   with pytest.raises(SystemExit) as done:
-    with cli.one_line_errors():
+    with errors.one_line_errors():
       raise Stopped("stopped")
   assert done.value.code == 130
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from nmjax import jobs, lock
+from nmjax import io as lock, jobs
 from nmjax.errors import ConfigError
 from nmjax.train import checkpoint as checkpoint_lib
 
@@ -41,7 +41,7 @@ def _pretrain(workdir, arg=SMOKE, **fields):
 def _copy(checkpoint, tmp_path):
   """A private copy of the session's pre-training workdir, to resume or break."""
   workdir = tmp_path / "pretrain"
-  shutil.copytree(checkpoint, workdir)
+  shutil.copytree(checkpoint, workdir, ignore=shutil.ignore_patterns("features"))
   return workdir
 
 
@@ -64,7 +64,7 @@ def _stale_lock(folder):
 
 def _evaluations(pretrain_dir, transfer_dir, nmtune_dir):
   transfer = transfer_config.get_config("smoke,methods=ridge")
-  tuning = nmtune_config.get_config("smoke,method=lp")
+  tuning = nmtune_config.get_config("smoke,methods=lp")
   for config in (transfer, tuning):
     config.checkpoint, config.tasks = str(pretrain_dir), "digits"
   return jobs.run(transfer, str(transfer_dir)), jobs.run(tuning, str(nmtune_dir))
@@ -78,21 +78,28 @@ def test_a_workdir_trained_again_at_the_same_path_gets_fresh_features(checkpoint
   _stale_lock(transfer_dir)  # Left by a killed run: taken over.
   first = _evaluations(pretrain_dir, transfer_dir, nmtune_dir)
   assert "[lock] taking over" in capsys.readouterr().out
-  assert [r["features_extracted"] for r in first] == [2, 2]  # digits/train, digits/test
+  # digits/train and digits/test, once: the NMTune job reads the transfer job's (one cache
+  # beside the checkpoint).
+  assert [r["features_extracted"] for r in first] == [2, 0]
   before = [_rows(transfer_dir), _rows(nmtune_dir)]
   assert {r["noise_ratio"] for rows in before for r in rows} == {0.1}
 
-  # Deleted and trained again at the same path and step count, with other label noise.
-  shutil.rmtree(pretrain_dir)
+  # Trained again at the same path and step count, with other label noise; its feature cache
+  # left in place.
+  for path in pretrain_dir.iterdir():
+    if path.is_dir() and path.name != "features":
+      shutil.rmtree(path)
+    elif path.is_file():
+      path.unlink()
   _pretrain(pretrain_dir, "dataset=digits,noise=0.3,smoke")
   second = _evaluations(pretrain_dir, transfer_dir, nmtune_dir)
-  assert [r["features_extracted"] for r in second] == [2, 2]
+  assert [r["features_extracted"] for r in second] == [2, 0]
   after = [_rows(transfer_dir), _rows(nmtune_dir)]
   assert {r["noise_ratio"] for rows in after for r in rows} == {0.3}
   for old, new in zip(before, after):
     assert [r["sve"] for r in old] != [r["sve"] for r in new]
-  for out in (transfer_dir, nmtune_dir):
-    assert len(os.listdir(out / "features")) == 2  # One folder per encoder content.
+  assert len(os.listdir(pretrain_dir / "features")) == 2  # One folder per encoder content.
+  assert not any((out / "features").exists() for out in (transfer_dir, nmtune_dir))
 
 
 @pytest.mark.parametrize("damage", ["missing", "torn"])
@@ -146,7 +153,7 @@ def test_a_changed_training_field_is_refused_then_allowed_and_recorded(checkpoin
 def test_a_held_lock_refuses_at_once_and_a_dead_holders_lock_is_taken_over(checkpoint,
                                                                           tmp_path, capsys):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from nmjax import lock\n"
+      [sys.executable, "-c", "import sys, time; from nmjax import io as lock\n"
        f"with lock.hold({str(tmp_path)!r}, 'job test'):\n print('held', flush=True);"
        " time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   try:

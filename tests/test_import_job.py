@@ -1,6 +1,7 @@
 """The import job (configs/import.py): a checkpoint file becomes a pre-training workdir that the
 encoder restores exactly and the transfer job evaluates; the reference check; bad input."""
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -14,6 +15,7 @@ from safetensors.numpy import save_file
 
 from nmjax import convert, encoder as encoder_lib, jobs
 from nmjax.errors import ConfigError, DataError
+from nmjax.jobs import importer
 from nmjax.train.steps import normalize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +98,38 @@ def test_transfer_runs_on_the_imported_checkpoint(imported, tmp_path):
   assert "pre-trained on imagenet2012" in open(os.path.join(tmp_path, "results.md")).read()
 
 
+def test_validate_gives_a_frozen_plan_and_touches_nothing(source, tmp_path):
+  config = _config(source, dataset="imagenet2012", noise_ratio=0.1)
+  config.input.mean = (0.5, 0.5, 0.5)
+  plan = importer.validate(config)
+  assert jobs.JOBS[importer.NAME] is importer and importer.lock_index(plan) == 0
+  assert (plan.source, plan.arch, plan.noise_ratio, plan.quick_gelu) == (
+      os.path.abspath(source), "resnet18", 0.1, None)
+  assert (plan.input.image_size, plan.input.mean, plan.input.crop_pct) == (32, (0.5,) * 3, None)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    plan.arch = "resnet50"
+  assert importer.validate(config) == plan  # Plain values: the same config, the same plan.
+
+  def refused(match, **fields):
+    bad = _config(source, **{k: v for k, v in fields.items() if k != "input"})
+    for key, value in fields.get("input", {}).items():
+      bad.input[key] = value
+    with pytest.raises(ConfigError, match=match):
+      importer.validate(bad)
+
+  refused("config.noise_ratio=1.5 is out of range", noise_ratio=1.5)
+  refused("config.input.crop_pct=1.5 is out of range", input={"crop_pct": 1.5})
+  refused("config.input.interpolation='cubic' is unknown", input={"interpolation": "cubic"})
+  refused("config.reference_tolerance=0.0 is out of range", reference_tolerance=0.0)
+  refused("config.reference=.* does not exist", reference=str(tmp_path / "none.npz"))
+  unknown = _config(source)
+  unknown.unlock()
+  unknown.input.size = 3
+  with pytest.raises(ConfigError, match="config.input field 'size' is unknown"):
+    importer.validate(unknown)
+  assert not os.listdir(tmp_path)
+
+
 def test_reference_is_compared_and_a_mismatch_writes_nothing(source, tmp_path, capsys):
   inputs = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
   model, variables = convert.load(source, "resnet18")
@@ -125,6 +159,12 @@ def test_main_imports_and_bad_input_is_one_line(source, tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   with open(tmp_path / "cli" / "config.json") as f:
     assert json.load(f)["input"]["crop_pct"] == 0.875
+  with open(tmp_path / "cli" / "plan.json") as f:
+    assert json.load(f)["input"]["interpolation"] == "bilinear"
+  dry = main(f"--config.source={source}", "--config.arch=resnet18", "--dry_run",
+             f"--workdir={tmp_path / 'dry'}")
+  assert dry.returncode == 0, dry.stderr[-2000:]
+  assert json.loads(dry.stdout)["source"] == source and not os.path.exists(tmp_path / "dry")
   refused = main(f"--config.source={source}", "--config.arch=vit_b16",
                  f"--workdir={tmp_path / 'refused'}")
   assert refused.returncode == 2

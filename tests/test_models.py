@@ -7,8 +7,9 @@ import optax
 import pytest
 
 from nmjax.errors import ConfigError
-from nmjax.models import MODELS, Bottleneck, ResNet, ViT, feature_dim, get_model
-from nmjax.models.vit import sincos_2d_position_embedding
+from nmjax.models import MODELS, feature_dim, get_model
+from nmjax.models.resnet import Bottleneck, ResNet
+from nmjax.models.vit import ViT, sincos_2d_position_embedding
 
 NUM_CLASSES = 7
 

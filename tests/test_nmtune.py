@@ -14,6 +14,9 @@ from sklearn.datasets import load_digits
 
 from nmjax import features as features_lib
 from nmjax import nmtune, probe
+from nmjax.nmtune import head as nmtune_head, losses as nmtune_losses
+from nmjax.nmtune import programs as nmtune_programs, views as nmtune_views
+from nmjax.nmtune.fit import loss_weights, probe_config
 from nmjax.errors import ConfigError, DataError
 
 # n < D and n > D: the Gram route and the D x D route each win on one of them.
@@ -90,7 +93,7 @@ def test_covariance_routes_match_float64_numpy_and_each_other(shape):
   z = _inputs(shape, 2)
   value, grad = _np_covariance(z)
   routes = {route: _value_and_grad(functools.partial(nmtune.covariance_loss, route=route), z)
-            for route in nmtune.COVARIANCE_ROUTES}
+            for route in nmtune_losses.COVARIANCE_ROUTES}
   for got_value, got_grad in routes.values():
     np.testing.assert_allclose(got_value, value, rtol=1e-5)
     _assert_close(got_grad, grad, 1e-4)
@@ -129,7 +132,7 @@ def test_repeated_singular_values_give_finite_gradients():
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (24, 24)])
 def test_singular_values_through_qr_match_numpy_and_survive_rank_deficiency(shape):
   z = _inputs(shape, 6)
-  np.testing.assert_allclose(nmtune.singular_values(jnp.asarray(z, jnp.float32)),
+  np.testing.assert_allclose(nmtune_losses.singular_values(jnp.asarray(z, jnp.float32)),
                              np.linalg.svd(z, compute_uv=False), rtol=1e-5, atol=1e-5)
   # Rank 3: zero singular values, whose directions (and so the gradient's part outside z's
   # row and column spaces) are arbitrary. The gradient stays finite, and its part inside those
@@ -201,19 +204,20 @@ def test_gram_route_equals_the_svd_route(case):
   _assert_close(left @ routes["gram"][1] @ right, left @ routes["svd"][1] @ right, 1e-4)
   assert np.isfinite(routes["gram"][1]).all()
   sigma = np.linalg.svd(z, compute_uv=False)
-  np.testing.assert_allclose(jax.jit(nmtune.gram_singular_values)(jnp.asarray(z, jnp.float32)),
-                             sigma, rtol=1e-5, atol=1e-5 * sigma[0])
+  gram = jax.jit(nmtune_losses.gram_singular_values)
+  np.testing.assert_allclose(gram(jnp.asarray(z, jnp.float32)), sigma, rtol=1e-5,
+                             atol=1e-5 * sigma[0])
 
 
 def test_singular_value_routes_by_backend():
-  assert nmtune.singular_value_route("svd") == "svd"
-  assert nmtune.singular_value_route("auto") == nmtune.FASTEST_SINGULAR_VALUE_ROUTE.get(
-      jax.default_backend(), "gram")
+  assert nmtune_losses.singular_value_route("svd") == "svd"
+  fastest = nmtune_losses.FASTEST_SINGULAR_VALUE_ROUTE
+  assert nmtune_losses.singular_value_route("auto") == fastest.get(jax.default_backend(), "gram")
   with pytest.raises(ConfigError, match="route='dense' is unknown; allowed: auto, svd, gram"):
-    nmtune.singular_value_route("dense")
+    nmtune_losses.singular_value_route("dense")
   # A traced k (one program for a grid over svd_topk) gives the static k's value.
   sigma = jnp.asarray([4.0, 3.0, 2.0, 1.0])
-  assert float(jax.jit(nmtune.dominant_share)(sigma, jnp.int32(2))) == pytest.approx(0.35)
+  assert float(jax.jit(nmtune_losses.dominant_share)(sigma, jnp.int32(2))) == pytest.approx(0.35)
 
 
 def test_regularizers_refuse_bad_arguments():
@@ -237,7 +241,7 @@ def test_init_variables_match_model_init_and_the_pytorch_defaults():
     model = nmtune.NMTuneHead(num_classes=classes, mlp_layers=layers, residual_scale_init=0.5)
     expected = jax.eval_shape(lambda key, m=model: m.init(key, f, train=False),
                               jax.random.key(0))
-    variables = nmtune.init_variables(model, dim, seed=0)
+    variables = nmtune_head.init_variables(model, dim, seed=0)
     assert jax.tree.structure(variables) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(expected)):
       assert (got.shape, got.dtype) == (want.shape, want.dtype)
@@ -263,16 +267,16 @@ def test_init_variables_match_model_init_and_the_pytorch_defaults():
     assert 0.9 * head_bound < np.abs(params["head"]["kernel"]).max() <= head_bound
     np.testing.assert_array_equal(params["head"]["bias"], 0.0)
   model = nmtune.NMTuneHead(num_classes=classes)
-  first, again, other = (nmtune.init_variables(model, dim, seed)["params"]["out"]["kernel"]
+  first, again, other = (nmtune_head.init_variables(model, dim, seed)["params"]["out"]["kernel"]
                          for seed in (0, 0, 1))
   np.testing.assert_array_equal(first, again)
   assert not np.array_equal(first, other)
   # The state built on the host equals AdamW's own init, leaf for leaf.
-  params = nmtune.init_variables(model, dim, seed=0)["params"]
+  params = nmtune_head.init_variables(model, dim, seed=0)["params"]
   assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(params))
-  hparams = nmtune.program_hparams(nmtune.default_config())
-  want = nmtune.make_optimizer(hparams, 10).init(params)
-  got = nmtune.initial_optimizer_state(hparams, 10, params)
+  hparams = nmtune_programs.program_hparams(nmtune.default_config())
+  want = nmtune_programs.make_optimizer(hparams, 10).init(params)
+  got = nmtune_programs.initial_optimizer_state(hparams, 10, params)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert (g.shape, g.dtype) == (w.shape, w.dtype)
@@ -285,13 +289,13 @@ def test_head_outputs_and_the_trainable_residual_scale():
   labels = jnp.arange(rows) % classes
   for layers in (0, 1, 2):
     model = nmtune.NMTuneHead(num_classes=classes, mlp_layers=layers, residual_scale_init=0.5)
-    variables = nmtune.init_variables(model, dim, seed=0)
+    variables = nmtune_head.init_variables(model, dim, seed=0)
     logits, z = jax.jit(functools.partial(model.apply, train=False))(variables, f)
     assert logits.shape == (rows, classes) and z.shape == (rows, dim)
     assert np.array_equal(z, f) == (layers == 0)
 
   model = nmtune.NMTuneHead(num_classes=classes, residual_scale_init=0.5)
-  variables = nmtune.init_variables(model, dim, seed=0)
+  variables = nmtune_head.init_variables(model, dim, seed=0)
   params, batch_stats = variables["params"], variables["batch_stats"]
 
   @jax.jit
@@ -355,7 +359,7 @@ def test_fit_learns_digits_features_and_reports_everything(tmp_path):
   assert result["accuracy"] == result["test_accuracy_per_epoch"][-1]
   assert len(result["test_accuracy_per_epoch"]) == 5
   assert 0.0 < result["seconds"] < 60.0
-  assert set(result["loss_means"]) == set(nmtune.LOSS_TERMS)
+  assert set(result["loss_means"]) == set(nmtune_programs.LOSS_TERMS)
   assert all(np.isfinite(v) for v in result["loss_means"].values())
   assert all(len(v) == 5 for v in result["loss_per_epoch"].values())
   assert result["sve"] > 0.0 and 0.0 < result["lsvr"] < 1.0
@@ -400,24 +404,24 @@ def test_a_second_fit_of_the_same_shapes_compiles_nothing():
   (train_x, train_y), test = _digit_features()
   lines = []
   nmtune.fit_multi((train_x, train_y), {"test": test}, _config(), log=lines.append)
-  traced = nmtune.TRACES["table_epoch"]
+  traced = nmtune_programs.TRACES["table_epoch"]
   assert traced >= 1 and len(lines) == 5 and lines[-1].endswith("| ETA 0s"), lines
   # New feature values, labels, seed, learning rate and regularizer weights: the same program.
   order = np.random.default_rng(9).permutation(_NUM_TRAIN)
   nmtune.fit((train_x[order] * 0.5, train_y[order]), test,
              _config(seed=7, lr=3e-3, weight_decay=0.0, mse_weight=0.5, cov_weight=0.1))
-  assert nmtune.TRACES["table_epoch"] == traced
+  assert nmtune_programs.TRACES["table_epoch"] == traced
 
 
 def test_probe_config_carries_the_classes_and_seed_to_the_linear_probe():
   config = nmtune.resolve_config({"num_classes": 6, "logit_subset": [0, 1, 2, 3], "seed": 4,
                                   "lp": {"num_epochs": 2, "learning_rate": 0.05}})
-  lp = nmtune.probe_config(config)
+  lp = probe_config(config)
   assert (lp.num_classes, lp.logit_subset, lp.seed) == (6, (0, 1, 2, 3), 4)
   assert (lp.num_epochs, lp.learning_rate) == (2, 0.05)
   result = probe.linear_probe(_small(), _small(seed=1), lp)
   assert result["num_classes"] == 6 and len(result["test_accuracy_per_epoch"]) == 2
-  assert nmtune.loss_weights(0, 0, 0, None) == {"mse_weight": 0.0, "cov_weight": 0.0,
+  assert loss_weights(0, 0, 0, None) == {"mse_weight": 0.0, "cov_weight": 0.0,
                                                 "svd_weight": 0.0, "svd_topk": None}
 
 
@@ -495,9 +499,9 @@ def test_cached_and_online_views_train_the_head():
     assert len(result["test_accuracy_per_epoch"]) == 3
     assert all(np.isfinite(v) for v in result["loss_means"].values())
     assert np.isfinite(result["sve"]) and np.isfinite(result["lsvr"])
-  traced = nmtune.TRACES["online_epoch"]
+  traced = nmtune_programs.TRACES["online_epoch"]
   again = nmtune.fit(online, test, config)
-  assert nmtune.TRACES["online_epoch"] == traced  # The same shapes: no new trace.
+  assert nmtune_programs.TRACES["online_epoch"] == traced  # The same shapes: no new trace.
   assert again["test_accuracy_per_epoch"] == result["test_accuracy_per_epoch"]
   assert again["loss_means"] == result["loss_means"]
 
@@ -506,7 +510,7 @@ def test_random_resized_crop_flip_full_crop_is_the_image():
   images = np.random.default_rng(8).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   # Area scale 1.0, aspect ratio exp(0) = 1, any position (only one fits), then the flip draw.
   draws = jnp.asarray([[1.0, 0.5, 0.3, 0.7, 0.9], [1.0, 0.5, 0.6, 0.2, 0.1]], jnp.float32)
-  augment = jax.jit(nmtune.random_resized_crop_flip)
+  augment = jax.jit(nmtune_views.random_resized_crop_flip)
   out = np.asarray(augment(jnp.asarray(images), draws))
   assert out.dtype == np.float32 and out.shape == images.shape
   np.testing.assert_allclose(out[0], images[0].astype(np.float32), atol=1e-3)

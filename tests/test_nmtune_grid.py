@@ -12,6 +12,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from nmjax import nmtune
+from nmjax.nmtune import grid as nmtune_grid, head as nmtune_head
+from nmjax.nmtune import programs as nmtune_programs, runs as nmtune_runs
 from nmjax.errors import ConfigError, DataError
 
 
@@ -41,9 +43,9 @@ VARIANTS = [{}, {"svd_weight": 0.01}, {"cov_weight": 0.4}, {"mse_weight": 0.0}, 
 def test_fit_grid_equals_separate_fits_in_one_program():
   train, test = _digits()
   configs = [{"epochs": 3, "val_fraction": 0.1, **v} for v in VARIANTS]
-  traced = nmtune.TRACES["grid_table_epoch"]
+  traced = nmtune_programs.TRACES["grid_table_epoch"]
   grid = nmtune.fit_grid(train, test, configs)
-  assert nmtune.TRACES["grid_table_epoch"] == traced + 1  # One program for all nine.
+  assert nmtune_programs.TRACES["grid_table_epoch"] == traced + 1  # One program for all nine.
   separate = [nmtune.fit(train, test, c) for c in configs]
   num_test, num_val = len(test[1]), separate[0]["num_val"]
   for variant, got, want in zip(VARIANTS, grid, separate):
@@ -86,7 +88,7 @@ def test_the_choice_never_reads_test_labels():
   chosen = real["grid_results"][real["grid_chosen"]]
   assert (real["val_accuracy"], real["accuracy"]) == (chosen["val_accuracy"], chosen["accuracy"])
   assert real["lr"] == chosen["values"]["lr"] and real["grid"] == config.grid
-  lines = nmtune.report_lines(results)
+  lines = nmtune_grid.report_lines(results)
   assert len(lines) == 4 and sum("<- chosen on validation" in line for line in lines) == 1
   assert lines[0].startswith("grid 1/4: svd_weight=0.001 lr=0.0003 | val ")
   assert "| test test " in lines[0] and " shuffled " in lines[0]
@@ -94,16 +96,16 @@ def test_the_choice_never_reads_test_labels():
 
 def test_validation_split_is_stratified_and_seeded():
   labels = np.repeat([0, 1, 2, 3], [50, 30, 7, 1])
-  train_ids, val_ids = nmtune.validation_split(labels, 0.2, seed=0)
+  train_ids, val_ids = nmtune_runs.validation_split(labels, 0.2, seed=0)
   assert [int((labels[val_ids] == c).sum()) for c in range(4)] == [10, 6, 1, 0]
   assert np.array_equal(np.sort(np.concatenate([train_ids, val_ids])), np.arange(len(labels)))
   assert np.all(np.diff(val_ids) > 0) and not np.intersect1d(train_ids, val_ids).size
-  again = nmtune.validation_split(labels, 0.2, seed=0)[1]
-  other = nmtune.validation_split(labels, 0.2, seed=1)[1]
+  again = nmtune_runs.validation_split(labels, 0.2, seed=0)[1]
+  other = nmtune_runs.validation_split(labels, 0.2, seed=1)[1]
   assert np.array_equal(val_ids, again) and not np.array_equal(val_ids, other)
-  assert len(nmtune.validation_split(labels, 0.0, seed=0)[1]) == 0
+  assert len(nmtune_runs.validation_split(labels, 0.0, seed=0)[1]) == 0
   with pytest.raises(DataError, match="val_fraction=0.01 holds out no train example"):
-    nmtune.validation_split(labels[-9:], 0.01, seed=0)
+    nmtune_runs.validation_split(labels[-9:], 0.01, seed=0)
 
   train, test = _small(), _small(60, seed=1)
   plain = nmtune.fit(train, test, {"epochs": 2, "batch_size": 32})
@@ -115,11 +117,11 @@ def test_validation_split_is_stratified_and_seeded():
 
 
 def test_grid_syntax_and_refusals():
-  assert nmtune.parse_grid(" svd_weight=0.001,0.01 ; cov_weight=0.04,0.4;") == [
+  assert nmtune_grid.parse_grid(" svd_weight=0.001,0.01 ; cov_weight=0.04,0.4;") == [
       ("svd_weight", [0.001, 0.01]), ("cov_weight", [0.04, 0.4])]
-  assert nmtune.parse_grid("") == []
+  assert nmtune_grid.parse_grid("") == []
   config = nmtune.resolve_config({"val_fraction": 0.1, "grid": "seed=0,1;svd_topk=1,2,3"})
-  points = nmtune.point_configs(config)
+  points = nmtune_grid.point_configs(config)
   assert [(p.seed, p.svd_topk) for p in points] == [(s, k) for s in (0, 1) for k in (1, 2, 3)]
   assert all(p.grid == "" and p.val_fraction == 0.1 for p in points)
   cases = [
@@ -148,7 +150,7 @@ def test_a_diverging_member_is_marked_and_never_chosen():
   assert members[0]["diverged"] is None and "step" in members[1]["diverged"]
   assert result["grid_chosen"] == 0 and "diverged" not in result
   # Training the two in separate programs: each as fit_grid trained it.
-  configs = nmtune.point_configs(nmtune.resolve_config(config))
+  configs = nmtune_grid.point_configs(nmtune.resolve_config(config))
   assert [r.get("diverged") is not None for r in nmtune.fit_grid(train, test, configs)] == [
       False, True]
 
@@ -160,8 +162,8 @@ def test_large_heads_train_one_per_program_and_still_mark_divergence():
     prepared = [runs_lib.prepare(source, nmtune.resolve_config({"lr": lr, "batch_size": 32}))
                 for lr in (1e-3, 2e-3, 3e-3)]
     assert runs_lib.program_groups(prepared) == expected, dim
-    variables = nmtune.init_variables(prepared[0].model, dim, seed=0)
-    assert nmtune.parameter_count(prepared[0].model, dim) == sum(
+    variables = nmtune_head.init_variables(prepared[0].model, dim, seed=0)
+    assert nmtune_head.parameter_count(prepared[0].model, dim) == sum(
         x.size for x in jax.tree.leaves(variables["params"]))
   train, test = _small(dim=512), _small(60, dim=512, seed=1)
   configs = [{"epochs": 1, "batch_size": 32, "lr": lr} for lr in (1e-3, 1e12)]

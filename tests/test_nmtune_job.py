@@ -4,6 +4,7 @@ three kinds of train views, the results files, and bad input."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,6 +32,13 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+def _own(checkpoint, tmp_path):
+  """A private copy of the session's pre-training workdir, with an empty feature cache."""
+  workdir = tmp_path / "pretrain"
+  shutil.copytree(checkpoint, workdir, ignore=shutil.ignore_patterns("features", ".lock*"))
+  return str(workdir)
+
+
 def _blobs(num_examples, dim, seed, num_classes=4):
   rng = np.random.default_rng(seed)
   centers = np.random.default_rng(99).normal(size=(num_classes, dim)) * 2.0
@@ -50,8 +58,11 @@ def test_features_files_through_main_append_one_line_per_run(tmp_path):
   done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "accuracy" in done.stdout
+  # --config.method, the older name of --config.methods: read, with a one-line note.
+  assert ("note: config.method is deprecated; read as config.methods=nmtune (use methods)\n"
+          in done.stderr)
   # The same run again, in-process (a second interpreter start costs ~10 s).
-  jobs.run(_config("", train_features=str(train), test_features=str(test), method="nmtune",
+  jobs.run(_config("", train_features=str(train), test_features=str(test), methods="nmtune",
                    epochs=10, batch_size=32), str(tmp_path / "out"))
   rows = _rows(tmp_path / "out")
   assert len(rows) == 2  # Appended, not rewritten.
@@ -68,7 +79,7 @@ def test_a_grid_reports_every_configuration_and_the_one_chosen(tmp_path, capsys)
   features_lib.save(train, *_blobs(512, 16, 0))
   features_lib.save(test, *_blobs(256, 16, 1))
   files = {"train_features": str(train), "test_features": str(test)}
-  config = _config("", method="mlp,nmtune", epochs=3, batch_size=32, val_fraction=0.2,
+  config = _config("", methods="mlp,nmtune", epochs=3, batch_size=32, val_fraction=0.2,
                    grid="svd_weight=0.001,0.1;cov_weight=0.04,0.4", **files)
   jobs.run(config, str(tmp_path / "out"))
   mlp, tuned = _rows(tmp_path / "out")
@@ -87,10 +98,11 @@ def test_a_grid_reports_every_configuration_and_the_one_chosen(tmp_path, capsys)
 
 
 def test_checkpoint_mode_writes_results_and_reuses_features(checkpoint, tmp_path):
+  checkpoint = _own(checkpoint, tmp_path)
   first = jobs.run(_config(checkpoint=checkpoint), str(tmp_path))
   rows = _rows(tmp_path)
   assert [(r["task"], r["method"]) for r in rows] == [
-      (t, m) for t in ("digits", "mnist->digits") for m in ("lp", "mlp", "nmtune")]
+      (t, m) for t in ("digits", "mnist_to_digits") for m in ("lp", "mlp", "nmtune")]
   for row in rows:
     assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["sve"])
     assert row["kind"] == ("id" if row["task"] == "digits" else "far")
@@ -104,6 +116,12 @@ def test_checkpoint_mode_writes_results_and_reuses_features(checkpoint, tmp_path
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
   assert all(len(r["test_accuracy_per_epoch"]) == 2 for r in rows)  # lp's too (smoke: 2).
   assert first["features_extracted"] == 3  # digits train and test (shared), mnist train.
+  # Per-example hits of every fit on its task's test set (a study's correct.npz).
+  assert sorted(first["correct"]) == sorted(f"{r['task']}|{r['method']}" for r in rows)
+  for row in rows:
+    hits = first["correct"][f"{row['task']}|{row['method']}"]
+    assert hits.dtype == bool and hits.shape == (row["num_test"],)
+    assert hits.mean() == pytest.approx(row["accuracy"])
   second = jobs.run(_config(checkpoint=checkpoint), str(tmp_path))
   assert second["features_extracted"] == 0
   assert [r["accuracy"] for r in _rows(tmp_path)] == [r["accuracy"] for r in rows]
@@ -111,7 +129,8 @@ def test_checkpoint_mode_writes_results_and_reuses_features(checkpoint, tmp_path
 
 @pytest.mark.parametrize("views", ["cached", "online"])
 def test_augmented_views(checkpoint, tmp_path, views):
-  config = _config(checkpoint=checkpoint, tasks="digits", views=views, method="lp_aug,nmtune",
+  checkpoint = _own(checkpoint, tmp_path)
+  config = _config(checkpoint=checkpoint, tasks="digits", views=views, methods="lp_aug,nmtune",
                    max_examples=200, batch_size=64, cached_views=2)
   result = jobs.run(config, str(tmp_path))
   rows = _rows(tmp_path)
@@ -131,11 +150,11 @@ def test_bad_input_fails_with_one_line(checkpoint, tmp_path):
   features_lib.save(test, *_blobs(100, 8, 1))
   files = {"train_features": str(train), "test_features": str(test)}
   with pytest.raises(DataError, match="differs from the train features"):
-    jobs.run(_config("", method="nmtune", **files), str(tmp_path / "a"))
+    jobs.run(_config("", methods="nmtune", **files), str(tmp_path / "a"))
   with pytest.raises(ConfigError, match="cov_weight=-1.0 is out of range"):
     jobs.run(_config("", cov_weight=-1.0, **files), str(tmp_path / "b"))
   with pytest.raises(ConfigError, match="entry 'svm' is unknown"):
-    jobs.run(_config("", method="nmtune,svm", **files), str(tmp_path / "c"))
+    jobs.run(_config("", methods="nmtune,svm", **files), str(tmp_path / "c"))
   with pytest.raises(ConfigError, match="go together"):
     jobs.run(_config("", train_features=str(train)), str(tmp_path / "d"))
   with pytest.raises(ConfigError, match="nothing to tune"):
@@ -144,7 +163,7 @@ def test_bad_input_fails_with_one_line(checkpoint, tmp_path):
     jobs.run(_config(checkpoint=checkpoint, views="two"), str(tmp_path / "f"))
   features_lib.save(test, *_blobs(100, 16, 1))
   with pytest.raises(DataError, match="needs 512 train examples per step"):
-    jobs.run(_config("", method="mlp", batch_size=512, **files), str(tmp_path / "g"))
+    jobs.run(_config("", methods="mlp", batch_size=512, **files), str(tmp_path / "g"))
   features_lib.save(test, *_blobs(100, 16, 1, num_classes=6))
   with pytest.raises(DataError, match="outside the 4 classes inferred"):
-    jobs.run(_config("", method="mlp", **files), str(tmp_path / "h"))
+    jobs.run(_config("", methods="mlp", **files), str(tmp_path / "h"))

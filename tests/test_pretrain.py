@@ -1,6 +1,6 @@
 """The pre-training job end to end through main.py: a smoke run, exact resume after SIGTERM
 (preemption) and SIGKILL at random steps, bad input, and the non-finite-loss guard; and the
-library call the study makes (nmjax.train.pretrain)."""
+library call the study makes (nmjax.train.supervised)."""
 
 import importlib.util
 import json
@@ -228,10 +228,11 @@ def _smoke_config(arg="dataset=digits,noise=0.2,smoke"):
   return module.get_config(arg)
 
 
-def test_library_validate_checks_crop_padding_of_the_default_pipeline():
-  from nmjax.train import pretrain  # pylint: disable=g-import-not-at-top
+def test_job_validate_checks_crop_padding_of_the_default_pipeline():
+  from nmjax.jobs import pretrain  # pylint: disable=g-import-not-at-top
   config = _smoke_config()
-  pretrain.validate(config)
+  plan = pretrain.validate(config)
+  assert (plan.input_pipeline, plan.crop_padding, plan.eval_split) == ("default", 2, "test")
   config.crop_padding = -1
   with pytest.raises(ConfigError, match="config.crop_padding=-1 is out of range"):
     pretrain.validate(config)

@@ -18,8 +18,9 @@ sys.path.insert(0, ROOT)
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from nmjax import jobs  # pylint: disable=wrong-import-position
 from nmjax.errors import ConfigError  # pylint: disable=wrong-import-position
-from nmjax import figures, report, tasks as tasks_lib  # pylint: disable=wrong-import-position
-from nmjax.jobs import study  # pylint: disable=wrong-import-position
+from nmjax import tasks as tasks_lib  # pylint: disable=wrong-import-position
+from nmjax.jobs import figures, tables as report  # pylint: disable=wrong-import-position
+from nmjax.jobs import study, study_stages  # pylint: disable=wrong-import-position
 
 SMOKE = "configs/default.py:smoke"
 
@@ -148,7 +149,7 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
   assert len(gains) == 2 * 2 * 2 and "| r | ID nmtune - mlp | Far nmtune - mlp |" in out, out
   for (ratio, kind, method, baseline), gain in gains.items():
     pair = [tasks[(ratio, t, m)]["accuracy"] for m in (method, baseline)
-            for t in ("digits", "mnist->digits") if tasks[(ratio, t, m)]["kind"] == kind]
+            for t in ("digits", "mnist_to_digits") if tasks[(ratio, t, m)]["kind"] == kind]
     assert math.isclose(gain["delta"], pair[0] - pair[1]), gain
   # The realized noise on the images used, and the memorization gap from it.
   assert pre[0.0]["noise_rate_train"] == 0.0 and abs(pre[0.0]["memorization_gap"]) < 1e-9
@@ -211,15 +212,36 @@ def test_a_moved_study_is_reused_where_it_now_is(smoke_run, tmp_path):
       assert record["workdir"].startswith(os.path.abspath(moved)), record["workdir"]
 
 
-def test_a_changed_stage_config_is_refused_not_mixed(smoke_run):
+def test_a_changed_pretraining_config_is_refused_not_mixed(smoke_run):
   workdir, _ = smoke_run
   with pytest.raises(ConfigError, match=r"holds the pre-training stage seed0_r0 of a different"
                      r" study \(learning_rate: saved 0.1 vs now 0.05\)"):
     jobs.run(_smoke(**{"pretrain.learning_rate": 0.05}), workdir)
-  # (The tune stage, which the evaluation stages follow, is the first to differ.)
-  with pytest.raises(ConfigError, match=r"holds the tune stage of a different"
-                     r" study \(epochs: saved 2 vs now 3\)"):
-    jobs.run(_smoke(**{"nmtune.epochs": 3}), workdir)
+
+
+def test_a_changed_downstream_field_runs_only_the_evaluation_again(smoke_run, tmp_path, capsys):
+  """--config.nmtune.epochs= changed in an existing study: the tune and evaluation stages run
+  again over the features cached with each encoder; no pre-training stage runs."""
+  workdir, _ = smoke_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  pretrain_files = {p: os.path.getmtime(p) for p in _stage_files(copy, "pretrain")}
+  capsys.readouterr()
+  again = jobs.run(_smoke(**{"nmtune.epochs": 3}), copy)
+  out = capsys.readouterr().out
+  assert again["stages_run"] == 2, out  # The two evaluation stages (the tune stage ran first).
+  assert "[pretrain] step" not in out and "[study] tune stage done" in out, out
+  assert {p: os.path.getmtime(p) for p in _stage_files(copy, "pretrain")} == pretrain_files
+  for stage_file in _stage_files(copy, "eval"):
+    with open(stage_file) as f:
+      assert json.load(f)["features_extracted"] == 0, stage_file
+  nmtune_rows = [r for r in again["records"] if r["record"] == "task" and r["method"] == "nmtune"]
+  assert nmtune_rows and all(r["epochs"] == 3 for r in nmtune_rows)
+
+
+def _stage_files(workdir, kind):
+  root = os.path.join(workdir, kind)
+  return [os.path.join(root, d, study.STAGE_FILE) for d in sorted(os.listdir(root))]
 
 
 def test_killed_mid_way_then_restarted_gives_the_same_numbers(smoke_run, tmp_path):
@@ -316,16 +338,19 @@ def test_main_default_config_is_the_study():
     assert field not in config.pretrain, field
   for field in ("job", "method", "tasks", "checkpoint", "seed", "num_classes", "train_features"):
     assert field not in config.nmtune, field
-  # Each stage's config is what the pre-training and NMTune configs build for that point.
-  point = study.Point(seed=1, noise_ratio=0.2)
-  stage = study.pretrain_config(config, point)
-  assert stage.noise_ratio == 0.2 and stage.seed == 1 and stage.job == "pretrain"
+  # Each child's plan is what the pre-training and NMTune jobs validate for that point.
+  plan = study.validate(config)
+  point = study.Point(seed=1, noise_ratio=0.1)
+  stage = plan.pretrain_of(point)
+  assert stage.noise_ratio == 0.1 and stage.seed == 1
   assert stage.num_epochs == 20.0 and stage.max_train_examples == 2500
   assert stage.crop_padding == 0 and not stage.flip  # The memorizing regime (README).
-  tuned = study.eval_config(config, point, checkpoint="/ckpt", weights={"cov_weight": 0.4})
-  assert tuned.job == "nmtune" and tuned.seed == 1 and tuned.checkpoint == "/ckpt"
-  assert tuned.method == "lp,mlp,nmtune" and tuned.epochs == 10 and tuned.views == "cached"
-  assert tuned.cov_weight == 0.4 and tuned.cached_views == 2
+  tuned = study_stages.eval_plan(plan, point, {"workdir": "/ckpt"}, {"weights": {
+      "cov_weight": 0.4}})
+  assert tuned.seed == 1 and tuned.checkpoint == "/ckpt"
+  assert tuned.methods == ("lp", "mlp", "nmtune") and tuned.epochs == 10
+  assert tuned.views == "cached" and tuned.cov_weight == 0.4 and tuned.cached_views == 2
+  assert plan.tune.grid == config.tune_grid and plan.tune.methods == ("nmtune",)
   # The source task probes images the pre-training never saw.
   source = tasks_lib.TASKS["fashion_mnist_source"]
   assert source.train.part == "held_out" and 60000 - tasks_lib.HELD_OUT >= 2500
@@ -334,11 +359,11 @@ def test_main_default_config_is_the_study():
 
 
 def test_several_seeds_show_mean_and_sample_std(tmp_path):
-  tasks = tasks_lib.resolve("digits,mnist->digits")
+  tasks = tasks_lib.resolve("digits,mnist_to_digits")
   seeds, ratios = [0, 1, 2], [0.0, 0.3]
   sweep = report.Sweep(ratios=ratios, seeds=seeds, methods=["lp"],
                        kinds={t.name: t.kind for t in tasks},
-                       spectrum_tasks=["digits", "mnist->digits"])
+                       spectrum_tasks=["digits", "mnist_to_digits"])
   records = []
   for seed, acc in zip(seeds, (0.80, 0.82, 0.84)):
     for ratio in ratios:
@@ -347,7 +372,7 @@ def test_several_seeds_show_mean_and_sample_std(tmp_path):
           {"record": "pretrain", **common, "test_acc": 0.9},
           {"record": "task", **common, "task": "digits", "kind": "id", "method": "lp",
            "accuracy": acc - ratio / 10},
-          {"record": "task", **common, "task": "mnist->digits", "kind": "far", "method": "lp",
+          {"record": "task", **common, "task": "mnist_to_digits", "kind": "far", "method": "lp",
            "accuracy": 0.3},
       ]
       for task in tasks:

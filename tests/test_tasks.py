@@ -11,28 +11,43 @@ from nmjax.errors import ConfigError, DataError
 def test_registry_kinds_groups_and_paper_names():
   for task in tasks.TASKS.values():
     assert task.kind in tasks.KINDS and task.test
-  assert tasks.GROUPS["embedded"] == ("fashion_mnist", "mnist", "digits", "mnist->digits",
-                                      "digits->mnist", "fashion_mnist_c")
+  assert tasks.GROUPS["embedded"] == ("fashion_mnist", "mnist", "digits", "mnist_to_digits",
+                                      "digits_to_mnist", "fashion_mnist_c")
   assert {t.kind for t in tasks.resolve("embedded_id")} == {"id"}
   assert {t.kind for t in tasks.resolve("embedded_ood")} == {"ood", "far"}
   paper = {t.name for t in tasks.resolve("paper")}
   for name in ("cifar10", "cifar100", "oxford_flowers102", "food101", "oxford_iiit_pet",
                "cars196", "dtd", "caltech101", "eurosat", "patch_camelyon", "resisc45",
-               "svhn_cropped", "stl10", "domainnet_real->sketch", "domainnet_sketch->clipart",
-               "imagenet->imagenet_v2", "imagenet->imagenet_sketch", "imagenet->imagenet_r",
-               "imagenet->imagenet_a"):
+               "svhn_cropped", "stl10", "domainnet_real_to_sketch", "domainnet_sketch_to_clipart",
+               "imagenet_to_imagenet_v2", "imagenet_to_imagenet_sketch",
+               "imagenet_to_imagenet_r", "imagenet_to_imagenet_a"):
     assert name in paper
-  assert tasks.TASKS["imagenet->imagenet_r"].logit_subset
-  assert not tasks.TASKS["imagenet->imagenet_v2"].logit_subset
+  assert tasks.TASKS["imagenet_to_imagenet_r"].logit_subset
+  assert not tasks.TASKS["imagenet_to_imagenet_v2"].logit_subset
   # Order kept, duplicates dropped.
   assert [t.name for t in tasks.resolve("digits, mnist,digits")] == ["digits", "mnist"]
+
+
+def test_task_names_are_shell_safe_and_the_older_arrow_names_still_resolve():
+  assert all(set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789_/") for name in tasks.TASKS)
+  assert tasks.ALIASES == {
+      "mnist->digits": "mnist_to_digits", "digits->mnist": "digits_to_mnist",
+      **{f"domainnet_{a}->{b}": f"domainnet_{a}_to_{b}" for a in ("real", "sketch")
+         for b in ("real", "sketch", "painting", "clipart") if a != b},
+      **{f"imagenet->imagenet_{s}": f"imagenet_to_imagenet_{s}" for s in ("v2", "sketch", "r",
+                                                                          "a")}}
+  # An older command's tasks, '+'-joined with arrows, name the same tasks in the same order.
+  assert tasks.names("digits+mnist->digits,digits->mnist") == (
+      "digits", "mnist_to_digits", "digits_to_mnist")
+  assert tasks.resolve("mnist->digits") == tasks.resolve("mnist_to_digits")
+  assert tasks.canonical(" imagenet->imagenet_r ") == "imagenet_to_imagenet_r"
 
 
 def test_unknown_task_lists_the_known_ones():
   with pytest.raises(ConfigError) as error:
     tasks.resolve("mnist,cifar11")
   text = str(error.value)
-  assert "'cifar11' is unknown" in text and "mnist->digits" in text and "embedded_ood" in text
+  assert "'cifar11' is unknown" in text and "mnist_to_digits" in text and "embedded_ood" in text
   assert "\n" not in text
   with pytest.raises(ConfigError, match="empty"):
     tasks.resolve(" , ")
@@ -124,8 +139,8 @@ def test_study_tasks_probe_the_source_on_held_out_images_and_shift_whole_test_sp
   chosen = tasks.resolve("study")
   assert {t.name: t.kind for t in chosen} == {
       "fashion_mnist_source": "source", "mnist": "id", "digits": "id",
-      "fashion_mnist_test_c": "ood", "mnist_c": "ood", "mnist->digits": "far",
-      "digits->mnist": "far"}
+      "fashion_mnist_test_c": "ood", "mnist_c": "ood", "mnist_to_digits": "far",
+      "digits_to_mnist": "far"}
   source = tasks.TASKS["fashion_mnist_source"]
   assert source.train == tasks.Split("fashion_mnist", "train", "held_out")
   assert source.test == (tasks.Split("fashion_mnist", "test"),)

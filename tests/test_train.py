@@ -6,7 +6,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -21,8 +20,9 @@ MEAN, STD = (72.9,), (90.0,)
 
 
 def _config(**overrides):
+  """An optimizer recipe (state_lib.OptimizerSpec: sgd with nesterov momentum by default)."""
   base = dict(optimizer="sgd", weight_decay=5e-4, momentum=0.9, nesterov=True)
-  return ml_collections.ConfigDict(base | overrides)
+  return state_lib.OptimizerSpec(**(base | overrides))
 
 
 def _state(optimizer="sgd", lr=0.05):

@@ -1,10 +1,12 @@
 """The transfer job end to end: a real (smoke) pre-training checkpoint, embedded and TFDS tasks,
-the features cache, the results files, and bad input."""
+the features cache beside the checkpoint (shared with the NMTune job), the results files, and bad
+input."""
 
 import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ from nmjax.errors import ConfigError, DataError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import pretrain as pretrain_config  # pylint: disable=wrong-import-position
+from configs import nmtune as nmtune_config  # pylint: disable=wrong-import-position
 from configs import transfer as transfer_config  # pylint: disable=wrong-import-position
 
 REQUIRED = ("task", "kind", "method", "accuracy", "sve", "lsvr", "num_train", "num_test",
@@ -38,11 +41,27 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+def _own(checkpoint, tmp_path):
+  """A private copy of the session's pre-training workdir, with an empty feature cache."""
+  workdir = tmp_path / "pretrain"
+  shutil.copytree(checkpoint, workdir, ignore=shutil.ignore_patterns("features", ".lock*"))
+  return str(workdir)
+
+
+def _cached(checkpoint):
+  """The features files of the checkpoint's cache: {digest/step folder: sorted file names}."""
+  root = os.path.join(checkpoint, "features")
+  return {f"{d}/{s}": sorted(os.listdir(os.path.join(root, d, s)))
+          for d in os.listdir(root) for s in os.listdir(os.path.join(root, d))}
+
+
 def test_smoke_writes_results_and_a_second_run_reuses_features(checkpoint, tmp_path):
+  checkpoint = _own(checkpoint, tmp_path)
   first = _transfer(checkpoint, tmp_path)
   rows = _rows(tmp_path)
-  assert [(r["task"], r["method"]) for r in rows] == [
-      ("digits", "lp"), ("digits", "ridge"), ("mnist->digits", "lp"), ("mnist->digits", "ridge")]
+  assert [(r["task"], r["method"]) for r in rows] == [("digits", "lp"), ("digits", "ridge"),
+                                                      ("mnist_to_digits", "lp"),
+                                                      ("mnist_to_digits", "ridge")]
   for row in rows:
     for key in REQUIRED:
       assert key in row, key
@@ -55,12 +74,47 @@ def test_smoke_writes_results_and_a_second_run_reuses_features(checkpoint, tmp_p
   assert (transfer["num_train"], transfer["num_test"]) == (400, 355)
   assert first["features_extracted"] == 3  # digits/train, digits/test, mnist/train
   table = open(os.path.join(tmp_path, "results.md")).read()
-  assert "| lp |" in table and "ID avg" in table and "mnist->digits" in table
+  assert "| lp |" in table and "ID avg" in table and "mnist_to_digits" in table
   assert os.path.getsize(os.path.join(tmp_path, "spectra.png")) > 1000
 
   second = _transfer(checkpoint, tmp_path)
   assert second["features_extracted"] == 0
   assert [r["accuracy"] for r in _rows(tmp_path)] == [r["accuracy"] for r in rows]
+  # The older task names (A->B, '+'-joined) name the same tasks; rows say the new names.
+  third = _transfer(checkpoint, tmp_path, tasks="digits+mnist->digits")
+  assert third["features_extracted"] == 0 and _rows(tmp_path) == [
+      {**r, "seconds": s["seconds"]} for r, s in zip(rows, _rows(tmp_path))]
+
+
+def test_transfer_and_nmtune_on_one_encoder_extract_features_once(checkpoint, tmp_path):
+  """One feature cache beside the checkpoint, keyed by the encoder's content: the NMTune job
+  in another workdir reads what the transfer job extracted."""
+  checkpoint = _own(checkpoint, tmp_path)
+  transferred = _transfer(checkpoint, tmp_path / "transfer", methods="ridge")
+  assert transferred["features_extracted"] == 3  # digits/train, digits/test, mnist/train
+  tuning = nmtune_config.get_config("smoke,methods=lp")
+  tuning.checkpoint = checkpoint
+  tuned = jobs.run(tuning, str(tmp_path / "nmtune"))
+  assert tuned["features_extracted"] == 0
+  (folder, names), = _cached(checkpoint).items()
+  assert folder.endswith("/step_12") and names == [
+      "digits-test-max400.npz", "digits-train-max400.npz", "mnist-train-max400.npz"]
+  assert not any((tmp_path / d / "features").exists() for d in ("transfer", "nmtune"))
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_caches_in_the_workdir(checkpoint, tmp_path,
+                                                                          monkeypatch, capsys):
+  checkpoint = _own(checkpoint, tmp_path)
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode: real_access(path, mode) and (
+      mode != os.W_OK or not str(path).startswith(checkpoint)))
+  first = _transfer(checkpoint, tmp_path / "out", methods="ridge", tasks="digits")
+  assert first["features_extracted"] == 2
+  assert f"[features] {checkpoint} is not writable; caching features under" in (
+      capsys.readouterr().out)
+  assert len(os.listdir(tmp_path / "out" / "features")) == 1
+  assert _transfer(checkpoint, tmp_path / "out", methods="ridge",
+                   tasks="digits")["features_extracted"] == 0
 
 
 class _TestBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -108,16 +162,14 @@ class FakeCifar10(_TestBuilder, skip_registration=True):
 def test_paper_task_reads_a_locally_written_tfds_dataset(checkpoint, tmp_path):
   data_dir = tmp_path / "data"
   FakeCifar10(data_dir=str(data_dir / "tfds")).download_and_prepare(file_format="array_record")
+  checkpoint = _own(checkpoint, tmp_path)
   result = _transfer(checkpoint, tmp_path / "out", tasks="cifar10", data_dir=str(data_dir),
                      max_examples=-1)
   rows = result["rows"]
   assert [r["method"] for r in rows] == ["lp", "ridge"]
   assert (rows[0]["num_train"], rows[0]["num_test"], rows[0]["num_classes"]) == (60, 30, 10)
   # 32x32 RGB became the encoder's 28x28 grey input; features are cached under the view's key.
-  cached = os.listdir(os.path.join(tmp_path, "out", "features",
-                                   os.listdir(os.path.join(tmp_path, "out", "features"))[0],
-                                   "step_12"))
-  assert sorted(cached) == ["cifar10-test.npz", "cifar10-train.npz"]
+  assert list(_cached(checkpoint).values()) == [["cifar10-test.npz", "cifar10-train.npz"]]
 
 
 def test_unknown_task_lists_known_tasks(checkpoint, tmp_path):

@@ -12,7 +12,7 @@ nmjax.convert.mapping. The import job (configs/import.py) writes the result as a
 workdir that every evaluation job reads like its own (save_workdir).
 
 A CLIP arch (clip_rn50, clip_rn50_quickgelu, clip_vit_b16, clip_vit_b16_quickgelu, clip_small)
-gives the nmjax.models.clip.CLIP module itself, not a (logits, features) classifier:
+gives the nmjax.models.clip_model.CLIP module itself, not a (logits, features) classifier:
 
     model, variables = nmjax.convert.load("yfcc15m_noise_10/epoch_32.pt", "clip_rn50")
     image_embed, text_embed, logit_scale = model.apply(variables, images_nhwc, tokens)
@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -35,14 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nmjax import models, report
+from nmjax import io as nmjax_io, models
 from nmjax.convert import clip_layouts, layouts, mapping, readers
 from nmjax.convert.clip_layouts import CLIP_ARCHS, ClipArch
 from nmjax.convert.layouts import ARCHS, Arch, Spec
-from nmjax.convert.readers import file_sha256, read_checkpoint, read_tensors
 from nmjax.data.transforms import INTERPOLATIONS
 from nmjax.errors import ConfigError, DataError
 from nmjax.train import checkpoint
+
+__all__ = ["load"]  # The rest serves the import job (configs/import.py) and the tests.
 
 INPUT_FIELDS = ("image_size", "crop_pct", "interpolation", "mean", "std")
 # Input arrays of a reference file (NCHW, as fed to PyTorch), in the order they are looked for.
@@ -112,7 +114,7 @@ def read(path: str, arch: str, *, trust_pickle: bool = False,
   check_arch(arch)
   if is_clip(arch):  # Refuse a name/flag contradiction before reading the file.
     clip_layouts.resolve_quick_gelu(arch, quick_gelu)
-  checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
+  checkpoint = readers.read_checkpoint(path, trust_pickle=trust_pickle)
   if is_clip(arch):
     return clip_from_tensors(
         checkpoint.tensors, arch, what=path, quick_gelu=quick_gelu,
@@ -122,9 +124,24 @@ def read(path: str, arch: str, *, trust_pickle: bool = False,
 
 def load(path: str, arch: str, *,
          quick_gelu: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
-  """(model, variables) of a checkpoint file. Supervised archs: model.apply(variables, images,
-  train=False) returns (logits, pooled features) for NHWC float32 images normalized as the
-  source expects. CLIP archs: the CLIP module (see the module docstring)."""
+  """Reads a PyTorch or safetensors checkpoint file as an nmjax model and its variables.
+
+  Args:
+    path: the file (.safetensors, .pth, .pth.tar, .pt, .bin; TorchScript archives too).
+    arch: its architecture: resnet18, resnet50, vit_s16, vit_b16, or a CLIP arch (clip_rn50,
+      clip_rn50_quickgelu, clip_vit_b16, clip_vit_b16_quickgelu, clip_small).
+    quick_gelu: a CLIP's activation (None: the arch name's); other archs take none.
+
+  Returns:
+    (model, variables). Supervised archs: model.apply(variables, images, train=False) returns
+    (logits, pooled features) for NHWC float32 images normalized as the source expects. CLIP
+    archs: the CLIP module (see the module docstring).
+
+  Raises:
+    ConfigError: an unknown arch or a QuickGELU switch the arch contradicts.
+    DataError: a file that is missing, unreadable, or not that architecture (one line naming
+      the missing and unexpected tensors).
+  """
   imported = read(path, arch, quick_gelu=quick_gelu)
   return imported.model, imported.variables
 
@@ -164,13 +181,12 @@ def eval_input(imported: Imported, path: str, given: Mapping[str, Any], *,
 def clip_eval_input(imported: Imported, given: Mapping[str, Any], dataset: str
                     ) -> dict[str, Any]:
   """A CLIP's evaluation input: the size and normalisation its encoder takes
-  (nmjax.train.pretrain_clip.source_info of `dataset`: CLIP's mean and std at the tower's size
+  (nmjax.train.clip_training.source_info of `dataset`: CLIP's mean and std at the tower's size
   for real image-text data, an embedded set's own), which `given` may restate but not change;
   and CLIP's transform (bicubic resize of the short side, centre crop), which it may."""
-  from nmjax.train import pretrain_clip  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  info = pretrain_clip.source_info(ml_collections.ConfigDict(
-      {"dataset": dataset, "image_size": imported.spec.image_size}))
+  from nmjax.train import clip_training  # pylint: disable=g-import-not-at-top
+  info = clip_training.source_info(
+      types.SimpleNamespace(dataset=dataset, image_size=imported.spec.image_size))
   if tuple(info.image_shape) != tuple(imported.model.image_shape):
     raise ConfigError(
         f"config.dataset={dataset!r} gives {'x'.join(map(str, info.image_shape))} inputs, but"
@@ -189,18 +205,24 @@ def clip_eval_input(imported: Imported, given: Mapping[str, Any], dataset: str
   return checked_input(resolved, imported)
 
 
+def check_transform(crop_pct: float | None, interpolation: str | None) -> None:
+  """Fails with one line for an unknown interpolation or a crop_pct outside (0, 1]; None (not
+  set) passes."""
+  if interpolation is not None and interpolation not in INTERPOLATIONS:
+    raise ConfigError(f"config.input.interpolation={interpolation!r} is unknown;"
+                      f" allowed: {', '.join(INTERPOLATIONS)}")
+  if crop_pct is not None and not 0 < crop_pct <= 1:
+    raise ConfigError(f"config.input.crop_pct={crop_pct} is out of range; allowed:"
+                      " 0 < crop_pct <= 1")
+
+
 def checked_input(resolved: dict[str, Any], imported: Imported) -> dict[str, Any]:
   """`resolved`'s INPUT_FIELDS as numbers, each checked; ConfigError with one line."""
   resolved["image_size"] = int(resolved["image_size"])
   resolved["crop_pct"] = float(resolved["crop_pct"])
   resolved["mean"] = [float(m) for m in resolved["mean"]]
   resolved["std"] = [float(s) for s in resolved["std"]]
-  if resolved["interpolation"] not in INTERPOLATIONS:
-    raise ConfigError(f"config.input.interpolation={resolved['interpolation']!r} is unknown;"
-                      f" allowed: {', '.join(INTERPOLATIONS)}")
-  if not 0 < resolved["crop_pct"] <= 1:
-    raise ConfigError(f"config.input.crop_pct={resolved['crop_pct']} is out of range; allowed:"
-                      " 0 < crop_pct <= 1")
+  check_transform(resolved["crop_pct"], resolved["interpolation"])
   channels = 1 if is_clip(imported.arch) and imported.model.image_shape[-1] == 1 else 3
   if (len(resolved["mean"]) != channels or len(resolved["std"]) != channels
       or min(resolved["std"]) <= 0):
@@ -305,7 +327,7 @@ def save_workdir(workdir: str, record: dict[str, Any], imported: Imported) -> bo
                       f" {', '.join(map(str, steps))}) of another model; pass a new --workdir")
   # config.json first: a kill before the checkpoint commits leaves a workdir that the
   # evaluation jobs refuse (no checkpoint) and that this job writes again.
-  report.write_json(path, record)
+  nmjax_io.write_json(path, record)
   state = {"params": imported.variables["params"],
            "batch_stats": imported.variables.get("batch_stats", {})}
   mngr = checkpoint.manager(workdir, max_to_keep=1)
@@ -317,11 +339,3 @@ def save_workdir(workdir: str, record: dict[str, Any], imported: Imported) -> bo
     mngr.close()
   return True
 
-
-__all__ = [
-    "ARCHS", "CLIP_ARCHS", "INPUT_FIELDS", "Imported", "check_arch", "checked_input",
-    "clip_eval_input", "clip_from_tensors", "clip_layouts", "compare", "eval_input",
-    "from_tensors", "file_sha256", "hub_input", "is_clip", "layouts", "load", "mapping",
-    "max_relative_difference", "read", "read_checkpoint", "read_tensors", "readers",
-    "save_workdir",
-]

@@ -1,4 +1,4 @@
-"""OpenAI and open_clip CLIP checkpoints -> nmjax.models.clip.CLIP (both towers).
+"""OpenAI and open_clip CLIP checkpoints -> nmjax.models.clip_model.CLIP (both towers).
 
   clip_rn50, clip_rn50_quickgelu         ModifiedResNet (3, 4, 6, 3) with attention pooling
                                          (visual.conv1..3/bn1..3, visual.layerS.B.*,
@@ -9,7 +9,7 @@
 and, for every one, the text tower: token_embedding, positional_embedding,
 transformer.resblocks.N.{ln_1, attn.in_proj_weight/bias, attn.out_proj, ln_2, mlp.c_fc,
 mlp.c_proj}, ln_final, text_projection, logit_scale. The names are open_clip's CLIP module's,
-which OpenAI's model.py also uses; nmjax.models.clip spells them with '/' and '_N' (see its
+which OpenAI's model.py also uses; nmjax.models.clip_model spells them with '/' and '_N' (see its
 docstring), so the layout is built from the nmjax model itself and every size is checked by
 nmjax.convert.mapping.assign. Buffers that are not weights are dropped: the three scalars
 OpenAI's TorchScript archives carry (input_resolution, context_length, vocab_size) and the text
@@ -42,7 +42,7 @@ import numpy as np
 from nmjax.convert import mapping
 from nmjax.convert.mapping import Layout
 from nmjax.errors import ConfigError, DataError
-from nmjax.models.clip import CLIP, ResNetVisionConfig, ViTVisionConfig
+from nmjax.models.clip_model import CLIP, ResNetVisionConfig, ViTVisionConfig
 
 # Scalars OpenAI's TorchScript archives keep beside the weights (their build_model drops them).
 OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")

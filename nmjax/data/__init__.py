@@ -4,3 +4,5 @@ builder), the one grain training stream and eval batches (pipeline.py), the Imag
 (imagenet.py), corruptions (shifts.py) and host-side augmentations (transforms.py). Import the
 submodules; this package imports nothing heavy on its own.
 """
+
+__all__: list[str] = []  # No public names of its own: import the submodules.

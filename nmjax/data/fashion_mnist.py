@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import gzip
 import os
 import pathlib
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from nmjax import io as nmjax_io
 from nmjax.errors import DataError, os_error_in
 
 CLASS_NAMES = (
@@ -128,18 +128,6 @@ class NmjaxFashionMnist(tfds.core.GeneratorBasedBuilder):
 
 
 @contextlib.contextmanager
-def _exclusive_lock(lock_path: pathlib.Path) -> Iterator[None]:
-  """Holds an flock on lock_path; the kernel drops it if the holder dies, so no stale locks."""
-  lock_path.parent.mkdir(parents=True, exist_ok=True)
-  with open(lock_path, "a") as lock_file:
-    fcntl.flock(lock_file, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def _writable(data_dir: pathlib.Path) -> Iterator[None]:
   """Turns a read-only or forbidden data folder into one line naming the variable to set."""
   try:
@@ -176,7 +164,7 @@ def prepare(data_dir: str | os.PathLike, raw_dir: str | os.PathLike) -> NmjaxFas
   if builder.is_prepared():
     return builder
   check_raw_files(raw_dir)
-  with _writable(data_dir), _exclusive_lock(data_dir / f".{builder.name}.lock"):
+  with _writable(data_dir), nmjax_io.exclusive(data_dir / f".{builder.name}.lock"):
     # Another process may have finished while we waited for the lock.
     builder = NmjaxFashionMnist(data_dir=os.fspath(data_dir), file_format="array_record")
     if not builder.is_prepared():

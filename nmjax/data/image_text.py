@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from nmjax.data import fashion_mnist, imagenet, records, sources, webdataset
+from nmjax import errors
 from nmjax.errors import ConfigError, DataError
 
 Pair = dict[str, Any]
@@ -359,9 +360,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """The command line: `convert --output DIR SHARD...`; bad input exits 2 with one line."""
-  from nmjax import cli  # pylint: disable=g-import-not-at-top
   args = _parse_args(sys.argv[1:] if argv is None else argv)
-  with cli.one_line_errors():
+  with errors.one_line_errors():
     manifest = webdataset.convert(args.shards, args.output)
     print(f"converted {manifest['count']:,} pairs from {len(manifest['shards'])} shards into "
           f"{args.output}", flush=True)

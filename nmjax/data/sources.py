@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from nmjax import report
+from nmjax import io as nmjax_io
 from nmjax.data import embedded, records
 from nmjax.errors import ConfigError, DataError
 
@@ -236,7 +236,7 @@ class TfdsSource(Source):
   def _write_arrays_file(self, split: str, arrays: tuple[np.ndarray, ...]) -> None:
     try:
       # Atomic: concurrent processes each write a whole file.
-      with report.atomic_path(self._arrays_file(split)) as tmp:
+      with nmjax_io.atomic_path(self._arrays_file(split)) as tmp:
         np.savez(tmp, image=arrays[0], label=arrays[1], index=arrays[2])
     except OSError:
       pass  # A read-only data dir: keep decoding at every start.

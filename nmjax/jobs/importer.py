@@ -1,13 +1,16 @@
 """The import job, configs/import.py: a PyTorch/safetensors checkpoint file becomes an nmjax
 pre-training workdir (nmjax.convert), checked against a reference file when one is given.
 
-A CLIP arch's workdir is a CLIP workdir: its config.json carries what
-nmjax.train.pretrain_clip.build_model and source_info read (model, dtype, quick_gelu, loss,
+validate(config) -> ImportPlan checks every field before any work (the architecture, the file, the
+reference file, the evaluation input the user set); run(plan, workdir) reads, converts, checks
+and writes. A CLIP arch's workdir is a CLIP workdir: its config.json carries what
+nmjax.train.clip_training.build_model and source_info read (model, dtype, quick_gelu, loss,
 context_length, image_size, dataset) and caption_noise (the reports' r), so nmjax.encoder
 restores it as a CLIP encoder (image embeddings as features, the text tower for zero-shot)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -18,87 +21,151 @@ import numpy as np
 
 from nmjax import convert
 from nmjax.config import check_range
-from nmjax.convert import readers
+from nmjax.convert import clip_layouts, readers
 from nmjax.errors import ConfigError, DataError
-from nmjax.jobs import prepare_workdir
+from nmjax.jobs import plans
+from nmjax.jobs.workdir import prepare_workdir
 from nmjax.progress import format_seconds
 
+NAME = "import"
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields before any work: the architecture, the file, the reference file."""
-  convert.check_arch(config.arch)
-  quick_gelu = config.get("quick_gelu")
-  if convert.is_clip(config.arch):
-    convert.clip_layouts.resolve_quick_gelu(config.arch, quick_gelu)
-  elif quick_gelu is not None:
-    raise ConfigError(f"config.quick_gelu is a CLIP option; config.arch={config.arch} takes"
-                      " none (leave it unset)")
-  readers.check_path(config.source)
-  if config.reference and not os.path.isfile(config.reference):
-    raise ConfigError(f"config.reference={config.reference} does not exist; pass an .npz with"
-                      " inputs and logits and/or features, or leave it empty")
-  check_range(config, "reference_tolerance", low=0.0, low_inclusive=False)
-  unknown = sorted(set(config.input.keys()) - set(convert.INPUT_FIELDS))
+
+@dataclasses.dataclass(frozen=True)
+class InputPlan:
+  """The evaluation transform the user set (mean/std in 0..1 units); None leaves a field to the
+  file's Hugging Face config.json or the architecture (nmjax.convert.eval_input)."""
+  image_size: int | None = None
+  crop_pct: float | None = None
+  interpolation: str | None = None
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportPlan:
+  """An import, checked: the file (absolute path) and its architecture, what it was pre-trained
+  on (reports only), the evaluation input set, and the reference check."""
+  source: str
+  arch: str
+  quick_gelu: bool | None = None  # CLIP only; None: the arch name's (the file may refuse it).
+  dataset: str = "unknown"
+  noise_ratio: float | None = None
+  noise_type: str = "symmetric"
+  input: InputPlan = dataclasses.field(default_factory=InputPlan)
+  reference: str = ""             # As given (messages name it); config.json holds its abspath.
+  reference_tolerance: float = 1e-3
+  trust_pickle: bool = False
+
+
+def _input_plan(given: ml_collections.ConfigDict) -> InputPlan:
+  unknown = sorted(set(given.keys()) - set(convert.INPUT_FIELDS))
   if unknown:
     raise ConfigError(f"config.input field {unknown[0]!r} is unknown; known:"
                       f" {', '.join(convert.INPUT_FIELDS)}")
+  chosen = plans.from_config(InputPlan, given, job=NAME)
+  for field in ("mean", "std"):
+    values = getattr(chosen, field)
+    if values is not None and not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      raise ConfigError(f"config.input.{field}={values!r} must be numbers (0..1 units)")
+  convert.check_transform(chosen.crop_pct, chosen.interpolation)
+  return chosen
 
 
-def _check_reference(imported: convert.Imported, config: ml_collections.ConfigDict
-                     ) -> dict[str, float]:
-  differences = convert.compare(imported, config.reference)
+def validate(config: ml_collections.ConfigDict) -> ImportPlan:
+  """The import's plan: every field checked before any work (the architecture, the QuickGELU
+  switch, the file, the reference file, the tolerance, the evaluation input), with one-line
+  ConfigErrors (DataError for a missing file)."""
+  plan = plans.from_config(ImportPlan, config, job=NAME, input=InputPlan())
+  convert.check_arch(plan.arch)
+  if convert.is_clip(plan.arch):
+    clip_layouts.resolve_quick_gelu(plan.arch, plan.quick_gelu)
+  elif plan.quick_gelu is not None:
+    raise ConfigError(f"config.quick_gelu is a CLIP option; config.arch={plan.arch} takes"
+                      " none (leave it unset)")
+  readers.check_path(plan.source)
+  if plan.reference and not os.path.isfile(plan.reference):
+    raise ConfigError(f"config.reference={plan.reference} does not exist; pass an .npz with"
+                      " inputs and logits and/or features, or leave it empty")
+  check_range(config, "reference_tolerance", low=0.0, low_inclusive=False)
+  if plan.noise_ratio is not None:
+    check_range(config, "noise_ratio", low=0.0, high=1.0)
+  return dataclasses.replace(plan, source=os.path.abspath(plan.source),
+                             input=_input_plan(config.input))
+
+
+def lock_index(plan: ImportPlan) -> int:  # pylint: disable=unused-argument
+  """One process: lock file 0."""
+  return 0
+
+
+def _check_reference(imported: convert.Imported, plan: ImportPlan) -> dict[str, float]:
+  differences = convert.compare(imported, plan.reference)
   for output, difference in differences.items():
-    print(f"[import] reference {config.reference}: {output} largest relative difference"
+    print(f"[import] reference {plan.reference}: {output} largest relative difference"
           f" {difference:.3g}", flush=True)
   worst = max(differences, key=differences.get)
-  if differences[worst] > config.reference_tolerance:
-    raise DataError(f"the imported model's {worst} differ from {config.reference} by"
+  if differences[worst] > plan.reference_tolerance:
+    raise DataError(f"the imported model's {worst} differ from {plan.reference} by"
                     f" {differences[worst]:.3g} (relative), more than"
-                    f" config.reference_tolerance={config.reference_tolerance}: the file is not"
-                    f" a {config.arch} as nmjax reads it, or the reference was made on another"
+                    f" config.reference_tolerance={plan.reference_tolerance}: the file is not"
+                    f" a {plan.arch} as nmjax reads it, or the reference was made on another"
                     " input; nothing was written")
   return differences
 
 
-def clip_fields(imported: convert.Imported, config: ml_collections.ConfigDict
-                ) -> dict[str, Any]:
+def clip_fields(imported: convert.Imported, plan: ImportPlan) -> dict[str, Any]:
   """What a CLIP workdir's config.json says beyond an import's: the fields
-  nmjax.train.pretrain_clip.build_model and source_info read, and the caption noise (the
-  fraction of pairs pre-trained with another pair's caption: config.noise_ratio)."""
+  nmjax.train.clip_training.build_model and source_info read, and the caption noise (the
+  fraction of pairs pre-trained with another pair's caption: plan.noise_ratio)."""
   return {"quick_gelu": bool(imported.spec.options["quick_gelu"]), "loss": "softmax",
           "context_length": int(imported.model.context_length),
-          "image_size": int(imported.spec.image_size), "caption_noise": config.noise_ratio,
+          "image_size": int(imported.spec.image_size), "caption_noise": plan.noise_ratio,
           "noise_type": "caption"}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Imports config.source into `workdir`; returns the workdir, its config record, whether
-  anything was written, and the reference differences (None without a reference)."""
-  start = time.perf_counter()
-  validate(config)
-  workdir = prepare_workdir(workdir)
-  source = os.path.abspath(config.source)
-  sha256 = convert.file_sha256(source)
-  imported = convert.read(source, config.arch, trust_pickle=config.trust_pickle,
-                          quick_gelu=config.get("quick_gelu"))
-  model_input = convert.eval_input(imported, source, config.input.to_dict(),
-                                   dataset=config.dataset)
+def workdir_record(plan: ImportPlan, imported: convert.Imported, sha256: str,
+                   model_input: dict[str, Any], differences: dict[str, float] | None
+                   ) -> dict[str, Any]:
+  """The workdir's config.json: the import's fields (sorted, as a config lists them), then what
+  the file said; a CLIP's with clip_fields."""
+  fields = {"job": NAME, **plans.as_dict(plan)}
+  record = {key: fields[key] for key in sorted(fields)}
+  record.update({
+      "input": model_input,
+      "reference": os.path.abspath(plan.reference) if plan.reference else "",
+      "source_sha256": sha256, "model": convert.check_arch(plan.arch).model,
+      "model_options": imported.spec.options, "num_classes": imported.spec.num_classes,
+      "dtype": "float32", "reference_difference": differences})
+  if convert.is_clip(plan.arch):
+    record.update(clip_fields(imported, plan))
+  return record
+
+
+def _describe(plan: ImportPlan, imported: convert.Imported, sha256: str,
+              model_input: dict[str, Any]) -> str:
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(imported.variables["params"]))
   what = (f"{'QuickGELU' if imported.spec.options['quick_gelu'] else 'exact GELU'}, image"
-          f" features {imported.model.feature_dim}-d" if convert.is_clip(config.arch)
+          f" features {imported.model.feature_dim}-d" if convert.is_clip(plan.arch)
           else f"{imported.spec.num_classes} classes")
-  print(f"[import] {config.arch} from {source} (sha256 {sha256[:16]}): {count:,} parameters,"
-        f" {what}; evaluated at {model_input['image_size']}px, crop {model_input['crop_pct']},"
-        f" {model_input['interpolation']}", flush=True)
-  differences = _check_reference(imported, config) if config.reference else None
-  record = {**config.to_dict(), "source": source, "source_sha256": sha256,
-            "model": convert.check_arch(config.arch).model,
-            "model_options": imported.spec.options, "num_classes": imported.spec.num_classes,
-            "input": model_input, "dtype": "float32",
-            "reference": os.path.abspath(config.reference) if config.reference else "",
-            "reference_difference": differences}
-  if convert.is_clip(config.arch):
-    record.update(clip_fields(imported, config))
+  return (f"[import] {plan.arch} from {plan.source} (sha256 {sha256[:16]}): {count:,}"
+          f" parameters, {what}; evaluated at {model_input['image_size']}px, crop"
+          f" {model_input['crop_pct']}, {model_input['interpolation']}")
+
+
+def run(plan: ImportPlan, workdir: str) -> dict[str, Any]:
+  """Imports plan.source into `workdir`; returns the workdir, its config record, whether
+  anything was written, and the reference differences (None without a reference)."""
+  start = time.perf_counter()
+  workdir = prepare_workdir(workdir)
+  sha256 = readers.file_sha256(plan.source)
+  imported = convert.read(plan.source, plan.arch, trust_pickle=plan.trust_pickle,
+                          quick_gelu=plan.quick_gelu)
+  model_input = convert.eval_input(imported, plan.source, dataclasses.asdict(plan.input),
+                                   dataset=plan.dataset)
+  print(_describe(plan, imported, sha256, model_input), flush=True)
+  differences = _check_reference(imported, plan) if plan.reference else None
+  record = workdir_record(plan, imported, sha256, model_input, differences)
   written = convert.save_workdir(workdir, record, imported)
   state = "written" if written else "already there (the same import), left as it was"
   print(f"[import] {workdir}: config.json and checkpoints/0 {state}, in"

@@ -2,7 +2,7 @@
 
 `get_model(config.model, num_classes)` is the one way jobs build an encoder; a name outside the
 registry is a ConfigError that lists the known names. Two-tower CLIP models have their own
-registry, `CLIP_MODELS`, built by `get_clip_model(name)` (nmjax.models.clip).
+registry, `CLIP_MODELS`, built by `get_clip_model(name)` (nmjax.models.clip_model).
 """
 
 from typing import Any, Callable
@@ -11,16 +11,18 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from nmjax.errors import ConfigError
-from nmjax.models.clip import CLIP, CLIP_MODELS, get_clip_model
-from nmjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnet_small
-from nmjax.models.vit import ViT, vit_b16, vit_s16
+from nmjax.models import resnet, vit
+# The two-tower registry (its models take no num_classes); the module holds the CLIP classes.
+from nmjax.models.clip_model import CLIP_MODELS, get_clip_model
+
+__all__ = ["get_model"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet_small": resnet_small,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-    "vit_s16": vit_s16,
-    "vit_b16": vit_b16,
+    "resnet_small": resnet.resnet_small,
+    "resnet18": resnet.resnet18,
+    "resnet50": resnet.resnet50,
+    "vit_s16": vit.vit_s16,
+    "vit_b16": vit.vit_b16,
 }
 # Compute dtypes by config name (config.dtype); parameters stay float32 whichever is chosen.
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,9 +55,3 @@ def feature_dim(name: str) -> int:
   # Constructing a Linen module only fills in its dataclass fields; nothing is initialized.
   return get_model(name, num_classes=1).feature_dim
 
-
-__all__ = [
-    "CLIP", "CLIP_MODELS", "DTYPES", "MODELS", "BasicBlock", "Bottleneck", "ResNet", "ViT",
-    "feature_dim", "get_clip_model", "get_model", "resnet18", "resnet50", "resnet_small",
-    "vit_b16", "vit_s16",
-]

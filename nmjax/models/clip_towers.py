@@ -1,7 +1,7 @@
 """The building blocks of CLIP's two towers: a pre-LN transformer, the ModifiedResNet, a ViT.
 
 Each module is named after the open_clip module it mirrors, so that a PyTorch state dict maps onto
-these variables by one rule (see nmjax.models.clip for the full table): a dotted torch path becomes
+these variables by one rule (see nmjax.models.clip_model for the full table): a dotted torch path becomes
 a '/'-separated Flax path, an integer index `.N` of a torch list becomes a suffix `_N`, and the leaf
 names change as Flax spells them (weight -> kernel, scale or embedding; running_mean/var -> the
 `batch_stats` mean/var). Torch Linear weights are transposed, Conv2d weights go OIHW -> HWIO, and

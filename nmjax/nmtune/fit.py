@@ -58,11 +58,12 @@ def resolve_config(config: Mapping[str, Any] | None) -> ml_collections.ConfigDic
   every bad value fail here, before any work, with one line naming the field."""
   resolved = default_config()
   if config is not None:
-    config_lib.overlay(resolved, {k: config[k] for k in config.keys() if k != "lp"},
-                       what="NMTune", tuple_fields=("logit_subset",))
-    if "lp" in config.keys():
+    given = {k: config[k] for k in list(config.keys())}
+    lp = given.pop("lp", None)  # The linear probe's own fields, checked by nmjax.probe.
+    config_lib.overlay(resolved, given, what="NMTune", tuple_fields=("logit_subset",))
+    if lp is not None:
       with resolved.unlocked():
-        resolved.lp = _resolve_lp(config["lp"])
+        resolved.lp = _resolve_lp(lp)
   check_choice(resolved, "method", METHODS)
   check_range(resolved, "epochs", low=1, integer=True)
   check_range(resolved, "batch_size", low=2, integer=True)

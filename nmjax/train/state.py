@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -34,19 +35,38 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """config.optimizer in {sgd, adamw}; weight_decay is applied to kernels only."""
-  if config.optimizer == "sgd":
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """An optimizer recipe: sgd reads momentum and nesterov, adamw its b1, b2 and eps (optax's
+  defaults unless given; CLIP's recipes give them)."""
+  optimizer: str            # sgd | adamw
+  weight_decay: float       # On kernels only (not BatchNorm scales or biases).
+  momentum: float = 0.9
+  nesterov: bool = False
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+
+
+def make_optimizer(spec: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """spec.optimizer in {sgd, adamw}; weight_decay is applied to kernels only.
+
+  Args:
+    spec: an OptimizerSpec, or any object with its fields (sgd: optimizer, weight_decay,
+      momentum, nesterov; adamw: optimizer, weight_decay, adam_b1, adam_b2, adam_eps).
+    schedule: the learning rate per step.
+  Returns:
+    The optax transformation.
+  """
+  if spec.optimizer == "sgd":
     return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
-        optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-  if config.optimizer == "adamw":
-    # b1/b2/eps: optax's defaults unless the config sets them (CLIP's recipes do).
-    return optax.adamw(schedule, b1=config.get("adam_b1", 0.9), b2=config.get("adam_b2", 0.999),
-                       eps=config.get("adam_eps", 1e-8), weight_decay=config.weight_decay,
-                       mask=_decay_mask)
+        optax.add_decayed_weights(spec.weight_decay, mask=_decay_mask),
+        optax.sgd(schedule, momentum=spec.momentum, nesterov=spec.nesterov))
+  if spec.optimizer == "adamw":
+    return optax.adamw(schedule, b1=spec.adam_b1, b2=spec.adam_b2, eps=spec.adam_eps,
+                       weight_decay=spec.weight_decay, mask=_decay_mask)
   raise ConfigError(
-      f"config.optimizer={config.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+      f"config.optimizer={spec.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def create_train_state(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...],

@@ -1,15 +1,18 @@
-"""The study's figures (report.write_study draws them): average accuracy against the noise ratio
+"""The study's figures (write_study draws them): average accuracy against the noise ratio
 with its change from r = 0 and the paired bootstrap interval (nmjax.stats), the singular value
 spectra per r, and SVE / LSVR against r."""
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
 
-from nmjax.report import (KIND_LABELS, Sweep, Table, label_axes, mean_std, pyplot, ratio_label,
+from nmjax import io as nmjax_io
+from nmjax.jobs import tables
+from nmjax.jobs.tables import (KIND_LABELS, Sweep, Table, label_axes, mean_std, pyplot, ratio_label,
                           save_figure)
 
 
@@ -104,3 +107,16 @@ def plot_spectral(table: Table, path: str, title: str) -> None:
                      xlabel=_noise_axis(sweep), ylabel=metric.upper(), legend_fontsize=6)
   fig.suptitle(title, fontsize=9)
   save_figure(fig, path)
+
+
+def write_study(records: list[dict[str, Any]], sweep: tables.Sweep, workdir: str, *, header: str,
+                title: str) -> tables.Table:
+  """The study's report in workdir: STUDY_FILES and tb/; returns the table."""
+  nmjax_io.write_jsonl(os.path.join(workdir, "results.jsonl"), records)
+  table = tables.Table(sweep, records)
+  nmjax_io.write_text(os.path.join(workdir, "results.md"), tables.format_study(table, header))
+  plot_accuracy(table, os.path.join(workdir, "accuracy_vs_noise.png"), title)
+  plot_spectra(table, os.path.join(workdir, "spectra.png"), title)
+  plot_spectral(table, os.path.join(workdir, "spectral_vs_noise.png"), title)
+  tables.write_scalars(table, os.path.join(workdir, "tb"))
+  return table

@@ -1,12 +1,13 @@
-"""Workdir locks: one writing run per workdir (or per folder inside one) at a time.
+"""Files: the one atomic writer every result, cache and checkpoint-side file goes through, and the
+one file lock.
 
-A lock is an fcntl.flock on a file in the folder. The kernel drops it when its holder exits, by
-any means (SIGKILL included), so a lock left by a dead process is simply taken again. The file
-records the holder (pid, host, start time, what it runs) for the message a second run gets; it is
-emptied on a clean release, so a file that still names someone when its lock is free was left
-by a run that died. Each process of a multi-process run locks its own file (process 0: `.lock`,
-process i: `.lock.i`), so the processes of one run never refuse each other, and a second run
-started with the same command is refused in every process.
+Writes go to a temporary name beside the target and are renamed onto it only when whole, so a
+kill never leaves a torn file under the final name. A lock is an fcntl.flock on a file in the
+folder: the kernel drops it when its holder exits by any means (SIGKILL included), so a lock left
+by a dead process is simply taken again. A workdir's lock file records the holder (pid, host,
+start time, what it runs) for the message a second run gets, and is emptied on a clean release.
+Each process of a multi-process run locks its own file (process 0: `.lock`, process i:
+`.lock.i`), so the processes of one run never refuse each other.
 """
 
 from __future__ import annotations
@@ -20,8 +21,70 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from nmjax.errors import ConfigError
+
+__all__ = ["atomic_path", "write_text", "write_json", "write_jsonl", "append_line", "hold",
+           "exclusive", "InUse", "Holder", "lock_path"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+  """A temporary name beside `path` (same extension) to write; renamed onto `path` only when the
+  block finishes, removed when it fails: a kill never leaves a torn file under the final name.
+  An OSError raised in the block (a full disk) names `path`."""
+  path = os.fspath(path)
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{os.getpid()}{ext}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except OSError as e:
+    # A write that fails (a full disk) carries no file name: name the file it was for.
+    if e.filename is None or e.filename == tmp:
+      e.filename = path
+    raise
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+
+
+def write_json(path: str | os.PathLike, record: Any) -> None:
+  write_text(path, json.dumps(record, indent=1, default=str) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+  write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_line(path: str | os.PathLike, row: dict[str, Any]) -> None:
+  """Appends one JSON line whole or not at all (a full disk never leaves a torn line)."""
+  existing = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = f.read()
+  write_text(path, existing + json.dumps(row) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+  """Holds a blocking flock on the file `path` (created, with its folder) for the block: one
+  process at a time on this machine, and never a stale lock (the kernel drops it on exit)."""
+  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+  with open(path, "a") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
+
 
 LOCK_FILE = ".lock"
 

@@ -1,62 +1,26 @@
-"""The report room: rows -> JSON lines, markdown tables, PNG plots and TensorBoard scalars, and
-the one atomic writer every result, cache and checkpoint-side file goes through."""
+"""Tables: rows -> JSON lines, markdown tables and TensorBoard scalars (the runner's; plots are in
+nmjax.jobs.figures)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-KINDS = ("source", "id", "ood", "far")  # nmjax.tasks.KINDS, in the order tables show them.
-KIND_LABELS = {"source": "Source", "id": "ID", "ood": "OOD", "far": "Far"}
+from nmjax.io import atomic_path, write_jsonl, write_text
+from nmjax.tasks import KIND_LABELS, KINDS
+from nmjax.writers import summary_writer
+
 
 
 def present_kinds(kinds: Any) -> list[str]:
   """The kinds of KINDS that occur in `kinds` (an iterable of task kinds), in KINDS order."""
   seen = set(kinds)
   return [k for k in KINDS if k in seen]
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-  """A temporary name beside `path` (same extension) to write; renamed onto `path` only when the
-  block finishes, removed when it fails: a kill never leaves a torn file under the final name.
-  An OSError raised in the block (a full disk) names `path`."""
-  path = os.fspath(path)
-  root, ext = os.path.splitext(path)
-  tmp = f"{root}.tmp{os.getpid()}{ext}"
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except OSError as e:
-    # A write that fails (a full disk) carries no file name: name the file it was for.
-    if e.filename is None or e.filename == tmp:
-      e.filename = path
-    raise
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-  with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      f.write(text)
-
-
-def write_json(path: str | os.PathLike, record: Any) -> None:
-  write_text(path, json.dumps(record, indent=1, default=str) + "\n")
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-  write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------------- plots
@@ -119,10 +83,9 @@ def format_results(rows: list[dict[str, Any]], methods: list[str], title: str, h
 
 def encoder_header(enc: Any, text: str) -> str:
   """The first line under an evaluation's title: which encoder, then `text`."""
-  pre = enc.config
+  pre = enc.pretraining
   return (f"Encoder: {pre.model} pre-trained on {pre.dataset}, noise"
-          f" {pre.get('noise_type', 'symmetric')} {pre.get('noise_ratio')}, checkpoint"
-          f" {enc.workdir} step {enc.step}. {text}")
+          f" {pre.noise_type} {pre.noise_ratio}, checkpoint {enc.workdir} step {enc.step}. {text}")
 
 
 def write_evaluation(rows: list[dict[str, Any]], methods: list[str], workdir: str, *,
@@ -142,7 +105,8 @@ def write_tuning(rows: list[dict[str, Any]], enc: Any, config: Any, methods: lis
                                " (row centering).")
   table = write_evaluation(rows, methods, workdir, title="NMTune results", header=header)
   plot_curves(rows, os.path.join(workdir, "curves.png"),
-              f"{enc.config.model}, {enc.config.dataset}, noise {enc.config.get('noise_ratio')},"
+              f"{enc.pretraining.model}, {enc.pretraining.dataset}, noise"
+              f" {enc.pretraining.noise_ratio},"
               f" {config.views} views")
   return table
 
@@ -371,24 +335,6 @@ def format_study(table: Table, header: str) -> str:
   return "\n".join(parts) + "\n"
 
 
-def summary_writer(logdir: str, **kwargs: Any) -> Any:
-  """A tensorboardX SummaryWriter, imported without torch.
-
-  tensorboardX imports torch at import time when it is installed (the tests' reference is); in a
-  JAX process that costs seconds and memory, and torch's and XLA's thread pools were seen to
-  abort a training process that had both. So a torch not already imported is hidden from it.
-  """
-  hidden = "torch" not in sys.modules
-  if hidden:
-    sys.modules["torch"] = None  # `import torch` then raises ImportError.
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  finally:
-    if hidden:
-      del sys.modules["torch"]
-  return SummaryWriter(logdir, **kwargs)
-
-
 def write_scalars(table: Table, root: str) -> None:
   """TensorBoard: one run per seed under root (rewritten), r in per mille as the step."""
   shutil.rmtree(root, ignore_errors=True)
@@ -424,17 +370,3 @@ def write_scalars(table: Table, root: str) -> None:
 
 STUDY_FILES = ("results.jsonl", "results.md", "accuracy_vs_noise.png", "spectra.png",
                "spectral_vs_noise.png")
-
-
-def write_study(records: list[dict[str, Any]], sweep: Sweep, workdir: str, *, header: str,
-                title: str) -> Table:
-  """The study's report in workdir: STUDY_FILES and tb/; returns the table."""
-  write_jsonl(os.path.join(workdir, "results.jsonl"), records)
-  table = Table(sweep, records)
-  write_text(os.path.join(workdir, "results.md"), format_study(table, header))
-  from nmjax import figures  # pylint: disable=g-import-not-at-top (figures imports this module)
-  figures.plot_accuracy(table, os.path.join(workdir, "accuracy_vs_noise.png"), title)
-  figures.plot_spectra(table, os.path.join(workdir, "spectra.png"), title)
-  figures.plot_spectral(table, os.path.join(workdir, "spectral_vs_noise.png"), title)
-  write_scalars(table, os.path.join(workdir, "tb"))
-  return table

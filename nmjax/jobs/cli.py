@@ -11,32 +11,20 @@ or of a path that cannot be written (EROFS, EACCES, EPERM), named by its path.
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import difflib
-import errno
 import importlib.util
 import os
 import re
-import shutil
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 from absl import flags
 
-from nmjax.errors import NmjaxError, os_error_in
+from nmjax.errors import NmjaxError, fail
 
-EXIT_CODE = 2
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
-NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([\w.]+)(?:=(.*))?$", re.S)
-
-
-def fail(message: str, code: int = EXIT_CODE) -> None:
-  """Prints `error: message` (one line) on stderr and exits with `code`."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-  sys.exit(code)
 
 
 def parse_flags(argv: Sequence[str], *, default_config: str) -> list[str]:
@@ -54,7 +42,9 @@ def parse_flags(argv: Sequence[str], *, default_config: str) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    # flags.Error, or whatever get_config or config_flags raise (KeyError, AttributeError, ...).
+    # flags.Error, or what get_config raised (config_flags wraps it): nmjax's own errors and bad
+    # overrides are one line; anything else raised in a config file is a bug there and keeps
+    # its traceback (explain_flag_error raises it again).
     fail(explain_flag_error(e, argv, config_arg))
   return []
 
@@ -105,8 +95,9 @@ def explain_flag_error(error: BaseException, argv: Sequence[str], config_arg: st
     return f"--config={config_arg}: {cause}"
   try:
     config = load_config(config_arg)
-  except Exception as e:  # pylint: disable=broad-except
+  except SyntaxError as e:
     return f"--config={config_arg} cannot be loaded ({type(e).__name__}: {_first_line(e)})"
+  # Any other exception of the config file's own code propagates with its traceback.
   for path, value in overrides(argv):
     problem = check_override(config, path, value)
     if problem:
@@ -199,7 +190,7 @@ def _study_stage_fields(config: ml_collections.ConfigDict) -> dict[str, set[str]
   from nmjax.config import pretrain_run, tuning_config  # pylint: disable=g-import-not-at-top
   try:
     stages = {"pretrain": pretrain_run(config.pretrain, noise_ratio=0.0, seed=0),
-              "nmtune": tuning_config(config.nmtune, method="nmtune", tasks="")}
+              "nmtune": tuning_config(config.nmtune, methods="nmtune", tasks="")}
   except Exception:  # pylint: disable=broad-except
     return {}  # Not a study's sections after all: no stage hint.
   return {name: set(stage.keys()) - set(config[name].keys()) for name, stage in stages.items()}
@@ -231,57 +222,21 @@ def where_else(config: ml_collections.ConfigDict, prefix: Sequence[str], name: s
   return f"its fields: {', '.join(sorted(siblings))}"
 
 
-# ------------------------------------------------------------------------ environment faults
-
-
-def _free_space(path: str) -> str:
-  folder = os.path.dirname(os.path.abspath(path))
-  while folder and not os.path.exists(folder):
-    folder = os.path.dirname(folder)
-  try:
-    free = shutil.disk_usage(folder).free
-  except OSError:
-    return "unknown"
-  for unit in ("B", "KB", "MB", "GB"):
-    if free < 1024 or unit == "GB":
-      return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-    free /= 1024
-  return ""
-
-
-def _under_data_dir(path: str) -> bool:
-  root = os.path.abspath(os.path.expanduser(
-      os.environ.get("NMJAX_DATA_DIR") or "~/.cache/nmjax"))
-  return os.path.abspath(path).startswith(root + os.sep) or os.path.abspath(path) == root
-
-
-def explain_os_error(error: OSError) -> str:
-  """The one line for a full disk or an unwritable path, naming the path."""
-  path = error.filename or error.filename2
-  where = f"{path}" if path else "a file (the system did not say which)"
-  if error.errno in FULL_DISK:
-    free = f" ({_free_space(path)} free there)" if path else ""
-    return (f"no space left on the device writing {where}{free}: {error.strerror}; free some"
-            " space (or write elsewhere) and run the same command again (committed checkpoints"
-            " and finished stages are kept)")
-  fix = ("set NMJAX_DATA_DIR to a writable folder" if path and _under_data_dir(path) else
-         "make it writable or pass another --workdir")
-  return f"cannot write {where}: {error.strerror}; {fix}"
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-  """Exits with one line on stderr for an NmjaxError (its exit_code, default 2), a Ctrl-C (130)
-  or an OSError of a full disk or an unwritable path (2); anything else propagates."""
-  try:
-    yield
-  except NmjaxError as e:
-    fail(str(e), getattr(e, "exit_code", EXIT_CODE))
-  except KeyboardInterrupt:  # Ctrl-C outside a training loop (a loop saves, then Interrupted).
-    fail("interrupted (Ctrl-C); finished results and committed checkpoints are kept; run the"
-         " same command to go on", 130)
-  except Exception as e:  # pylint: disable=broad-except
-    fault = os_error_in(e, FULL_DISK + NOT_WRITABLE)
-    if fault is None:
-      raise
-    fail(explain_os_error(fault))
+def configs_help(folder: str) -> str:
+  """The configs in `folder` (name, job, first docstring line) and the jobs, for --help."""
+  lines = ["Configs (--config=configs/NAME.py[:args]; each docstring has its command):"]
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".py") or name.startswith("_"):
+      continue
+    path = os.path.join(folder, name)
+    with open(path) as f:
+      doc = ast.get_docstring(ast.parse(f.read())) or ""
+    first = doc.strip().splitlines()[0] if doc.strip() else ""
+    try:
+      job = load_config(path).job
+    except Exception:  # pylint: disable=broad-except
+      job = "?"  # A config that fails to load says why when it is run.
+    lines.append(f"  {name:<22} job {job:<14} {first}")
+  from nmjax import jobs  # pylint: disable=g-import-not-at-top
+  lines.append(f"Jobs (config.job): {', '.join(jobs.job_names())}")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,252 @@
+"""The report job: renders finished study workdirs (the study's own, or a user's list) into
+results.jsonl, results.md, three plots and tb/ (TensorBoard).
+
+  main.py --config configs/report.py --config.workdirs=runs/study_a,runs/study_b --workdir OUT
+
+A study workdir holds plan.json (the study's plan: its points, methods, tasks) and a stage.json
+per finished stage (pretrain/seed<S>_r<R>/, eval/seed<S>_r<R>/, tune/). A point counts when its
+pre-training and its evaluation on that encoder are finished; a noise ratio is shown when every
+seed has it. Records: "pretrain" (with memorization_gap), "task" (with delta and delta_ci95 for
+r > 0, nmjax.stats), "spectrum", and the "tune" record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from nmjax import noise, stats, tasks as tasks_lib
+from nmjax.errors import ConfigError
+from nmjax.jobs import figures, plans, tables
+from nmjax.progress import Countdown, format_seconds
+
+NAME = "report"
+HITS_FILE = "correct.npz"  # An evaluation stage's per-example hits: "task|method" -> (N,) bool
+STAGE_FILE = "stage.json"
+STUDY_FILES = tables.STUDY_FILES
+CLIP_SWEEP = {"noise": "caption", "pretrain_field": "test_i2t_acc"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportPlan:
+  workdirs: tuple[str, ...]   # finished study workdirs, rendered together
+
+
+def validate(config: ml_collections.ConfigDict) -> ReportPlan:
+  plan = plans.from_config(ReportPlan, config, job=NAME)
+  if not plan.workdirs:
+    raise ConfigError("config.workdirs is empty; pass study workdirs, comma-separated")
+  for workdir in plan.workdirs:
+    if not os.path.isfile(os.path.join(workdir, plans.PLAN_FILE)):
+      raise ConfigError(f"config.workdirs entry {workdir!r} holds no study ({plans.PLAN_FILE}"
+                        " is missing); pass the --workdir of a study")
+  return plan
+
+
+def lock_index(plan: ReportPlan) -> int:
+  del plan
+  return 0
+
+
+def run(plan: ReportPlan, workdir: str) -> dict[str, Any]:
+  return render_study(workdir, sources=plan.workdirs, partial=True)
+
+
+# ----------------------------------------------------------------------------- reading stages
+
+
+def _read(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _point_name(seed: int, ratio: float) -> str:
+  return f"seed{seed}_r{ratio:g}"
+
+
+def finished_points(workdir: str, seeds: list[int], ratios: list[float]
+                    ) -> dict[tuple[int, float], tuple[dict, dict]]:
+  """{(seed, r): (pre-training record, evaluation record)} of the points finished in workdir."""
+  found = {}
+  for seed in seeds:
+    for ratio in ratios:
+      name = _point_name(seed, ratio)
+      pre = _read(os.path.join(workdir, "pretrain", name, STAGE_FILE))
+      ev = _read(os.path.join(workdir, "eval", name, STAGE_FILE))
+      if pre is None or ev is None or ev["plan"].get("encoder") != pre["plan"]:
+        continue
+      pre["workdir"] = os.path.abspath(os.path.join(workdir, "pretrain", name))
+      ev["workdir"] = os.path.abspath(os.path.join(workdir, "eval", name))
+      found[(seed, ratio)] = (pre, ev)
+  return found
+
+
+def records(points: dict[tuple[int, float], tuple[dict, dict]], tasks: list[Any]
+            ) -> list[dict[str, Any]]:
+  """results.jsonl's records from the finished points, with the paired deltas and gains from
+  each evaluation's hits file."""
+  out = []
+  for (seed, ratio), (pre, ev) in points.items():
+    common = {"seed": seed, "noise_ratio": ratio}
+    out.append({"record": "pretrain", **common, **pre["result"],
+                "memorization_gap": noise.memorization_gap(pre["result"]),
+                "seconds": pre["seconds"], "workdir": pre["workdir"]})
+    for row in ev["rows"]:
+      out.append({"record": "task", **common, **{k: v for k, v in row.items()
+                                                 if k not in ("seed", "noise_ratio")}})
+    for task in tasks:
+      out.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
+                  **ev["spectra"][task.name]})
+  hits = {key: stats.load_hits(os.path.join(ev["workdir"], HITS_FILE))
+          for key, (_, ev) in points.items()}
+
+  def hits_of(r):
+    return hits[(r["seed"], r["noise_ratio"])].get(f"{r['task']}|{r['method']}")
+
+  stats.add_deltas(out, hits_of)
+  stats.add_gains(out, hits_of)
+  return out
+
+
+# ----------------------------------------------------------------------------------- rendering
+
+
+def render_study(workdir: str, *, sources: tuple[str, ...] = (), partial: bool = False
+                 ) -> dict[str, Any]:
+  """Writes the report of the studies in `sources` (default: workdir itself) into workdir and
+  prints its table; partial: of what is finished (naming what is missing), else all of it."""
+  sources = tuple(sources) or (workdir,)
+  study = _read(os.path.join(sources[0], plans.PLAN_FILE))
+  seeds, ratios = list(study["seeds"]), list(study["ratios"])
+  tasks = tasks_lib.resolve(",".join(study["tasks"]))
+  points: dict[tuple[int, float], tuple[dict, dict]] = {}
+  for source in sources:
+    other = _read(os.path.join(source, plans.PLAN_FILE)) or study
+    for seed in other["seeds"]:
+      seeds += [] if seed in seeds else [seed]
+    points.update(finished_points(source, list(other["seeds"]), list(other["ratios"])))
+  missing = [_point_name(s, r) for s in seeds for r in ratios if (s, r) not in points]
+  shown = [r for r in ratios if all((s, r) in points for s in seeds)]
+  if not shown:
+    raise ConfigError(f"--workdir={sources[0]} holds no noise ratio finished for every seed; run"
+                      " the missing stages first (--config.stage=list names them)")
+  points = {(s, r): points[(s, r)] for s in seeds for r in shown}
+  out = records(points, tasks)
+  tune = _read(os.path.join(sources[0], "tune", STAGE_FILE)) if study["tune"] else None
+  if tune:  # The weights' record: chosen on the first seed's r = 0 encoder.
+    out.append({"record": "tune", "seed": seeds[0], "noise_ratio": 0.0, **{
+        k: tune[k] for k in ("grid", "val_fraction", "members", "chosen", "weights")}})
+  sweep = tables.Sweep(shown, seeds, list(study["methods"]), {t.name: t.kind for t in tasks},
+                       list(study["spectrum_tasks"]),
+                       **(CLIP_SWEEP if study["pretrain_job"] == "pretrain_clip" else {}))
+  pre = study["pretrain"][0]
+  title = f"{pre['model']} pre-trained on {pre['dataset']} with {noise_words(study)}"
+  header = describe(study, seeds, tasks, tune)
+  table = figures.write_study(out, sweep, workdir, header=header, title=title)
+  print("\n" + header + "\n\n" + tables.format_summary(table), flush=True)
+  if partial:
+    print(f"[study] report in {workdir} from {len(points)} of {len(seeds) * len(ratios)} stage(s)"
+          + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)
+  return {"records": table.records, "missing": missing, "workdir": workdir}
+
+
+def noise_words(study: dict[str, Any]) -> str:
+  if study["pretrain_job"] == "pretrain_clip":
+    return "caption noise r (exactly r of the pairs given another pair's caption)"
+  return (f"{study['pretrain'][0]['noise_type']} label noise r (exactly r of the labels of the"
+          " images used changed)")
+
+
+def _kind_counts(tasks: list[Any]) -> str:
+  counts = {}
+  for task in tasks:
+    counts[task.kind] = counts.get(task.kind, 0) + 1
+  return ", ".join(f"{n} {kind.upper() if kind in ('id', 'ood') else kind}"
+                   for kind, n in counts.items())
+
+
+def describe(study: dict[str, Any], seeds: list[int], tasks: list[Any],
+             tune: dict[str, Any] | None) -> str:
+  """The report's paragraph on the design: pre-training, the downstream tasks and methods."""
+  pre, tuning = study["pretrain"][0], study["evaluate"][0]
+  images = ("all" if pre["max_train_examples"] <= 0
+            else f"the first {pre['max_train_examples']:,}")
+  length = (f"{pre['num_train_steps']} steps" if pre["num_train_steps"] > 0
+            else f"{pre['num_epochs']:g} epochs")
+  augment = (", no augmentation" if not pre["crop_padding"] and not pre["flip"]
+             else f", crop padding {pre['crop_padding']}, flip {bool(pre['flip'])}")
+  views = tuning["views"] + (f" ({tuning['cached_views']} augmented views per image)"
+                             if tuning["views"] == "cached" else "")
+  return (f"Pre-training: {pre['model']} on {pre['dataset']} ({images} training images, {length},"
+          f" batch {pre['batch_size']}, {pre['optimizer']}{augment}) with {noise_words(study)};"
+          f" seed(s) {', '.join(map(str, seeds))}. Downstream: {', '.join(study['methods'])} over"
+          f" the frozen features on {len(tasks)} tasks ({_kind_counts(tasks)}),"
+          f" {tuning['epochs']} epochs on {views}; accuracy in % averaged over tasks; SVE averaged"
+          " over ID tasks and LSVR over OOD tasks, of the frozen test features (row centering)."
+          + (" Cells are mean ± sample std over seeds." if len(seeds) > 1 else "")
+          + grid_words(tuning) + tune_words(tune))
+
+
+def grid_words(tuning: dict[str, Any]) -> str:
+  """The NMTune grid's sentence of the description ('' without one)."""
+  if not tuning["grid"]:
+    return ""
+  return (f" NMTune's configuration is chosen per train split among the grid {tuning['grid']}"
+          f" on a {100 * tuning['val_fraction']:g}% stratified validation split of train (never"
+          " a test set); every configuration's accuracies are in results.jsonl (grid_results).")
+
+
+def tune_words(tune: dict[str, Any] | None) -> str:
+  """The tune stage's sentence of the description ('' without one)."""
+  if tune is None:
+    return ""
+  weights = ", ".join(f"{k}={v:g}" for k, v in tune["weights"].items())
+  best = tune["members"][tune["chosen"]]["mean_val_accuracy"]
+  return (f" NMTune's weights ({weights}) were chosen once among the grid {tune['grid']} on a"
+          f" {100 * tune['val_fraction']:g}% stratified validation split of the r = 0 encoder's"
+          f" train features (mean validation accuracy {100 * best:.2f}%), then frozen for every r"
+          " (results.jsonl: the \"tune\" record).")
+
+
+# ------------------------------------------------------------------------- the study's progress
+
+
+def stage_line(index: int, num_stages: int, what: str, text: str, seconds: float | None,
+               clock: Countdown) -> None:
+  took = ", reused" if seconds is None else f" | {format_seconds(seconds)}"
+  print(f"[study] stage {index}/{num_stages} {what}: {text}{took} | {clock.line()}", flush=True)
+
+
+def pretrain_text(record: dict[str, Any]) -> str:
+  """A pre-training stage's line: held-out retrieval (CLIP) or test accuracy and the gap."""
+  result = record["result"]
+  if result.get("test_i2t_acc") is not None:
+    return (f"held-out pairs: image->text {result['test_i2t_acc']:.4f}, text->image"
+            f" {result['test_t2i_acc']:.4f} (in-batch retrieval)")
+  if result.get("test_acc") is None:
+    return ""
+  clean = result.get("train_acc_clean", math.nan)
+  gap = noise.memorization_gap(result)
+  return (f"test acc {result['test_acc']:.4f} (train acc vs clean labels {clean:.4f}"
+          + ("" if gap is None else f", memorization gap {gap:+.4f}") + ")")
+
+
+def averages_line(rows: list[dict[str, Any]], methods: list[str]) -> str:
+  """'ID lp 82.74 mlp 91.57 | OOD ...': each method's average accuracy (%) per kind."""
+  parts = []
+  for kind in tasks_lib.KINDS:
+    cells = [(m, np.mean(a)) for m in methods if (a := [
+        r["accuracy"] for r in rows if r["method"] == m and r["kind"] == kind])]
+    if cells:
+      parts.append(f"{tasks_lib.KIND_LABELS[kind]} "
+                   + " ".join(f"{m} {100 * float(v):.2f}" for m, v in cells))
+  return " | ".join(parts)

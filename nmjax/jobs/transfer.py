@@ -1,0 +1,115 @@
+"""The transfer job, configs/transfer.py: probes (lp, ridge) and zero-shot over a checkpoint's
+frozen features on downstream tasks, with SVE/LSVR of each task's test features; writes
+results.jsonl, results.md and spectra.png (nmjax.evaluate does the work)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from nmjax import encoder as encoder_lib, evaluate, parallel, probe, tasks as tasks_lib
+from nmjax.clip import zeroshot
+from nmjax.config import check_choice, check_range, parse_names
+from nmjax.jobs import plans, tables
+from nmjax.jobs.pretrain_fields import check_distributed
+from nmjax.jobs.workdir import prepare_workdir, process_index
+from nmjax.progress import format_seconds
+
+NAME = "transfer"
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferPlan:
+  """A transfer evaluation, resolved: the checkpoint, the tasks (registry names), the methods
+  and each method's config (a plain dict; the classes are set per train split at run time)."""
+  checkpoint: str
+  tasks: tuple[str, ...]
+  methods: tuple[str, ...]
+  method_configs: dict[str, dict[str, Any]]
+  step: int = -1                    # -1: the latest checkpoint
+  spectral_center: str = "row"      # evaluate.CENTERS
+  batch_size: int = 512             # feature extraction (global)
+  max_examples: int = -1            # > 0: at most this many examples per split
+  data_dir: str = ""
+  distributed: str = "none"
+  coordinator_address: str = ""
+  num_processes: int = 1
+  process_id: int = 0
+
+
+def _method_configs(config: ml_collections.ConfigDict,
+                    methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+  """Each method's fit config: the probes' (config.probe, checked), zero-shot's templates."""
+  configs = {}
+  for method in methods:
+    if method == "zeroshot":
+      zeroshot.templates_named(config.zeroshot_templates)  # An unknown name fails here.
+      configs[method] = {"templates": config.zeroshot_templates}
+    else:
+      configs[method] = probe.resolve_config(config.probe.to_dict()).to_dict()
+  return configs
+
+
+def validate(config: ml_collections.ConfigDict) -> TransferPlan:
+  """Checks a transfer config before any work; its plan."""
+  tasks = tasks_lib.names(config.tasks)
+  methods = tuple(parse_names(config, "methods", evaluate.TRANSFER_METHODS))
+  check_choice(config, "spectral_center", evaluate.CENTERS)
+  check_range(config, "batch_size", low=1, integer=True)
+  check_range(config, "max_examples", integer=True)
+  check_range(config, "step", integer=True)
+  check_distributed(config)
+  return plans.from_config(TransferPlan, config, job=NAME, ignore=("probe", "zeroshot_templates"),
+                           tasks=tasks, methods=methods,
+                           method_configs=_method_configs(config, methods))
+
+
+def lock_index(plan: TransferPlan) -> int:
+  """This process's lock file: 0, or its index among the job's processes."""
+  return process_index(plan.distributed, plan.process_id,
+                       lambda: parallel.maybe_initialize_distributed(plan))
+
+
+def method_config(plan: TransferPlan, method: str,
+                  num_classes: int | None = None) -> ml_collections.ConfigDict:
+  """What evaluate.METHODS[method] takes: the plan's config of the method, with its classes."""
+  config = ml_collections.ConfigDict(plan.method_configs[method])
+  config.num_classes = num_classes
+  return config
+
+
+def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
+  """The probes and SVE/LSVR; writes results.* and spectra.png. Returns the rows and how many
+  splits were encoded (0 when the encoder's feature cache held them all)."""
+  start = time.perf_counter()
+  workdir = prepare_workdir(workdir)
+  parallel.maybe_initialize_distributed(plan)
+  cache = encoder_lib.open_cache(plan.checkpoint, workdir, step=plan.step,
+                                 batch_size=plan.batch_size, batch_field="batch_size",
+                                 max_examples=plan.max_examples, data_dir=plan.data_dir)
+  chosen = tasks_lib.resolve(plan.tasks)
+  center = None if plan.spectral_center == "none" else plan.spectral_center
+  request = evaluate.Request(
+      chosen, list(plan.methods), functools.partial(method_config, plan), evaluate.probe_row,
+      spectral_center=center, spectrum_top_k=evaluate.SPECTRUM_TOP_K, prefix="[transfer]")
+  result = evaluate.run(cache, request)
+  enc = cache.encoder
+  if jax.process_index() == 0:
+    header = tables.encoder_header(enc, "Accuracy in %, SVE/LSVR of the test features"
+                                        f" (centering: {plan.spectral_center}).")
+    table = tables.write_evaluation(result.rows, list(plan.methods), workdir,
+                                    title="Transfer results", header=header)
+    pre = enc.pretraining
+    tables.plot_task_spectra(
+        result.spectra, {t.name: t.kind for t in chosen}, os.path.join(workdir, "spectra.png"),
+        f"{pre.model}, {pre.dataset}, noise {pre.noise_ratio}, step {enc.step}")
+    print(table, flush=True)
+  print(f"[transfer] done in {format_seconds(time.perf_counter() - start)}; results in"
+        f" {os.path.join(workdir, 'results.jsonl')}, results.md and spectra.png", flush=True)
+  return {"rows": result.rows, "features_extracted": result.features_extracted}

@@ -1,0 +1,242 @@
+"""The NMTune job, configs/nmtune.py: lp, mlp, nmtune, lp_aug and zero-shot over frozen features,
+from features files (black-box mode: one appended results.jsonl line per method) or over a
+checkpoint's tasks with plain or augmented train views (results.jsonl, results.md, curves.png).
+
+The plan keeps the NMTune fit's fields (epochs, the loss weights, seed, ...) and the checkpoint as
+its own top-level fields, and each method's fit config is built from them at run time
+(method_config), so a sweep validates one config and runs many plans made with
+dataclasses.replace(plan, checkpoint=..., seed=..., svd_weight=...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from nmjax import encoder as encoder_lib, evaluate, features as features_lib, parallel
+from nmjax import tasks as tasks_lib
+from nmjax import io as nmjax_io
+from nmjax.config import check_choice, check_range, parse_names
+from nmjax.errors import ConfigError, DataError
+from nmjax.jobs import plans, tables
+from nmjax.jobs.pretrain_fields import check_distributed
+from nmjax.jobs.workdir import prepare_workdir, process_index
+from nmjax.nmtune.fit import default_config, probe_config, resolve_config
+from nmjax.nmtune.grid import report_lines
+from nmjax.progress import format_seconds
+
+NAME = "nmtune"
+MODES = ("files", "checkpoint")  # features files (black-box) | a checkpoint's tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningPlan:
+  """An NMTune evaluation, resolved. mode "files": train_features and test_features; mode
+  "checkpoint": checkpoint, step and tasks (registry names). The NMTune fit's fields are the
+  defaults of nmjax.nmtune.default_config (lp: the linear probe's, a plain dict)."""
+  methods: tuple[str, ...]
+  mode: str                          # MODES
+  train_features: str = ""
+  test_features: str = ""
+  checkpoint: str = ""
+  step: int = -1
+  tasks: tuple[str, ...] = ()
+  data_dir: str = ""
+  views: str = "features"            # evaluate.TRAIN_VIEWS: the NMTune methods' train rows
+  cached_views: int = 4              # views="cached": augmented views per train image
+  extract_batch_size: int = 512
+  max_examples: int = -1
+  zeroshot_templates: str = "imagenet"
+  epochs: int = 30
+  batch_size: int = 128
+  lr: float = 1e-3
+  weight_decay: float = 1e-4
+  mse_weight: float = 1.0
+  cov_weight: float = 0.04
+  svd_weight: float = 0.001
+  svd_topk: int = 5
+  mlp_ratio: float = 4.0
+  mlp_layers: int = 1
+  residual_scale_init: float = 1.0
+  val_fraction: float = 0.0
+  grid: str = ""
+  seed: int = 0
+  num_classes: int | None = None
+  logit_subset: tuple[int, ...] | None = None
+  lp: dict[str, Any] = dataclasses.field(default_factory=dict)
+  distributed: str = "none"
+  coordinator_address: str = ""
+  num_processes: int = 1
+  process_id: int = 0
+
+
+def _methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.methods, or the older config.method (an alias, with a one-line note) when set."""
+  field = "methods"
+  if config.method:
+    given = str(config.method).replace("+", ",")
+    print(f"note: config.method is deprecated; read as config.methods={given} (use methods)",
+          file=sys.stderr, flush=True)
+    field = "method"
+  return tuple(parse_names(config, field, evaluate.TUNING_METHODS))
+
+
+def _check_mode(config: ml_collections.ConfigDict) -> str:
+  """Features files or a checkpoint, with the checkpoint mode's fields checked."""
+  if config.train_features or config.test_features:
+    if not (config.train_features and config.test_features):
+      raise ConfigError("config.train_features and config.test_features go together; pass both"
+                        " features files (.npz)")
+    if config.checkpoint:
+      raise ConfigError("pass either features files (config.train_features/test_features) or"
+                        " config.checkpoint, not both")
+    return "files"
+  if not config.checkpoint:
+    raise ConfigError("nothing to tune: pass --config.train_features=TRAIN.npz"
+                      " --config.test_features=TEST.npz, or --config.checkpoint=PRETRAIN_DIR")
+  check_choice(config, "views", evaluate.TRAIN_VIEWS)
+  check_range(config, "cached_views", low=2, integer=True)
+  check_range(config, "extract_batch_size", low=1, integer=True)
+  check_range(config, "max_examples", integer=True)
+  check_range(config, "step", integer=True)
+  check_distributed(config)
+  return "checkpoint"
+
+
+def validate(config: ml_collections.ConfigDict) -> TuningPlan:
+  """Checks an NMTune config before any work (every method's fit config included); its plan."""
+  methods = _methods(config)
+  plan = plans.from_config(TuningPlan, config, job=NAME, ignore=("method",), methods=methods,
+                           mode="files", tasks=())
+  for method in methods:
+    method_config(plan, method)
+  mode = _check_mode(config)
+  if mode == "files":
+    return plan
+  return dataclasses.replace(plan, mode=mode, tasks=tasks_lib.names(config.tasks))
+
+
+def lock_index(plan: TuningPlan) -> int:
+  """This process's lock file: 0, or its index among the job's processes."""
+  return process_index(plan.distributed, plan.process_id,
+                       lambda: parallel.maybe_initialize_distributed(plan))
+
+
+def nmtune_config(plan: TuningPlan, method: str) -> ml_collections.ConfigDict:
+  """The nmjax.nmtune config of one NMTune method (nmtune, mlp, lp_aug), from the plan's fields;
+  checked (nmjax.nmtune.resolve_config)."""
+  fields = {k: getattr(plan, k) for k in default_config().keys() if k not in ("method", "lp")}
+  return resolve_config({**fields, "lp": dict(plan.lp), "method": method})
+
+
+def method_config(plan: TuningPlan, method: str,
+                  num_classes: int | None = None) -> ml_collections.ConfigDict:
+  """What evaluate.METHODS[method] takes: an NMTune method's config, the linear probe's (config.lp
+  with the plan's seed and classes) or zero-shot's templates, with `num_classes` set."""
+  if method == "zeroshot":
+    config = ml_collections.ConfigDict({"templates": plan.zeroshot_templates})
+  elif method in evaluate.PROBE_METHODS:
+    config = probe_config(nmtune_config(plan, "nmtune"))
+  else:
+    config = nmtune_config(plan, method)
+  config.num_classes = num_classes
+  return config
+
+
+def open_cache(plan: TuningPlan, workdir: str) -> encoder_lib.FeatureCache:
+  """The checkpoint's encoder and its feature cache (processes started where the plan asks)."""
+  parallel.maybe_initialize_distributed(plan)
+  return encoder_lib.open_cache(plan.checkpoint, workdir, step=plan.step,
+                                batch_size=plan.extract_batch_size,
+                                batch_field="extract_batch_size", max_examples=plan.max_examples,
+                                data_dir=plan.data_dir)
+
+
+def request(plan: TuningPlan, prefix: str = "[nmtune]") -> evaluate.Request:
+  """The checkpoint mode's evaluation: the plan's tasks x methods (rows: evaluate.tuning_row)."""
+  return evaluate.Request(tasks_lib.resolve(plan.tasks), list(plan.methods),
+                          functools.partial(method_config, plan), evaluate.tuning_row,
+                          views=plan.views, num_views=plan.cached_views, seed=plan.seed,
+                          prefix=prefix)
+
+
+def evaluate_checkpoint(plan: TuningPlan, workdir: str
+                        ) -> tuple[evaluate.Evaluation, str | None]:
+  """The checkpoint mode without its closing lines: the evaluation, with results.jsonl,
+  results.md and curves.png written by process 0 (the markdown returned; None elsewhere)."""
+  cache = open_cache(plan, workdir)
+  result = evaluate.run(cache, request(plan))
+  table = None
+  if jax.process_index() == 0:
+    table = tables.write_tuning(result.rows, cache.encoder, plan, list(plan.methods), workdir)
+  return result, table
+
+
+def _load_files(plan: TuningPlan) -> tuple[features_lib.FeatureSet, features_lib.FeatureSet]:
+  """The train and test features files, checked against each other before any method runs: the
+  same D, and every test label a class the train file holds."""
+  given = plan.num_classes
+  train = features_lib.load(plan.train_features, num_classes=given)
+  top = given or int(train.labels.max()) + 1
+  test = features_lib.load(plan.test_features, num_classes=top,
+                           note="" if given else features_lib.inferred_classes_note(top))
+  where = f"test features file {test.path}"
+  if test.feature_dim != train.feature_dim:
+    raise DataError(f"{where}: feature dimension {test.feature_dim} differs from the train"
+                    f" features' ({train.feature_dim}, {train.path})")
+  unseen = ~np.isin(test.labels, train.labels)
+  if unseen.any():
+    row = int(np.flatnonzero(unseen)[0])
+    raise DataError(f"{where}: label {test.labels[row]} in row {row} never occurs in the train"
+                    f" features file {train.path} ({int(unseen.sum())} test rows of"
+                    f" {len(np.unique(test.labels[unseen]))} such classes), so no method trained"
+                    " there could predict it; drop those rows or add the class to train")
+  return train, test
+
+
+def _run_files(plan: TuningPlan, workdir: str) -> dict[str, Any]:
+  """Features-file mode: one appended JSON line per method."""
+  path = os.path.join(workdir, "results.jsonl")
+  train, test = _load_files(plan)
+  rows = []
+  for method in plan.methods:
+    config = method_config(plan, method, plan.num_classes)
+    result = evaluate.METHODS[method](train, {"test": test}, config)["test"]
+    row = {**evaluate.tuning_fields(result),
+           "train_features": os.path.abspath(plan.train_features),
+           "test_features": os.path.abspath(plan.test_features)}
+    rows.append(row)
+    if jax.process_index() == 0:
+      nmjax_io.append_line(path, row)
+    for line in report_lines({"test": result}):
+      print(f"[nmtune] {method} {line}", flush=True)
+    print(f"[nmtune] {method}: accuracy {row['accuracy']:.4f} | {row['num_train']} train,"
+          f" {row['num_test']} test, D={row['feature_dim']}, C={row['num_classes']} |"
+          f" {format_seconds(row['seconds'])}", flush=True)
+  print(f"[nmtune] appended {len(rows)} line(s) to {path}", flush=True)
+  return {"rows": rows}
+
+
+def run(plan: TuningPlan, workdir: str) -> dict[str, Any]:
+  """Runs the plan in `workdir`. Checkpoint mode returns the rows, the spectra, how many splits
+  were encoded (0 when the encoder's feature cache held them all) and the per-example hits
+  ("task|method" -> bool array); features-file mode returns the rows."""
+  start = time.perf_counter()
+  workdir = prepare_workdir(workdir)
+  if plan.mode == "files":
+    return _run_files(plan, workdir)
+  result, table = evaluate_checkpoint(plan, workdir)
+  if table is not None:
+    print(table, flush=True)
+  print(f"[nmtune] done in {format_seconds(time.perf_counter() - start)}; results in"
+        f" {os.path.join(workdir, 'results.jsonl')}, results.md and curves.png", flush=True)
+  return {"rows": result.rows, "spectra": result.spectra,
+          "features_extracted": result.features_extracted, "correct": result.correct}
