@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import default as default_config  # pylint: disable=wrong-import-position
+from configs import report as report_config  # pylint: disable=wrong-import-position
 from nmjax import jobs  # pylint: disable=wrong-import-position
 from nmjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from nmjax import tasks as tasks_lib  # pylint: disable=wrong-import-position
@@ -198,6 +199,16 @@ def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
   assert {r["noise_ratio"] for r in narrow["records"] if r["record"] != "tune"} == {0.3}
   jobs.run(_smoke(), workdir)  # The whole report again, for the other tests.
   assert _scores(_read_records(workdir)) == before
+
+
+def test_the_report_job_renders_finished_studies_anywhere(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  out = jobs.run(report_config.get_config(f"workdirs={workdir}"), str(tmp_path / "report"))
+  assert _scores(out["records"]) == _scores(_read_records(workdir))
+  for name in report.STUDY_FILES:
+    assert os.path.getsize(tmp_path / "report" / name) > 0, name
+  with pytest.raises(ConfigError, match=r"config.workdirs entry .* holds no study"):
+    jobs.run(report_config.get_config(f"workdirs={tmp_path}"), str(tmp_path / "bad"))
 
 
 def test_a_moved_study_is_reused_where_it_now_is(smoke_run, tmp_path):

@@ -48,7 +48,10 @@ __all__ = ["JOBS", "validate", "execute", "run"]
 
 def validate(config: Any) -> tuple[ModuleType, Any]:
   """(the job's module, its plan): config.job looked up in JOBS, the config validated once."""
-  name = config.job if "job" in config else None
+  try:
+    name = config.job
+  except AttributeError:  # A config without a job field.
+    name = None
   if name not in _MODULES:
     raise ConfigError(f"config.job={name!r} is unknown; allowed: {', '.join(_MODULES)}")
   job = importlib.import_module(f"nmjax.jobs.{_MODULES[name]}")
