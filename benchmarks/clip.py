@@ -6,8 +6,9 @@ RN recipe, the temperature clamp), jitted with the state donated as the training
 the default backend's first device. Compilation is timed on its own; after one warm-up step,
 images/s is the batch over the median of the timed steps.
 
-FLOPs: XLA:CPU's count for the same step compiled at a small batch (cost_analysis()["flops"]),
-per pair, times the batch (on GPU, convolutions become custom calls that XLA does not count).
+FLOPs: XLA:CPU's count for the same step compiled for the CPU at a batch of 4
+(cost_analysis()["flops"]), per pair, times the batch, on every backend (on GPU, convolutions
+become custom calls that the GPU program's own count misses).
 MFU = counted FLOP/s / the chip's peak dense bf16 FLOP/s (benchmarks/pretrain.py's table; None on
 CPU, where `cpu_matmul_fraction` compares with a float32 matmul measured in the same run).
 
@@ -15,6 +16,9 @@ Defaults by backend:
   cpu:     clip_small 28x28x1 batch 256 (the embedded study's towers) and clip_rn50 at 224,
            batch 8, float32 (a 2-core CPU runs RN50 CLIP at a few pairs/s).
   gpu/tpu: clip_rn50 and clip_vit_b16 at 224, batch 256, bfloat16 compute.
+
+The JSON is also written, with the command, commit, date and machine, to
+docs/benchmarks/clip-<device>.json (--out to choose the file), after each model as well.
 
     .venv/bin/python benchmarks/clip.py
     .venv/bin/python benchmarks/clip.py --models clip_rn50 --batch 256 --dtype bfloat16
@@ -35,6 +39,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
+import provenance  # pylint: disable=wrong-import-position  # benchmarks/provenance.py
 from benchmarks.pretrain import peak_tflops  # pylint: disable=wrong-import-position
 from nmjax.models.clip_model import get_clip_model  # pylint: disable=wrong-import-position
 from nmjax.train import contrastive, state as state_lib  # pylint: disable=wrong-import-position
@@ -65,11 +70,18 @@ def _step(mean: tuple, std: tuple, dtype: Any) -> Any:
                  donate_argnums=0)
 
 
-def _flops_per_pair(name: str, dtype: Any, context: int, channels: int) -> float | None:
-  model, state = _state(name, dtype, context)
+def _flops_per_pair(step: Any, state: Any, data: dict[str, Any]) -> float | None:
+  """XLA:CPU's FLOP count of `step` on a batch of 4 pairs, per pair (shapes only; nothing runs).
+  Compiled for the CPU on every backend: on GPU the convolutions become custom calls that the
+  compiled program's own count misses."""
   small = 4
-  compiled = _step(MEAN[:channels], STD[:channels], dtype).lower(
-      state, _batch(model, small, context)).compile()
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu) if hasattr(x, "shape") else x,
+      state)
+  pairs = {k: jax.ShapeDtypeStruct((small, *v.shape[1:]), v.dtype, sharding=cpu)
+           for k, v in data.items()}
+  compiled = step.lower(abstract, pairs).compile()
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -96,6 +108,7 @@ def case(name: str, batch: int, dtype_name: str, steps: int, context: int) -> di
   channels = model.image_shape[-1]
   step = _step(MEAN[:channels], STD[:channels], dtype)
   data = _batch(model, batch, context)
+  flops = _flops_per_pair(step, state, data)
   start = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - start
@@ -108,7 +121,6 @@ def case(name: str, batch: int, dtype_name: str, steps: int, context: int) -> di
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   median = float(np.median(times))
-  flops = _flops_per_pair(name, dtype, context, channels)
   device = jax.devices()[0]
   peak = peak_tflops(device.device_kind)
   entry = {"model": name, "image_shape": list(model.image_shape), "context_length": context,
@@ -130,6 +142,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=0)
   parser.add_argument("--dtype", default="")
   parser.add_argument("--steps", type=int, default=5)
+  provenance.add_out_flag(parser)
   args = parser.parse_args()
   backend = jax.default_backend()
   if backend == "cpu":
@@ -140,8 +153,10 @@ def main() -> None:
     plan = [(m, b, d, c) for m, b, d, c in plan if m in args.models.split(",")] or [
         (m, 256, "bfloat16", 77) for m in args.models.split(",")]
   plan = [(m, args.batch or b, args.dtype or d, c) for m, b, d, c in plan]
-  out = {"backend": backend, "device": jax.devices()[0].device_kind,
-         "cases": [case(m, b, d, args.steps, c) for m, b, d, c in plan]}
+  out = {"backend": backend, "device": jax.devices()[0].device_kind, "cases": []}
+  for m, b, d, c in plan:
+    out["cases"].append(case(m, b, d, args.steps, c))
+    provenance.write("clip", out, args.out, complete=False)
   if backend == "cpu":
     peak = matmul_gflops()
     out["cpu_matmul_gflops"] = round(peak, 1)
@@ -149,6 +164,7 @@ def main() -> None:
       if entry.get("achieved_tflops") is not None:
         entry["cpu_matmul_fraction"] = round(entry["achieved_tflops"] * 1e3 / peak, 3)
   print(json.dumps(out, indent=1))
+  provenance.write("clip", out, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ folder, then measures, on the same JPEGs and the same draws:
     in this process, where Pillow's decode and nmjax's resize run outside the GIL), "old" =
     decode_less=False over jpeg_records(batched_reads=True): every JPEG
     opened and decoded whole by Pillow, records read in batches through TFDS's parser, the
-    path before issue 16; "new" = the defaults (single reads, only the rows each crop needs
+    previous path; "new" = the defaults (single reads, only the rows each crop needs
     decoded, at a reduced DCT scale where the crop allows, and only its columns and rows,
     resized into the batch by nmjax.data.resample: Pillow's pixels in about half its CPU);
   * "transform": decode + crop + flip alone in this process (old: Pillow's whole decode; new:
@@ -39,6 +39,10 @@ a host with data_workers = cores - 4 gets per worker. With two workers on this 2
 workers, the training process and the other work on the machine oversubscribe the cores, and
 their CPU-seconds per image rise with it; that row is reported too.
 
+The JSON is also written, with the command, commit, date and machine, to
+docs/benchmarks/input-<device>.json (--out to choose the file); <device> is jax's default device
+(the host's CPU figures of an accelerator machine go under the accelerator's name).
+
     .venv/bin/python benchmarks/input.py [--images 256] [--batch 32] [--batches 20] \
         [--workers 0,1,2] [--threads_in_process 2] [--rounds 3] [--headline_workers 1]
 """
@@ -56,6 +60,7 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
+import provenance  # benchmarks/provenance.py
 from nmjax.data import imagenet, pipeline, records, resample
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -312,6 +317,8 @@ def _profile(jpegs: list[bytes], draws: np.ndarray, old_source, new_source, args
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs to write")
+  parser.add_argument("--large_images", type=int, default=48,
+                      help="larger synthetic JPEGs (1024x768, 800x600) for the transform rows")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--batches", type=int, default=20, help="batches timed per run")
   parser.add_argument("--workers", default="0,1,2", help="worker counts to time")
@@ -320,7 +327,10 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=3, help="old/new alternations per setting")
   parser.add_argument("--headline_workers", type=int, default=1,
                       help="the pipeline row (worker count) the headline figures come from")
+  provenance.add_out_flag(parser)
   args = parser.parse_args()
+  if min(args.images, args.large_images, args.batch, args.batches, args.rounds) < 1:
+    parser.error("--images, --large_images, --batch, --batches and --rounds must be at least 1")
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
@@ -337,7 +347,8 @@ def main() -> None:
     old_source = records.SubsetRecords(old_records, positions)
     jpegs = [new_records[i]["image"] for i in range(args.images)]
     draws = rng.random((len(jpegs), imagenet.DRAWS_PER_EXAMPLE))
-    large = [photo_jpeg(rng, *_LARGE_SIZES[i % len(_LARGE_SIZES)]) for i in range(48)]
+    large = [photo_jpeg(rng, *_LARGE_SIZES[i % len(_LARGE_SIZES)])
+             for i in range(args.large_images)]
     large_draws = rng.random((len(large), imagenet.DRAWS_PER_EXAMPLE))
     pixels = [np.prod(imagenet.open_image(j).size) for j in jpegs]
     results = {
@@ -365,6 +376,8 @@ def main() -> None:
              "per_core": "images per CPU-second of this process and its workers (images/s / "
                          "cores used), median over rounds"} | results
   print(json.dumps(results))
+  # Only now: reading the machine imports jax, which must not start before grain's workers.
+  provenance.write("input", results, args.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ Sections (--sections, all by default; each entry is also printed to stderr when 
 
 The machine is shared: compare the ratios measured side by side in one run, and repeat.
 On CPU the benchmark limits LAPACK's OpenBLAS to one thread as nmtune.fit does.
+The JSON is also written, with the command, commit, date and machine, to
+docs/benchmarks/nmtune-<device>.json (--out to choose the file), after each section as well.
 
     .venv/bin/python benchmarks/nmtune.py                       # all sections, ~8 min on 2 cores
     .venv/bin/python benchmarks/nmtune.py --sections step,limit --dims 512,2048
@@ -55,6 +57,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+import provenance  # benchmarks/provenance.py
 
 REFERENCE = {"lr": 1e-3, "weight_decay": 1e-4, "mse_weight": 1.0, "cov_weight": 0.04,
              "svd_weight": 0.001, "svd_topk": 5}
@@ -475,11 +479,18 @@ def first_fit(opts: argparse.Namespace, has_torch: bool) -> dict[str, Any]:
   return out
 
 
+def _section_done(opts: argparse.Namespace, report: dict[str, Any],
+                  entry: dict[str, Any]) -> None:
+  """Logs a finished section and writes the report so far (a run cut short keeps it)."""
+  _log(entry)
+  provenance.write("nmtune", report, opts.out, complete=False)
+
+
 def _sections(opts: argparse.Namespace, report: dict[str, Any]) -> None:
   has_torch = torch_installed()
   if "first_fit" in opts.sections:
     report["first_fit"] = first_fit(opts, has_torch)
-    _log({"first_fit": report["first_fit"]})
+    _section_done(opts, report, {"first_fit": report["first_fit"]})
   if "grid" in opts.sections:
     report["grid"] = {}
     for dim, rows in ((64, opts.grid_rows), (512, opts.grid_rows_512)):
@@ -494,10 +505,10 @@ def _sections(opts: argparse.Namespace, report: dict[str, Any]) -> None:
                                             / entry["grid"][f"{phase}_s"], 3)
         entry["configs_per_s_warm"] = round(len(GRID) / entry["grid"]["warm_s"], 3)
       report["grid"][f"D{dim}"] = entry
-      _log({f"grid_D{dim}": entry})
+      _section_done(opts, report, {f"grid_D{dim}": entry})
   if "grid_bound" in opts.sections:
     report["grid_bound"] = grid_bound(opts)
-    _log({"grid_bound": report["grid_bound"]})
+    _section_done(opts, report, {"grid_bound": report["grid_bound"]})
   if "step" in opts.sections or "limit" in opts.sections:
     steps = {f"D{d}": step_case(d, opts) for d in opts.dims}
     if has_torch and "step" in opts.sections:
@@ -506,10 +517,10 @@ def _sections(opts: argparse.Namespace, report: dict[str, Any]) -> None:
         steps[name]["torch_step_ms_median"] = ms
         steps[name]["speedup_vs_torch"] = round(ms / steps[name]["step_ms_median"], 3)
     report["step"] = steps
-    _log({"step": steps})
+    _section_done(opts, report, {"step": steps})
     if "limit" in opts.sections and 2048 in opts.dims:
       report["limit"] = limit(steps["D2048"], 2048, opts)
-      _log({"limit": report["limit"]})
+      _section_done(opts, report, {"limit": report["limit"]})
 
 
 def main() -> None:
@@ -525,6 +536,7 @@ def main() -> None:
   parser.add_argument("--dims", default="512,2048", help="step: feature dims D")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed step call")
   parser.add_argument("--repeats", type=int, default=5)
+  provenance.add_out_flag(parser)
   parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--dim", type=int, default=512, help=argparse.SUPPRESS)
   parser.add_argument("--epochs", type=int, default=5, help=argparse.SUPPRESS)
@@ -553,6 +565,7 @@ def main() -> None:
     _sections(opts, report)
   report["environment"]["load_average_after"] = round(os.getloadavg()[0], 2)
   print(json.dumps(report, indent=1))
+  provenance.write("nmtune", report, opts.out)
 
 
 if __name__ == "__main__":

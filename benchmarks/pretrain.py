@@ -25,6 +25,9 @@ Optional peer (--torch, CPU): the same ResNet written in PyTorch (this file; tor
 needed), eager mode, the same batch, size, optimizer and uint8 normalization. JAX and PyTorch
 steps alternate, so both see the same background load on a shared machine;
 jax_over_torch_speed = torch median step time / JAX median step time (> 1: JAX is faster).
+The JSON is also written, with the command, commit, date and machine, to
+docs/benchmarks/pretrain-<device>.json (--out to choose the file), after each model as well, so a
+run cut short keeps the models it finished.
 
     .venv/bin/python benchmarks/pretrain.py                 # this machine's defaults
     .venv/bin/python benchmarks/pretrain.py --torch         # + PyTorch eager peer (if installed)
@@ -44,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import provenance  # benchmarks/provenance.py
 from nmjax.models import DTYPES, get_model
 from nmjax.train import state as state_lib
 from nmjax.train.steps import train_step
@@ -229,6 +233,7 @@ def main() -> None:
                       help="auto: float32 on CPU, bfloat16 on accelerators")
   parser.add_argument("--num-classes", type=int, default=1000)
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch eager peer")
+  provenance.add_out_flag(parser)
   args = parser.parse_args()
 
   backend = jax.default_backend()
@@ -278,7 +283,9 @@ def main() -> None:
       entry["jax_over_torch_speed"] = round(median["torch"] / median["jax"], 3)
     results[name] = entry
     print(json.dumps({name: entry}), flush=True)  # partial results survive a timeout
+    provenance.write("pretrain", results, args.out, complete=False)
   print(json.dumps(results))
+  provenance.write("pretrain", results, args.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ runs with one thread (threadpoolctl): on a shared 2-core machine OpenBLAS thread
 against other processes made both slower by up to 10x. JAX keeps its own threads. The load
 average before and after is printed, since the machine may be shared.
 
+The JSON is also written, with the command, commit, date and machine, to
+docs/benchmarks/probe-<device>.json (--out to choose the file; benchmarks/provenance.py).
+
     .venv/bin/python benchmarks/probe.py                  # all tasks, about 2-4 minutes
     .venv/bin/python benchmarks/probe.py --tasks synthetic
 """
@@ -44,6 +47,7 @@ import threadpoolctl
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+import provenance  # benchmarks/provenance.py
 from nmjax import probe
 from nmjax.data.sources import get_source
 
@@ -137,6 +141,7 @@ def main() -> None:
                                          "mnist_relu512")
   parser.add_argument("--fashion-train", type=int, default=20_000)
   parser.add_argument("--fashion-test", type=int, default=10_000)
+  provenance.add_out_flag(parser)
   args = parser.parse_args()
   tasks = _tasks(args.fashion_train, args.fashion_test)
   names = [n for n in args.tasks.split(",") if n]
@@ -150,6 +155,7 @@ def main() -> None:
   with threadpoolctl.threadpool_limits(1):
     for name in names:
       report["tasks"][name] = _run(name, tasks[name])
+      provenance.write("probe", report, args.out, complete=False)
   report["targets"] = {}
   for name in ("synthetic", "synthetic_powerlaw"):
     row = report["tasks"].get(name)
@@ -162,6 +168,7 @@ def main() -> None:
       }
   report["load_average_after"] = os.getloadavg()[0]
   print(json.dumps(report, indent=1))
+  provenance.write("probe", report, args.out)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,10 @@ Overrides, e.g.: --config.noise_ratios=0,0.05,0.1,0.2,0.3 --config.seeds=0,1,2
   --config.pretrain.num_epochs=30 --config.pretrain.max_train_examples=5000
   --config.nmtune.epochs=20 --config.tune_grid= (config.nmtune's weights) --config.methods=lp,mlp
 
-As a job array (README): --config.stage=list prints the points, --config.stage=NAME (or an
-index) runs one point in its own process on a shared workdir, --config.stage=render the report.
+As a job array (docs/study.md): --config.stage=list prints the points, --config.stage=NAME (or
+an index) runs one point in its own process on a shared workdir, --config.stage=render the report.
 
-Measured on this project's 2-core CPU machine (README, 2026-12-03): the whole default study
-6m53s wall from a fresh workdir (7m48s with two other processes on the cores) (r = 0: source lp 84.01,
-ID lp 71.87 / mlp 79.84 / nmtune 80.28, mean of two seeds); the smoke variant under a minute.
+The design and the default run's results: docs/study.md; its time: docs/performance.md.
 """
 
 from nmjax.config import parse_arg, pretrain_experiment, tuning_fields
@@ -52,8 +50,8 @@ def get_config(arg: str | None = None):
   config.pretrain = pretrain_experiment(dataset="fashion_mnist", model="resnet_small",
                                         noise_type="symmetric", epochs=20.0, smoke=args.smoke)
   if not args.smoke:
-    # A regime that memorizes part of the noise (README: the design): the first 2,500 training
-    # images (the source task probes the last 5,000), 20 epochs, no augmentation.
+    # A regime that memorizes part of the noise (docs/study.md: the design): the first 2,500
+    # training images (the source task probes the last 5,000), 20 epochs, no augmentation.
     config.pretrain.max_train_examples = 2500
   config.pretrain.crop_padding = 0
   config.pretrain.flip = False

@@ -45,9 +45,8 @@ Fields (--config.FIELD=VALUE):
                        QuickGELU choice.
   trust_pickle         let torch unpickle arbitrary objects (only for files you trust).
 Writes DIR/config.json (these fields, the file's sha256, the model's layout), DIR/plan.json and
-the orbax checkpoint DIR/checkpoints/0; --dry_run prints the checked plan and writes nothing. Expected: a few seconds for a ResNet-50 file on a 2-core CPU
-(reading and hashing 100 MB, converting, writing), about as long for a CLIP RN50 (400 MB); the
-reference check adds one forward pass.
+the orbax checkpoint DIR/checkpoints/0; --dry_run prints the checked plan and writes nothing.
+More in docs/import.md.
 """
 
 import ml_collections

@@ -1,5 +1,5 @@
-r"""NMTune over frozen features: lp, mlp and nmtune (REFERENCE.md s.4), from features files or a
-pre-training checkpoint.
+r"""NMTune over frozen features: lp, mlp and nmtune, from features files or a pre-training
+checkpoint (the method: docs/method.md; the job: docs/nmtune.md).
 
 Black-box mode (any features files: .npz with features (N, D) and labels (N,)):
   .venv/bin/python main.py --config configs/nmtune.py --config.train_features=TRAIN.npz \
@@ -10,17 +10,16 @@ Checkpoint mode (2-core CPU, a Fashion-MNIST checkpoint from configs/pretrain.py
   .venv/bin/python main.py --config configs/nmtune.py \
       --config.checkpoint=runs/pretrain_fmnist_n0.2 --workdir runs/nmtune_fmnist_n0.2
 runs lp, mlp and nmtune on the six embedded tasks (three train views, one fit each per method)
-and writes DIR/results.jsonl, DIR/results.md and DIR/curves.png. Measured on 2 CPU cores: about a
-minute with views=features (ID avg lp 86.1, mlp 92.8, nmtune 92.8 on the 20%-noise checkpoint),
-1.5 minutes with views=cached, 10 minutes with views=online; all numbers in README.
+and writes DIR/results.jsonl, DIR/results.md and DIR/curves.png. views=features is the quickest;
+views=cached and views=online (augmented views encoded once, or in every step) cost more.
 
 Arguments after ':' (comma separated): methods=lp+mlp+nmtune (also lp_aug, and zeroshot on a CLIP
 checkpoint), tasks=NAMES (task or group names joined by '+'), views=features|online|cached, smoke
 (a seconds-long run). Every field is also --config.FIELD=VALUE, lists comma-separated
 (--config.methods=lp,nmtune): the NMTune hyperparameters (epochs, batch_size = rows per step, lr,
 weight_decay, mse_weight, cov_weight, svd_weight, svd_topk, mlp_ratio, mlp_layers,
-residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...). The older
-`method` (method=... after ':' or --config.method=...) is still read, as methods, with a note.
+residual_scale_init, seed) and the linear probe's (--config.lp.learning_rate=...). `method`
+(method=... after ':' or --config.method=...) is a deprecated alias of methods, read with a note.
 
 A grid of NMTune configurations, trained as one jitted program and chosen on a validation split
 carved from train (seeded, stratified; never a test set):

@@ -1,6 +1,6 @@
 r"""Pre-train a CLIP (image and text towers) on image-text pairs with controlled caption noise.
 
-Defaults: the reference's YFCC15M recipe (REFERENCE.md s.7) with the batch fixed across noise
+Defaults: the reference implementation's YFCC15M recipe with the batch fixed across noise
 ratios: open_clip's RN50 (plain GELU), AdamW lr 5e-4, weight decay 0.2, b1 0.9, b2 0.999, eps 1e-8,
 10,000 warm-up steps then cosine, 32 epochs, global batch 256, bf16 compute. A clean run on
 YFCC15M should land near open_clip's published RN50/YFCC15M figure: 32.4% ImageNet zero-shot.

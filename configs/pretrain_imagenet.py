@@ -44,12 +44,10 @@ Those public recipes also use RandAugment and Mixup (and gradient clipping at no
 does not implement: expect clearly less than the high-70s top-1 they typically report; no figure
 from nmjax is claimed here.
 
-Expected runtime: not measured by nmjax on ImageNet (no accelerator was available). At the
-ResNet-50 target of 2,500 images/s per GPU, one epoch (1.28M images) takes 1.28M / 2,500 = 512 s,
-90 epochs about 13 GPU-hours. The input pipeline decoded and cropped about 370 images per
-CPU-second on the 2-core development machine (benchmarks/input.py, ~111 KB synthetic JPEGs of
-about 470x395, one worker per core), so plan on about 16 cores (data_workers) per GPU at
-5,800 images/s.
+Runtime: at a ResNet-50 rate of 2,500 images/s per GPU, one epoch (1.28M images) takes
+1.28M / 2,500 = 512 s and 90 epochs about 13 GPU-hours. The input pipeline needs several CPU cores
+(data_workers) per GPU: benchmarks/input.py measures its images per CPU-second, and
+docs/performance.md says how many cores feed one GPU.
 """
 
 from nmjax.config import ConfigError, parse_arg, pretrain_experiment, pretrain_run

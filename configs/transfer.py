@@ -9,14 +9,12 @@ tasks=mnist+digits), methods=lp+ridge (also zeroshot on a CLIP checkpoint), smok
 run: two small tasks, 3 LP epochs). Any field can also be overridden as --config.FIELD=VALUE, lists
 comma-separated, e.g. --config.tasks=embedded_ood,mnist_to_digits or --config.probe.num_epochs=10.
 Tasks and groups: see nmjax/tasks.py (embedded, embedded_id, embedded_ood, paper, paper_id,
-paper_ood, or single names like mnist_to_digits; the older mnist->digits is read too).
+paper_ood, or single names like mnist_to_digits; mnist->digits is read as mnist_to_digits).
 
 Writes DIR/results.jsonl (one line per task and method), DIR/results.md (ID and OOD averages and
 a per-task table) and DIR/spectra.png; features are cached beside the checkpoint, under
 CHECKPOINT/features/ (DIR/features/ when it is not writable), where every later transfer or NMTune
-run on the same encoder reuses them.
-Expected on a 2-core CPU: about a minute for the six embedded tasks (features of ~30,000 images,
-then 30 LP epochs and a ridge fit per task); numbers in README.
+run on the same encoder reuses them. More in docs/transfer.md.
 """
 
 from nmjax.config import add_encoder_fields, add_extraction_fields, parse_arg, probe_fields

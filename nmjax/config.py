@@ -194,9 +194,10 @@ def probe_fields() -> ml_collections.ConfigDict:
 
 
 def nmtune_hparams() -> ml_collections.ConfigDict:
-  """The NMTune fit's hyperparameters (REFERENCE.md s.4 defaults), unlocked: what a sweep sets
-  once for all its fits. The reference's flag names mse_weight / cov_weight / svd_weight weigh
-  nmjax.nmtune's consistency_loss / covariance_loss / dominant_singular_value_loss."""
+  """The NMTune fit's hyperparameters (the reference implementation's defaults), unlocked: what a
+  sweep sets once for all its fits. The reference's flag names mse_weight / cov_weight /
+  svd_weight weigh nmjax.nmtune's consistency_loss / covariance_loss /
+  dominant_singular_value_loss."""
   config = ml_collections.ConfigDict()
   config.epochs = 30
   config.batch_size = 128       # Rows per step (n): the reference's 2 views x 64 images.
@@ -346,7 +347,7 @@ def pretrain_run(experiment: ml_collections.ConfigDict, *, noise_ratio: float, s
 def clip_experiment(*, dataset: str, model: str, variant: str = "") -> ml_collections.ConfigDict:
   """A CLIP pre-training run's fields but its caption noise, seed and where it runs.
 
-  Defaults are the reference's YFCC15M recipe (REFERENCE.md s.7) and open_clip's defaults for
+  Defaults are the reference implementation's YFCC15M recipe and open_clip's defaults for
   what it leaves out (open_clip_train/params.py, RN models): AdamW b1 0.9, b2 0.999, eps 1e-8,
   weight decay 0.2 (not on gains, biases or the temperature), 10,000 warm-up steps then cosine;
   lr 5e-4, 32 epochs and a global batch of 256 at every noise ratio (the reference used 512 at

@@ -263,12 +263,32 @@ def extract(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
             mesh: jax.sharding.Mesh | None = None) -> tuple[Array, Array]:
   """Features and labels of every unmasked example, once each, in batch order.
 
-  apply_fn(variables, images) -> (n, D) features, e.g. a frozen encoder in inference mode
-  (BatchNorm running statistics). batches: this process's slices of the global batches, dicts
-  with "image", "label" and "mask" (padding rows have mask False), as from
-  nmjax.data.pipeline.eval_batches. The batch is split over the mesh's 'data' axis and the
-  variables are replicated; the result is gathered so every process gets all features.
-  Returns (features float32 (N, D), labels int64 (N,)).
+  The batch is split over the mesh's 'data' axis and the variables are replicated; the result is
+  gathered, so every process gets all features. One batch is copied out while the next computes.
+
+  Args:
+    apply_fn: apply_fn(variables, images) -> (n, D) features, e.g. a frozen encoder in inference
+      mode (BatchNorm running statistics); jitted here.
+    variables: the encoder's variables.
+    batches: this process's slices of the global batches, dicts with "image", "label" and "mask"
+      (False on padding rows), as nmjax.data.pipeline.eval_batches gives them.
+    mesh: the device mesh (None: nmjax.parallel.make_mesh(), every device on 'data').
+
+  Returns:
+    (features float32 (N, D), labels int64 (N,)), N the unmasked examples.
+
+  Raises:
+    DataError: no batches at all.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from nmjax import features
+    >>> apply_fn = lambda w, images: images.reshape(len(images), -1) @ w
+    >>> batch = {"image": np.ones((8, 2, 2, 1), np.float32), "label": np.arange(8),
+    ...          "mask": np.arange(8) < 5}  # Three padding rows.
+    >>> feats, labels = features.extract(apply_fn, jnp.ones((4, 3)), [batch])
+    >>> feats.shape, labels.tolist()
+    ((5, 3), [0, 1, 2, 3, 4])
   """
   mesh = mesh or parallel.make_mesh()
   replicated = parallel.replicated(mesh)

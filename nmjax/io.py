@@ -31,9 +31,30 @@ __all__ = ["atomic_path", "write_text", "write_json", "write_jsonl", "append_lin
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-  """A temporary name beside `path` (same extension) to write; renamed onto `path` only when the
-  block finishes, removed when it fails: a kill never leaves a torn file under the final name.
-  An OSError raised in the block (a full disk) names `path`."""
+  """A temporary name beside `path` to write, renamed onto `path` only when the block finishes.
+
+  The temporary file (same extension) is removed when the block fails, so a kill never leaves a
+  torn file under the final name.
+
+  Args:
+    path: the file to write.
+
+  Yields:
+    The temporary path to write inside the block.
+
+  Raises:
+    OSError: raised in the block or by the rename (a full disk), naming `path`.
+
+  Examples:
+    >>> import os, tempfile
+    >>> from nmjax import io
+    >>> path = os.path.join(tempfile.mkdtemp(), "result.txt")
+    >>> with io.atomic_path(path) as tmp:
+    ...   with open(tmp, "w") as f:
+    ...     _ = f.write("done")
+    >>> open(path).read()
+    'done'
+  """
   path = os.fspath(path)
   root, ext = os.path.splitext(path)
   tmp = f"{root}.tmp{os.getpid()}{ext}"
@@ -51,21 +72,56 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` atomically (atomic_path): the whole file or none of it.
+
+  Args:
+    path: the file to write (its folder must exist).
+    text: the file's new contents.
+
+  Raises:
+    OSError: the file cannot be written (naming `path`).
+  """
   with atomic_path(path) as tmp:
     with open(tmp, "w") as f:
       f.write(text)
 
 
 def write_json(path: str | os.PathLike, record: Any) -> None:
+  """Writes `record` as indented JSON (values JSON lacks as their str()) atomically.
+
+  Args:
+    path: the file to write (its folder must exist).
+    record: any JSON-serializable value.
+
+  Raises:
+    OSError: the file cannot be written (naming `path`).
+  """
   write_text(path, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+  """Writes `rows` as JSON lines, one per row, atomically.
+
+  Args:
+    path: the file to write (its folder must exist).
+    rows: the records, each JSON-serializable.
+
+  Raises:
+    OSError: the file cannot be written (naming `path`).
+  """
   write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def append_line(path: str | os.PathLike, row: dict[str, Any]) -> None:
-  """Appends one JSON line whole or not at all (a full disk never leaves a torn line)."""
+  """Appends one JSON line whole or not at all (a full disk never leaves a torn line).
+
+  Args:
+    path: the JSON-lines file (created when missing; its folder must exist).
+    row: the record to append, JSON-serializable.
+
+  Raises:
+    OSError: the file cannot be written (naming `path`).
+  """
   existing = ""
   if os.path.exists(path):
     with open(path) as f:
@@ -75,8 +131,17 @@ def append_line(path: str | os.PathLike, row: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def exclusive(path: str | os.PathLike) -> Iterator[None]:
-  """Holds a blocking flock on the file `path` (created, with its folder) for the block: one
-  process at a time on this machine, and never a stale lock (the kernel drops it on exit)."""
+  """Holds a blocking flock on the file `path` for the block: one process at a time.
+
+  Only processes on this machine are excluded; the lock is never stale (the kernel drops it when
+  its holder exits).
+
+  Args:
+    path: the lock file (created, with its folder, when missing).
+
+  Yields:
+    None, while the lock is held.
+  """
   os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
   with open(path, "a") as lock_file:
     fcntl.flock(lock_file, fcntl.LOCK_EX)
@@ -90,12 +155,19 @@ LOCK_FILE = ".lock"
 
 
 class InUse(ConfigError):
-  """The folder is locked by another run; the message names the holder."""
+  """The folder is locked by another run; the message names the holder (a ConfigError)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Holder:
-  """Who holds a lock: process id, host, start time (seconds since the epoch) and its job."""
+  """Who holds a lock, as its lock file records it.
+
+  Attributes:
+    pid: the holder's process id.
+    host: the holder's host name.
+    started: when it took the lock, in seconds since the epoch.
+    what: what it runs (e.g. "job pretrain").
+  """
   pid: int
   host: str
   started: float
@@ -119,7 +191,15 @@ class Holder:
 
 
 def lock_path(folder: str, process_index: int = 0) -> str:
-  """The lock file of `folder` for one process of a run."""
+  """The lock file of `folder` for one process of a run.
+
+  Args:
+    folder: the locked folder (a workdir).
+    process_index: the process's index in its run (0: `.lock`, i: `.lock.i`).
+
+  Returns:
+    The lock file's path.
+  """
   name = LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}"
   return os.path.join(folder, name)
 
@@ -156,11 +236,23 @@ def _refusal(folder: str, fd: int) -> InUse:
 @contextlib.contextmanager
 def hold(folder: str, what: str, *, process_index: int = 0,
          wait: bool = False) -> Iterator[Holder | None]:
-  """Holds `folder`'s lock for the block (folder must exist); yields this process's Holder.
+  """Holds `folder`'s lock for the block; a clean release empties the lock file.
 
-  Raises InUse at once when another run holds it, or with wait=True prints one line naming the
-  holder and waits for it to let go. On a filesystem without locks a warning is printed and the
-  block runs unlocked (yields None).
+  On a filesystem without locks a warning is printed and the block runs unlocked.
+
+  Args:
+    folder: the folder to lock (it must exist).
+    what: what this process runs, for the message another run gets.
+    process_index: the process's index in its run (lock_path).
+    wait: False: refuse at once when another run holds the lock; True: print one line naming
+      the holder and wait for it to let go.
+
+  Yields:
+    This process's Holder, or None when the filesystem cannot lock.
+
+  Raises:
+    InUse: another run holds the lock (wait=False).
+    ConfigError: the lock file cannot be created.
   """
   path = lock_path(folder, process_index)
   try:

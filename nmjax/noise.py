@@ -1,10 +1,9 @@
 """Label and caption noise: pure numpy functions of (labels, ratio, seed) with exact counts.
 
-Every function here is a pure function of its inputs: the same call gives the same noisy labels on
-every host and after every restart, which is what lets a pre-training run be resumed or spread over
-many processes without storing the noisy labels anywhere.
+The same call gives the same noisy labels on every host and after every restart, so a
+pre-training run can resume or spread over many processes without storing its noisy labels.
 
-Conventions (REFERENCE.md s.2):
+Conventions (see docs/method.md):
 - symmetric (default, include_true=False): exactly round(ratio * N) examples are chosen with a
   seeded permutation and each gets a label drawn uniformly from the other C - 1 classes, so the
   realised flip rate is exactly `ratio`.
@@ -78,6 +77,18 @@ def symmetric_noise(labels: np.ndarray, ratio: float, num_classes: int, seed: in
 
   Returns:
     Noisy labels, np.int64 array of shape (N,).
+
+  Raises:
+    ConfigError: a ratio outside [0, 1), num_classes < 2, or labels that are not a 1-D integer
+      array in [0, num_classes).
+
+  Examples:
+    >>> import numpy as np
+    >>> from nmjax import noise
+    >>> labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    >>> noisy = noise.symmetric_noise(labels, 0.25, num_classes=4, seed=0)
+    >>> int((noisy != labels).sum())  # Exactly round(0.25 * 8) labels change.
+    2
   """
   ratio = _check_ratio(ratio)
   labels = _check_labels(labels, num_classes)
@@ -92,7 +103,29 @@ def symmetric_noise(labels: np.ndarray, ratio: float, num_classes: int, seed: in
 
 
 def pairflip_noise(labels: np.ndarray, ratio: float, num_classes: int, seed: int) -> np.ndarray:
-  """Asymmetric noise: exactly round(ratio * N) examples move from class y to (y + 1) mod C."""
+  """Asymmetric noise: exactly round(ratio * N) examples move from class y to (y + 1) mod C.
+
+  Args:
+    labels: clean integer labels, shape (N,), values in [0, num_classes).
+    ratio: fraction of examples to move, 0 <= ratio < 1.
+    num_classes: C >= 2.
+    seed: any integer; the same examples are chosen as by symmetric_noise with this seed.
+
+  Returns:
+    Noisy labels, np.int64 array of shape (N,).
+
+  Raises:
+    ConfigError: a ratio outside [0, 1), num_classes < 2, or labels that are not a 1-D integer
+      array in [0, num_classes).
+
+  Examples:
+    >>> import numpy as np
+    >>> from nmjax import noise
+    >>> labels = np.array([0, 1, 2, 3])
+    >>> noisy = noise.pairflip_noise(labels, 0.5, num_classes=4, seed=0)
+    >>> bool(np.all((noisy == labels) | (noisy == (labels + 1) % 4)))
+    True
+  """
   ratio = _check_ratio(ratio)
   labels = _check_labels(labels, num_classes)
   _, idx = _chosen(labels.size, ratio, seed)
@@ -116,8 +149,26 @@ def shuffle_captions(captions: Sequence[T], ratio: float, seed: int) -> list[T]:
   """Caption noise: exactly round(ratio * N) pairs receive another chosen pair's caption.
 
   The chosen positions are permuted by a seeded derangement (no fixed point), so each of them
-  holds a caption that came from a different pair. With a single chosen pair no derangement
-  exists; then nothing can be swapped and a ConfigError explains it.
+  holds a caption that came from a different pair.
+
+  Args:
+    captions: the N captions, in pair order (any item type).
+    ratio: fraction of pairs whose caption becomes wrong, 0 <= ratio < 1.
+    seed: any integer; the result is a pure function of (captions, ratio, seed).
+
+  Returns:
+    A new list of the N captions, the chosen ones moved (caption_permutation's order).
+
+  Raises:
+    ConfigError: a ratio outside [0, 1), or one that chooses a single pair (no derangement of
+      one pair exists, so nothing could be swapped).
+
+  Examples:
+    >>> from nmjax import noise
+    >>> captions = ["a cat", "a dog", "a car", "a cup"]
+    >>> noisy = noise.shuffle_captions(captions, 0.5, seed=0)
+    >>> sum(a != b for a, b in zip(noisy, captions))  # Exactly round(0.5 * 4) are wrong.
+    2
   """
   ratio = _check_ratio(ratio)
   captions = list(captions)
@@ -147,7 +198,7 @@ def caption_permutation(num_pairs: int, ratio: float, seed: int, *,
   noise as shuffle_captions, draw for draw: shuffle_captions(c, r, s)[i] == c[source[i]], for
   datasets of millions of pairs whose captions are read by index (nmjax.data.image_text).
 
-  Convention, against the reference: its caption-noise script (REFERENCE.md s.7) made
+  Convention, against the reference implementation: its caption-noise script made
   int(N * ratio) swaps of two rows drawn at random with replacement and no seed, so a swap can
   hit a row already swapped, or swap a row with itself, and about 2 * ratio of the captions end
   up wrong (its "noise_2.5" set, ratio 0.025, has about 5% wrong captions). Here the ratio is
@@ -158,9 +209,16 @@ def caption_permutation(num_pairs: int, ratio: float, seed: int, *,
 
   Args:
     num_pairs: N >= 0.
-    ratio: fraction of pairs whose caption is wrong, 0 <= ratio < 1 (else ConfigError naming
-      `field`, the config field it came from).
+    ratio: fraction of pairs whose caption is wrong, 0 <= ratio < 1.
     seed: any integer; the result is a pure function of (num_pairs, ratio, seed).
+    field: the config field `ratio` came from, for the error message.
+
+  Returns:
+    source, int64 (num_pairs,): pair i takes the caption of pair source[i].
+
+  Raises:
+    ConfigError: a ratio outside [0, 1) or one choosing a single pair (naming `field`), or a
+      num_pairs that is not an integer >= 0.
   """
   ratio = _check_ratio(ratio, field)
   if isinstance(num_pairs, bool) or int(num_pairs) != num_pairs or num_pairs < 0:
@@ -186,8 +244,8 @@ def memorization_gap(result: Mapping[str, Any]) -> float | None:
   none of it scores, (1 - r) c + r (1 - c) / (C - 1), with c = train_acc_clean (against the
   clean labels), r = noise_rate_train (the rate on the train labels used) and C = num_classes
   (symmetric noise over the other C - 1 classes). About 0: nothing memorized; 1 - (1 - r)^2 -
-  r^2 / (C - 1) when every noisy label is fitted. None when the record lacks those fields (CLIP
-  runs, or records written before they were kept)."""
+  r^2 / (C - 1) when every noisy label is fitted. None when the record lacks those fields (a
+  CLIP run's record has none)."""
   if not all(k in result for k in ("train_acc_noisy", "train_acc_clean", "noise_rate_train",
                                    "num_classes")):
     return None

@@ -1,36 +1,30 @@
-"""Linear probes on cached frozen features: the reference AdamW protocol and a closed-form ridge.
+"""Linear probes on frozen features: the reference AdamW protocol and a closed-form ridge.
 
 Both probes take the train and test features as a features file path, a FeatureSet or a
 (features, labels) pair of arrays (nmjax.features.as_feature_set validates them), and return a
-dict with at least
+result dict with at least
 
     accuracy       test top-1 in [0, 1]
+    correct        (N_test,) bool: which test examples the head gets right
     seconds        wall time of the probe (validation, compilation and fitting included)
     num_train, num_test, feature_dim, num_classes, method ("lp" | "ridge"), train_accuracy
 
-linear_probe: the reference protocol (REFERENCE.md s.3). A Dense(C) head (He-uniform weight, zero
-bias) on the raw features (no normalization), AdamW (lr 1e-2, weight decay 1e-4, betas
-(0.9, 0.999), eps 1e-8) with a per-step cosine decay to 0 and no warm-up, batch 64, 30 epochs,
-a seeded shuffle every epoch, cross-entropy, and the last epoch's test top-1 reported. The last
-partial batch of every epoch is kept: the permutation is padded to whole batches and the padded
-rows are masked out of the loss, so that batch's mean runs over its real rows only. All epochs
-run as one jitted program (a lax.scan over epochs of a lax.scan over batches), so there is no
-Python per step; it compiles once per (N, D, C, test size, epochs, batch size): new data, seeds
-or optimizer values of the same shapes reuse it. The shuffles and the head's initial weights are
-drawn by numpy's seeded generator outside that program (random numbers inside it cost seconds of
-compilation on CPU).
+linear_probe adds test_accuracy_per_epoch; ridge_probe adds lambda (the chosen one),
+holdout_accuracy (one per config.ridge_lambdas entry), num_holdout and solver ("primal" |
+"dual").
 
-ridge_probe: least squares on standardized features (train statistics) against +-1 one-hot
-targets with an unpenalized bias. One eigendecomposition of the centered X^T X (D x D, "primal")
-or of X X^T (N x N, "dual"), whichever is smaller, turns every lambda of the grid into a rescale
-and a matmul. Lambda is chosen by accuracy on a held-out part of the train split (stratified,
-seeded; ties go to the larger lambda), never on test; then the probe is refit on the whole train
-split with that lambda (one linear solve). Lambdas are per example: the penalty on ||W||^2 is
-lambda * n, so one value means the same on the held-out fit part and on the whole split.
-Precision: features are standardized in float32 (statistics accumulated in float64); the Gram
-matrices X^T X and X^T T are accumulated in float32 by jitted matmuls (the one pass over the data
-that costs N * D^2, so JAX's threads do it); the eigendecomposition, the linear solve and the
-per-lambda rescales run in float64 numpy.
+ridge_probe: least squares on standardized features against +-1 one-hot targets, unpenalized
+bias; one eigendecomposition (of X^T X, "primal", or X X^T, "dual", the smaller) serves every
+lambda of the grid. Lambda (per example: the penalty on ||W||^2 is lambda * n) is chosen on a
+stratified, seeded held-out part of the train split (ties to the larger), never on test; the
+probe is then refit on the whole train split.
+
+Examples:
+    >>> import numpy as np
+    >>> from nmjax import probe
+    >>> x, y = np.eye(3, dtype=np.float32).repeat(4, axis=0), np.arange(12) // 4
+    >>> probe.ridge_probe((x, y), (x, y))["accuracy"]
+    1.0
 """
 
 from __future__ import annotations
@@ -138,11 +132,8 @@ def _summary(method: str, train_set: FeatureSet, test_set: FeatureSet,
 
 
 def init_head(seed: int, feature_dim: int, num_classes: int) -> dict[str, jax.Array]:
-  """Dense(C) parameters: He-uniform kernel U(+-sqrt(6 / D)) (D, C) and a zero bias (C,).
-
-  Drawn with numpy's seeded generator: random numbers inside the jitted program cost seconds
-  of compilation on CPU, more than the whole 30 epochs of a small probe.
-  """
+  """Dense(C) parameters: He-uniform kernel U(+-sqrt(6 / D)) (D, C) and a zero bias (C,), drawn
+  by numpy (random numbers inside the jitted program would cost more compilation than a probe)."""
   limit = np.sqrt(6.0 / feature_dim)
   kernel = np.random.default_rng([seed, 0]).uniform(-limit, limit, (feature_dim, num_classes))
   return {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.zeros((num_classes,))}
@@ -155,11 +146,8 @@ def epoch_orders(seed: int, num_examples: int, num_epochs: int) -> np.ndarray:
 
 
 def epoch_batches(order: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
-  """An epoch's order (N,) as batches (indices (S, B) int32, mask (S, B) bool), S = ceil(N / B).
-
-  Every example appears exactly once with mask True; the last batch is padded with index 0 and
-  mask False, so a masked mean over it runs over its real rows only.
-  """
+  """An epoch's order (N,) as batches (indices (S, B) int32, mask (S, B) bool), S = ceil(N / B):
+  every example once with mask True, the last batch padded with index 0 and mask False."""
   num_examples = order.shape[0]
   num_steps = -(-num_examples // batch_size)
   padding = num_steps * batch_size - num_examples
@@ -193,11 +181,9 @@ def train_linear_head(train_x: jax.Array, train_y: jax.Array, test_x: jax.Array,
                       ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
   """The whole reference protocol as one program: (params, test accuracy per epoch, train acc).
 
-  orders (E, N) holds each epoch's shuffle (epoch_orders); hparams holds learning_rate,
-  weight_decay, b1, b2, eps as traced scalars, so new values, data or seeds of the same shapes
-  reuse the compiled program. logit_bias (C,) is added to the test logits (0 or -inf: a
-  logit subset).
-  """
+  orders (E, N): each epoch's shuffle (epoch_orders); hparams: learning_rate, weight_decay, b1,
+  b2, eps as traced scalars (new values, data or seeds of the same shapes reuse the program);
+  logit_bias (C,): added to the test logits (0 or -inf: a logit subset)."""
   TRACES["train_linear_head"] += 1
   num_epochs, num_examples = orders.shape
   tx = make_optimizer(hparams, -(-num_examples // batch_size) * num_epochs)
@@ -223,9 +209,33 @@ def train_linear_head(train_x: jax.Array, train_y: jax.Array, test_x: jax.Array,
 
 def linear_probe(train: FeaturesLike, test: FeaturesLike,
                  config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """The reference linear probe (module docstring); returns the result dict.
+  """The reference implementation's linear probe on frozen features.
 
-  Extra keys: test_accuracy_per_epoch (list of floats, one per epoch; the last is "accuracy").
+  A Dense(C) head on the raw features, trained with AdamW and a per-step cosine decay to 0 by
+  cross-entropy over seeded shuffles (the values: default_config(); the protocol: docs/method.md),
+  every example of every epoch counted; the last epoch's test top-1 is reported. All epochs run
+  as one jitted program, compiled once per shape.
+
+  Args:
+    train: a features file path, a FeatureSet or a (features, labels) pair of arrays.
+    test: the test features, in any of those forms, as wide as the train features.
+    config: default_config() fields to override (a ConfigDict or a dict); None: the defaults.
+
+  Returns:
+    The result dict (module docstring), with test_accuracy_per_epoch (one float per epoch; the
+    last is "accuracy").
+
+  Raises:
+    ConfigError: an unknown config field or a bad value, or a bad logit_subset.
+    DataError: bad features (one line naming the file or split and the problem).
+
+  Examples:
+    >>> import numpy as np
+    >>> from nmjax import probe
+    >>> x, y = np.eye(3, dtype=np.float32).repeat(4, axis=0), np.arange(12) // 4
+    >>> result = probe.linear_probe((x, y), (x, y), {"learning_rate": 0.5})
+    >>> result["accuracy"], len(result["test_accuracy_per_epoch"])
+    (1.0, 30)
   """
   start = time.perf_counter()
   config = resolve_config(config)
@@ -310,11 +320,8 @@ def _centered(moments: Moments) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
 
 def primal_solutions(moments: Moments, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Ridge weights (L, D, C) and biases (L, C) from one eigendecomposition of the D x D scatter.
-
-  Minimizes ||X W + 1 b^T - T||^2 + lambda * n * ||W||^2 with b unpenalized, for every
-  per-example lambda.
-  """
+  """Ridge weights (L, D, C) and biases (L, C) from one eigendecomposition of the D x D scatter,
+  minimizing ||X W + 1 b^T - T||^2 + lambda * n * ||W||^2 (b unpenalized) for every lambda."""
   scatter, cross, mean_x, mean_t = _centered(moments)
   eigenvalues, eigenvectors = np.linalg.eigh(scatter)
   penalties = np.asarray(lambdas, np.float64) * moments.count
@@ -323,10 +330,8 @@ def primal_solutions(moments: Moments, lambdas: np.ndarray) -> tuple[np.ndarray,
 
 
 def primal_solution(moments: Moments, lam: float) -> tuple[np.ndarray, np.ndarray]:
-  """The primal_solutions entry for one lambda, by a linear solve: (1, D, C) and (1, C).
-
-  The refit needs one lambda only, and an LU solve costs a fraction of an eigendecomposition.
-  """
+  """The primal_solutions entry for one lambda, (1, D, C) and (1, C), by a linear solve (the
+  refit's one lambda: an LU solve costs a fraction of an eigendecomposition)."""
   scatter, cross, mean_x, mean_t = _centered(moments)
   scatter[np.diag_indices_from(scatter)] += lam * moments.count
   weights = np.linalg.solve(scatter, cross)[None]
@@ -385,10 +390,16 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
 def ridge_probe(train: FeaturesLike, test: FeaturesLike,
                 config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """The closed-form ridge probe (module docstring); returns the result dict.
+  """Returns the closed-form ridge probe's result dict (module docstring, with its example).
 
-  Extra keys: lambda (the chosen per-example lambda), holdout_accuracy (one per grid lambda,
-  in the order of config.ridge_lambdas), num_holdout, solver ("primal" | "dual" for the refit).
+  Args:
+    train: a features file path, a FeatureSet or a (features, labels) pair of arrays.
+    test: the test features, in any of those forms, as wide as the train features.
+    config: default_config() fields to override (a ConfigDict or a dict); None: the defaults.
+
+  Raises:
+    ConfigError: an unknown config field or a bad value, or a bad logit_subset.
+    DataError: bad features, or too few train examples to hold some out.
   """
   start = time.perf_counter()
   config = resolve_config(config)
@@ -404,16 +415,14 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
   lambdas = np.asarray(config.ridge_lambdas, np.float64)
   train_x, labels = train_set.features, train_set.labels
   mean, std = _mean_std(train_x)
-  # Standardizing, one-hot targets and row selection run in numpy: inside a jitted program they
-  # cost more compilation than they save (each task has new shapes).
+  # In numpy: jitted, each task's new shapes would cost more compilation than they save.
   standardized = (train_x - mean.astype(np.float32)) / std.astype(np.float32)
   targets = 2.0 * np.eye(num_classes, dtype=np.float32)[labels] - 1.0
 
   primal = train_set.feature_dim <= len(fit_idx)
   if primal:
     fit_moments = Moments.of(standardized[fit_idx], targets[fit_idx])
-    # The held-out part's moments plus the fit part's are the whole split's: the refit needs no
-    # further pass over the data.
+    # Held-out plus fit moments are the whole split's: the refit makes no second pass.
     all_moments = fit_moments + Moments.of(standardized[holdout_idx], targets[holdout_idx])
     weights, biases = primal_solutions(fit_moments, lambdas)
   else:

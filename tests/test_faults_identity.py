@@ -26,7 +26,7 @@ from configs import nmtune as nmtune_config  # pylint: disable=wrong-import-posi
 from configs import pretrain as pretrain_config  # pylint: disable=wrong-import-position
 from configs import transfer as transfer_config  # pylint: disable=wrong-import-position
 
-# The session `checkpoint` fixture's run (tests/conftest.py).
+# The shared `checkpoint` fixture's run (tests/conftest.py).
 SMOKE = "dataset=digits,noise=0.1,smoke"
 TIMING_FIELDS = ("examples_per_sec", "eval_seconds")
 
@@ -39,7 +39,7 @@ def _pretrain(workdir, arg=SMOKE, **fields):
 
 
 def _copy(checkpoint, tmp_path):
-  """A private copy of the session's pre-training workdir, to resume or break."""
+  """A private copy of the shared pre-training workdir, to resume or break."""
   workdir = tmp_path / "pretrain"
   shutil.copytree(checkpoint, workdir, ignore=shutil.ignore_patterns("features"))
   return workdir
@@ -189,7 +189,7 @@ def test_a_held_lock_refuses_at_once_and_a_dead_holders_lock_is_taken_over(check
 
 def _main(workdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")  # As the session fixture's.
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")  # As the shared fixture's.
   return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
                            f"--config=configs/pretrain.py:{SMOKE}", f"--workdir={workdir}"],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ def encoder():
   images = np.stack([records[i]["image"] for i in range(203)])
   labels = source.labels("test")[:203]
   model = models.get_model("resnet_small", num_classes=10)
-  with jax.threefry_partitionable(False):  # XLA:CPU compiles this init ~4x faster.
+  with jax.threefry_partitionable(False):  # XLA:CPU compiles this init much faster.
     variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1].astype(np.float32),
                                            train=False))()
   info = source.info

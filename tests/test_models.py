@@ -32,7 +32,7 @@ def small() -> tuple[ResNet, jnp.ndarray, dict]:
   """resnet_small, a batch for it, and its initialized variables, built once for the module."""
   model = get_model("resnet_small", NUM_CLASSES)
   images = _images(_INPUT_SHAPES["resnet_small"])
-  # XLA:CPU spends ~25 s optimizing the partitionable threefry kernels of a jitted init, ~4 s for
+  # XLA:CPU spends far longer optimizing the partitionable threefry kernels of a jitted init than
   # the classic ones; these tests check the model, not the PRNG, so they take the cheap kernels.
   with jax.threefry_partitionable(False):
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)

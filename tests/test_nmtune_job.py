@@ -33,7 +33,8 @@ def _rows(workdir):
 
 
 def _own(checkpoint, tmp_path):
-  """A private copy of the session's pre-training workdir, with an empty feature cache."""
+  """A private copy of the shared pre-training workdir (the `checkpoint` fixture's), with an
+  empty feature cache."""
   workdir = tmp_path / "pretrain"
   shutil.copytree(checkpoint, workdir, ignore=shutil.ignore_patterns("features", ".lock*"))
   return str(workdir)
@@ -61,7 +62,7 @@ def test_features_files_through_main_append_one_line_per_run(tmp_path):
   # --config.method, the older name of --config.methods: read, with a one-line note.
   assert ("note: config.method is deprecated; read as config.methods=nmtune (use methods)\n"
           in done.stderr)
-  # The same run again, in-process (a second interpreter start costs ~10 s).
+  # The same run again, in-process (a second interpreter start costs seconds).
   jobs.run(_config("", train_features=str(train), test_features=str(test), methods="nmtune",
                    epochs=10, batch_size=32), str(tmp_path / "out"))
   rows = _rows(tmp_path / "out")

@@ -20,7 +20,7 @@ import helpers
 from nmjax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# digits: the same job as Fashion-MNIST without its 9 s of loading at every start.
+# digits: the same job as Fashion-MNIST without its seconds of loading at every start.
 SMOKE = "configs/pretrain.py:dataset=digits,noise=0.2,smoke"
 FMNIST_SMOKE = "configs/pretrain.py:dataset=fashion_mnist,noise=0.2,smoke"
 

@@ -1,11 +1,11 @@
-"""The public API DESIGN.md lists: every name imports from its room and is in that room's
+"""The public API (docs/api.md): every name imports from its room and is in that room's
 __all__; a star import brings no private name; internals stay out of __all__."""
 
 import importlib
 
 import pytest
 
-# DESIGN.md's "Public API", room by room (nmjax.heads and nmjax.text are not built yet).
+# The public API, room by room.
 PUBLIC = {
     "nmjax.noise": ("symmetric_noise", "pairflip_noise", "shuffle_captions"),
     "nmjax.spectral": ("singular_values", "sve", "lsvr", "spectrum", "metrics"),

@@ -85,7 +85,7 @@ def _main(workdir, *flags, **popen):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  """The uninterrupted smoke study through main.py (what README's smoke command runs)."""
+  """The uninterrupted smoke study through main.py (the smoke command of docs/study.md)."""
   workdir = str(tmp_path_factory.mktemp("study"))
   proc = _main(workdir)
   out = proc.communicate(timeout=300)[0]
@@ -355,7 +355,7 @@ def test_main_default_config_is_the_study():
   stage = plan.pretrain_of(point)
   assert stage.noise_ratio == 0.1 and stage.seed == 1
   assert stage.num_epochs == 20.0 and stage.max_train_examples == 2500
-  assert stage.crop_padding == 0 and not stage.flip  # The memorizing regime (README).
+  assert stage.crop_padding == 0 and not stage.flip  # The memorizing regime (docs/study.md).
   tuned = study_stages.eval_plan(plan, point, {"workdir": "/ckpt"}, {"weights": {
       "cov_weight": 0.4}})
   assert tuned.seed == 1 and tuned.checkpoint == "/ckpt"

@@ -42,7 +42,8 @@ def _rows(workdir):
 
 
 def _own(checkpoint, tmp_path):
-  """A private copy of the session's pre-training workdir, with an empty feature cache."""
+  """A private copy of the shared pre-training workdir (the `checkpoint` fixture's), with an
+  empty feature cache."""
   workdir = tmp_path / "pretrain"
   shutil.copytree(checkpoint, workdir, ignore=shutil.ignore_patterns("features", ".lock*"))
   return str(workdir)

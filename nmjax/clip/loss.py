@@ -44,6 +44,15 @@ def contrastive_loss(image_features: jax.Array, text_features: jax.Array,
   Returns:
     A float32 scalar: row i's target is column i in both directions, each direction averaged
     over the B pairs of the (global) batch.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nmjax import clip
+    >>> pairs = jnp.eye(2)  # Two images, each matching its own caption.
+    >>> float(clip.contrastive_loss(pairs, pairs, logit_scale=100.0))
+    0.0
+    >>> round(float(clip.contrastive_loss(pairs, pairs, logit_scale=0.0)), 4)  # log 2: chance.
+    0.6931
   """
   logits = contrastive_logits(image_features, text_features, logit_scale)
   matching = jnp.diagonal(logits)
@@ -59,7 +68,23 @@ def siglip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale
   With z_ij = +1 for the matching pair (i = j) and -1 otherwise, and logits
   logit_scale * cos(image_i, text_j) + logit_bias, the loss is
   -(1/B) sum_i sum_j log sigmoid(z_ij * logit_ij): normalized by the batch size B, as the paper
-  does, not by the B^2 pairs. Returns a float32 scalar.
+  does, not by the B^2 pairs.
+
+  Args:
+    image_features: (B, D) image embeddings, unnormalized.
+    text_features: (B, D) caption embeddings, row i the caption paired with image i.
+    logit_scale: scalar multiplier (exp of the learned temperature parameter).
+    logit_bias: scalar added to every logit (learned).
+
+  Returns:
+    A float32 scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nmjax import clip
+    >>> pairs = jnp.eye(2)
+    >>> round(float(clip.siglip_loss(pairs, pairs, logit_scale=0.0, logit_bias=0.0)), 4)
+    1.3863
   """
   logits = contrastive_logits(image_features, text_features, logit_scale)
   logits = logits + jnp.asarray(logit_bias, jnp.float32)

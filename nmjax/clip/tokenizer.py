@@ -1,6 +1,6 @@
 """CLIP's byte-level BPE tokenizer, offline: text -> int32 token ids, equal to the reference's.
 
-The rules are those of the tokenizer OpenAI CLIP and open_clip train with (REFERENCE.md s.7):
+The rules are those of the tokenizer OpenAI CLIP and open_clip train with:
 1. clean: ftfy.fix_text, html.unescape twice, whitespace runs collapsed to one space and the ends
    stripped, then lower-cased;
 2. split with the reference's Unicode-class pattern (the `regex` package: \\p{L}, \\p{N});
@@ -26,13 +26,11 @@ import html
 import importlib.metadata
 import importlib.util
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import ftfy
 import numpy as np
-import regex
 
-from nmjax.errors import ConfigError, DataError
+from nmjax.errors import ConfigError, DataError, NmjaxError
 
 VOCAB_ENV = "NMJAX_CLIP_VOCAB"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -47,11 +45,29 @@ VOCAB_SIZE = 49408
 _NUM_MERGES = 49152 - 256 - 2
 _SPECIALS = ("<start_of_text>", "<end_of_text>")
 _END_OF_WORD = "</w>"
-_SPLIT = regex.compile(
-    "|".join(_SPECIALS) + r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-    regex.IGNORECASE)
+_SPLIT_PATTERN = (
+    "|".join(_SPECIALS) + r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
 _INSTALL_HINT = ("run `bash scripts/bootstrap.sh` (or `pip install --no-deps "
                  f"open_clip_torch==3.3.0`) or set {VOCAB_ENV}=/path/to/{VOCAB_FILE}")
+
+
+class MissingExtraError(NmjaxError, ImportError):
+  """The `clip` extra (ftfy, regex) is not installed; the message says what to run."""
+
+
+@functools.lru_cache(maxsize=None)
+def _text_packages() -> tuple[Any, Any]:
+  """(ftfy, the compiled split pattern), imported at first use: only CLIP text needs them, so
+  the rest of nmjax imports without the `clip` extra."""
+  try:
+    import ftfy  # pylint: disable=g-import-not-at-top
+    import regex  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise MissingExtraError(
+        f"the CLIP tokenizer needs the package {error.name or 'ftfy/regex'}, which is not"
+        " installed; install the clip extra: pip install 'nmjax[clip]' (bootstrap.sh does)"
+    ) from None
+  return ftfy, regex.compile(_SPLIT_PATTERN, regex.IGNORECASE)
 
 
 def byte_symbols() -> list[str]:
@@ -81,6 +97,7 @@ def _vocabulary_order(symbols: list[str]) -> list[str]:
 
 def clean(text: str) -> str:
   """The reference's text cleaning: ftfy, HTML unescaped twice, whitespace collapsed, lower case."""
+  ftfy, _ = _text_packages()
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
   return " ".join(text.split()).strip().lower()
 
@@ -89,6 +106,7 @@ class Tokenizer:
   """CLIP's BPE over one vocabulary file; `tokenizer(texts, context_length)` -> int32 ids."""
 
   def __init__(self, merges: Sequence[tuple[str, str]], *, cache_size: int = 1 << 16):
+    _, self.split = _text_packages()  # MissingExtraError here, before any text is read.
     symbols = byte_symbols()
     ordered = _vocabulary_order(symbols)
     tokens = ordered + [s + _END_OF_WORD for s in ordered] + ["".join(m) for m in merges]
@@ -147,7 +165,7 @@ class Tokenizer:
   def _encode(self, text: str) -> tuple[int, ...]:
     """The ids of `text` without START/END (cached per text)."""
     ids: list[int] = []
-    for piece in _SPLIT.findall(clean(text)):
+    for piece in self.split.findall(clean(text)):
       ids.extend(self.word_ids(piece))
     return tuple(ids)
 

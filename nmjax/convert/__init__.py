@@ -141,6 +141,15 @@ def load(path: str, arch: str, *,
     ConfigError: an unknown arch or a QuickGELU switch the arch contradicts.
     DataError: a file that is missing, unreadable, or not that architecture (one line naming
       the missing and unexpected tensors).
+
+  Examples:
+    >>> from nmjax import convert
+    >>> model, variables = convert.load("resnet50.safetensors", "resnet50")  # doctest: +SKIP
+    >>> logits, features = model.apply(variables, images_nhwc, train=False)  # doctest: +SKIP
+    >>> convert.load("no_such_file.pth", "resnet50")
+    Traceback (most recent call last):
+    ...
+    nmjax.errors.DataError: checkpoint file no_such_file.pth does not exist (or is not a file)
   """
   imported = read(path, arch, quick_gelu=quick_gelu)
   return imported.model, imported.variables

@@ -13,7 +13,7 @@ read from the JPEG's frame header (`jpeg_frame`), before anything is decoded; th
 the crop needs is decoded (`resized_crop`):
   * the rows: libjpeg is told the image ends just below the rows the resize reads
     (`resize_rows`, `decode_rows`) and leaves the rest of the file undecoded, which gives the
-    same pixels as a full decode (about 86% of the rows on average at 224);
+    same pixels as a full decode (most of the rows, on average, at 224);
   * the scale: where the box spans at least 2, 4 or 8 x image_size pixels each way, the JPEG is
     decoded at libjpeg's DCT scale 1/2, 1/4 or 1/8 (`dct_scale`) and the box mapped into the
     reduced image exactly (pixel j of a 1/s decode covers original pixels [j*s, (j+1)*s), so
@@ -23,10 +23,10 @@ the crop needs is decoded (`resized_crop`):
 Where nmjax.data.resample is built (a C compiler, libjpeg's headers) a JPEG crop is decoded and
 resized there in one call: libjpeg decodes only the columns and rows the resize reads (at the
 same DCT scale), and the resize, Pillow's arithmetic, writes and mirrors straight into the batch:
-the same pixels as Pillow's decode and resize, in about half their CPU; anything else (and any
-file libjpeg reports on) is decoded by Pillow as above. decode_less=False opens and decodes
-every JPEG whole with Pillow and resizes with Pillow (the pipeline before, the reference of
-tests/test_imagenet.py and benchmarks/input.py).
+the same pixels as Pillow's decode and resize, for less CPU; anything else (and any file
+libjpeg reports on) is decoded by Pillow as above. decode_less=False opens and decodes every JPEG
+whole with Pillow and resizes with Pillow (the reference path of tests/test_imagenet.py and
+benchmarks/input.py).
 
 The stream is nmjax.data.pipeline's train_stream: a pure function of the seed whatever the
 process and worker counts (every random draw is keyed by the stream position). The iterator
@@ -69,11 +69,11 @@ class _SingleReads(Sequence):
   """A TFDS data source of tf.train.Examples read one record at a time: {"image", "label"}.
 
   Without `__getitems__`, records.read_many reads record by record: array_record's batched read
-  (a thread pool per call) cost 1.6-5x (typically 2.5x) the CPU per record of single reads on a
-  2-core host (benchmarks/input.py, "profile"), and the pipeline's workers already read in
-  parallel. Each record is parsed with TFDS's own Example proto and only the encoded image and
-  the label are taken out of it, which halves the CPU per record of TFDS's generic parser
-  (about 0.16 -> 0.08 ms); the records are those TFDS reads (tests/test_imagenet.py).
+  (a thread pool per call) costs more CPU per record than single reads (benchmarks/input.py,
+  "profile"), and the pipeline's workers already read in parallel. Each record is parsed with
+  TFDS's own Example proto and only the encoded image and the label are taken out of it, for
+  about half the CPU per record of TFDS's generic parser; the records are those TFDS reads
+  (tests/test_imagenet.py).
   """
 
   def __init__(self, data_source: Any):
@@ -97,7 +97,7 @@ def jpeg_records(name: str, split: str, *, data_dir: str | os.PathLike | None = 
   position (imagenet2012 stores no other id), the key noisy labels use, as in sources.TfdsSource.
   data_dir is the nmjax data root (the dataset lives under <data_dir>/tfds), as for
   sources.get_source. Records are read one at a time (see _SingleReads); batched_reads=True reads
-  a host batch in one array_record call instead (the previous reader, kept for comparison).
+  a host batch in one array_record call instead (for comparison, benchmarks/input.py).
   Raises DataError naming the command that prepares a missing dataset and ConfigError for an
   unknown split.
   """
@@ -264,25 +264,25 @@ def train_iterator(
 ) -> pipeline.TrainIterator:
   """Host-local training batches of random-resized crops (see the module docstring).
 
+  global_batch_size, seed, num_epochs, num_steps, process_index, process_count and start_state
+  are as for nmjax.data.pipeline.train_iterator.
+
   Args:
     source_records: random-access {"image": JPEG bytes, "label", "index"} (jpeg_records).
     labels: the labels to train on (e.g. noisy), keyed by example index: labels[index].
-    global_batch_size, seed, num_epochs, num_steps, process_index, process_count, start_state:
-      as for nmjax.data.pipeline.train_iterator.
     image_size: side of the square crops.
     min_area: smallest crop area as a fraction of the image (0.08 is the usual recipe).
     flip: random horizontal flips.
-    num_workers: grain worker processes that read, decode and augment whole batches (0: in this
-      process); the batches do not depend on it.
+    num_workers: grain processes that read, decode and augment (0: this one); same batches.
     num_threads: prefetch threads per worker (or in this process when num_workers is 0).
     decode_less: decode each JPEG only down to the rows its crop needs, at a reduced DCT scale
-      where the crop allows (resized_crop); False opens and decodes every one whole with Pillow
-      (the pipeline before, kept as the reference). Which examples, crops and flips a batch
-      holds do not depend on it, but the pixels of reduced-scale crops do, so it is part of the
-      state's fingerprint.
+      where the crop allows (resized_crop); False decodes each whole with Pillow (the reference
+      path). It changes the pixels of reduced-scale crops, not the examples: it is in the state's
+      fingerprint.
 
-  Yields dicts: image uint8 (b, image_size, image_size, 3), label int32 (from `labels`),
-  clean_label int32, index int32, with b = global_batch_size // process_count.
+  Returns:
+    An iterator of dicts: image uint8 (b, image_size, image_size, 3), label int32 (from
+    `labels`), clean_label int32, index int32, with b = global_batch_size // process_count.
   """
   _check_image_size(image_size)
   if not 0 < min_area <= 1:

@@ -264,16 +264,18 @@ def train_iterator(
     labels: the labels to train on (e.g. noisy), keyed by example index: labels[index].
     global_batch_size: examples per step over all processes; divisible by process_count.
     seed: integer in 0..2**32-1; the whole stream is a pure function of it.
-    num_epochs / num_steps: length of the stream (give at most one; neither means endless).
-      num_steps repeats epochs as needed and stops after exactly num_steps batches.
-    process_index, process_count: this process's shard of each global batch.
+    num_epochs: the stream's length in epochs (give at most one of the two; neither: endless).
+    num_steps: its length in batches (epochs repeat as needed; exactly num_steps batches).
+    process_index: this process's index: it takes its shard of each global batch.
+    process_count: how many processes share each global batch.
     crop_padding: zero padding of the random crop (0 disables cropping).
     flip: random horizontal flips (only where SourceInfo.flip_ok).
     num_threads: prefetch threads, each preparing whole batches (0: read on demand).
     start_state: a state from get_state() to resume from.
 
-  Yields dicts: image uint8 (b, H, W, C), label int32 (from `labels`), clean_label int32 (from
-  the records), index int32, with b = global_batch_size // process_count.
+  Returns:
+    An iterator of dicts: image uint8 (b, H, W, C), label int32 (from `labels`), clean_label
+    int32 (from the records), index int32, with b = global_batch_size // process_count.
   """
   if crop_padding < 0:
     raise ConfigError(f"crop_padding={crop_padding} must be >= 0")

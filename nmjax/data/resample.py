@@ -1,5 +1,5 @@
-"""Pillow's bilinear resize of an RGB box, the same pixels at about a third of its CPU time, and
-a JPEG crop decoded (only what the resize reads) and resized in one call.
+"""Pillow's bilinear resize of an RGB box, the same pixels for less CPU time, and a JPEG crop
+decoded (only what the resize reads) and resized in one call.
 
 `resize_into(image, box, size, out, mirror)` writes what
 `image.resize((size, size), Image.Resampling.BILINEAR, box=box)` gives (mirrored left-right when

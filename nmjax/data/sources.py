@@ -214,8 +214,8 @@ class TfdsSource(Source):
 
   def _arrays_file(self, split: str) -> pathlib.Path:
     """Where an in-memory source keeps a split's decoded arrays, beside the prepared records
-    (same dataset version), so that later processes skip decoding every record (16 s for
-    Fashion-MNIST's 70,000 on 2 cores; the .npy files load in a fraction of a second)."""
+    (same dataset version), so that later processes skip decoding every record (the arrays
+    load far faster than the records decode)."""
     return pathlib.Path(self.builder.data_dir) / f"nmjax_arrays_{split}.npz"
 
   def _read_arrays_file(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

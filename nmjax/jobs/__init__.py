@@ -1,8 +1,13 @@
 """The runner: one module per job, each with NAME, validate(config) -> Plan and run(plan, workdir).
 
-JOBS maps a job's name (config.job) to its module. main.py loads a config, looks its job up here,
-validates it once into a plan, takes the workdir and its lock, and runs the plan. The library
-(every nmjax room outside nmjax.jobs) never imports the runner.
+JOBS maps a job's name (config.job) to its module, imported on first use. main.py loads a
+config, looks its job up here, validates it once into a plan, takes the workdir and its lock, and
+runs the plan; run(config, workdir) does the same from Python:
+
+    job, plan = nmjax.jobs.validate(config)       # every field checked, before any work
+    result = nmjax.jobs.execute(job, plan, "runs/my_run")
+
+The library (every nmjax room outside nmjax.jobs) never imports the runner.
 """
 
 from __future__ import annotations
@@ -47,7 +52,17 @@ __all__ = ["JOBS", "validate", "execute", "run"]
 
 
 def validate(config: Any) -> tuple[ModuleType, Any]:
-  """(the job's module, its plan): config.job looked up in JOBS, the config validated once."""
+  """Looks config.job up in JOBS and validates the config once.
+
+  Args:
+    config: a complete job config (an ml_collections.ConfigDict from configs/*.py).
+
+  Returns:
+    (the job's module, its plan).
+
+  Raises:
+    ConfigError: an unknown job, or a bad field (one line naming it and the allowed values).
+  """
   try:
     name = config.job
   except AttributeError:  # A config without a job field.
@@ -59,8 +74,25 @@ def validate(config: Any) -> tuple[ModuleType, Any]:
 
 
 def execute(job: ModuleType, plan: Any, workdir: str) -> dict:
-  """Runs a validated plan in `workdir`: made, locked (nmjax.io.hold) in the lock file of this
-  process (job.lock_index(plan); None: the job locks what it writes itself), plan.json written."""
+  """Runs a validated plan in `workdir`, holding the workdir's lock.
+
+  The workdir is made, locked (nmjax.io.hold) in the lock file of this process
+  (job.lock_index(plan); None: the job locks what it writes itself), and plan.json written.
+
+  Args:
+    job: the job's module (from validate or JOBS).
+    plan: its plan (job.validate(config)).
+    workdir: where the job writes (made if needed).
+
+  Returns:
+    What job.run returns (a dict; see each job's run).
+
+  Raises:
+    InUse: another run holds the workdir's lock.
+    ConfigError: the workdir cannot be made or locked, or holds another run's results.
+    DataError: input data the job cannot read.
+    TrainingError: training cannot go on (a non-finite loss).
+  """
   index = job.lock_index(plan)
   if index is None:
     return job.run(plan, workdir)  # A job that locks what it writes itself (a sweep's stage).
@@ -76,6 +108,19 @@ def execute(job: ModuleType, plan: Any, workdir: str) -> dict:
 
 
 def run(config: Any, workdir: str) -> dict:
-  """Validates `config` once and runs its job in `workdir` (what main.py does)."""
+  """Validates `config` once and runs its job in `workdir` (what main.py does).
+
+  Args:
+    config: a complete job config (configs/*.py's get_config(...)).
+    workdir: where the job writes (made if needed).
+
+  Returns:
+    What the job's run returns (a dict).
+
+  Raises:
+    ConfigError: a bad config field, or a workdir in use (InUse) or not this run's.
+    DataError: input data the job cannot read.
+    TrainingError: training cannot go on (a non-finite loss).
+  """
   job, plan = validate(config)
   return execute(job, plan, workdir)

@@ -28,6 +28,7 @@ from nmjax.jobs.workdir import prepare_workdir
 from nmjax.progress import format_seconds
 
 NAME = "import"
+"""The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +74,21 @@ def _input_plan(given: ml_collections.ConfigDict) -> InputPlan:
 
 
 def validate(config: ml_collections.ConfigDict) -> ImportPlan:
-  """The import's plan: every field checked before any work (the architecture, the QuickGELU
-  switch, the file, the reference file, the tolerance, the evaluation input), with one-line
-  ConfigErrors (DataError for a missing file)."""
+  """Checks every field of an import config once, before any work.
+
+  The architecture, the QuickGELU switch, the file, the reference file, the tolerance and the
+  evaluation input are checked.
+
+  Args:
+    config: a complete import config (configs/import.py).
+
+  Returns:
+    The import's ImportPlan (the file's path made absolute).
+
+  Raises:
+    ConfigError: with one line naming the field and the allowed values.
+    DataError: a checkpoint file that is missing.
+  """
   plan = plans.from_config(ImportPlan, config, job=NAME, input=InputPlan())
   convert.check_arch(plan.arch)
   if convert.is_clip(plan.arch):
@@ -95,7 +108,14 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
 
 
 def lock_index(plan: ImportPlan) -> int:  # pylint: disable=unused-argument
-  """One process: lock file 0."""
+  """The index of this process's lock file: an import runs as one process.
+
+  Args:
+    plan: the import's plan.
+
+  Returns:
+    0.
+  """
   return 0
 
 
@@ -154,8 +174,21 @@ def _describe(plan: ImportPlan, imported: convert.Imported, sha256: str,
 
 
 def run(plan: ImportPlan, workdir: str) -> dict[str, Any]:
-  """Imports plan.source into `workdir`; returns the workdir, its config record, whether
-  anything was written, and the reference differences (None without a reference)."""
+  """Imports plan.source into `workdir`, a pre-training workdir every evaluation job reads.
+
+  Args:
+    plan: the import's plan (validate).
+    workdir: the new workdir (made if needed); the same import there again writes nothing.
+
+  Returns:
+    {"workdir", "record" (its config.json record), "written" (whether anything was written),
+    "differences" (the reference check's, None without a reference)}.
+
+  Raises:
+    ConfigError: a workdir that holds something else.
+    DataError: a file that is unreadable or not that architecture, or outputs that differ from
+      the reference file's by more than reference_tolerance.
+  """
   start = time.perf_counter()
   workdir = prepare_workdir(workdir)
   sha256 = readers.file_sha256(plan.source)

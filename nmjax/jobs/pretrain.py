@@ -22,13 +22,15 @@ from nmjax.jobs.workdir import prepare_workdir, process_index
 from nmjax.train import state as state_lib, supervised
 
 NAME = "pretrain"
+"""The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainPlan:
   """A checked supervised pre-training run (configs/pretrain.py, configs/pretrain_imagenet.py).
 
-  The defaults are what a config.json written before the field existed implies (its resume
+  Its fields are the config's, one for one (the comments say what the less obvious ones hold).
+  A field with a default takes it where a workdir's config.json lacks the field (the resume
   check reads them); the configs set every field.
   """
   dataset: str
@@ -122,10 +124,13 @@ def validate(config: ml_collections.ConfigDict) -> PretrainPlan:
 
   Args:
     config: a complete pre-training config (configs/pretrain.py, configs/pretrain_imagenet.py).
+
   Returns:
     The run's PretrainPlan.
+
   Raises:
     ConfigError: with one line naming the field and the allowed values.
+    DataError: an unknown or unprepared dataset (naming the command that prepares it).
   """
   plan = plans.from_config(PretrainPlan, config, job=NAME)
   _check_fields(config)
@@ -135,17 +140,35 @@ def validate(config: ml_collections.ConfigDict) -> PretrainPlan:
 
 
 def lock_index(plan: PretrainPlan) -> int:
-  """The index of this process's lock file: its process id among the run's processes (explicit
-  mode; auto mode connects the processes first to learn it), else 0."""
+  """The index of this process's lock file (nmjax.io.lock_path) in the workdir.
+
+  Args:
+    plan: the run's plan.
+
+  Returns:
+    The process's index among the run's processes (explicit mode: plan.process_id; auto mode
+    connects the processes first to learn it), else 0.
+  """
   return process_index(plan.distributed, plan.process_id,
                        lambda: parallel.maybe_initialize_distributed(plan))
 
 
 def run(plan: PretrainPlan, workdir: str) -> dict[str, Any]:
-  """Pre-trains (or resumes) in `workdir` (made if needed).
+  """Pre-trains (or resumes) in `workdir`: checkpoints, metrics and results there.
+
+  Args:
+    plan: the run's plan (validate).
+    workdir: the run's folder (made if needed); a run there resumes from its last checkpoint.
 
   Returns:
     The last epoch's record (nmjax.train.supervised.run): step, epoch, train and test metrics,
     noise_rate_train, num_classes, and preempted=True when a SIGTERM stopped the run.
+
+  Raises:
+    ConfigError: a workdir holding another run's checkpoints, or a resume that would change a
+      field allow_changes does not name.
+    DataError: a dataset that is missing (naming the command that prepares it) or malformed.
+    TrainingError: a non-finite loss (naming the step and the last good checkpoint).
+    Interrupted: Ctrl-C, once the checkpoint of the step in flight is committed.
   """
   return supervised.run(plan, prepare_workdir(workdir))

@@ -24,11 +24,15 @@ from nmjax.models import clip_model as clip_models
 from nmjax.train import clip_training, contrastive
 
 NAME = "pretrain_clip"
+"""The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipPlan:
-  """A checked CLIP pre-training run (configs/pretrain_clip.py; the CLIP study's stages)."""
+  """A checked CLIP pre-training run (configs/pretrain_clip.py; the CLIP study's stages).
+
+  Its fields are the config's, one for one (the comments say what the less obvious ones hold).
+  """
   dataset: str                  # An embedded set, coco_captions, or array_record:DIR.
   model: str
   quick_gelu: bool
@@ -115,8 +119,10 @@ def validate(config: ml_collections.ConfigDict) -> ClipPlan:
 
   Args:
     config: a complete CLIP pre-training config (configs/pretrain_clip.py).
+
   Returns:
     The run's ClipPlan.
+
   Raises:
     ConfigError: with one line naming the field and the allowed values.
   """
@@ -127,16 +133,34 @@ def validate(config: ml_collections.ConfigDict) -> ClipPlan:
 
 
 def lock_index(plan: ClipPlan) -> int:
-  """The index of this process's lock file (as the pretrain job's)."""
+  """The index of this process's lock file (nmjax.io.lock_path), as the pretrain job's.
+
+  Args:
+    plan: the run's plan.
+
+  Returns:
+    The process's index among the run's processes (explicit or auto mode), else 0.
+  """
   return process_index(plan.distributed, plan.process_id,
                        lambda: parallel.maybe_initialize_distributed(plan))
 
 
 def run(plan: ClipPlan, workdir: str) -> dict[str, Any]:
-  """Pre-trains (or resumes) a CLIP in `workdir` (made if needed).
+  """Pre-trains (or resumes) a CLIP in `workdir`: checkpoints, metrics and results there.
+
+  Args:
+    plan: the run's plan (validate).
+    workdir: the run's folder (made if needed); a run there resumes from its last checkpoint.
 
   Returns:
     The last epoch's record (nmjax.train.clip_training.run), with preempted=True when a SIGTERM
     stopped the run.
+
+  Raises:
+    ConfigError: a workdir holding another run's checkpoints, or a resume that would change a
+      field allow_changes does not name.
+    DataError: a dataset that is missing (naming the command that prepares it) or malformed.
+    TrainingError: a non-finite loss (naming the step and the last good checkpoint).
+    Interrupted: Ctrl-C, once the checkpoint of the step in flight is committed.
   """
   return clip_training.run(plan, prepare_workdir(workdir))

@@ -27,6 +27,7 @@ from nmjax.jobs import figures, plans, tables
 from nmjax.progress import Countdown, format_seconds
 
 NAME = "report"
+"""The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
 HITS_FILE = "correct.npz"  # An evaluation stage's per-example hits: "task|method" -> (N,) bool
 STAGE_FILE = "stage.json"
 STUDY_FILES = tables.STUDY_FILES
@@ -35,10 +36,26 @@ CLIP_SWEEP = {"noise": "caption", "pretrain_field": "test_i2t_acc"}
 
 @dataclasses.dataclass(frozen=True)
 class ReportPlan:
-  workdirs: tuple[str, ...]   # finished study workdirs, rendered together
+  """A checked report (configs/report.py).
+
+  Attributes:
+    workdirs: the study workdirs to render together (each holding a study's plan.json).
+  """
+  workdirs: tuple[str, ...]
 
 
 def validate(config: ml_collections.ConfigDict) -> ReportPlan:
+  """Checks a report config once, before any work.
+
+  Args:
+    config: a complete report config (configs/report.py).
+
+  Returns:
+    The report's ReportPlan.
+
+  Raises:
+    ConfigError: no workdirs, or one that holds no study (no plan.json).
+  """
   plan = plans.from_config(ReportPlan, config, job=NAME)
   if not plan.workdirs:
     raise ConfigError("config.workdirs is empty; pass study workdirs, comma-separated")
@@ -50,11 +67,31 @@ def validate(config: ml_collections.ConfigDict) -> ReportPlan:
 
 
 def lock_index(plan: ReportPlan) -> int:
+  """The index of this process's lock file: a report runs as one process.
+
+  Args:
+    plan: the report's plan.
+
+  Returns:
+    0.
+  """
   del plan
   return 0
 
 
 def run(plan: ReportPlan, workdir: str) -> dict[str, Any]:
+  """Renders what is finished in plan.workdirs into `workdir`.
+
+  Writes results.jsonl, results.md, the plots and tb/ (TensorBoard); a point counts once its
+  pre-training and evaluation are both finished.
+
+  Args:
+    plan: the report's plan (validate).
+    workdir: where the report goes (made if needed).
+
+  Returns:
+    The rendered report's summary (render_study's).
+  """
   return render_study(workdir, sources=plan.workdirs, partial=True)
 
 

@@ -36,6 +36,7 @@ from nmjax.jobs.study_stages import Point
 from nmjax.jobs.workdir import prepare_workdir, use_compile_cache
 
 NAME = "study"
+"""The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
 STAGE_FILE = study_stages.STAGE_FILE
 PRETRAIN_JOBS = ("pretrain", "pretrain_clip")  # Label noise (supervised) | caption noise (CLIP)
 STAGE_MODES = ("", "list", "render")  # "": every stage, then the report (the default).
@@ -43,7 +44,12 @@ STAGE_MODES = ("", "list", "render")  # "": every stage, then the report (the de
 
 @dataclasses.dataclass(frozen=True)
 class StudyPlan:
-  """The sweep: its points and every child plan, checked once."""
+  """The sweep: its points and every child plan, checked once (configs/default.py,
+  configs/study_clip.py).
+
+  A point is one (seed, noise ratio); pretrain and evaluate hold one child plan per point, in
+  the points' order (seeds outer, ratios inner).
+  """
   pretrain_job: str                 # pretrain (label noise) | pretrain_clip (caption noise)
   ratios: tuple[float, ...]
   seeds: tuple[int, ...]
@@ -144,7 +150,18 @@ def _spectrum_tasks(value: str, names: list[str]) -> list[str]:
 
 
 def validate(config: ml_collections.ConfigDict) -> StudyPlan:
-  """Checks the whole study's config, every child's included (each validated once)."""
+  """Checks the whole study's config once, every child plan's included.
+
+  Args:
+    config: a complete study config (configs/default.py, configs/study_clip.py).
+
+  Returns:
+    The study's StudyPlan, each child plan validated by its own job.
+
+  Raises:
+    ConfigError: with one line naming the field and the allowed values.
+    DataError: an unknown or unprepared dataset (naming the command that prepares it).
+  """
   ratios = parse_numbers(config, "noise_ratios", float, lambda r: 0 <= r < 1,
                          "numbers 0 <= r < 1, comma-separated, e.g. 0,0.05,0.1,0.2,0.3")
   seeds = parse_numbers(config, "seeds", int, lambda s: 0 <= s < 2**32,
@@ -175,14 +192,38 @@ def validate(config: ml_collections.ConfigDict) -> StudyPlan:
 
 
 def lock_index(plan: StudyPlan) -> int | None:
-  """The sweep locks its workdir; a job-array task (stage) locks the point it runs itself."""
+  """The index of this process's lock file, or None where the job locks what it writes.
+
+  Args:
+    plan: the study's plan.
+
+  Returns:
+    0 for the whole sweep (it locks its workdir); None for a job-array task (plan.stage), which
+    locks the point it runs itself.
+  """
   return None if plan.stage else 0
 
 
 def run(plan: StudyPlan, workdir: str) -> dict[str, Any]:
-  """The sweep (stage empty), one point of it (a job-array task: its stages, no report), the
-  stage names (list: one per line on stdout, nothing else) or the report of what is finished
-  (render)."""
+  """Runs the sweep, one point of it, or its report, as plan.stage says.
+
+  stage "": every point's stages, then the report; a point's name: that point's stages (a
+  job-array task, no report); "list": prints the points' names, one per line on stdout, and
+  nothing else; "render": the report of what is finished.
+
+  Args:
+    plan: the study's plan (validate).
+    workdir: the study's folder (made if needed), shared by every stage and point.
+
+  Returns:
+    {"stages": the names} for "list"; otherwise the stages' records and the report's summary.
+
+  Raises:
+    ConfigError: a workdir holding another study's pre-training (a changed pre-training field),
+      or a point locked by another process.
+    DataError: a dataset that is missing or malformed.
+    TrainingError: a non-finite loss in a pre-training stage.
+  """
   if plan.stage == "list":
     print("\n".join(p.name for p in plan.points), flush=True)
     return {"stages": [p.name for p in plan.points]}

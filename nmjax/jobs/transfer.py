@@ -22,12 +22,21 @@ from nmjax.jobs.workdir import prepare_workdir, process_index
 from nmjax.progress import format_seconds
 
 NAME = "transfer"
+"""The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TransferPlan:
-  """A transfer evaluation, resolved: the checkpoint, the tasks (registry names), the methods
-  and each method's config (a plain dict; the classes are set per train split at run time)."""
+  """A transfer evaluation, resolved (configs/transfer.py).
+
+  Attributes:
+    checkpoint: the pre-training (or import) workdir whose encoder is evaluated.
+    tasks: nmjax.tasks registry names.
+    methods: evaluate.TRANSFER_METHODS entries (lp, ridge, zeroshot).
+    method_configs: each method's config, a plain dict (the classes are set per train split at
+      run time).
+  The other fields are the config's, one for one.
+  """
   checkpoint: str
   tasks: tuple[str, ...]
   methods: tuple[str, ...]
@@ -57,7 +66,17 @@ def _method_configs(config: ml_collections.ConfigDict,
 
 
 def validate(config: ml_collections.ConfigDict) -> TransferPlan:
-  """Checks a transfer config before any work; its plan."""
+  """Checks every field of a transfer config once, before any work.
+
+  Args:
+    config: a complete transfer config (configs/transfer.py).
+
+  Returns:
+    The run's TransferPlan.
+
+  Raises:
+    ConfigError: with one line naming the field and the allowed values.
+  """
   tasks = tasks_lib.names(config.tasks)
   methods = tuple(parse_names(config, "methods", evaluate.TRANSFER_METHODS))
   check_choice(config, "spectral_center", evaluate.CENTERS)
@@ -71,7 +90,14 @@ def validate(config: ml_collections.ConfigDict) -> TransferPlan:
 
 
 def lock_index(plan: TransferPlan) -> int:
-  """This process's lock file: 0, or its index among the job's processes."""
+  """The index of this process's lock file (nmjax.io.lock_path) in the workdir.
+
+  Args:
+    plan: the run's plan.
+
+  Returns:
+    The process's index among the job's processes (explicit or auto mode), else 0.
+  """
   return process_index(plan.distributed, plan.process_id,
                        lambda: parallel.maybe_initialize_distributed(plan))
 
@@ -85,8 +111,20 @@ def method_config(plan: TransferPlan, method: str,
 
 
 def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
-  """The probes and SVE/LSVR; writes results.* and spectra.png. Returns the rows and how many
-  splits were encoded (0 when the encoder's feature cache held them all)."""
+  """Runs the probes and SVE/LSVR on every task; writes results.jsonl, results.md, spectra.png.
+
+  Args:
+    plan: the run's plan (validate).
+    workdir: where the results go (made if needed).
+
+  Returns:
+    {"rows": the result rows, "features_extracted": how many splits were encoded (0 when the
+    encoder's feature cache held them all)}.
+
+  Raises:
+    ConfigError: a checkpoint that is not a finished pre-training or import workdir.
+    DataError: a task's dataset that is missing or malformed.
+  """
   start = time.perf_counter()
   workdir = prepare_workdir(workdir)
   parallel.maybe_initialize_distributed(plan)

@@ -34,14 +34,18 @@ from nmjax.nmtune.grid import report_lines
 from nmjax.progress import format_seconds
 
 NAME = "nmtune"
+"""The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
 MODES = ("files", "checkpoint")  # features files (black-box) | a checkpoint's tasks
 
 
 @dataclasses.dataclass(frozen=True)
 class TuningPlan:
-  """An NMTune evaluation, resolved. mode "files": train_features and test_features; mode
-  "checkpoint": checkpoint, step and tasks (registry names). The NMTune fit's fields are the
-  defaults of nmjax.nmtune.default_config (lp: the linear probe's, a plain dict)."""
+  """An NMTune evaluation, resolved (configs/nmtune.py; the study's evaluation and tune stages).
+
+  mode "files" reads train_features and test_features; mode "checkpoint" reads checkpoint, step
+  and tasks (registry names). The NMTune fit's fields default to nmjax.nmtune.default_config's
+  (lp: the linear probe's, a plain dict); the other fields are the config's, one for one.
+  """
   methods: tuple[str, ...]
   mode: str                          # MODES
   train_features: str = ""
@@ -112,7 +116,17 @@ def _check_mode(config: ml_collections.ConfigDict) -> str:
 
 
 def validate(config: ml_collections.ConfigDict) -> TuningPlan:
-  """Checks an NMTune config before any work (every method's fit config included); its plan."""
+  """Checks every field of an NMTune config once, every method's fit config included.
+
+  Args:
+    config: a complete NMTune config (configs/nmtune.py).
+
+  Returns:
+    The run's TuningPlan.
+
+  Raises:
+    ConfigError: with one line naming the field and the allowed values.
+  """
   methods = _methods(config)
   plan = plans.from_config(TuningPlan, config, job=NAME, ignore=("method",), methods=methods,
                            mode="files", tasks=())
@@ -125,7 +139,14 @@ def validate(config: ml_collections.ConfigDict) -> TuningPlan:
 
 
 def lock_index(plan: TuningPlan) -> int:
-  """This process's lock file: 0, or its index among the job's processes."""
+  """The index of this process's lock file (nmjax.io.lock_path) in the workdir.
+
+  Args:
+    plan: the run's plan.
+
+  Returns:
+    The process's index among the job's processes (explicit or auto mode), else 0.
+  """
   return process_index(plan.distributed, plan.process_id,
                        lambda: parallel.maybe_initialize_distributed(plan))
 
@@ -226,9 +247,23 @@ def _run_files(plan: TuningPlan, workdir: str) -> dict[str, Any]:
 
 
 def run(plan: TuningPlan, workdir: str) -> dict[str, Any]:
-  """Runs the plan in `workdir`. Checkpoint mode returns the rows, the spectra, how many splits
-  were encoded (0 when the encoder's feature cache held them all) and the per-example hits
-  ("task|method" -> bool array); features-file mode returns the rows."""
+  """Runs every method of the plan and writes its results in `workdir`.
+
+  Args:
+    plan: the run's plan (validate).
+    workdir: where the results go (made if needed): features-file mode appends one
+      results.jsonl line per method; checkpoint mode writes results.jsonl, results.md and
+      curves.png.
+
+  Returns:
+    Features-file mode: {"rows"}. Checkpoint mode: {"rows", "spectra", "features_extracted" (how
+    many splits were encoded; 0 when the encoder's feature cache held them all), "correct" (the
+    per-example hits, "task|method" -> bool array)}.
+
+  Raises:
+    ConfigError: a checkpoint that is not a finished pre-training or import workdir.
+    DataError: features files or a task's dataset that are missing or malformed.
+  """
   start = time.perf_counter()
   workdir = prepare_workdir(workdir)
   if plan.mode == "files":

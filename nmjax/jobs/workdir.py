@@ -28,8 +28,8 @@ def use_compile_cache(workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
-    # The default (1 s) leaves out most of the study's programs on 2 cores; writing one costs
-    # milliseconds.
+    # The default (1 s) leaves out most of the study's programs, which compile faster than that;
+    # writing one is cheap.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 

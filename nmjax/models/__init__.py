@@ -38,8 +38,30 @@ def get_model(name: str, num_classes: int, dtype: Any = jnp.float32,
               **options: Any) -> nn.Module:
   """Builds the registered model `name` with a `num_classes`-way head and compute `dtype`.
 
-  `options` set layout fields the factory accepts (the ViTs': pooling, position_embedding,
-  image_size, gelu_approximate, layernorm_epsilon); none is the model as pre-training builds it.
+  Args:
+    name: a MODELS name: resnet_small, resnet18, resnet50, vit_s16 or vit_b16.
+    num_classes: the classifier head's outputs.
+    dtype: the compute dtype (parameters stay float32), jnp.float32 or jnp.bfloat16.
+    **options: layout fields the factory accepts (the ViTs': pooling, position_embedding,
+      image_size, gelu_approximate, layernorm_epsilon); none is the model as pre-training
+      builds it.
+
+  Returns:
+    The flax module; model.apply(variables, images, train=...) maps NHWC images to
+    (logits (N, num_classes), features (N, model.feature_dim)).
+
+  Raises:
+    ConfigError: an unknown name (listing the known ones), or options the model does not take.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax import models
+    >>> model = models.get_model("resnet_small", num_classes=10)
+    >>> images = jnp.zeros((2, 28, 28, 1))
+    >>> variables = model.init(jax.random.key(0), images, train=False)
+    >>> logits, features = model.apply(variables, images, train=False)
+    >>> logits.shape, features.shape
+    ((2, 10), (2, 64))
   """
   _check_name(name)
   if not options:

@@ -132,7 +132,7 @@ class ResNet(nn.Module):
       x = conv(self.stem_width, (3, 3), padding=_PAD_3X3, name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
       # Average rather than max pooling: on XLA:CPU the max pool's gradient (select-and-scatter)
-      # costs ~25x more than the average pool's, and it dominated the small model's train step.
+      # costs far more than the average pool's, and it would dominate the small model's step.
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
 
     for stage, (num_blocks, width, stride) in enumerate(
@@ -169,8 +169,8 @@ def resnet_small(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
 
   Stem: 3x3/1 conv (8 channels) at 28x28, BN, ReLU, 2x2 average pool. Then one BasicBlock per
   stage: 16 channels at 14x14, 32 at 7x7, 64 at 4x4. Sized for the embedded study on a 2-core
-  CPU: wider stages or a second block per stage cost more than the accuracy they add (about 92%
-  on Fashion-MNIST after 5 epochs); benchmarks/pretrain.py measures its train step.
+  CPU: wider stages or a second block per stage cost more time than the accuracy they add is
+  worth; benchmarks/pretrain.py measures its train step.
   """
   return ResNet(
       num_classes=num_classes, stage_sizes=(1, 1, 1), stage_widths=(16, 32, 64),

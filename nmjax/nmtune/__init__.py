@@ -1,6 +1,8 @@
-"""NMTune (REFERENCE.md s.4): a residual MLP head over frozen features, trained with three
-spectral regularizers, on plain features or on augmented views of the train images; one
-configuration at a time or a grid of them in one jitted program.
+"""NMTune: a residual MLP head over frozen features, trained with three spectral regularizers, on
+plain features or on augmented views of the train images; one configuration at a time or a grid
+of them in one jitted program (the method: docs/method.md).
+
+    result = nmjax.nmtune.fit((train_features, train_labels), (test_features, test_labels))
 
 The public API is __all__: the three regularizers, the head, the fits, their config, and the
 augmented-view train data. Everything else is imported from its module: losses (the regularizers

@@ -41,7 +41,19 @@ METHODS = ("nmtune", "mlp", "lp_aug")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The reference NMTune defaults (REFERENCE.md s.4), a locked ConfigDict."""
+  """One NMTune fit's config with the reference implementation's defaults.
+
+  Returns:
+    A locked ConfigDict: method, the hyperparameters (epochs, batch_size, lr, weight_decay,
+    mse_weight, cov_weight, svd_weight, svd_topk, mlp_ratio, mlp_layers, residual_scale_init),
+    val_fraction, grid, lp (the linear probe's), seed, num_classes and logit_subset.
+
+  Examples:
+    >>> from nmjax import nmtune
+    >>> config = nmtune.default_config()
+    >>> config.method, config.mse_weight, config.cov_weight, config.svd_weight, config.svd_topk
+    ('nmtune', 1.0, 0.04, 0.001, 5)
+  """
   return config_lib.nmtune_fields()
 
 
@@ -54,8 +66,24 @@ def _resolve_lp(given: Any) -> ml_collections.ConfigDict:
 
 
 def resolve_config(config: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
-  """Defaults overlaid with the caller's fields (a ConfigDict or a dict); an unknown field and
-  every bad value fail here, before any work, with one line naming the field."""
+  """default_config() overlaid with the caller's fields, every value checked before any work.
+
+  Args:
+    config: the fields to set (a ConfigDict or a dict; `lp` may be a dict of the linear probe's
+      fields), or None for the defaults.
+
+  Returns:
+    The resolved, locked ConfigDict.
+
+  Raises:
+    ConfigError: an unknown field or a bad value (one line naming it), or a grid without a
+      validation split (config.val_fraction).
+
+  Examples:
+    >>> from nmjax import nmtune
+    >>> nmtune.resolve_config({"epochs": 3}).epochs
+    3
+  """
   resolved = default_config()
   if config is not None:
     given = {k: config[k] for k in list(config.keys())}
@@ -205,15 +233,31 @@ def fit_grid_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
                    configs: Sequence[ml_collections.ConfigDict | Mapping[str, Any]], *,
                    logit_subsets: Mapping[str, Any] | None = None,
                    log: Callable[[str], None] | None = None) -> list[dict[str, dict[str, Any]]]:
-  """Trains every config on `train` and evaluates each on every test set: one {test name:
-  result} per config, in order, each trained as fit_multi(train, tests, config) trains it (the
-  same rows, views, seed and hyperparameters; batched float32 kernels round differently, so the
-  losses agree to about 1e-6 and an accuracy may differ by a prediction near a tie). Configs
-  that differ only in grid.ONE_PROGRAM_FIELDS train in one jitted program, as many as keep
-  their stacked state small (nmjax.nmtune.runs.program_groups; a large head trains alone, as
-  fit trains it); each result's configs_in_program says how many shared its program and seconds
-  is that program's whole fit. With several configs, one whose loss becomes non-finite is
-  marked (its results' "diverged") instead of failing the others."""
+  """Trains every config on `train` and evaluates each on every test set.
+
+  Each config is trained as fit_multi(train, tests, config) trains it (the same rows, views, seed
+  and hyperparameters; batched float32 kernels round differently, so the losses agree to float
+  rounding and an accuracy may differ by a prediction near a tie). Configs that differ only in
+  grid.ONE_PROGRAM_FIELDS train in one jitted program, as many as keep their stacked state small
+  (nmjax.nmtune.runs.program_groups; a large head trains alone, as fit trains it).
+
+  Args:
+    train: as fit_multi's.
+    tests: {name: test features}, as fit_multi's.
+    configs: the configurations (ConfigDicts or dicts, as resolve_config takes), none with a grid.
+    logit_subsets: optional {test name: class indices}, as fit_multi's.
+    log: called with one progress line per epoch (None: silent).
+
+  Returns:
+    One {test name: result} per config, in order (results as fit_multi's). Each result's
+    configs_in_program says how many shared its program, and seconds is that program's whole
+    fit. With several configs, one whose loss becomes non-finite is marked (its results'
+    "diverged") instead of failing the others.
+
+  Raises:
+    ConfigError: a bad config, or one with a grid.
+    DataError: bad features, or no test sets.
+  """
   start = time.perf_counter()
   if not tests:
     raise DataError("NMTune: no test sets given")
@@ -246,7 +290,28 @@ def fit_grid_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
 def fit_grid(train: TrainLike, test: FeaturesLike,
              configs: Sequence[ml_collections.ConfigDict | Mapping[str, Any]]
              ) -> list[dict[str, Any]]:
-  """fit for every config, in order (fit_grid_multi with one test set): the list of results."""
+  """fit for every config, in order: fit_grid_multi with one test set.
+
+  Args:
+    train: as fit's.
+    test: as fit's.
+    configs: the configurations (ConfigDicts or dicts), none with a grid.
+
+  Returns:
+    The result dicts (as fit's), one per config, in order.
+
+  Raises:
+    ConfigError: a bad config, or one with a grid.
+    DataError: bad features.
+
+  Examples:
+    >>> import numpy as np
+    >>> from nmjax import nmtune
+    >>> x, y = np.random.default_rng(0).normal(size=(64, 8)), np.arange(64) % 2
+    >>> configs = [{"epochs": 1, "batch_size": 32, "svd_weight": w} for w in (0.0, 0.01)]
+    >>> [r["svd_weight"] for r in nmtune.fit_grid((x, y), (x, y), configs)]
+    [0.0, 0.01]
+  """
   return [r["test"] for r in fit_grid_multi(train, {"test": test}, configs)]
 
 
@@ -280,23 +345,41 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
               config: ml_collections.ConfigDict | None = None, *,
               logit_subsets: Mapping[str, Any] | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-  """Trains once on `train` and evaluates on every test set; returns {test name: result}.
+  """Trains once on `train` and evaluates on every test set.
 
-  train: features (a features file, a FeatureSet or a (features, labels) pair: one row per
-  example, config.batch_size rows per step, each row's z paired with its own f), OnlineViews or
-  CachedViews (n/2 images per step, two views each, z of the second view paired with f of the
-  first). tests: {name: features}, plain (unaugmented) features of the same encoder.
-  logit_subsets: optional {name: class indices} for tests predicted over a class subset.
-  log: called with one progress line per epoch (None: silent).
-  Each result holds accuracy (final), correct (its per-example hits on that test set, None for a
-  diverged grid member), test_accuracy_per_epoch, train_accuracy (feature mode),
-  loss_per_epoch and loss_means (means of the terms over the steps of each epoch / the last
-  epoch), sve and lsvr of z on that test set, seconds (the whole fit), sv_route (the
-  singular-value route), the run's settings and, with config.val_fraction > 0, num_val,
-  val_accuracy and val_accuracy_per_epoch (the validation split, carved from train).
-  With config.grid: every point of the grid trained (fit_grid_multi), the results of the one with
-  the best validation accuracy, plus grid (the grid), grid_chosen (its index) and grid_results
-  (every point's grid fields, val_accuracy, accuracy on that test set and diverged).
+  Args:
+    train: features (a features file, a FeatureSet or a (features, labels) pair: one row per
+      example, config.batch_size rows per step, each row's z paired with its own f), or
+      OnlineViews or CachedViews (n/2 images per step, two views each, z of the second view
+      paired with f of the first).
+    tests: {name: test features}, plain (unaugmented) features of the same encoder, in any of
+      the feature forms.
+    config: the fit's config (a ConfigDict or a dict, as resolve_config takes); None: defaults.
+    logit_subsets: optional {name: class indices} for tests predicted over a class subset.
+    log: called with one progress line per epoch (None: silent).
+
+  Returns:
+    {test name: result}. Each result holds accuracy (final), correct (its per-example hits,
+    None for a diverged grid member), test_accuracy_per_epoch, train_accuracy (feature mode),
+    loss_per_epoch and loss_means (the terms' means over each epoch's steps / the last epoch's),
+    sve and lsvr of z on that test set, seconds (the whole fit), sv_route (the singular-value
+    route), the run's settings and, with config.val_fraction > 0, num_val, val_accuracy and
+    val_accuracy_per_epoch (the validation split, carved from train). With config.grid: the
+    results of the grid point with the best validation accuracy, plus grid, grid_chosen (its
+    index) and grid_results (every point's grid fields, val_accuracy, accuracy, diverged).
+
+  Raises:
+    ConfigError: a bad config field or value.
+    DataError: bad features (one line naming the file or the split), or no test sets.
+
+  Examples:
+    >>> import numpy as np
+    >>> from nmjax import nmtune
+    >>> x, y = np.random.default_rng(0).normal(size=(64, 8)), np.arange(64) % 2
+    >>> tests = {"a": (x, y), "b": (x[:8], y[:8])}
+    >>> results = nmtune.fit_multi((x, y), tests, {"epochs": 1, "batch_size": 32})
+    >>> sorted(results), results["b"]["num_test"]
+    (['a', 'b'], 8)
   """
   config = resolve_config(config)
   if config.grid:
@@ -306,9 +389,29 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
 
 def fit(train: TrainLike, test: FeaturesLike,
         config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """NMTune (or config.method) trained on `train`, scored on `test`: the result dict (fit_multi).
+  """NMTune (or config.method) trained on `train` and scored on `test`.
 
-  train/test: (features, labels) pairs of numpy arrays or paths of features files (train may
-  also be OnlineViews or CachedViews); config None: default_config().
+  Args:
+    train: a features file path, a FeatureSet, a (features, labels) pair of arrays, or
+      OnlineViews or CachedViews (two augmented views per image and step).
+    test: the test features (a path, a FeatureSet or a pair) of the same encoder.
+    config: the fit's config (a ConfigDict or a dict, as resolve_config takes); None: the
+      defaults (default_config()).
+
+  Returns:
+    The result dict (as fit_multi's results): accuracy, per-epoch curves, sve and lsvr of z on
+    the test features, the settings.
+
+  Raises:
+    ConfigError: a bad config field or value.
+    DataError: bad features (one line naming the file or the split).
+
+  Examples:
+    >>> import numpy as np
+    >>> from nmjax import nmtune
+    >>> x, y = np.random.default_rng(0).normal(size=(64, 8)), np.arange(64) % 2
+    >>> result = nmtune.fit((x, y), (x, y), {"epochs": 1, "batch_size": 32})
+    >>> result["method"], 0.0 <= result["accuracy"] <= 1.0
+    ('nmtune', True)
   """
   return fit_multi(train, {"test": test}, config)["test"]

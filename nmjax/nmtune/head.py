@@ -32,6 +32,25 @@ class NMTuneHead(nn.Module):
   MLP (z = f): the linear-probe control. The classifier is He-uniform with a zero bias.
   Known difference from the reference: flax's BatchNorm keeps the biased batch variance in its
   running average where PyTorch keeps the unbiased one (a factor n / (n - 1)).
+
+  Called as head.apply(variables, f, train=...) with f the (n, D) frozen features; returns
+  (logits (n, num_classes), z (n, D)), both float32. train=True uses the batch's statistics and
+  needs mutable=["batch_stats"]; train=False uses the running averages.
+
+  Attributes:
+    num_classes: C, the classifier's outputs.
+    mlp_ratio: the hidden width over D (default 4.0).
+    mlp_layers: how many hidden blocks (default 1; 0: no MLP, z = f).
+    residual_scale_init: the residual scale's initial value (default 1.0).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nmjax import nmtune
+    >>> head = nmtune.NMTuneHead(num_classes=3)
+    >>> variables = head.init(jax.random.key(0), jnp.ones((4, 8)), train=False)
+    >>> logits, z = head.apply(variables, jnp.ones((4, 8)), train=False)
+    >>> logits.shape, z.shape
+    ((4, 3), (4, 8))
   """
   num_classes: int
   mlp_ratio: float = 4.0

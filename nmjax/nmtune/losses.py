@@ -23,10 +23,25 @@ def normalize_rows(x: jax.Array) -> jax.Array:
 
 
 def consistency_loss(z: jax.Array, f: jax.Array) -> jax.Array:
-  """Elementwise mean over (n, D) of (normalize(z) - stop_gradient(normalize(f)))^2.
+  """The consistency term: mean over (n, D) of (normalize(z) - stop_gradient(normalize(f)))^2.
 
   The mean runs over all n * D entries, so the squared distance of unit rows carries an implicit
   1 / D (the reference's MSE). In two-view training z is the second view's, f the first's.
+  The config field mse_weight weighs it.
+
+  Args:
+    z: (n, D) head outputs; the gradient flows through them.
+    f: (n, D) frozen features, the targets (no gradient flows into them).
+
+  Returns:
+    A float32 scalar, 0 when every row of z points the way its row of f does.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nmjax import nmtune
+    >>> z = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> float(nmtune.consistency_loss(z, 3 * z))  # Only the rows' directions count.
+    0.0
   """
   z = z.astype(jnp.float32)
   target = jax.lax.stop_gradient(normalize_rows(f.astype(jnp.float32)))
@@ -34,11 +49,30 @@ def consistency_loss(z: jax.Array, f: jax.Array) -> jax.Array:
 
 
 def covariance_loss(z: jax.Array, *, route: str = "auto") -> jax.Array:
-  """Sum of the squared off-diagonal entries of the unbiased (D, D) covariance of z, over D.
+  """The covariance term: squared off-diagonal entries of z's (D, D) covariance, summed, over D.
 
-  route "covariance" forms C = z_c^T z_c / (n - 1) and zeroes its diagonal; "gram" uses
-  ||z_c^T z_c||_F = ||z_c z_c^T||_F (an n x n matrix) and subtracts the diagonal's squares, the
-  same value at n^2 D instead of n D^2 cost; "auto" takes the smaller matrix.
+  The covariance is the unbiased one, z_c^T z_c / (n - 1) of the column-centered z_c. The config
+  field cov_weight weighs it.
+
+  Args:
+    z: (n, D) head outputs, n >= 2.
+    route: how it is computed, the same value either way: "covariance" forms the (D, D) matrix
+      and zeroes its diagonal; "gram" uses ||z_c^T z_c||_F = ||z_c z_c^T||_F (an n x n matrix)
+      and subtracts the diagonal's squares, at n^2 D instead of n D^2 cost; "auto" (default)
+      takes the smaller matrix.
+
+  Returns:
+    A float32 scalar >= 0, 0 when z's dimensions are uncorrelated.
+
+  Raises:
+    ConfigError: an unknown route, or fewer than 2 rows.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nmjax import nmtune
+    >>> z = jnp.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    >>> float(nmtune.covariance_loss(z))  # Uncorrelated columns.
+    0.0
   """
   if route not in COVARIANCE_ROUTES:
     raise ConfigError(f"covariance_loss route={route!r} is unknown; allowed:"
@@ -63,7 +97,7 @@ def covariance_loss(z: jax.Array, *, route: str = "auto") -> jax.Array:
 def _thin_svd(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sigma (r,), U (n, r), V (D, r)) with z = U diag(sigma) V^T, r = min(n, D), through a QR
   of the long side first: the SVD then runs on an r x r triangle (on GPUs a small-matrix Jacobi
-  SVD instead of the slow general one; on CPUs 2.6x faster at 128 x 2048)."""
+  SVD instead of the slow general one; on CPUs faster too, at NMTune's shapes)."""
   num_rows, dim = z.shape
   if num_rows == dim:
     u, sigma, vt = jnp.linalg.svd(z)
@@ -78,8 +112,8 @@ def _thin_svd(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _precision() -> jax.lax.Precision | None:
-  """Full float32 products: the backend default on CPUs (where asking for HIGHEST takes a
-  matmul path 5x slower), HIGHEST elsewhere (TF32 or bf16 passes, an accelerator's default,
+  """Full float32 products: the backend default on CPUs (where asking for HIGHEST takes a much
+  slower matmul path), HIGHEST elsewhere (TF32 or bf16 passes, an accelerator's default,
   would leave the Gram matrix 3 digits)."""
   return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
 
@@ -102,7 +136,7 @@ def _jacobi_rotation(inner: jax.Array) -> jax.Array:
   resolved = ((jnp.abs(gap) > 1e-4 * jnp.maximum(diagonal[None, :], diagonal[:, None]))
               & real[:, None] & real[None, :] & ~jnp.eye(inner.shape[0], dtype=bool))
   # tan(0.5 atan(t)) = t / (1 + sqrt(1 + t^2)): the half-angle's tangent (|.| < 1), without
-  # the transcendental calls (on CPUs atan2 took a tenth of the step).
+  # the transcendental calls (atan2 is costly on CPUs).
   ratio = 2.0 * inner / jnp.where(resolved, gap, 1.0)
   angle = jnp.clip(ratio / (1.0 + jnp.sqrt(1.0 + jnp.square(ratio))), -0.5, 0.5)
   x = jnp.eye(inner.shape[0]) + jnp.where(resolved, angle, 0.0)
@@ -120,10 +154,10 @@ def _gram_svd(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   eps * sigma_1^2 / (sigma_i^2 - sigma_j^2) (the eigenvalues' square roots would give sigma only
   to sqrt(eps) * sigma_1); two Jacobi steps on W^T a (_jacobi_rotation) bring the vectors to about
   the SVD's own accuracy, eps * sigma_1 / (sigma_i - sigma_j), and sigma_i is the norm of row i.
-  Measured against float64: gradients within 1e-5 of the SVD route's up to a condition number
-  sigma_1 / sigma_r of 1e3 (clusters, ties and rank deficiency included); past it the smallest
-  directions' part degrades (4e-2 of the largest entry at 1e4, where the SVD route keeps 1e-4):
-  a float32 Gram matrix holds nothing of directions below sqrt(eps) * sigma_1.
+  So the gradients follow the SVD route's while the condition number sigma_1 / sigma_r stays
+  well below 1 / sqrt(eps) (clusters, ties and rank deficiency included); past it the smallest
+  directions' part degrades: a float32 Gram matrix holds nothing of directions below
+  sqrt(eps) * sigma_1 (tests/test_nmtune.py checks the gram route against the svd route).
   Directions with sigma_i <= r * eps * sigma_1 (a rank-deficient z) get sigma_i = 0 and zero
   vectors: float32 noise in any route, and nothing divides by a vanishing sigma.
   """
@@ -190,9 +224,9 @@ gram_singular_values.defjvp(_singular_values_jvp(_gram_svd))
 # entry of FASTEST_SINGULAR_VALUE_ROUTE.
 SINGULAR_VALUE_ROUTES = ("auto", "svd", "gram")
 # The faster route per backend, forward + backward at NMTune's shapes (n = 128, D = 64 .. 2048),
-# as benchmarks/nmtune.py measures it (its "singular_value_routes" entry). cpu: measured (gram
-# 3-10x faster on 2 cores); other backends: not measured yet, gram (eigh of a 128 x 128 matrix
-# and matmuls, where the svd route needs a QR and an SVD).
+# as benchmarks/nmtune.py measures it (its "singular_value_routes" entry; figures in
+# docs/performance.md). cpu: gram. Other backends default to gram too: an eigh of a 128 x 128
+# matrix and matmuls, where the svd route needs a QR and an SVD.
 FASTEST_SINGULAR_VALUE_ROUTE = {"cpu": "gram"}
 
 
@@ -214,11 +248,30 @@ def dominant_share(sigma: jax.Array, k: jax.Array | int) -> jax.Array:
 
 
 def dominant_singular_value_loss(z: jax.Array, k: int = 5, *, route: str = "auto") -> jax.Array:
-  """Mean of the top-k entries of sigma / sum(sigma), sigma the singular values of the raw z.
+  """The dominant-singular-value term: mean of the top-k entries of sigma / sum(sigma).
 
-  Positive; the NMTune loss subtracts it (maximizing the dominant directions' share). Singular
-  values only, with a stable derivative, by `route` (SINGULAR_VALUE_ROUTES: "svd" is QR then an
-  SVD, "gram" an eigh of the smaller Gram matrix; "auto" the backend's faster one). float32.
+  sigma are the singular values of the raw z (no centering). The NMTune loss subtracts this term,
+  weighed by the config field svd_weight (k is svd_topk), so training raises the dominant
+  directions' share. Only singular values are computed, with a derivative that stays finite for
+  repeated or zero singular values.
+
+  Args:
+    z: (n, D) head outputs.
+    k: how many of the largest singular values count, 1 <= k <= min(n, D).
+    route: SINGULAR_VALUE_ROUTES: "svd" (QR, then an SVD of the small triangle), "gram" (an eigh
+      of the smaller Gram matrix), or "auto" (default: the backend's faster one).
+
+  Returns:
+    A float32 scalar in (0, 1].
+
+  Raises:
+    ConfigError: a k outside [1, min(n, D)] or an unknown route.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nmjax import nmtune
+    >>> float(nmtune.dominant_singular_value_loss(jnp.eye(4), k=1))  # Four equal directions.
+    0.25
   """
   num_rows, dim = z.shape
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= min(num_rows,

@@ -5,7 +5,7 @@ seeded draws to final states, per-epoch accuracies and loss terms.
 A group of runs shares one compiled program when they differ only in traced hyperparameters
 (nmjax.nmtune.programs.HPARAMS), their residual scale's initial value or their seed: same train
 data, method structure, epochs and rows per step (group_key), and only as many as keep their
-stacked state small (members_per_program: where vmapping them measured faster than one at a
+stacked state small (members_per_program: where vmapping them runs faster than one at a
 time). K = 1 runs the plain epoch programs; K > 1 the grid programs, with one gather (or one
 encoding of the views) per step for all members when they share a seed (so the same data order).
 """
@@ -38,14 +38,13 @@ TrainLike = Any  # FeaturesLike | OnlineViews | CachedViews
 
 def single_threaded_lapack() -> contextlib.AbstractContextManager:
   """On CPU, XLA runs the per-step eigh (or SVD) through LAPACK (OpenBLAS). On a 128-row
-  matrix its threads cost 10-50x (1.2 ms single-threaded, 24-90 ms threaded on a busy 2-core
-  machine), so training limits BLAS to one thread; XLA's own matmuls keep their threads.
+  matrix its threads cost many times the single-threaded time (most on a busy machine), so
+  training limits BLAS to one thread; XLA's own matmuls keep their threads.
 
   jaxlib takes its LAPACK from scipy (scipy.linalg.cython_lapack), whose OpenBLAS is a library
   of its own that loads only when scipy.linalg is imported: imported here first, or the limit
-  misses it and the first fit of a process ran with threaded LAPACK (31-130 s instead of 18 s
-  at 20,000 x 512 x 5 epochs on 2 busy cores). threadpoolctl comes with scikit-learn; without it
-  nothing is limited."""
+  misses it and the first fit of a process runs with threaded LAPACK, several times slower.
+  threadpoolctl comes with scikit-learn; without it nothing is limited."""
   try:
     from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -177,11 +176,11 @@ def group_key(run: Run) -> tuple[Any, ...]:
 
 
 # The most bytes of training state (parameters, AdamW's two moments) that the members of one
-# grid program over a feature table hold together: half this machine's 32 MiB L3. Measured per
-# step on 2 cores against one run's program, K members vmapped: D = 64 (0.4 MB a member), K = 16:
-# 1.24x faster; D = 128 (1.6 MB), K = 16: 1.11x; D = 256 (6.4 MB), K = 4: 0.96x; D = 512
-# (25 MB), K = 16: 0.75x (the stacked state no longer stays in cache, and the update streams it
-# through memory every step). Online views stay in one program: their encoding is shared.
+# grid program over a feature table hold together: about half a server CPU's L3 cache. Vmapped
+# members are faster per step than one run's program while their stacked state stays in cache;
+# past it the update streams the state through memory every step and the grid is slower than
+# separate programs (benchmarks/nmtune.py measures both). Online views stay in one program:
+# their encoding is shared.
 GRID_STATE_BYTES = 16 << 20
 
 

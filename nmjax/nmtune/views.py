@@ -60,7 +60,20 @@ Encode = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> (n, D) 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class OnlineViews:
-  """Train images through a frozen encoder, augmented twice per image inside every step."""
+  """Train images through a frozen encoder, augmented twice per image inside every step.
+
+  Pass it as the `train` of nmjax.nmtune.fit / fit_multi: every step augments n/2 images twice
+  (random_resized_crop_flip) and encodes both views inside the jitted step.
+
+  Attributes:
+    encode: encode(variables, images) -> (n, D) features, the frozen encoder in inference mode.
+    variables: the encoder's variables.
+    images: uint8 (N, H, W, C) train images.
+    labels: int64 (N,) their labels.
+    feature_dim: D, the width encode returns.
+    plain_features: optional (N, D) unaugmented features of the same images, which a
+      validation split (config.val_fraction) is scored on.
+  """
   encode: Encode
   variables: Any
   images: np.ndarray  # uint8 (N, H, W, C)
@@ -73,7 +86,16 @@ class OnlineViews:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CachedViews:
-  """K augmented views of every train image, encoded once: features (K, N, D), labels (N,)."""
+  """K augmented views of every train image, encoded once (made by cache_views).
+
+  Pass it as the `train` of nmjax.nmtune.fit / fit_multi: each step pairs two distinct cached
+  views of each of its n/2 images.
+
+  Attributes:
+    features: float32 (K, N, D), view k of image i at [k, i].
+    labels: int64 (N,).
+    plain_features: optional (N, D) unaugmented features, as OnlineViews.plain_features.
+  """
   features: np.ndarray
   labels: np.ndarray
   plain_features: np.ndarray | None = None  # as OnlineViews.plain_features
@@ -94,9 +116,34 @@ def encode_augmented(encode: Encode, variables: Any, images: jax.Array, draws: j
 def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.ndarray, *,
                 num_views: int, seed: int = 0, batch_size: int = 512,
                 flip: bool = True) -> CachedViews:
-  """Encodes num_views augmented copies of every image (random_resized_crop_flip, numpy-seeded
-  draws; flip=False: never mirrored, for data such as digits), batch_size images per call; the
-  view pool of CachedViews."""
+  """Encodes num_views augmented copies of every image: the view pool of CachedViews.
+
+  Args:
+    encode: encode(variables, images) -> (n, D) features, the frozen encoder in inference mode
+      (hashable: it keys the jitted program, one per encoder and shape).
+    variables: the encoder's variables.
+    images: uint8 (N, H, W, C) train images.
+    labels: (N,) integer labels.
+    num_views: K >= 2 augmented views per image (random_resized_crop_flip).
+    seed: seeds numpy's draws of the crops and flips.
+    batch_size: images per encoder call (the last call is padded to it).
+    flip: False: never mirrored, for data such as digits.
+
+  Returns:
+    CachedViews with features (K, N, D) float32 and labels int64 (N,).
+
+  Raises:
+    ConfigError: num_views < 2.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from nmjax import nmtune
+    >>> images, labels = np.zeros((6, 8, 8, 1), np.uint8), np.arange(6) % 2
+    >>> encode = lambda variables, x: x.reshape(len(x), -1) @ variables
+    >>> views = nmtune.cache_views(encode, jnp.ones((64, 4)), images, labels, num_views=2)
+    >>> views.features.shape
+    (2, 6, 4)
+  """
   if num_views < 2:
     raise ConfigError(f"num_views={num_views} (config.cached_views) is not allowed; allowed: >= 2"
                       " (each step pairs two distinct views of an image)")

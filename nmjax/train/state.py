@@ -74,8 +74,8 @@ def create_train_state(model: nn.Module, rng: jax.Array, input_shape: tuple[int,
                        extra_inputs: tuple[Any, ...] = ()) -> TrainState:
   """Initializes params and batch_stats with a dummy batch of `input_shape` (batch dim first),
   followed by `extra_inputs` (a CLIP's token ids)."""
-  # The partitionable threefry lowering makes XLA:CPU compile the init of even a tiny ResNet for
-  # 13 s instead of 4 s (measured); params are initialized replicated, so it buys nothing here.
+  # The partitionable threefry lowering makes XLA:CPU compile the init of even a tiny ResNet
+  # several times slower; params are initialized replicated, so it buys nothing here.
   with jax.threefry_partitionable(False):
     variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), *extra_inputs, train=False)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],

@@ -90,7 +90,7 @@ def plan_record(plan: Any) -> dict[str, Any]:
 
 
 def _defaults(plan: Any) -> dict[str, Any]:
-  """The plan's field defaults: what a config.json written before a field existed implies."""
+  """The plan's field defaults: what a config.json that lacks a field implies."""
   return {f.name: f.default for f in dataclasses.fields(plan)
           if f.default is not dataclasses.MISSING}
 
@@ -121,8 +121,8 @@ def record_config(plan: Any, workdir: str) -> None:
   config.json holds the plan's fields (a dataclass) as plain values. A checkpoint of another run
   (FIXED_FIELDS differ) is refused; a change of a training field is refused unless
   plan.allow_changes names it, and is then appended to config.json's "history" ({step, time,
-  changes: {field: {from, to}}}). A field the saved config.json lacks (written before the field
-  existed) counts as the plan's default. Nothing is written on a refusal.
+  changes: {field: {from, to}}}). A field the saved config.json lacks counts as the plan's
+  default. Nothing is written on a refusal.
   """
   steps = sorted(checkpoint.saved_steps(workdir))  # Oldest first: the newest is steps[-1].
   saved = _saved_config(workdir, steps)
@@ -130,7 +130,7 @@ def record_config(plan: Any, workdir: str) -> None:
   record = dict(current)
   if saved is not None and steps:
     implied = _defaults(plan)
-    # The current plan's fields: one this nmjax no longer has cannot steer the run.
+    # The current plan's fields: a saved field this nmjax does not know cannot steer the run.
     other_run = _differences(saved, current, [k for k in current if k in FIXED_FIELDS], implied)
     if other_run:
       raise ConfigError(f"--workdir={workdir} holds a checkpoint of a different run ("
