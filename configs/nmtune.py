@@ -4,7 +4,8 @@ checkpoint (the method: docs/method.md; the job: docs/nmtune.md).
 Black-box mode (any features files: .npz with features (N, D) and labels (N,)):
   .venv/bin/python main.py --config configs/nmtune.py --config.train_features=TRAIN.npz \
       --config.test_features=TEST.npz --config.methods=nmtune --workdir DIR
-appends one JSON line per method to DIR/results.jsonl.
+writes one JSON line per method to DIR/results.jsonl (a re-run replaces its rows) and each
+fitted head to DIR/heads/<method>/ (nmjax.heads.load reads it back).
 
 Checkpoint mode (2-core CPU, a Fashion-MNIST checkpoint from configs/pretrain.py):
   .venv/bin/python main.py --config configs/nmtune.py \

@@ -149,16 +149,19 @@ def overlay(defaults: ml_collections.ConfigDict, given: Any, *, what: str,
             tuple_fields: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """`defaults` with the fields of `given` (a ConfigDict, a dict or None) set on it.
 
-  An unknown field fails naming `what` and the known fields; a value of the wrong type fails
-  naming the field. Lists become tuples in `tuple_fields` (JSON round trips make lists).
+  An unknown field fails naming `what`, the known fields and the closest ones (difflib: "did you
+  mean"); a value of the wrong type fails naming the field. Lists become tuples in `tuple_fields`
+  (JSON round trips make lists).
   """
   if given is None:
     return defaults
   tuple_fields = set(tuple_fields)
   for key in given.keys():
     if key not in defaults:
-      raise ConfigError(f"{what} config field {key!r} is unknown; known:"
-                        f" {', '.join(sorted(defaults.keys()))}")
+      known = sorted(defaults.keys())
+      close = difflib.get_close_matches(str(key), known, n=2)
+      hint = f"; did you mean {' or '.join(close)}?" if close else ""
+      raise ConfigError(f"{what} config field {key!r} is unknown; known: {', '.join(known)}{hint}")
     value = given[key]
     if key in tuple_fields and isinstance(value, list):
       value = tuple(value)
@@ -217,6 +220,7 @@ def nmtune_hparams() -> ml_collections.ConfigDict:
   # chosen, e.g. "svd_weight=0.001,0.01;cov_weight=0.04,0.4" (syntax: nmjax/nmtune/grid.py;
   # needs val_fraction > 0). Empty: one fit.
   config.grid = ""
+  config.grid_refit = True  # The chosen configuration fit again on all of train (False: as chosen).
   # method "lp": the linear probe's own protocol; method "lp_aug": its learning rate and weight
   # decay (num_classes, logit_subset and seed come from the NMTune config).
   config.lp = probe_fields()

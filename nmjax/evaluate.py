@@ -25,6 +25,7 @@ import numpy as np
 
 from nmjax import encoder as encoder_lib
 from nmjax import features as features_lib
+from nmjax import heads as heads_lib
 from nmjax import probe, spectral, tasks as tasks_lib
 from nmjax.clip import encode as clip_encode, zeroshot
 from nmjax.data import image_text, pipeline
@@ -102,7 +103,10 @@ def _fit_zeroshot(train: Any, tests: Mapping[str, Any], config: ml_collections.C
   for name, test in tests.items():
     subset = (logit_subsets or {}).get(name)
     result = zeroshot.accuracy(test.features, test.labels, weights, subset)
-    results[name] = {**result, "method": "zeroshot", "templates": config.templates,
+    head = heads_lib.make_head("zeroshot", {"weights": weights},
+                               {"feature_dim": int(test.feature_dim), "logit_subset": subset},
+                               len(class_names))
+    results[name] = {**result, "method": "zeroshot", "head": head, "templates": config.templates,
                      "num_templates": len(templates), "seconds": seconds, "num_train": 0,
                      "feature_dim": int(test.feature_dim), "num_classes": len(class_names)}
   return results
@@ -202,7 +206,8 @@ _TUNING_FIELDS = ("method", "accuracy", "mse_weight", "cov_weight", "svd_weight"
                   "num_test", "feature_dim", "num_classes", "train_accuracy", "views",
                   "mlp_ratio", "mlp_layers", "residual_scale_init", "seed",
                   "residual_scale_mean", "test_accuracy_per_epoch", "templates", "num_templates",
-                  "sv_route", "val_fraction", "num_val", "val_accuracy", "grid", "grid_chosen",
+                  "sv_route", "val_fraction", "num_val", "val_accuracy", "grid", "grid_chosen", "grid_refit",
+                  "grid_val_accuracy",
                   "grid_results", "configs_in_program")
 
 
@@ -251,11 +256,14 @@ class Evaluation:
   features_extracted: int
   # "task|method" -> that fit's per-example hits on the task's test set (paired statistics)
   correct: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # "task|method" -> that fit's fitted nmjax.heads.Head (what a job saves)
+  heads: dict[str, heads_lib.Head] = dataclasses.field(default_factory=dict)
 
 
 def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_lib.Split,
                group: list[tasks_lib.Task], spectra: dict[str, dict[str, Any]],
-               countdown: Countdown, correct: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+               countdown: Countdown, correct: dict[str, np.ndarray],
+               heads: dict[str, heads_lib.Head]) -> list[dict[str, Any]]:
   """Every method fit once on `split`, scored on the test sets of the tasks in `group`."""
   plain = cache.get(split)
   tests, subsets = {}, {}
@@ -283,6 +291,8 @@ def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_l
     for task in group:
       if results[task.name].get("correct") is not None:
         correct[f"{task.name}|{method}"] = np.asarray(results[task.name]["correct"], bool)
+      if results[task.name].get("head") is not None:
+        heads[f"{task.name}|{method}"] = results[task.name]["head"]
       rows.append(request.row(Fit(task, method, results[task.name], plain, tests[task.name],
                                   spectra[task.name], num_classes, views), cache.encoder))
     countdown.done()
@@ -306,13 +316,14 @@ def run(cache: encoder_lib.FeatureCache, request: Request) -> Evaluation:
   rows: list[dict[str, Any]] = []
   spectra: dict[str, dict[str, Any]] = {}
   correct: dict[str, np.ndarray] = {}
+  heads: dict[str, heads_lib.Head] = {}
   countdown = Countdown(len(groups) * len(request.methods))
   for split, group in groups.items():
-    rows += _fit_split(cache, request, split, group, spectra, countdown, correct)
+    rows += _fit_split(cache, request, split, group, spectra, countdown, correct, heads)
   order = {t.name: i for i, t in enumerate(request.tasks)}
   rows.sort(key=lambda r: (order[r["task"]], request.methods.index(r["method"])))
   return Evaluation(rows, {t.name: spectra[t.name] for t in request.tasks}, cache.extracted,
-                    correct)
+                    correct, heads)
 
 
 def kind_averages(rows: list[dict[str, Any]], method: str) -> dict[str, float]:

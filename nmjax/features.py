@@ -103,7 +103,7 @@ def check_labels(name: str, values: Any, num_examples: int, num_classes: int | N
   """
   values = np.asarray(values)
   if values.shape != (num_examples,):
-    raise DataError(f"{name}: {what} must have shape ({num_examples},) to match the"
+    raise DataError(f"{name}: {what} must be 1-D with shape ({num_examples},) to match the"
                     f" features, got {values.shape}")
   if not np.issubdtype(values.dtype, np.integer):
     if not (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values))):
@@ -223,7 +223,24 @@ def load(path: str | os.PathLike, *, num_classes: int | None = None,
 
 def as_feature_set(x: FeaturesLike, *, name: str, num_classes: int | None = None,
                    feature_dim: int | None = None, note: str = "") -> FeatureSet:
-  """A FeatureSet from a FeatureSet, a features-file path or a (features, labels) pair."""
+  """A FeatureSet from a FeatureSet, a features-file path or a (features, labels) pair, checked:
+  the coercion point of the probes and NMTune.
+
+  Args:
+    x: the features: a FeatureSet, a features-file path or a (features, labels) pair.
+    name: how messages name them (a file is named by its path).
+    num_classes: the labels must lie in [0, num_classes); None: they size a head (check_labels).
+    feature_dim: the features' required width D (None: any).
+    note: appended to a label-range message (check_labels).
+
+  Returns:
+    The FeatureSet: float32 (N, D) finite features, int64 (N,) labels.
+
+  Raises:
+    DataError: one line naming `name` (or the file) and the problem: features that are not 2-D
+      (N, D) real numbers (the shape named), labels that are not 1-D integers of length N or lie
+      outside the classes, or an `x` of none of the three forms.
+  """
   if isinstance(x, (str, os.PathLike)):
     return load(x, num_classes=num_classes, feature_dim=feature_dim, note=note)
   if isinstance(x, FeatureSet):
@@ -235,7 +252,17 @@ def as_feature_set(x: FeaturesLike, *, name: str, num_classes: int | None = None
                                  feature_dim=feature_dim, note=note)
     return FeatureSet(features, labels)
   raise DataError(f"{name}: expected a features file path, a FeatureSet or a (features, labels)"
-                  f" pair, got {type(x).__name__}")
+                  f" pair, got {_describe(x)}")
+
+
+def _describe(x: Any) -> str:
+  """How a message names a value that is not features: its type, and its shape or length."""
+  shape = getattr(x, "shape", None)
+  if shape is not None:
+    return f"{type(x).__name__} of shape {tuple(shape)}"
+  if isinstance(x, (tuple, list)):
+    return f"{type(x).__name__} of {len(x)} items"
+  return type(x).__name__
 
 
 def save(path: str | os.PathLike, features: Array, labels: Array, *,

@@ -8,6 +8,8 @@ result dict with at least
     correct        (N_test,) bool: which test examples the head gets right
     seconds        wall time of the probe (validation, compilation and fitting included)
     num_train, num_test, feature_dim, num_classes, method ("lp" | "ridge"), train_accuracy
+    head           the fitted nmjax.heads.Head (kind "linear"): argmax of head.predict(test
+                   features), over config.logit_subset's classes, scores as accuracy
 
 linear_probe adds test_accuracy_per_epoch; ridge_probe adds lambda (the chosen one),
 holdout_accuracy (one per config.ridge_lambdas entry), num_holdout and solver ("primal" |
@@ -30,7 +32,6 @@ Examples:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import time
 from typing import Any
@@ -45,6 +46,10 @@ from nmjax.config import check_range, overlay, probe_fields
 from nmjax.errors import ConfigError, DataError
 from nmjax.features import (MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set,
                             inferred_classes_note, warn_if_huge)
+from nmjax.heads import Head, make_head
+# The closed-form algebra lives in nmjax.ridge; its names stay importable from here.
+from nmjax.ridge import (Moments, dual_solutions, holdout_split, mean_std, primal_solution,
+                         primal_solutions, ridge_accuracies, ridge_hits, unstandardize)
 
 __all__ = ["linear_probe", "ridge_probe"]
 
@@ -126,6 +131,15 @@ def _summary(method: str, train_set: FeatureSet, test_set: FeatureSet,
   return {"method": method, "num_train": train_set.num_examples,
           "num_test": test_set.num_examples, "feature_dim": train_set.feature_dim,
           "num_classes": num_classes}
+
+
+def _fitted_head(method: str, kernel: Any, bias: Any, config: ml_collections.ConfigDict,
+                 train_set: FeatureSet, num_classes: int) -> Head:
+  """A probe's fitted nmjax.heads.Head (kind linear): the kernel and bias as float32."""
+  return make_head(method, {"kernel": np.asarray(kernel, np.float32),
+                            "bias": np.asarray(bias, np.float32)},
+                   {"feature_dim": train_set.feature_dim, "logit_subset": config.logit_subset},
+                   num_classes)
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -251,7 +265,9 @@ def linear_probe(train: FeaturesLike, test: FeaturesLike,
       jnp.asarray(epoch_orders(config.seed, train_set.num_examples, config.num_epochs)),
       hparams, bias, batch_size=config.batch_size)
   per_epoch = [float(a) for a in np.asarray(test_accuracy)]
+  head = _fitted_head("lp", params["kernel"], params["bias"], config, train_set, num_classes)
   return {**_summary("lp", train_set, test_set, num_classes), "accuracy": per_epoch[-1],
+          "head": head,
           "train_accuracy": float(train_accuracy), "test_accuracy_per_epoch": per_epoch,
           "correct": np.asarray(_predictions(params, test_x, bias)) == test_set.labels,
           "seconds": time.perf_counter() - start}
@@ -265,127 +281,6 @@ def _predictions(params: dict[str, jax.Array], features: jax.Array, logit_bias: 
 
 
 # ------------------------------------------------------------------------------ ridge probe
-
-
-@jax.jit
-def _moments(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
-  """(sum X, sum T, X^T X, X^T T) in float32: X^T X is the only part that costs N * D^2."""
-  return x.sum(axis=0), targets.sum(axis=0), x.T @ x, x.T @ targets
-
-
-def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per-feature mean and std (float64); a constant feature gets std 1, so it stays 0, not NaN."""
-  mean = x.mean(axis=0, dtype=np.float64)
-  deviations = x - mean.astype(np.float32)
-  std = np.sqrt(np.square(deviations).mean(axis=0, dtype=np.float64))
-  return mean, np.where(std > 1e-6 * np.abs(mean), std, 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Moments:
-  """Sufficient statistics of a least-squares fit, float64; additive over disjoint row sets."""
-  count: int
-  sum_x: np.ndarray   # (D,)
-  sum_t: np.ndarray   # (C,)
-  xx: np.ndarray      # (D, D) X^T X
-  xt: np.ndarray      # (D, C) X^T T
-
-  @classmethod
-  def from_sums(cls, count: int, sums: tuple[jax.Array, ...]) -> Moments:
-    return cls(count, *(np.asarray(a, np.float64) for a in sums))
-
-  @classmethod
-  def of(cls, x: np.ndarray, targets: np.ndarray) -> Moments:
-    return cls.from_sums(len(x), _moments(jnp.asarray(x, jnp.float32),
-                                          jnp.asarray(targets, jnp.float32)))
-
-  def __add__(self, other: Moments) -> Moments:
-    return Moments(self.count + other.count, self.sum_x + other.sum_x, self.sum_t + other.sum_t,
-                   self.xx + other.xx, self.xt + other.xt)
-
-
-def _shrink(eigenvalues: np.ndarray, projected: np.ndarray, penalties: np.ndarray) -> np.ndarray:
-  """projected / (eigenvalue + penalty) for every penalty: (L, K, C), the per-lambda rescale."""
-  return projected[None] / (np.maximum(eigenvalues, 0.0)[None, :, None]
-                            + penalties[:, None, None])
-
-
-def _centered(moments: Moments) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(scatter (D, D), cross (D, C), mean_x, mean_t): the moments about the means."""
-  n = moments.count
-  mean_x, mean_t = moments.sum_x / n, moments.sum_t / n
-  # Centering as a rank-one correction keeps the pass over the rows a plain matmul.
-  return (moments.xx - n * np.outer(mean_x, mean_x), moments.xt - n * np.outer(mean_x, mean_t),
-          mean_x, mean_t)
-
-
-def primal_solutions(moments: Moments, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Ridge weights (L, D, C) and biases (L, C) from one eigendecomposition of the D x D scatter,
-  minimizing ||X W + 1 b^T - T||^2 + lambda * n * ||W||^2 (b unpenalized) for every lambda."""
-  scatter, cross, mean_x, mean_t = _centered(moments)
-  eigenvalues, eigenvectors = np.linalg.eigh(scatter)
-  penalties = np.asarray(lambdas, np.float64) * moments.count
-  weights = eigenvectors @ _shrink(eigenvalues, eigenvectors.T @ cross, penalties)
-  return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
-
-
-def primal_solution(moments: Moments, lam: float) -> tuple[np.ndarray, np.ndarray]:
-  """The primal_solutions entry for one lambda, (1, D, C) and (1, C), by a linear solve (the
-  refit's one lambda: an LU solve costs a fraction of an eigendecomposition)."""
-  scatter, cross, mean_x, mean_t = _centered(moments)
-  scatter[np.diag_indices_from(scatter)] += lam * moments.count
-  weights = np.linalg.solve(scatter, cross)[None]
-  return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
-
-
-def dual_solutions(x: np.ndarray, targets: np.ndarray, lambdas: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """The same solutions as primal_solutions from one eigendecomposition of the n x n Gram."""
-  n = len(x)
-  mean_x = x.mean(axis=0, dtype=np.float64)
-  mean_t = targets.mean(axis=0, dtype=np.float64)
-  centered = np.asarray(x, np.float64) - mean_x
-  eigenvalues, eigenvectors = np.linalg.eigh(centered @ centered.T)
-  penalties = np.asarray(lambdas, np.float64) * n
-  coefficients = eigenvectors @ _shrink(eigenvalues, eigenvectors.T @ (targets - mean_t),
-                                        penalties)                      # (L, n, C)
-  weights = centered.T @ coefficients                                    # (L, D, C)
-  return weights, mean_t[None] - np.einsum("d,ldc->lc", mean_x, weights)
-
-
-def _ridge_hits(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, biases: np.ndarray,
-                logit_bias: np.ndarray | float = 0.0) -> np.ndarray:
-  """(rows, L) top-1 hits of every (weights[l], biases[l]) on (x, labels), one matmul for all."""
-  num_lambdas, dim, num_classes = weights.shape
-  stacked = weights.transpose(1, 0, 2).reshape(dim, num_lambdas * num_classes)
-  scores = (x @ stacked.astype(np.float32)).reshape(len(x), num_lambdas, num_classes)
-  scores += biases[None].astype(np.float32) + logit_bias
-  return scores.argmax(axis=-1) == labels[:, None]
-
-
-def _ridge_accuracies(x: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                      biases: np.ndarray, logit_bias: np.ndarray | float = 0.0) -> np.ndarray:
-  """Top-1 accuracy of every (weights[l], biases[l]) on (x, labels)."""
-  return _ridge_hits(x, labels, weights, biases, logit_bias).mean(axis=0)
-
-
-def _unstandardize(weights: np.ndarray, biases: np.ndarray, mean: np.ndarray, std: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """The same predictors on raw features: (x - mean) / std @ W + b = x @ W' + b'."""
-  raw_weights = weights / std[None, :, None]
-  return raw_weights, biases - np.einsum("d,ldc->lc", mean, raw_weights)
-
-
-def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(fit indices, held-out indices): round(fraction * n_c) of each class c held out, seeded."""
-  rng = np.random.default_rng(seed)
-  held_out = []
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    held_out.append(rng.permutation(members)[:int(round(fraction * len(members)))])
-  held = np.zeros(len(labels), bool)
-  held[np.concatenate(held_out)] = True
-  return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def ridge_probe(train: FeaturesLike, test: FeaturesLike,
@@ -414,7 +309,7 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
         f"{config.ridge_holdout_fraction}; ridge_probe needs at least 2 and 1")
   lambdas = np.asarray(config.ridge_lambdas, np.float64)
   train_x, labels = train_set.features, train_set.labels
-  mean, std = _mean_std(train_x)
+  mean, std = mean_std(train_x)
   # In numpy: jitted, each task's new shapes would cost more compilation than they save.
   standardized = (train_x - mean.astype(np.float32)) / std.astype(np.float32)
   targets = 2.0 * np.eye(num_classes, dtype=np.float32)[labels] - 1.0
@@ -427,22 +322,22 @@ def ridge_probe(train: FeaturesLike, test: FeaturesLike,
     weights, biases = primal_solutions(fit_moments, lambdas)
   else:
     weights, biases = dual_solutions(standardized[fit_idx], targets[fit_idx], lambdas)
-  holdout_accuracy = _ridge_accuracies(train_x[holdout_idx], labels[holdout_idx],
-                                       *_unstandardize(weights, biases, mean, std))
+  holdout_accuracy = ridge_accuracies(train_x[holdout_idx], labels[holdout_idx],
+                                       *unstandardize(weights, biases, mean, std))
   # Ties go to the larger lambda: the smoother of equally good solutions.
   best = max(range(len(lambdas)), key=lambda i: (holdout_accuracy[i], lambdas[i]))
   if primal:
     weights, biases = primal_solution(all_moments, float(lambdas[best]))
   else:
     weights, biases = dual_solutions(standardized, targets, lambdas[best:best + 1])
-  weights, biases = _unstandardize(weights, biases, mean, std)
-  correct = _ridge_hits(test_set.features, test_set.labels, weights, biases, logit_bias)[:, 0]
-  test_accuracy = correct.mean()
-  train_accuracy = _ridge_accuracies(train_x, labels, weights, biases)[0]
+  weights, biases = unstandardize(weights, biases, mean, std)
+  head = _fitted_head("ridge", weights[0], biases[0], config, train_set, num_classes)
+  # Scored by the head itself: its predictions reproduce the reported accuracy exactly.
+  correct = np.argmax(head.predict(test_set.features) + logit_bias, -1) == test_set.labels
+  train_accuracy = ridge_accuracies(train_x, labels, weights, biases)[0]
   return {**_summary("ridge", train_set, test_set, num_classes),
-          "accuracy": float(test_accuracy), "train_accuracy": float(train_accuracy),
-          "lambda": float(lambdas[best]),
-          "holdout_accuracy": [float(a) for a in holdout_accuracy],
-          "num_holdout": int(len(holdout_idx)),
-          "solver": "primal" if primal else "dual", "correct": correct,
+          "accuracy": float(correct.mean()), "train_accuracy": float(train_accuracy),
+          "lambda": float(lambdas[best]), "num_holdout": int(len(holdout_idx)),
+          "holdout_accuracy": [float(a) for a in holdout_accuracy], "correct": correct,
+          "solver": "primal" if primal else "dual", "head": head,
           "seconds": time.perf_counter() - start}

@@ -59,7 +59,7 @@ def _functions_of_validation(tree):
 
 def test_jobs_registry_holds_every_job_as_a_contract():
   assert set(jobs.JOBS) == {"study", "pretrain", "pretrain_clip", "transfer", "nmtune",
-                            "import", "report"}
+                            "import", "report", "predict"}
   for name, module in jobs.JOBS.items():
     assert module.NAME == name
     assert callable(module.validate) and callable(module.run) and callable(module.lock_index)

@@ -86,12 +86,23 @@ def test_the_choice_never_reads_test_labels():
   assert [m["accuracy"] for m in real["grid_results"]] != [
       m["accuracy"] for m in shuffled["grid_results"]]
   chosen = real["grid_results"][real["grid_chosen"]]
-  assert (real["val_accuracy"], real["accuracy"]) == (chosen["val_accuracy"], chosen["accuracy"])
+  # The winner is fit again on all of train (no validation split): its head is what is kept.
+  assert real["grid_refit"] and real["grid_val_accuracy"] == chosen["val_accuracy"]
+  assert "val_accuracy" not in real and real["num_train"] == len(train[1])
   assert real["lr"] == chosen["values"]["lr"] and real["grid"] == config.grid
+  refit = nmtune.fit(train, (test_x, test_y), {"epochs": 3, **chosen["values"]})
+  assert real["accuracy"] == refit["accuracy"]
+  predicted = np.argmax(np.asarray(real["head"].predict(test_x)), axis=1)
+  assert np.mean(predicted == test_y) == real["accuracy"]
   lines = nmtune_grid.report_lines(results)
   assert len(lines) == 4 and sum("<- chosen on validation" in line for line in lines) == 1
   assert lines[0].startswith("grid 1/4: svd_weight=0.001 lr=0.0003 | val ")
   assert "| test test " in lines[0] and " shuffled " in lines[0]
+  assert f"then fit again on all {len(train[1])} train examples" in "".join(lines)
+  # grid_refit=False keeps the chosen member as it was trained (on train minus validation).
+  kept = nmtune.fit(train, (test_x, test_y), {**config.to_dict(), "grid_refit": False})
+  assert (kept["val_accuracy"], kept["accuracy"]) == (chosen["val_accuracy"], chosen["accuracy"])
+  assert nmtune_grid.report_lines({"test": kept})[0].count(" test ") == 1
 
 
 def test_validation_split_is_stratified_and_seeded():

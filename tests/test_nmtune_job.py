@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nmjax import features as features_lib
-from nmjax import jobs
+from nmjax import heads, jobs
 from nmjax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def _blobs(num_examples, dim, seed, num_classes=4):
   return (centers[labels] + rng.normal(size=(num_examples, dim))).astype(np.float32), labels
 
 
-def test_features_files_through_main_append_one_line_per_run(tmp_path):
+def test_features_files_through_main_write_one_line_per_method(tmp_path):
   train, test = tmp_path / "train.npz", tmp_path / "test.npz"
   features_lib.save(train, *_blobs(512, 16, 0))
   features_lib.save(test, *_blobs(256, 16, 1))
@@ -62,17 +62,18 @@ def test_features_files_through_main_append_one_line_per_run(tmp_path):
   # --config.method, the older name of --config.methods: read, with a one-line note.
   assert ("note: config.method is deprecated; read as config.methods=nmtune (use methods)\n"
           in done.stderr)
+  first = _rows(tmp_path / "out")
   # The same run again, in-process (a second interpreter start costs seconds).
   jobs.run(_config("", train_features=str(train), test_features=str(test), methods="nmtune",
                    epochs=10, batch_size=32), str(tmp_path / "out"))
   rows = _rows(tmp_path / "out")
-  assert len(rows) == 2  # Appended, not rewritten.
+  assert len(rows) == 1  # The same method on the same files: its row replaced, not duplicated.
   for row in rows:
     assert row["method"] == "nmtune" and row["epochs"] == 10
     assert (row["mse_weight"], row["cov_weight"], row["svd_weight"]) == (1.0, 0.04, 0.001)
     assert row["accuracy"] > 0.9  # Four well-separated blobs; chance is 0.25.
     assert row["seconds"] > 0 and row["train_features"] == str(train)
-  assert rows[0]["accuracy"] == rows[1]["accuracy"]  # Seeded: the same run twice.
+  assert rows[0]["accuracy"] == first[0]["accuracy"]  # Seeded: the same run twice.
 
 
 def test_a_grid_reports_every_configuration_and_the_one_chosen(tmp_path, capsys):
@@ -86,11 +87,17 @@ def test_a_grid_reports_every_configuration_and_the_one_chosen(tmp_path, capsys)
   mlp, tuned = _rows(tmp_path / "out")
   assert len(tuned["grid_results"]) == 4 and 0 <= tuned["grid_chosen"] < 4
   chosen = tuned["grid_results"][tuned["grid_chosen"]]
-  assert tuned["val_accuracy"] == chosen["val_accuracy"] == max(
+  assert tuned["grid_val_accuracy"] == chosen["val_accuracy"] == max(
       m["val_accuracy"] for m in tuned["grid_results"])
   assert (tuned["svd_weight"], tuned["cov_weight"]) == (chosen["values"]["svd_weight"],
                                                        chosen["values"]["cov_weight"])
-  assert tuned["num_val"] == 103 and tuned["num_train"] == 409  # A stratified fifth held out.
+  # Chosen on a stratified fifth held out of train, then fit again on all 512 train rows; the
+  # saved head is that refit winner.
+  assert tuned["grid_refit"] and tuned["num_train"] == 512 and "val_accuracy" not in tuned
+  head = heads.load(str(tmp_path / "out" / "heads" / "nmtune"))
+  test_set = features_lib.load(str(test))
+  predicted = heads.predicted_labels(head, test_set.features)
+  assert np.mean(predicted == test_set.labels) == tuned["accuracy"]
   assert len(mlp["grid_results"]) == 1  # mlp zeroes the weights: the grid is one fit.
   out = capsys.readouterr().out
   assert out.count("[nmtune] nmtune grid ") == 4 and "<- chosen on validation" in out

@@ -16,6 +16,7 @@ PUBLIC = {
     "nmjax.clip": ("tokenize", "contrastive_loss"),
     "nmjax.convert": ("load",),
     "nmjax.models": ("get_model",),
+    "nmjax.heads": ("Head", "load", "export"),
     "nmjax.jobs": ("JOBS",),
 }
 # Rooms with no public names of their own: users import their submodules.

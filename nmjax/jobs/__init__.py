@@ -31,6 +31,7 @@ _MODULES = {
     "nmtune": "tuning",
     "import": "importer",
     "report": "report",
+    "predict": "predict",
 }
 
 

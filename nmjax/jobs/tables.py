@@ -4,9 +4,10 @@ nmjax.jobs.figures)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,78 @@ def write_evaluation(rows: list[dict[str, Any]], methods: list[str], workdir: st
   table = format_results(rows, methods, title, header)
   write_text(os.path.join(workdir, "results.md"), table)
   return table
+
+
+HEADS_DIR = "heads"  # workdir/heads/<task>/<method>/ (features files: heads/<method>/)
+
+
+class HeadKeeper:
+  """An evaluation's row function that also keeps each fit's head (its result["head"]).
+
+  Attributes:
+    row: the row function it wraps (evaluate.probe_row, evaluate.tuning_row).
+    heads: (task, method) -> the fitted nmjax.heads.Head, filled as rows are made.
+  """
+
+  def __init__(self, row: Callable[[Any, Any], dict[str, Any]]):
+    self.row = row
+    self.heads: dict[tuple[str, ...], Any] = {}
+
+  def __call__(self, fit: Any, enc: Any) -> dict[str, Any]:
+    """The wrapped row of `fit` (an evaluate.Fit), keeping its head when it has one."""
+    head = fit.result.get("head")
+    if head is not None:
+      self.heads[(fit.task.name, fit.method)] = head
+    return self.row(fit, enc)
+
+
+def save_heads(heads: Mapping[tuple[str, ...], Any], workdir: str) -> list[str]:
+  """Saves each head in workdir/heads/<key parts>/ (head.save: head.json + variables.npz).
+
+  Args:
+    heads: (task, method) or (method,) -> a fitted nmjax.heads.Head.
+    workdir: the job's workdir.
+
+  Returns:
+    The folders written, in the order of `heads`.
+  """
+  folders = []
+  for key, head in heads.items():
+    folder = os.path.join(workdir, HEADS_DIR, *key)
+    os.makedirs(folder, exist_ok=True)
+    head.save(folder)
+    folders.append(folder)
+  return folders
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+  """The JSON lines of `path` (none when it is missing; a torn last line is dropped)."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def replace_rows(path: str, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+  """Writes `rows` into the JSON-lines file `path`, replacing the rows with the same `keys`.
+
+  A job run again on one workdir leaves one set of rows, not duplicates; other rows (another
+  method, other files) stay, in their order.
+
+  Args:
+    path: the results.jsonl file (its folder must exist).
+    rows: the new rows.
+    keys: the fields that name a row (e.g. method, train_features, test_features).
+  """
+  new = {tuple(r.get(k) for k in keys) for r in rows}
+  kept = [r for r in _read_rows(path) if tuple(r.get(k) for k in keys) not in new]
+  write_jsonl(path, kept + list(rows))
 
 
 def write_tuning(rows: list[dict[str, Any]], enc: Any, config: Any, methods: list[str],

@@ -1,6 +1,7 @@
 """The transfer job, configs/transfer.py: probes (lp, ridge) and zero-shot over a checkpoint's
 frozen features on downstream tasks, with SVE/LSVR of each task's test features; writes
-results.jsonl, results.md and spectra.png (nmjax.evaluate does the work)."""
+results.jsonl, results.md, spectra.png and each fitted head in heads/<task>/<method>/
+(nmjax.heads.load reads it; nmjax.evaluate does the work)."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def method_config(plan: TransferPlan, method: str,
 
 
 def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
-  """Runs the probes and SVE/LSVR on every task; writes results.jsonl, results.md, spectra.png.
+  """Runs the probes and SVE/LSVR on every task; writes results.jsonl, results.md, spectra.png
+  and the fitted heads (heads/<task>/<method>/).
 
   Args:
     plan: the run's plan (validate).
@@ -133,12 +135,14 @@ def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
                                  max_examples=plan.max_examples, data_dir=plan.data_dir)
   chosen = tasks_lib.resolve(plan.tasks)
   center = None if plan.spectral_center == "none" else plan.spectral_center
+  keeper = tables.HeadKeeper(evaluate.probe_row)
   request = evaluate.Request(
-      chosen, list(plan.methods), functools.partial(method_config, plan), evaluate.probe_row,
+      chosen, list(plan.methods), functools.partial(method_config, plan), keeper,
       spectral_center=center, spectrum_top_k=evaluate.SPECTRUM_TOP_K, prefix="[transfer]")
   result = evaluate.run(cache, request)
   enc = cache.encoder
   if jax.process_index() == 0:
+    tables.save_heads(keeper.heads, workdir)
     header = tables.encoder_header(enc, "Accuracy in %, SVE/LSVR of the test features"
                                         f" (centering: {plan.spectral_center}).")
     table = tables.write_evaluation(result.rows, list(plan.methods), workdir,
@@ -149,5 +153,6 @@ def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
         f"{pre.model}, {pre.dataset}, noise {pre.noise_ratio}, step {enc.step}")
     print(table, flush=True)
   print(f"[transfer] done in {format_seconds(time.perf_counter() - start)}; results in"
-        f" {os.path.join(workdir, 'results.jsonl')}, results.md and spectra.png", flush=True)
+        f" {os.path.join(workdir, 'results.jsonl')}, results.md, spectra.png and heads/",
+        flush=True)
   return {"rows": result.rows, "features_extracted": result.features_extracted}

@@ -1,6 +1,7 @@
 """The NMTune job, configs/nmtune.py: lp, mlp, nmtune, lp_aug and zero-shot over frozen features,
-from features files (black-box mode: one appended results.jsonl line per method) or over a
-checkpoint's tasks with plain or augmented train views (results.jsonl, results.md, curves.png).
+from features files (black-box mode: one results.jsonl line per method, heads/<method>/) or over a
+checkpoint's tasks with plain or augmented train views (results.jsonl, results.md, curves.png,
+heads/<task>/<method>/). Each fitted head is saved with head.save (nmjax.heads.load reads it).
 
 The plan keeps the NMTune fit's fields (epochs, the loss weights, seed, ...) and the checkpoint as
 its own top-level fields, and each method's fit config is built from them at run time
@@ -23,7 +24,6 @@ import numpy as np
 
 from nmjax import encoder as encoder_lib, evaluate, features as features_lib, parallel
 from nmjax import tasks as tasks_lib
-from nmjax import io as nmjax_io
 from nmjax.config import check_choice, check_range, parse_names
 from nmjax.errors import ConfigError, DataError
 from nmjax.jobs import plans, tables
@@ -72,6 +72,7 @@ class TuningPlan:
   residual_scale_init: float = 1.0
   val_fraction: float = 0.0
   grid: str = ""
+  grid_refit: bool = True
   seed: int = 0
   num_classes: int | None = None
   logit_subset: tuple[int, ...] | None = None
@@ -192,11 +193,16 @@ def request(plan: TuningPlan, prefix: str = "[nmtune]") -> evaluate.Request:
 def evaluate_checkpoint(plan: TuningPlan, workdir: str
                         ) -> tuple[evaluate.Evaluation, str | None]:
   """The checkpoint mode without its closing lines: the evaluation, with results.jsonl,
-  results.md and curves.png written by process 0 (the markdown returned; None elsewhere)."""
+  results.md, curves.png and heads/<task>/<method>/ written by process 0 (the markdown
+  returned; None elsewhere)."""
   cache = open_cache(plan, workdir)
-  result = evaluate.run(cache, request(plan))
+  evaluation = request(plan)
+  keeper = tables.HeadKeeper(evaluation.row)
+  evaluation.row = keeper
+  result = evaluate.run(cache, evaluation)
   table = None
   if jax.process_index() == 0:
+    tables.save_heads(keeper.heads, workdir)
     table = tables.write_tuning(result.rows, cache.encoder, plan, list(plan.methods), workdir)
   return result, table
 
@@ -223,8 +229,12 @@ def _load_files(plan: TuningPlan) -> tuple[features_lib.FeatureSet, features_lib
   return train, test
 
 
+_FILE_KEYS = ("method", "train_features", "test_features")  # What names a features-file row.
+
+
 def _run_files(plan: TuningPlan, workdir: str) -> dict[str, Any]:
-  """Features-file mode: one appended JSON line per method."""
+  """Features-file mode: one results.jsonl line per method (replacing an earlier run's line of
+  the same method and files) and its head in heads/<method>/."""
   path = os.path.join(workdir, "results.jsonl")
   train, test = _load_files(plan)
   rows = []
@@ -236,13 +246,16 @@ def _run_files(plan: TuningPlan, workdir: str) -> dict[str, Any]:
            "test_features": os.path.abspath(plan.test_features)}
     rows.append(row)
     if jax.process_index() == 0:
-      nmjax_io.append_line(path, row)
+      tables.replace_rows(path, [row], _FILE_KEYS)
+      if result.get("head") is not None:
+        tables.save_heads({(method,): result["head"]}, workdir)
     for line in report_lines({"test": result}):
       print(f"[nmtune] {method} {line}", flush=True)
     print(f"[nmtune] {method}: accuracy {row['accuracy']:.4f} | {row['num_train']} train,"
           f" {row['num_test']} test, D={row['feature_dim']}, C={row['num_classes']} |"
           f" {format_seconds(row['seconds'])}", flush=True)
-  print(f"[nmtune] appended {len(rows)} line(s) to {path}", flush=True)
+  print(f"[nmtune] wrote {len(rows)} line(s) to {path}; heads in"
+        f" {os.path.join(workdir, tables.HEADS_DIR)}", flush=True)
   return {"rows": rows}
 
 
@@ -251,9 +264,9 @@ def run(plan: TuningPlan, workdir: str) -> dict[str, Any]:
 
   Args:
     plan: the run's plan (validate).
-    workdir: where the results go (made if needed): features-file mode appends one
-      results.jsonl line per method; checkpoint mode writes results.jsonl, results.md and
-      curves.png.
+    workdir: where the results go (made if needed): features-file mode writes one
+      results.jsonl line per method (a re-run replaces its lines) and heads/<method>/;
+      checkpoint mode writes results.jsonl, results.md, curves.png and heads/<task>/<method>/.
 
   Returns:
     Features-file mode: {"rows"}. Checkpoint mode: {"rows", "spectra", "features_extracted" (how

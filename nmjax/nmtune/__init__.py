@@ -3,6 +3,7 @@ plain features or on augmented views of the train images; one configuration at a
 of them in one jitted program (the method: docs/method.md).
 
     result = nmjax.nmtune.fit((train_features, train_labels), (test_features, test_labels))
+    head = result["head"]  # nmjax.heads.Head: predict, transform (z), save; heads.export
 
 The public API is __all__: the three regularizers, the head, the fits, their config, and the
 augmented-view train data. Everything else is imported from its module: losses (the regularizers

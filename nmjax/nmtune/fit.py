@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from nmjax import config as config_lib, probe, spectral
+from nmjax import config as config_lib, heads, probe, spectral
 from nmjax.config import check_choice, check_range
 from nmjax.errors import ConfigError, DataError
 from nmjax.features import MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set, \
@@ -202,6 +202,14 @@ def _settings(trained: Trained) -> dict[str, Any]:
   return settings
 
 
+def _head(trained: Trained, bias: np.ndarray) -> Any:
+  """The trained run's fitted nmjax.heads.Head, its logit_subset the classes bias leaves open."""
+  run = trained.run
+  subset = None if np.isfinite(bias).all() else np.flatnonzero(np.isfinite(bias)).tolist()
+  return heads.from_nmtune(run.config.method, run.model, run.feature_dim, trained.state[0],
+                     trained.state[1], subset)
+
+
 def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet],
              biases: Mapping[str, np.ndarray], seconds: float
              ) -> list[dict[str, dict[str, Any]]]:
@@ -219,6 +227,7 @@ def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet],
         spectrum = spectral.metrics(z)
         correct = np.argmax(logits + biases[name], axis=-1) == test_set.labels
       results[name] = {**settings, "accuracy": trained.test_accuracy[name][-1],
+                       "head": _head(trained, biases[name]),
                        "test_accuracy_per_epoch": trained.test_accuracy[name],
                        "sve": spectrum["sve"], "lsvr": spectrum["lsvr"], "correct": correct,
                        "num_test": test_set.num_examples}
@@ -333,9 +342,15 @@ def _grid_fit(train: TrainLike, tests: Mapping[str, FeaturesLike],
   shared = [next(iter(r.values())) for r in all_results]
   chosen = grid_lib.choose([r.get("val_accuracy") for r in shared],
                            [bool(r.get("diverged")) for r in shared])
+  best = all_results[chosen]
+  if config.grid_refit:  # The winner fit again on all of train: its head is what is kept.
+    best = fit_grid_multi(train, tests, [grid_lib.refit_config(points[chosen])],
+                          logit_subsets=logit_subsets, log=log)[0]
   out = {}
   for name in tests:
-    out[name] = {**all_results[chosen][name], "grid": config.grid, "grid_chosen": chosen,
+    out[name] = {**best[name], "grid": config.grid, "grid_chosen": chosen,
+                 "grid_refit": bool(config.grid_refit),
+                 "grid_val_accuracy": all_results[chosen][name].get("val_accuracy"),
                  "grid_results": [grid_lib.summary(p, fields, r[name])
                                   for p, r in zip(points, all_results)]}
   return out
@@ -359,8 +374,10 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
     log: called with one progress line per epoch (None: silent).
 
   Returns:
-    {test name: result}. Each result holds accuracy (final), correct (its per-example hits,
-    None for a diverged grid member), test_accuracy_per_epoch, train_accuracy (feature mode),
+    {test name: result}. Each result holds accuracy (final), head (the fitted nmjax.heads.Head:
+    its predictions on that test set, over its logit subset, score as accuracy; kind nmtune for
+    nmtune and mlp, linear for lp_aug), correct (its per-example hits, None for a diverged grid
+    member), test_accuracy_per_epoch, train_accuracy (feature mode),
     loss_per_epoch and loss_means (the terms' means over each epoch's steps / the last epoch's),
     sve and lsvr of z on that test set, seconds (the whole fit), sv_route (the singular-value
     route), the run's settings and, with config.val_fraction > 0, num_val, val_accuracy and
@@ -389,7 +406,8 @@ def fit_multi(train: TrainLike, tests: Mapping[str, FeaturesLike],
 
 def fit(train: TrainLike, test: FeaturesLike,
         config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """NMTune (or config.method) trained on `train` and scored on `test`.
+  """NMTune (or config.method: nmtune, mlp, lp_aug, lp or ridge) trained on `train`, scored on
+  `test`.
 
   Args:
     train: a features file path, a FeatureSet, a (features, labels) pair of arrays, or
@@ -399,8 +417,8 @@ def fit(train: TrainLike, test: FeaturesLike,
       defaults (default_config()).
 
   Returns:
-    The result dict (as fit_multi's results): accuracy, per-epoch curves, sve and lsvr of z on
-    the test features, the settings.
+    The result dict (as fit_multi's results): accuracy, head (the fitted nmjax.heads.Head),
+    per-epoch curves, sve and lsvr of z on the test features, the settings.
 
   Raises:
     ConfigError: a bad config field or value.
@@ -414,4 +432,12 @@ def fit(train: TrainLike, test: FeaturesLike,
     >>> result["method"], 0.0 <= result["accuracy"] <= 1.0
     ('nmtune', True)
   """
-  return fit_multi(train, {"test": test}, config)["test"]
+  given = dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config or {})
+  method = given.pop("method", "nmtune")
+  if method in ("lp", "ridge"):  # The command line's probes: their own protocol, NMTune's seed.
+    probe_fn = probe.linear_probe if method == "lp" else probe.ridge_probe
+    return {**probe_fn(train, test, probe_config(resolve_config(given))), "method": method}
+  if method == "zeroshot":
+    raise ConfigError("config.method='zeroshot' fits nothing: it scores a CLIP encoder's text"
+                      " tower; run the nmtune job on a pretrain_clip checkpoint with it")
+  return fit_multi(train, {"test": test}, {**given, "method": method})["test"]

@@ -86,6 +86,68 @@ def point_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
   return configs
 
 
+def refit_config(chosen: ml_collections.ConfigDict | Mapping[str, Any]
+                 ) -> ml_collections.ConfigDict:
+  """The config that refits the grid's chosen member on all of train.
+
+  The member was trained on train less its validation split (config.val_fraction) and chosen on
+  that split; the refit trains the same configuration (every hyperparameter and the seed) on
+  every train example: no validation split, no grid.
+
+  Args:
+    chosen: the chosen member's config, as point_configs gives it (config.grid emptied), a
+      ConfigDict or a dict (the `lp` field may be a ConfigDict or a dict).
+
+  Returns:
+    A new ConfigDict (the input is not changed): `chosen` with val_fraction 0.0 and grid "".
+
+  Raises:
+    ConfigError: `chosen` still holds a grid (pass one of point_configs' members), or lacks the
+      grid or val_fraction field (not an NMTune config).
+
+  Examples:
+    >>> import ml_collections
+    >>> from nmjax.nmtune import grid
+    >>> member = ml_collections.ConfigDict({"grid": "", "val_fraction": 0.1, "svd_weight": 0.01})
+    >>> refit = grid.refit_config(member)
+    >>> refit.val_fraction, refit.grid, refit.svd_weight, member.val_fraction
+    (0.0, '', 0.01, 0.1)
+  """
+  fields = chosen.to_dict() if isinstance(chosen, ml_collections.ConfigDict) else dict(chosen)
+  missing = [f for f in ("grid", "val_fraction") if f not in fields]
+  if missing:
+    raise ConfigError(f"refit_config: the chosen member's config lacks {', '.join(missing)}; pass"
+                      " an NMTune config (one of nmjax.nmtune.grid.point_configs)")
+  if parse_grid(fields["grid"]):
+    raise ConfigError(f"refit_config: the chosen member still holds config.grid="
+                      f"{fields['grid']!r}; pass one of nmjax.nmtune.grid.point_configs")
+  if isinstance(fields.get("lp"), ml_collections.ConfigDict):
+    fields["lp"] = fields["lp"].to_dict()
+  fields.update(grid="", val_fraction=0.0)
+  return ml_collections.ConfigDict(fields)
+
+
+def chosen_line(config: Mapping[str, Any], fields: Sequence[str], chosen: int, size: int, *,
+                num_train: int | None = None) -> str:
+  """The one line that names the grid's chosen configuration (and the refit, if any).
+
+  Args:
+    config: the chosen member's config (or its grid_results "values").
+    fields: the grid's fields (parse_grid's), in order.
+    chosen: its index in the grid.
+    size: how many configurations the grid trained.
+    num_train: the train examples of the refit; None: no refit (the member as trained).
+
+  Returns:
+    E.g. "grid: chose 2/6 svd_weight=0.01 cov_weight=0.04 on validation; refit on all 1257 train
+    examples".
+  """
+  values = " ".join(f"{f}={config[f]:g}" for f in fields) or "(the config)"
+  refit = ("; kept as trained (no refit)" if num_train is None
+           else f"; refit on all {num_train} train examples")
+  return f"grid: chose {chosen + 1}/{size} {values} on validation{refit}"
+
+
 def choose(val_accuracies: Sequence[float | None], diverged: Sequence[bool]) -> int:
   """The index of the highest validation accuracy among the members that did not diverge (the
   first of a tie); reads nothing of any test set."""
@@ -113,10 +175,13 @@ def report_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
   lines = []
   for i, member in enumerate(members):
     values = " ".join(f"{k}={v:g}" for k, v in member["values"].items())
-    tests = " ".join(f"{name} {r['grid_results'][i]['accuracy']:.4f}"
-                     for name, r in results.items())
+    tests = " ".join(("" if list(results) == ["test"] else f"{name} ")
+                     + f"{r['grid_results'][i]['accuracy']:.4f}" for name, r in results.items())
     note = " (diverged)" if member["diverged"] else ""
-    note += " <- chosen on validation" if i == first["grid_chosen"] else ""
+    if i == first["grid_chosen"]:
+      note += " <- chosen on validation" + (
+          f", then fit again on all {first['num_train']} train examples"
+          if first.get("grid_refit") else "")
     val = member["val_accuracy"]
     lines.append(f"grid {i + 1}/{len(members)}: {values or '(the config)'} | val"
                  f" {'-' if val is None else f'{val:.4f}'} | test {tests}{note}")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
+
 def _torch_uniform(fan_in: int) -> Callable[..., jax.Array]:
   """PyTorch's nn.Linear default for weight and bias alike: U(+-1 / sqrt(fan_in))."""
   bound = 1.0 / np.sqrt(fan_in)

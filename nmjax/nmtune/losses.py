@@ -22,6 +22,47 @@ def normalize_rows(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _matrix_shape(name: str, x: jax.Array, *, min_rows: int = 1) -> tuple[int, int]:
+  """(n, D) of a 2-D x, or a ConfigError naming the argument and its shape (one line)."""
+  shape = tuple(jnp.shape(x))
+  if len(shape) != 2:
+    raise ConfigError(f"{name} must be a 2-D (n, D) array, got shape {shape}")
+  if shape[0] < min_rows or shape[1] < 1:
+    raise ConfigError(f"{name} needs at least {min_rows} row(s) and 1 column, got shape {shape}")
+  return shape
+
+
+def check_static_k(k: object, num_rows: int, dim: int) -> int:
+  """The k of dominant_singular_value_loss, checked: a static Python int in [1, min(n, D)].
+
+  A traced k (an argument of a jitted function that is not static) cannot be checked against
+  min(n, D); nmjax's own programs pass a traced svd_topk to dominant_share instead.
+
+  Args:
+    k: the value given.
+    num_rows: n, the rows of z.
+    dim: D, the columns of z.
+
+  Returns:
+    k as a Python int.
+
+  Raises:
+    ConfigError: k is traced or a JAX array, not an integer (a bool or a float included), or
+      outside [1, min(n, D)] (one line).
+  """
+  allowed = f"allowed: an integer in [1, min(n, D)] = [1, {min(num_rows, dim)}]"
+  if isinstance(k, jax.Array):  # Tracers included.
+    what = "a traced array" if isinstance(k, jax.core.Tracer) else "a JAX array"
+    raise ConfigError(f"dominant_singular_value_loss: k (svd_topk) must be a static Python int,"
+                      f" got {what}; {allowed} (under jax.jit: static_argnames='k')")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    raise ConfigError(f"svd_topk={k!r} is not allowed; {allowed}; k must be a static Python int,"
+                      f" got {type(k).__name__}")
+  if not 1 <= k <= min(num_rows, dim):
+    raise ConfigError(f"svd_topk={k!r} is not allowed; {allowed}")
+  return int(k)
+
+
 def consistency_loss(z: jax.Array, f: jax.Array) -> jax.Array:
   """The consistency term: mean over (n, D) of (normalize(z) - stop_gradient(normalize(f)))^2.
 
@@ -36,6 +77,9 @@ def consistency_loss(z: jax.Array, f: jax.Array) -> jax.Array:
   Returns:
     A float32 scalar, 0 when every row of z points the way its row of f does.
 
+  Raises:
+    ConfigError: z or f is not 2-D, or their shapes differ.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from nmjax import nmtune
@@ -43,8 +87,12 @@ def consistency_loss(z: jax.Array, f: jax.Array) -> jax.Array:
     >>> float(nmtune.consistency_loss(z, 3 * z))  # Only the rows' directions count.
     0.0
   """
-  z = z.astype(jnp.float32)
-  target = jax.lax.stop_gradient(normalize_rows(f.astype(jnp.float32)))
+  shape = _matrix_shape("consistency_loss z", z)
+  if tuple(jnp.shape(f)) != shape:
+    raise ConfigError(f"consistency_loss: f must have z's shape {shape}, got"
+                      f" {tuple(jnp.shape(f))}")
+  z = jnp.asarray(z).astype(jnp.float32)
+  target = jax.lax.stop_gradient(normalize_rows(jnp.asarray(f).astype(jnp.float32)))
   return jnp.mean(jnp.square(normalize_rows(z) - target))
 
 
@@ -65,7 +113,7 @@ def covariance_loss(z: jax.Array, *, route: str = "auto") -> jax.Array:
     A float32 scalar >= 0, 0 when z's dimensions are uncorrelated.
 
   Raises:
-    ConfigError: an unknown route, or fewer than 2 rows.
+    ConfigError: an unknown route, a z that is not 2-D, or fewer than 2 rows.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -77,10 +125,10 @@ def covariance_loss(z: jax.Array, *, route: str = "auto") -> jax.Array:
   if route not in COVARIANCE_ROUTES:
     raise ConfigError(f"covariance_loss route={route!r} is unknown; allowed:"
                       f" {', '.join(COVARIANCE_ROUTES)}")
-  num_rows, dim = z.shape
+  num_rows, dim = _matrix_shape("covariance_loss z", z)
   if num_rows < 2:
     raise ConfigError(f"covariance_loss needs at least 2 rows, got {num_rows}")
-  z = z.astype(jnp.float32)
+  z = jnp.asarray(z).astype(jnp.float32)
   centered = z - jnp.mean(z, axis=0)
   if route == "auto":
     route = "gram" if num_rows < dim else "covariance"
@@ -257,7 +305,9 @@ def dominant_singular_value_loss(z: jax.Array, k: int = 5, *, route: str = "auto
 
   Args:
     z: (n, D) head outputs.
-    k: how many of the largest singular values count, 1 <= k <= min(n, D).
+    k: how many of the largest singular values count, 1 <= k <= min(n, D). Static: a Python
+      int, never a traced value (under jax.jit pass it through static_argnames); it is checked
+      against min(n, D) before anything is computed.
     route: SINGULAR_VALUE_ROUTES: "svd" (QR, then an SVD of the small triangle), "gram" (an eigh
       of the smaller Gram matrix), or "auto" (default: the backend's faster one).
 
@@ -265,7 +315,8 @@ def dominant_singular_value_loss(z: jax.Array, k: int = 5, *, route: str = "auto
     A float32 scalar in (0, 1].
 
   Raises:
-    ConfigError: a k outside [1, min(n, D)] or an unknown route.
+    ConfigError: a z that is not 2-D, a k that is not a static Python int (a traced k
+      included), a k outside [1, min(n, D)], or an unknown route.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -273,10 +324,7 @@ def dominant_singular_value_loss(z: jax.Array, k: int = 5, *, route: str = "auto
     >>> float(nmtune.dominant_singular_value_loss(jnp.eye(4), k=1))  # Four equal directions.
     0.25
   """
-  num_rows, dim = z.shape
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= min(num_rows,
-                                                                                        dim):
-    raise ConfigError(f"svd_topk={k!r} is not allowed; allowed: an integer in [1, min(n, D)]"
-                      f" = [1, {min(num_rows, dim)}]")
+  num_rows, dim = _matrix_shape("dominant_singular_value_loss z", z)
+  k = check_static_k(k, num_rows, dim)
   values = gram_singular_values if singular_value_route(route) == "gram" else singular_values
-  return dominant_share(values(z.astype(jnp.float32)), k)
+  return dominant_share(values(jnp.asarray(z).astype(jnp.float32)), k)

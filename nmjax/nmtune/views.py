@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nmjax.errors import ConfigError
+from nmjax.errors import ConfigError, DataError
 from nmjax.features import FeatureSet
 
 # Uniforms per augmented view: area scale, log aspect ratio, row offset, column offset, flip.
@@ -35,6 +35,7 @@ def random_resized_crop_flip(images: jax.Array, draws: jax.Array) -> jax.Array:
   position, resized back to H x W bilinearly, then mirrored left-right when the last draw < 0.5.
   Pixel values keep their units (uint8 in, 0..255 floats out).
   """
+  _check_images("random_resized_crop_flip images", images)
   _, height, width, channels = images.shape
   area = height * width * (CROP_SCALE[0] + draws[:, 0] * (CROP_SCALE[1] - CROP_SCALE[0]))
   log_low, log_high = np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1])
@@ -56,6 +57,30 @@ def random_resized_crop_flip(images: jax.Array, draws: jax.Array) -> jax.Array:
 
 
 Encode = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> (n, D) features
+
+
+def _check_images(name: str, images: Any) -> int:
+  """The number of images of a (N, H, W, C) array, or a DataError naming its shape."""
+  shape = tuple(np.shape(images))
+  if len(shape) != 4:
+    raise DataError(f"{name}: images must be 4-D (N, H, W, C), got shape {shape}")
+  return shape[0]
+
+
+def _check_label_shape(name: str, labels: Any, num_examples: int) -> None:
+  """A DataError naming the shape unless labels are 1-D with num_examples entries (their values
+  are checked where they size the head: nmjax.features.check_labels)."""
+  shape = tuple(np.shape(labels))
+  if shape != (num_examples,):
+    raise DataError(f"{name}: labels must be 1-D with {num_examples} entries (one per image),"
+                    f" got shape {shape}")
+
+
+def _check_plain(name: str, plain: Any, num_examples: int, feature_dim: int) -> None:
+  """A DataError naming the shape unless plain_features is None or (num_examples, feature_dim)."""
+  if plain is not None and tuple(np.shape(plain)) != (num_examples, feature_dim):
+    raise DataError(f"{name}: plain_features must have shape ({num_examples}, {feature_dim}),"
+                    f" got {tuple(np.shape(plain))}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,6 +108,15 @@ class OnlineViews:
   # (config.val_fraction) is scored on.
   plain_features: np.ndarray | None = None
 
+  def __post_init__(self) -> None:
+    num_images = _check_images("NMTune online views", self.images)
+    _check_label_shape("NMTune online views", self.labels, num_images)
+    if isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, (int, np.integer)) \
+        or self.feature_dim < 1:
+      raise DataError(f"NMTune online views: feature_dim must be a positive int, got"
+                      f" {self.feature_dim!r}")
+    _check_plain("NMTune online views", self.plain_features, num_images, int(self.feature_dim))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CachedViews:
@@ -99,6 +133,13 @@ class CachedViews:
   features: np.ndarray
   labels: np.ndarray
   plain_features: np.ndarray | None = None  # as OnlineViews.plain_features
+
+  def __post_init__(self) -> None:
+    shape = tuple(np.shape(self.features))
+    if len(shape) != 3:
+      raise DataError(f"NMTune cached views: features must be 3-D (K, N, D), got shape {shape}")
+    _check_label_shape("NMTune cached views", self.labels, shape[1])
+    _check_plain("NMTune cached views", self.plain_features, shape[1], shape[2])
 
   @property
   def feature_dim(self) -> int:
@@ -134,6 +175,7 @@ def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.n
 
   Raises:
     ConfigError: num_views < 2.
+    DataError: images that are not (N, H, W, C), or labels that are not (N,).
 
   Examples:
     >>> import jax.numpy as jnp, numpy as np
@@ -148,7 +190,8 @@ def cache_views(encode: Encode, variables: Any, images: np.ndarray, labels: np.n
     raise ConfigError(f"num_views={num_views} (config.cached_views) is not allowed; allowed: >= 2"
                       " (each step pairs two distinct views of an image)")
   images = np.asarray(images)
-  num_images = len(images)
+  num_images = _check_images("cache_views", images)
+  _check_label_shape("cache_views", labels, num_images)
   rng = np.random.default_rng([seed, 7])
   draws = rng.random((num_views, num_images, AUGMENT_DRAWS), dtype=np.float32)
   if not flip:
