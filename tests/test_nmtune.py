@@ -453,10 +453,9 @@ def test_bad_inputs_give_one_line(tmp_path):
       ({"batch_size": 128}, DataError, "batch_size=128 needs 128 train examples per step but the"
                                        " train set has 100"),
       ({"cov_weight": -1}, ConfigError, "config.cov_weight=-1.0 is out of range"),
-      ({"method": "ridge"}, ConfigError, "config.method='ridge' is unknown; allowed: nmtune"),
+      ({"method": "svm"}, ConfigError, "config.method='svm' is unknown; allowed: nmtune"),
+      ({"method": "zeroshot"}, ConfigError, "config.method='zeroshot' fits nothing"),
       ({"svd_wieght": 0.1}, ConfigError, "NMTune config field 'svd_wieght' is unknown; known:"),
-      ({"method": "lp"}, ConfigError, "config.method='lp' is unknown; allowed: nmtune, mlp,"
-                                      " lp_aug"),
       ({"method": "lp_aug", "lp": {"learning_rate": -1.0}}, ConfigError,
        "config.lp.learning_rate=-1.0 is out of range"),
       ({"batch_size": 32, "svd_topk": 9}, ConfigError,
