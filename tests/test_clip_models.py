@@ -51,6 +51,7 @@ def _split_counts(params):
   return image, _count(params) - image - scalars, _count(params)
 
 
+@pytest.mark.slow
 def test_rn50_matches_open_clip_parameter_count_and_names():
   model = get_clip_model("clip_rn50")
   variables, (image, text, scale) = _abstract_variables(model)

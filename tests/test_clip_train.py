@@ -24,6 +24,9 @@ from configs import pretrain_clip as clip_config  # pylint: disable=wrong-import
 from configs import study_clip as study_clip_config  # pylint: disable=wrong-import-position
 from configs import transfer as transfer_config  # pylint: disable=wrong-import-position
 
+# Minutes of processes and training: the full tier (`-m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 
 # One data shard (the eight fake devices all hold the whole batch): XLA:CPU can deadlock when a
 # step's all-gather (the global-batch logits) and all-reduce (the gradients) run across eight

@@ -337,6 +337,7 @@ def test_openai_torchscript_vit_matches_and_its_quickgelu_is_enforced(tmp_path):
 
 # --------------------------------------------------------------------- full-size layouts
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["clip_rn50", "clip_vit_b16"])
 def test_full_size_names_and_shapes_map_one_to_one(arch):
   torch = pytest.importorskip("torch")

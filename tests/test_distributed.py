@@ -3,6 +3,7 @@ ResNet through main.py, match one process with 4 devices, and on a SIGTERM to on
 save at the same step and exit 0; after a SIGKILL of both, the same two commands resume and end
 bitwise equal to an uninterrupted two-process run."""
 
+import pytest
 import json
 import os
 import re
@@ -16,6 +17,9 @@ import jax
 import numpy as np
 
 from nmjax.train import checkpoint
+
+# Minutes of processes and training: the full tier (`-m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 160 examples / batch 32: 5 steps per epoch, so the run evaluates at step 5 and 10.

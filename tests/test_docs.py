@@ -719,6 +719,7 @@ def test_documented_commands_exist(block):
     pytest.fail("\n".join(problems), pytrace=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=_block_id)
 def test_run_blocks_exit_0(block, tmp_path):
   failure = run_block(block, tmp_path)

@@ -201,6 +201,7 @@ def _metrics(workdir):
           for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_workdir_one_refused_the_other_equal_to_a_lone_run(checkpoint,
                                                                           tmp_path):
   procs = [_main(tmp_path), _main(tmp_path)]

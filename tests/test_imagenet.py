@@ -395,6 +395,7 @@ def test_eval_batches_are_padded_masked_and_cover_each_example_once(data_dir):
   assert sorted(seen) == list(range(20))
 
 
+@pytest.mark.slow
 def test_first_train_steps_of_the_imagenet_job_run_on_cpu(data_dir, tmp_path):
   # ResNet-50 through main.py and the project's jitted train step, at 32x32 on 64 -> 48 images.
   cmd = [sys.executable, os.path.join(ROOT, "main.py"),

@@ -91,6 +91,7 @@ def _signal_at(workdir, step, sig):
   return proc.returncode, "".join(lines) + out
 
 
+@pytest.mark.slow
 def test_sigterm_ctrl_c_and_sigkill_at_random_steps_then_resume_is_bitwise_identical(
     uninterrupted, tmp_path):
   reference, _ = uninterrupted
@@ -199,6 +200,7 @@ def test_resume_with_a_different_experiment_is_refused(uninterrupted):
   assert code == 2 and "holds a checkpoint of a different run" in out, out
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
   # A healthy start leaves a checkpoint at step 4; resuming with an absurd learning rate blows up.
   code, out = _run(tmp_path, "--config.num_train_steps=4")

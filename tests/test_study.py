@@ -23,6 +23,9 @@ from nmjax import tasks as tasks_lib  # pylint: disable=wrong-import-position
 from nmjax.jobs import figures, tables as report  # pylint: disable=wrong-import-position
 from nmjax.jobs import study, study_stages  # pylint: disable=wrong-import-position
 
+# Minutes of processes and training: the full tier (`-m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 SMOKE = "configs/default.py:smoke"
 
 
