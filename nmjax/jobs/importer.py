@@ -24,7 +24,7 @@ from nmjax.config import check_range
 from nmjax.convert import clip_layouts, readers
 from nmjax.errors import ConfigError, DataError
 from nmjax.jobs import plans
-from nmjax.jobs.workdir import prepare_workdir
+from nmjax.jobs.workdir import prepare_workdir, single_process
 from nmjax.progress import format_seconds
 
 NAME = "import"
@@ -107,16 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
                              input=_input_plan(config.input))
 
 
-def lock_index(plan: ImportPlan) -> int:  # pylint: disable=unused-argument
-  """The index of this process's lock file: an import runs as one process.
-
-  Args:
-    plan: the import's plan.
-
-  Returns:
-    0.
-  """
-  return 0
+lock_index = single_process  # One process: lock file 0.
 
 
 def _check_reference(imported: convert.Imported, plan: ImportPlan) -> dict[str, float]:

@@ -19,7 +19,7 @@ from nmjax import io as nmjax_io
 from nmjax.config import check_choice, check_range
 from nmjax.errors import ConfigError, DataError
 from nmjax.jobs import plans
-from nmjax.jobs.workdir import prepare_workdir
+from nmjax.jobs.workdir import prepare_workdir, single_process
 from nmjax.progress import format_seconds
 
 NAME = "predict"
@@ -105,17 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> PredictPlan:
   return plans.from_config(PredictPlan, config, job=NAME, mode=mode, task=task)
 
 
-def lock_index(plan: PredictPlan) -> int:
-  """The index of this process's lock file in the workdir: 0 (one process).
-
-  Args:
-    plan: the run's plan.
-
-  Returns:
-    0.
-  """
-  del plan
-  return 0
+lock_index = single_process  # One process: lock file 0.
 
 
 def read_features(path: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from nmjax import models, noise, parallel
+from nmjax import models, noise
 from nmjax.config import check_choice, check_range
 from nmjax.data import sources
 from nmjax.errors import ConfigError
@@ -149,8 +149,7 @@ def lock_index(plan: PretrainPlan) -> int:
     The process's index among the run's processes (explicit mode: plan.process_id; auto mode
     connects the processes first to learn it), else 0.
   """
-  return process_index(plan.distributed, plan.process_id,
-                       lambda: parallel.maybe_initialize_distributed(plan))
+  return process_index(plan)
 
 
 def run(plan: PretrainPlan, workdir: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from nmjax import models, parallel
+from nmjax import models
 from nmjax.config import check_choice, check_range
 from nmjax.data import image_text
 from nmjax.errors import ConfigError
@@ -141,8 +141,7 @@ def lock_index(plan: ClipPlan) -> int:
   Returns:
     The process's index among the run's processes (explicit or auto mode), else 0.
   """
-  return process_index(plan.distributed, plan.process_id,
-                       lambda: parallel.maybe_initialize_distributed(plan))
+  return process_index(plan)
 
 
 def run(plan: ClipPlan, workdir: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import numpy as np
 from nmjax import noise, stats, tasks as tasks_lib
 from nmjax.errors import ConfigError
 from nmjax.jobs import figures, plans, tables
+from nmjax.jobs.workdir import single_process
 from nmjax.progress import Countdown, format_seconds
 
 NAME = "report"
@@ -66,17 +67,7 @@ def validate(config: ml_collections.ConfigDict) -> ReportPlan:
   return plan
 
 
-def lock_index(plan: ReportPlan) -> int:
-  """The index of this process's lock file: a report runs as one process.
-
-  Args:
-    plan: the report's plan.
-
-  Returns:
-    0.
-  """
-  del plan
-  return 0
+lock_index = single_process  # One process: lock file 0.
 
 
 def run(plan: ReportPlan, workdir: str) -> dict[str, Any]:

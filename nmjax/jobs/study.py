@@ -134,12 +134,7 @@ def _spectrum_tasks(value: str, names: list[str]) -> list[str]:
   for entry in (e.strip() for e in value.replace("+", ",").split(",")):
     if not entry:
       continue
-    name = entry
-    if entry not in names:
-      try:
-        name = tasks_lib.resolve(entry)[0].name
-      except ConfigError:
-        pass
+    name = tasks_lib.canonical(entry)
     if name not in names:
       raise ConfigError(f"config.spectrum_tasks entry {entry!r} is unknown; allowed:"
                         f" {', '.join(names)}")

@@ -23,7 +23,7 @@ from nmjax.jobs import plans, pretrain, pretrain_clip, report, study_tune, tunin
 from nmjax.jobs.workdir import prepare_workdir
 from nmjax.progress import Countdown, format_seconds
 
-STAGE_FILE = "stage.json"
+STAGE_FILE = report.STAGE_FILE
 HITS_FILE = report.HITS_FILE
 # Fields that cannot change a stage's numbers: a finished stage is reused whatever they are.
 NOT_IDENTITY = ("log_every_steps", "checkpoint_every_steps", "max_to_keep", "data_dir",
@@ -192,14 +192,15 @@ def run_eval(workdir: str, point: Any, child: Any, pre: dict[str, Any]) -> dict[
 # ------------------------------------------------------------------------------- the tune stage
 
 
-def _tune_identity(plan: Any, pre: dict[str, Any] | None) -> dict[str, Any]:
-  return {**identity(plan.tune),
-          "encoder": identity(plan.tune_pretrain) if pre is None else pre["plan"]}
+def _tune_identity(plan: Any) -> dict[str, Any]:
+  """The tune stage's plan and the encoder it reads (the first seed's r = 0 pre-training; a
+  finished one's plan equals it, or finished_pretrain refused it)."""
+  return {**identity(plan.tune), "encoder": identity(plan.tune_pretrain)}
 
 
 def _finished_tune(plan: Any, tune_dir: str) -> dict[str, Any] | None:
   saved = read_json(os.path.join(tune_dir, STAGE_FILE))
-  if saved is None or saved["config"] != _tune_identity(plan, None):
+  if saved is None or saved["plan"] != _tune_identity(plan):
     return None
   return saved
 
@@ -244,7 +245,7 @@ def tuned(plan: Any, workdir: str, *, run: bool = True) -> dict[str, Any] | None
     if record is None:
       child = dataclasses.replace(plan.tune, checkpoint=pre["workdir"])
       record = study_tune.run_grid(child, tasks_lib.resolve(",".join(plan.tasks)), tune_dir,
-                        _tune_identity(plan, pre))
+                        _tune_identity(plan))
       print(f"[study] tune stage done in {format_seconds(record['seconds'])}: "
             + "; ".join(study_tune.lines(record)), flush=True)
   return record

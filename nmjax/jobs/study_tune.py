@@ -51,7 +51,7 @@ def run_grid(plan: Any, tasks: list[Any], tune_dir: str,
         f"{v:.4f}" for v in per_split[str(split)]), flush=True)
   mean_val = [float(np.mean([per_split[s][i] for s in per_split])) for i in range(len(members))]
   chosen = grid_lib.choose(mean_val, diverged)
-  record = {"config": identity, "workdir": tune_dir, "grid": plan.grid,
+  record = {"plan": identity, "workdir": tune_dir, "grid": plan.grid,
             "val_fraction": plan.val_fraction, "members": [
                 {"values": m, "val_accuracy": {s: per_split[s][i] for s in per_split},
                  "mean_val_accuracy": mean_val[i], "diverged": diverged[i]}

@@ -99,8 +99,7 @@ def lock_index(plan: TransferPlan) -> int:
   Returns:
     The process's index among the job's processes (explicit or auto mode), else 0.
   """
-  return process_index(plan.distributed, plan.process_id,
-                       lambda: parallel.maybe_initialize_distributed(plan))
+  return process_index(plan)
 
 
 def method_config(plan: TransferPlan, method: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from nmjax.errors import ConfigError
 
@@ -33,15 +34,37 @@ def use_compile_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
-def process_index(distributed: str, process_id: int, initialize: object) -> int:
-  """This process's index among the job's processes, before they connect where the plan tells
-  it (explicit), else after connecting (auto: `initialize()` connects); it names the process's
-  lock file."""
-  mode = os.environ.get("NMJAX_DISTRIBUTED", distributed)
+def process_index(plan: Any) -> int:
+  """The index of this process's lock file in the workdir: its index among the job's
+  processes, read from the plan (explicit mode) or learned by connecting them first (auto mode,
+  nmjax.parallel.maybe_initialize_distributed), else 0.
+
+  Args:
+    plan: a job's plan with the distributed fields (distributed, coordinator_address,
+      num_processes, process_id); NMJAX_DISTRIBUTED overrides plan.distributed.
+
+  Returns:
+    The process's index, 0 for a single process.
+  """
+  mode = os.environ.get("NMJAX_DISTRIBUTED", plan.distributed)
   if mode == "explicit":
-    return process_id if process_id > 0 else 0
+    return max(plan.process_id, 0)
   if mode == "auto":
     import jax  # pylint: disable=g-import-not-at-top
-    initialize()
+    from nmjax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.maybe_initialize_distributed(plan)
     return jax.process_index()
+  return 0
+
+
+def single_process(plan: Any) -> int:
+  """The lock file index of a job that runs as one process: 0.
+
+  Args:
+    plan: the job's plan (unused).
+
+  Returns:
+    0.
+  """
+  del plan
   return 0
