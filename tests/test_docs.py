@@ -651,6 +651,8 @@ def _cli_command() -> str:
 def rewrite_shell(script: str, scratch: pathlib.Path) -> str:
   """The block as it runs here: python, main.py and `nmjax` point at this checkout, /tmp/...
   is under the scratch dir (runs/... already is: the block runs there)."""
+  # /tmp first: the checkout and its interpreter put in below may live under /tmp themselves.
+  script = re.sub(r"(?<![\w.~/-])/tmp(?=/|\s|$)", str(scratch / "tmp"), script, flags=re.M)
   python = shlex.quote(sys.executable)
   script = re.sub(r"(?<![\w./=-])(?:\./)?\.venv/bin/python[0-9.]*(?![\w.-])", python, script)
   script = re.sub(r"(?<![\w./=-])python[0-9.]*(?![\w./-])", python, script)
@@ -658,7 +660,7 @@ def rewrite_shell(script: str, scratch: pathlib.Path) -> str:
                   script)
   script = re.sub(r"(^\s*|[;&|(]\s*|\b(?:do|then|time)\s+)(?:\./)?(?:\.venv/bin/)?nmjax(?=\s|$)",
                   lambda m: m.group(1) + _cli_command(), script, flags=re.M)
-  return re.sub(r"(?<![\w.~/-])/tmp(?=/|\s|$)", str(scratch / "tmp"), script, flags=re.M)
+  return script
 
 
 def run_block(block: Block, tmp_path: pathlib.Path, timeout: float = RUN_TIMEOUT_S) -> str | None:
