@@ -16,8 +16,9 @@ SIGTERM saves a checkpoint after the current step and exits 0; the same command 
 Ctrl-C does the same and exits 130; a second Ctrl-C stops at once.
 
 Writes DIR/config.json, DIR/plan.json, the orbax checkpoints under DIR/checkpoints/, and the
-metrics in DIR/metrics.jsonl and DIR/tb/ (TensorBoard). More in docs/pretrain.md; its speed in
-docs/performance.md.
+metrics in DIR/metrics.jsonl and DIR/tb/ (TensorBoard); DIR may be a bucket (gs://...).
+--config.profile_steps=N,M writes a jax.profiler trace of steps N to M into DIR/profile/
+(TensorBoard's Profile tab). More in docs/pretrain.md; its speed in docs/performance.md.
 """
 
 from nmjax.config import parse_arg, pretrain_experiment, pretrain_run

@@ -21,7 +21,8 @@ Commands:
 Arguments after ':' (comma separated): dataset=NAME, model=NAME, noise=RATIO (caption noise:
 exactly round(r * N) pairs get another pair's caption), seed=INT, epochs=FLOAT, embedded, smoke.
 Any field can also be overridden as --config.FIELD=VALUE. SIGTERM saves and exits 0; Ctrl-C
-saves and exits 130; the same command resumes bitwise.
+saves and exits 130; the same command resumes bitwise. --config.profile_steps=N,M writes a
+jax.profiler trace of steps N to M into WORKDIR/profile/ (TensorBoard's Profile tab).
 """
 
 from nmjax.config import clip_experiment, clip_run, parse_arg

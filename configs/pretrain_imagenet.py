@@ -20,8 +20,8 @@ the input pipeline most of the host's cores):
       --config.data_workers=$(($(nproc) - 4)) --workdir /shared/runs/in1k_r50_n0.1
 A TPU v3-8 / v4-8 (one host) runs the same command. A multi-host TPU pod slice (e.g. v4-32), or
 GPU nodes under SLURM/OpenMPI, start one process per host with jax.distributed auto-detection;
-the workdir must be on a filesystem every host sees (checkpoints are written collectively) and
-every host needs the prepared data:
+the workdir must be on a filesystem every host sees or in a bucket (--workdir gs://BUCKET/RUN;
+checkpoints are written collectively) and every host needs the prepared data:
   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command="cd nmjax && \
       .venv/bin/python main.py --config configs/pretrain_imagenet.py:noise=0.1 \
       --config.distributed=auto --config.data_dir=/mnt/data --workdir /mnt/shared/in1k_r50_n0.1"

@@ -114,9 +114,10 @@ def add_distributed_fields(config: ml_collections.ConfigDict) -> ml_collections.
 def add_run_fields(config: ml_collections.ConfigDict, *,
                    data_dir: str = "") -> ml_collections.ConfigDict:
   """Fields every pre-training run (supervised or CLIP) sets beside its experiment's: where the
-  data is, a debug log, what a resume may change, and how its processes find each other."""
+  data is, debug output, what a resume may change, and how its processes find each other."""
   config.data_dir = data_dir        # Empty: $NMJAX_DATA_DIR or ~/.cache/nmjax.
   config.record_examples = False    # Debug: workdir/examples_seen.jsonl, each step's indices.
+  config.profile_steps = ""         # "N,M": a jax.profiler trace of steps N..M in workdir/profile.
   # Comma-separated training fields (e.g. learning_rate,num_train_steps) this run may change
   # when it resumes a checkpoint; config.json records each change (nmjax.train.supervised).
   config.allow_changes = ""

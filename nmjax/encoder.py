@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nmjax import features as features_lib
+from nmjax import io as nmjax_io
 from nmjax import models, parallel, tasks as tasks_lib
 from nmjax.data import pipeline, records as records_lib, sources
 from nmjax.data.transforms import EvalTransform
@@ -135,12 +136,12 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   """The committed steps of a pre-training workdir; fails with one line when it is none."""
   if not workdir:
     raise ConfigError("config.checkpoint is empty; pass --config.checkpoint=PRETRAIN_WORKDIR")
-  if os.path.isfile(workdir):
+  if nmjax_io.isfile(workdir):
     raise ConfigError(f"config.checkpoint={workdir} is a file, not a pre-training workdir; pass"
                       " the folder a pre-training run wrote (its config.json and checkpoints/)")
-  if not os.path.isdir(workdir):
+  if not nmjax_io.isdir(workdir):
     raise ConfigError(f"config.checkpoint={workdir} does not exist; pass a pre-training workdir")
-  if not os.path.isfile(os.path.join(workdir, "config.json")):
+  if not nmjax_io.isfile(nmjax_io.join(workdir, "config.json")):
     raise DataError(f"config.checkpoint={workdir} has no config.json: not a pre-training workdir"
                     " (main.py --config configs/pretrain.py --workdir DIR writes one)")
   checkpoints = checkpoint.directory(workdir)
@@ -170,10 +171,9 @@ def model_input(pre: Pretraining, record: Mapping[str, Any], data_dir: str | Non
 
 def read_record(workdir: str) -> dict[str, Any]:
   """The workdir's config.json (the record of the job that wrote the checkpoints)."""
-  path = os.path.join(workdir, "config.json")
+  path = nmjax_io.join(workdir, "config.json")
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = json.loads(nmjax_io.read_text(path))
     if not isinstance(record, dict):
       raise TypeError("not a JSON object")
   except (ValueError, TypeError) as e:  # Torn, or JSON but not an object.
@@ -186,7 +186,7 @@ def read_record(workdir: str) -> dict[str, Any]:
 def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
          data_dir: str | None = None) -> Encoder:
   """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint)."""
-  workdir = os.path.abspath(workdir) if workdir else workdir
+  workdir = nmjax_io.absolute(workdir) if workdir else workdir
   steps = _checkpoint_steps(workdir)
   record = read_record(workdir)
   pre = pretraining(record, where=f"config.checkpoint={workdir}: its config.json")
@@ -263,24 +263,45 @@ def evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
   return records_lib.SubsetRecords(records, positions)
 
 
+def _unwritable(root: str) -> str | None:
+  """Why files cannot be written in the folder `root` (made when local); None when they can. In a
+  bucket a small marker object is written: only a write tells whether this account may."""
+  if not nmjax_io.is_cloud(root):
+    try:
+      os.makedirs(root, exist_ok=True)
+    except OSError as e:
+      return e.strerror or type(e).__name__
+    return None if os.access(root, os.W_OK) else "not writable"
+  try:
+    nmjax_io.write_text(nmjax_io.join(root, WRITABLE_MARKER), "")
+  except Exception as e:  # pylint: disable=broad-except
+    # A bucket client's refusal is not always an OSError (gcsfs: HttpError for a 401).
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+  return None
+
+
+WRITABLE_MARKER = ".writable"  # The object a bucket cache root is probed with (_unwritable).
+
+
 def cache_root(encoder: Encoder, fallback_workdir: str) -> str:
   """Where an encoder's features are kept: beside its checkpoints, in
   CHECKPOINT/features/<content digest>/step_<N>/, one cache for every job that evaluates it
-  (transfer, NMTune, a study's stages); under FALLBACK_WORKDIR/features/ when the checkpoint's
-  folder cannot be written (a read-only copy, someone else's run)."""
+  (transfer, NMTune, a study's stages), a bucket checkpoint's in the bucket; under
+  FALLBACK_WORKDIR/features/ when the checkpoint's folder cannot be written (a read-only copy,
+  someone else's run)."""
+  why = None
   for base in (encoder.workdir, fallback_workdir):
-    root = os.path.join(base, "features", encoder.identity, f"step_{encoder.step}")
-    try:
-      os.makedirs(root, exist_ok=True)
-    except OSError:
-      continue
-    if os.access(root, os.W_OK):
+    root = nmjax_io.join(base, "features", encoder.identity, f"step_{encoder.step}")
+    why = _unwritable(root)
+    if why is None:
       if base != encoder.workdir:
         print(f"[features] {encoder.workdir} is not writable; caching features under {root}",
               flush=True)
       return root
-  raise ConfigError(f"--workdir={fallback_workdir}: {os.path.join(fallback_workdir, 'features')}"
-                    " cannot be written; pass a writable directory")
+  reason = f" ({why})" if nmjax_io.is_cloud(fallback_workdir) else ""
+  raise ConfigError(f"--workdir={fallback_workdir}:"
+                    f" {nmjax_io.join(fallback_workdir, 'features')} cannot be written{reason};"
+                    " pass a writable directory")
 
 
 class FeatureCache:
@@ -307,7 +328,7 @@ class FeatureCache:
   def path(self, split: tasks_lib.Split, suffix: str = "") -> str:
     """The split's features file (suffix: another array of the split, e.g. augmented views)."""
     limit = f"-max{self.max_examples}" if self.max_examples > 0 else ""
-    return os.path.join(self.root, f"{split.key}{limit}{suffix}.npz")
+    return nmjax_io.join(self.root, f"{split.key}{limit}{suffix}.npz")
 
   def records(self, split: tasks_lib.Split) -> Sequence[Any]:
     """The split's examples at the encoder's input shape, capped at max_examples."""
@@ -319,7 +340,7 @@ class FeatureCache:
   def get(self, split: tasks_lib.Split) -> features_lib.FeatureSet:
     path = self.path(split)
     num_classes = self.info(split.dataset).num_classes
-    if os.path.exists(path):
+    if nmjax_io.exists(path):
       try:
         return features_lib.load(path, num_classes=num_classes,
                                  feature_dim=self.encoder.feature_dim)

@@ -14,7 +14,6 @@ row it writes) over an encoder's FeatureCache (nmjax.encoder); nothing here read
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 from nmjax import encoder as encoder_lib
 from nmjax import features as features_lib
 from nmjax import heads as heads_lib
+from nmjax import io as nmjax_io
 from nmjax import probe, spectral, tasks as tasks_lib
 from nmjax.clip import encode as clip_encode, zeroshot
 from nmjax.data import image_text, pipeline
@@ -151,7 +151,7 @@ def augmented_views(cache: encoder_lib.FeatureCache, split: tasks_lib.Split, kin
                               labels=labels, feature_dim=enc.feature_dim, plain_features=plain)
   flip = bool(cache.info(split.dataset).flip_ok)  # Never mirror what a mirror changes (digits).
   path = cache.path(split, suffix=f"-aug{num_views}-seed{seed}" + ("" if flip else "-noflip"))
-  if os.path.exists(path):
+  if nmjax_io.exists(path):
     try:
       stored = features_lib.load(path, feature_dim=enc.feature_dim)
       return CachedViews(stored.features.reshape(num_views, len(labels), -1), labels,

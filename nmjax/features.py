@@ -24,6 +24,7 @@ eval_batches) and returns the features of every example exactly once, in batch o
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import sys
 import zipfile
@@ -179,13 +180,32 @@ def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
   return features, labels, clean_labels
 
 
+def npz_arrays(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, Array]:
+  """Every array of an .npz file, local or in a bucket (a cloud file is read whole into memory).
+
+  Args:
+    path: the .npz file.
+    allow_pickle: passed to np.load.
+
+  Returns:
+    {name: array}.
+
+  Raises:
+    OSError, ValueError, EOFError, zipfile.BadZipFile: as np.load raises them.
+  """
+  path = os.fspath(path)
+  source = io.BytesIO(nmjax_io.read_bytes(path)) if nmjax_io.is_cloud(path) else path
+  with np.load(source, allow_pickle=allow_pickle) as data:
+    return {k: data[k] for k in data.files}
+
+
 def _read_npz(name: str) -> dict[str, Array]:
   """Every array of the .npz file `name`, or a DataError saying what the file is instead."""
-  if os.path.isdir(name):
+  if nmjax_io.isdir(name):
     raise DataError(f"features file {name} is a directory, not an .npz file")
-  if not os.path.isfile(name):
+  if not nmjax_io.isfile(name):
     raise DataError(f"features file {name} does not exist")
-  with open(name, "rb") as f:
+  with nmjax_io.open(name, "rb") as f:
     magic = f.read(6)
   if magic == b"\x93NUMPY":
     raise DataError(f"features file {name} is a single .npy array; a features file is an .npz"
@@ -196,8 +216,7 @@ def _read_npz(name: str) -> dict[str, Array]:
                     " header); write one with np.savez(path, features=..., labels=...) or"
                     " nmjax.features.save")
   try:
-    with np.load(name, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
+    return npz_arrays(name)
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
     # numpy's own text may advise loading "unsafely" with allow_pickle: never useful here.
     raise DataError(f"features file {name} cannot be read as .npz (truncated or damaged:"
@@ -268,7 +287,8 @@ def _describe(x: Any) -> str:
 def save(path: str | os.PathLike, features: Array, labels: Array, *,
          clean_labels: Array | None = None, domain: str | None = None,
          extra: Mapping[str, Any] | None = None) -> str:
-  """Writes a features file atomically (temporary name, then rename); returns its path."""
+  """Writes a features file atomically (nmjax.io.atomic_path: a local file renamed into place,
+  a cloud file uploaded whole); returns its path."""
   path = os.fspath(path)
   features, labels, clean_labels = _check(path, features, labels, clean_labels,
                                           num_classes=MAX_CLASSES, feature_dim=None)
@@ -279,7 +299,7 @@ def save(path: str | os.PathLike, features: Array, labels: Array, *,
     arrays["domain"] = np.asarray(domain)
   for key, value in (extra or {}).items():
     arrays[key] = np.asarray(value)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  nmjax_io.makedirs(os.path.dirname(nmjax_io.absolute(path)))
   with nmjax_io.atomic_path(path) as tmp:
     np.savez(tmp, **arrays)
   return path

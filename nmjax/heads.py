@@ -42,7 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nmjax import io as nmjax_io
 from nmjax.errors import ConfigError, DataError
+from nmjax.features import npz_arrays
 from nmjax.io import atomic_path
 
 __all__ = ["Encoding", "Head", "export", "load", "predict_features", "predicted_labels"]
@@ -156,21 +158,21 @@ class Head:
     """Writes directory/head.json and directory/variables.npz, each atomically.
 
     Args:
-      directory: the folder (made if missing).
+      directory: the folder (made if missing), local or in a bucket (gs://...).
 
     Raises:
       OSError: the folder or a file could not be written.
     """
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    nmjax_io.makedirs(directory)
     flat = _flatten(self.variables)
     header = {"format_version": FORMAT_VERSION, "kind": self.kind, "method": self.method,
               "config": self.config, "labels": list(self.labels),
               "shapes": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                          for k, v in flat.items()}}
-    with atomic_path(os.path.join(directory, VARIABLES_FILE)) as tmp, open(tmp, "wb") as f:
+    with atomic_path(nmjax_io.join(directory, VARIABLES_FILE)) as tmp, open(tmp, "wb") as f:
       np.savez(f, **flat)
-    with atomic_path(os.path.join(directory, HEAD_FILE)) as tmp, open(tmp, "w") as f:
+    with atomic_path(nmjax_io.join(directory, HEAD_FILE)) as tmp, open(tmp, "w") as f:
       json.dump(header, f, indent=1, sort_keys=True)
 
   def _checked(self, features: Any) -> np.ndarray:
@@ -233,7 +235,7 @@ def load(directory: str | os.PathLike) -> Head:
   """The Head saved in `directory` by Head.save.
 
   Args:
-    directory: the folder holding head.json and variables.npz.
+    directory: the folder holding head.json and variables.npz, local or in a bucket.
 
   Returns:
     The Head; its predictions equal the saved head's bitwise.
@@ -244,10 +246,8 @@ def load(directory: str | os.PathLike) -> Head:
   """
   directory = os.fspath(directory)
   try:
-    with open(os.path.join(directory, HEAD_FILE)) as f:
-      header = json.load(f)
-    with np.load(os.path.join(directory, VARIABLES_FILE)) as data:
-      flat = {k: data[k] for k in data.files}
+    header = json.loads(nmjax_io.read_text(nmjax_io.join(directory, HEAD_FILE)))
+    flat = npz_arrays(nmjax_io.join(directory, VARIABLES_FILE))
   except (OSError, ValueError) as e:
     raise DataError(f"heads.load: {directory}: cannot read a saved head ({e})") from None
   if header["format_version"] != FORMAT_VERSION or header["kind"] not in KINDS.values():
@@ -313,7 +313,7 @@ def export(head: Head, path: str | os.PathLike, *, encoder: Encoding | None = No
 
   Args:
     head: the fitted head.
-    path: the file to write (atomically): jax.export.serialize's bytes.
+    path: the file to write (atomically; local or in a bucket): jax.export.serialize's bytes.
     encoder: None: the program maps features (b, D) float32 -> logits (b, C); an Encoding: images
       (b, *input_shape) -> logits (the encoder and the head as one classifier).
 

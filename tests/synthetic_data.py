@@ -201,3 +201,18 @@ def webdataset_members(keys: Sequence[str], captions: Sequence[str], *, seed: in
     members += [(f"{key}.jpg", synthetic_jpeg(rng, *size)), (f"{key}.txt", caption.encode()),
                 (f"{key}.json", json.dumps({"key": key, "status": "success"}).encode())]
   return members
+
+
+def write_shards(folder: str | os.PathLike, captions: Sequence[str],
+                 sizes: Sequence[int] = (5, 3)) -> list[pathlib.Path]:
+  """Webdataset shards FOLDER/00000.tar, 00001.tar, ... of `sizes` samples each, keys
+  SSSSSIIII, captions taken in order from `captions`, images seeded by the shard index."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  paths, start = [], 0
+  for s, size in enumerate(sizes):
+    keys = [f"{s:05d}{i:04d}" for i in range(size)]
+    members = webdataset_members(keys, captions[start:start + size], seed=s)
+    paths.append(write_tar(folder / f"{s:05d}.tar", members))
+    start += size
+  return paths

@@ -280,7 +280,7 @@ class _FullDiskFile:
 
 
 def test_a_full_disk_leaves_no_temporary_file_and_names_the_path(tmp_path, monkeypatch):
-  monkeypatch.setattr(nmjax_io, "open", _FullDiskFile, raising=False)
+  monkeypatch.setattr(nmjax_io.files, "open", _FullDiskFile, raising=False)
   target = tmp_path / "config.json"
   with pytest.raises(OSError) as error:
     nmjax_io.write_json(target, {"a": 1})
@@ -307,7 +307,7 @@ def test_a_full_disk_in_the_nmtune_job_appends_no_torn_line(tmp_path, monkeypatc
   workdir = tmp_path / "out"
   plan = tuning.validate(config)
   # The job's own writes fail (the workdir's lock and plan.json are the runner's, written first).
-  monkeypatch.setattr(nmjax_io, "open", _FullDiskFile, raising=False)
+  monkeypatch.setattr(nmjax_io.files, "open", _FullDiskFile, raising=False)
   with pytest.raises(SystemExit) as done:
     with errors.one_line_errors():
       tuning.run(plan, str(workdir))

@@ -151,13 +151,7 @@ _CAPTIONS = ["a dog on a sofa", "  caf\u00e9 au lait, 2 cups\n", "a red bus",
 
 
 def _shards(tmp_path, sizes=(5, 3)):
-  paths, start = [], 0
-  for s, size in enumerate(sizes):
-    keys = [f"{s:05d}{i:04d}" for i in range(size)]
-    members = synthetic_data.webdataset_members(keys, _CAPTIONS[start:start + size], seed=s)
-    paths.append(synthetic_data.write_tar(tmp_path / f"{s:05d}.tar", members))
-    start += size
-  return paths
+  return synthetic_data.write_shards(tmp_path, _CAPTIONS, sizes)
 
 
 def test_webdataset_conversion_round_trip(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import helpers  # pylint: disable=wrong-import-position
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from configs import report as report_config  # pylint: disable=wrong-import-position
 from nmjax import jobs  # pylint: disable=wrong-import-position
@@ -56,24 +57,6 @@ def _numbers(value):
 def _read_records(workdir):
   with open(os.path.join(workdir, "results.jsonl")) as f:
     return [json.loads(line) for line in f]
-
-
-def _scores(records):
-  """What a study measures, keyed by where: accuracies, spectral metrics, pre-training."""
-  out = {}
-  for r in records:
-    key = (r["record"], r["seed"], r["noise_ratio"], r.get("task"), r.get("method"))
-    if r["record"] == "task":
-      out[key] = (r["accuracy"], r["sve"], r["lsvr"], r["z_sve"] if "z_sve" in r else None)
-    elif r["record"] == "spectrum":
-      out[key] = (r["sve"], r["lsvr"], tuple(r["spectrum"]))
-    elif r["record"] in ("delta", "gain"):
-      out[key + (r["kind"], r.get("baseline"))] = (r["delta"], tuple(r["delta_ci95"] or ()))
-    elif r["record"] == "tune":
-      out[key] = (r["chosen"], tuple(m["mean_val_accuracy"] for m in r["members"]))
-    else:
-      out[key] = (r["test_acc"], r["train_loss"], r["step"])
-  return out
 
 
 def _main(workdir, *flags, **popen):
@@ -187,11 +170,11 @@ def test_smoke_study_writes_every_report_file_with_finite_numbers(smoke_run):
 
 def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
   workdir, _ = smoke_run
-  before = _scores(_read_records(workdir))
+  before = helpers.study_scores(_read_records(workdir))
   os.remove(os.path.join(workdir, "spectra.png"))
   again = jobs.run(_smoke(), workdir)
   assert again["stages_run"] == 0
-  assert _scores(again["records"]) == before
+  assert helpers.study_scores(again["records"]) == before
   assert os.path.getsize(os.path.join(workdir, "spectra.png")) > 0
   out = capsys.readouterr().out
   assert out.count(", reused |") == 4 and "[pretrain] step" not in out, out
@@ -201,13 +184,13 @@ def test_a_finished_study_is_reused_and_only_rendered_again(smoke_run, capsys):
   # (The tune record names the r = 0 encoder it chose the weights on.)
   assert {r["noise_ratio"] for r in narrow["records"] if r["record"] != "tune"} == {0.3}
   jobs.run(_smoke(), workdir)  # The whole report again, for the other tests.
-  assert _scores(_read_records(workdir)) == before
+  assert helpers.study_scores(_read_records(workdir)) == before
 
 
 def test_the_report_job_renders_finished_studies_anywhere(smoke_run, tmp_path):
   workdir, _ = smoke_run
   out = jobs.run(report_config.get_config(f"workdirs={workdir}"), str(tmp_path / "report"))
-  assert _scores(out["records"]) == _scores(_read_records(workdir))
+  assert helpers.study_scores(out["records"]) == helpers.study_scores(_read_records(workdir))
   for name in report.STUDY_FILES:
     assert os.path.getsize(tmp_path / "report" / name) > 0, name
   with pytest.raises(ConfigError, match=r"config.workdirs entry .* holds no study"):
@@ -220,7 +203,7 @@ def test_a_moved_study_is_reused_where_it_now_is(smoke_run, tmp_path):
   shutil.copytree(workdir, moved)
   again = jobs.run(_smoke(), moved)
   assert again["stages_run"] == 0
-  assert _scores(again["records"]) == _scores(_read_records(workdir))
+  assert helpers.study_scores(again["records"]) == helpers.study_scores(_read_records(workdir))
   for record in again["records"]:
     if record["record"] == "pretrain":
       assert record["workdir"].startswith(os.path.abspath(moved)), record["workdir"]
@@ -286,7 +269,7 @@ def test_killed_mid_way_then_restarted_gives_the_same_numbers(smoke_run, tmp_pat
   assert "(2 to run, the others done)" in out, out
   assert "[study] stage 2/4 eval seed 0 r=0: " in out and ", reused |" in out, out
   assert "resumed from" in out, out
-  assert _scores(_read_records(str(killed))) == _scores(_read_records(workdir))
+  assert helpers.study_scores(_read_records(str(killed))) == helpers.study_scores(_read_records(workdir))
 
 
 def test_stages_run_as_a_job_array_then_render_the_one_process_report(smoke_run, tmp_path):
@@ -308,7 +291,7 @@ def test_stages_run_as_a_job_array_then_render_the_one_process_report(smoke_run,
   render = _main(shared, "--config.stage=render")
   out = render.communicate(timeout=120)[0]
   assert render.returncode == 0 and "from 2 of 2 stage(s)" in out and "missing" not in out, out
-  assert _scores(_read_records(str(shared))) == _scores(_read_records(workdir))
+  assert helpers.study_scores(_read_records(str(shared))) == helpers.study_scores(_read_records(workdir))
 
   partial = tmp_path / "partial"
   for part in ("pretrain/seed0_r0", "eval/seed0_r0"):

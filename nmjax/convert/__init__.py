@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nmjax import io as nmjax_io, models
+from nmjax import features as features_lib, io as nmjax_io, models
 from nmjax.convert import clip_layouts, layouts, mapping, readers
 from nmjax.convert.clip_layouts import CLIP_ARCHS, ClipArch
 from nmjax.convert.layouts import ARCHS, Arch, Spec
@@ -160,10 +160,9 @@ def load(path: str, arch: str, *,
 def hub_input(path: str) -> dict[str, Any]:
   """The evaluation input a Hugging Face hub download of a timm model states: the
   `pretrained_cfg` of the config.json beside the file (empty when there is none)."""
-  beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  beside = nmjax_io.join(os.path.dirname(nmjax_io.absolute(path)), "config.json")
   try:
-    with open(beside) as f:
-      stated = json.load(f).get("pretrained_cfg")
+    stated = json.loads(nmjax_io.read_text(beside)).get("pretrained_cfg")
   except (OSError, ValueError, AttributeError):
     return {}
   if not isinstance(stated, dict):
@@ -263,8 +262,7 @@ def compare(imported: Imported, reference_path: str) -> dict[str, float]:
   embeddings of `inputs` (open_clip's encode_image), `text_features` those of `tokens` (int,
   (N, T), encode_text); either pair may be left out."""
   try:
-    with np.load(reference_path) as stored:
-      arrays = {k: stored[k] for k in stored.files}
+    arrays = features_lib.npz_arrays(reference_path)
   except (OSError, ValueError) as e:
     raise DataError(f"reference file {reference_path} cannot be read as .npz"
                     f" ({type(e).__name__})") from None
@@ -323,11 +321,10 @@ def save_workdir(workdir: str, record: dict[str, Any], imported: Imported) -> bo
   nmjax.encoder.load restores like a trained one. False (nothing written) when the workdir
   already holds this import; ConfigError when it holds anything else."""
   steps = checkpoint.saved_steps(workdir)
-  path = os.path.join(workdir, "config.json")
+  path = nmjax_io.join(workdir, "config.json")
   if steps:
     try:
-      with open(path) as f:
-        saved = json.load(f)
+      saved = json.loads(nmjax_io.read_text(path))
     except (OSError, ValueError):
       saved = {}
     if isinstance(saved, dict) and _same_import(saved, json.loads(json.dumps(record))):

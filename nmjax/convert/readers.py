@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import os
 import zipfile
 from typing import Any
 
 import numpy as np
 
+from nmjax import io as nmjax_io
 from nmjax.errors import DataError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -48,7 +48,7 @@ class Checkpoint:
 def file_sha256(path: str) -> str:
   """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with nmjax_io.open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       digest.update(chunk)
   return digest.hexdigest()
@@ -59,7 +59,7 @@ def check_path(path: str) -> None:
   if not path:
     raise DataError("no checkpoint file given; pass --config.source=FILE (.safetensors, .pth,"
                     " .pth.tar, .pt or .bin)")
-  if not os.path.isfile(path):
+  if not nmjax_io.isfile(path):
     raise DataError(f"checkpoint file {path} does not exist (or is not a file)")
   if not path.endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
     raise DataError(f"checkpoint file {path} has an unknown suffix; allowed:"
@@ -174,6 +174,7 @@ def read_checkpoint(path: str, *, trust_pickle: bool = False) -> Checkpoint:
   """The weights of a checkpoint file (see the module docstring), prefixes stripped, and what a
   TorchScript archive says about its modules."""
   check_path(path)
+  path = nmjax_io.local_mirror(path)  # A file in a bucket: its local copy (the readers' input).
   if path.endswith(SAFETENSORS_SUFFIXES):
     return Checkpoint(strip_prefixes(read_safetensors(path)))
   if is_torchscript(path):

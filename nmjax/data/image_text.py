@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from nmjax.data import fashion_mnist, imagenet, records, sources, webdataset
+from nmjax.data import fashion_mnist, imagenet, locations, records, sources, webdataset
 from nmjax import errors
 from nmjax.errors import ConfigError, DataError
 
@@ -224,15 +224,22 @@ class CocoPairs(Sequence):
 def coco_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The newest prepared coco_captions/2014/<version> folder under <data_dir>/tfds, checked.
 
-  Raises DataError naming the TFDS command that prepares it; nothing is downloaded.
+  Raises DataError naming the TFDS command that prepares it; nothing is downloaded. Under a
+  data_dir in a bucket, that folder is copied to local disk once per host and the copy returned.
   """
-  tfds_dir = sources.data_root(data_dir) / "tfds"
+  tfds_dir = locations.under(locations.data_root(data_dir), "tfds")
   command = COCO_COMMAND.format(tfds_dir=tfds_dir)
-  config_dir = tfds_dir / "coco_captions" / "2014"
+  config_dir = locations.under(tfds_dir, "coco_captions", "2014")
+  missing = DataError(f"TFDS dataset 'coco_captions' is not prepared in {tfds_dir} (no "
+                      f"{config_dir}/<version>/dataset_info.json); prepare it: {command}")
+  if isinstance(config_dir, str):  # In a bucket.
+    newest = locations.newest_version(config_dir)
+    if newest is None:
+      raise missing
+    return pathlib.Path(locations.mirror(newest, what="TFDS dataset 'coco_captions'"))
   prepared = [p for p in config_dir.glob("*.*.*") if (p / "dataset_info.json").is_file()]
   if not prepared:
-    raise DataError(f"TFDS dataset 'coco_captions' is not prepared in {tfds_dir} (no "
-                    f"{config_dir}/<version>/dataset_info.json); prepare it: {command}")
+    raise missing
   return max(prepared, key=lambda p: tuple(int(v) for v in p.name.split(".")
                                            if v.isdigit()))
 
@@ -353,8 +360,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   commands = parser.add_subparsers(dest="command", required=True)
   convert = commands.add_parser(
       "convert", help="convert webdataset tar shards (img2dataset) into array_record, once")
-  convert.add_argument("--output", required=True, help="folder to create (must not hold data)")
-  convert.add_argument("shards", nargs="+", help="tar files or globs, e.g. 'shards/*.tar'")
+  convert.add_argument("--output", required=True,
+                       help="folder to create, local or gs://... (must not hold data)")
+  convert.add_argument("shards", nargs="+",
+                       help="tar files or globs, local or gs://..., e.g. 'shards/*.tar'")
   return parser.parse_args(argv)
 
 

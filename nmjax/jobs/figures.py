@@ -5,7 +5,7 @@ spectra per r, and SVE / LSVR against r."""
 from __future__ import annotations
 
 import math
-import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -112,11 +112,23 @@ def plot_spectral(table: Table, path: str, title: str) -> None:
 def write_study(records: list[dict[str, Any]], sweep: tables.Sweep, workdir: str, *, header: str,
                 title: str) -> tables.Table:
   """The study's report in workdir: STUDY_FILES and tb/; returns the table."""
-  nmjax_io.write_jsonl(os.path.join(workdir, "results.jsonl"), records)
+  nmjax_io.write_jsonl(nmjax_io.join(workdir, "results.jsonl"), records)
   table = tables.Table(sweep, records)
-  nmjax_io.write_text(os.path.join(workdir, "results.md"), tables.format_study(table, header))
-  plot_accuracy(table, os.path.join(workdir, "accuracy_vs_noise.png"), title)
-  plot_spectra(table, os.path.join(workdir, "spectra.png"), title)
-  plot_spectral(table, os.path.join(workdir, "spectral_vs_noise.png"), title)
-  tables.write_scalars(table, os.path.join(workdir, "tb"))
+  nmjax_io.write_text(nmjax_io.join(workdir, "results.md"), tables.format_study(table, header))
+  plot_accuracy(table, nmjax_io.join(workdir, "accuracy_vs_noise.png"), title)
+  plot_spectra(table, nmjax_io.join(workdir, "spectra.png"), title)
+  plot_spectral(table, nmjax_io.join(workdir, "spectral_vs_noise.png"), title)
+  write_tensorboard(table, nmjax_io.join(workdir, "tb"))
   return table
+
+
+def write_tensorboard(table: tables.Table, root: str) -> None:
+  """tables.write_scalars into root; a bucket root's event files are written to a local folder,
+  then uploaded in place of what root held."""
+  if not nmjax_io.is_cloud(root):
+    tables.write_scalars(table, root)
+    return
+  with tempfile.TemporaryDirectory(prefix="nmjax-tb-") as local:
+    tables.write_scalars(table, local)
+    nmjax_io.rmtree(root)
+    nmjax_io.upload(local, root)

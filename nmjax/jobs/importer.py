@@ -11,7 +11,6 @@ restores it as a CLIP encoder (image embeddings as features, the text tower for 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nmjax import convert
+from nmjax import convert, io as nmjax_io
 from nmjax.config import check_range
 from nmjax.convert import clip_layouts, readers
 from nmjax.errors import ConfigError, DataError
@@ -97,13 +96,13 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
     raise ConfigError(f"config.quick_gelu is a CLIP option; config.arch={plan.arch} takes"
                       " none (leave it unset)")
   readers.check_path(plan.source)
-  if plan.reference and not os.path.isfile(plan.reference):
+  if plan.reference and not nmjax_io.isfile(plan.reference):
     raise ConfigError(f"config.reference={plan.reference} does not exist; pass an .npz with"
                       " inputs and logits and/or features, or leave it empty")
   check_range(config, "reference_tolerance", low=0.0, low_inclusive=False)
   if plan.noise_ratio is not None:
     check_range(config, "noise_ratio", low=0.0, high=1.0)
-  return dataclasses.replace(plan, source=os.path.abspath(plan.source),
+  return dataclasses.replace(plan, source=nmjax_io.absolute(plan.source),
                              input=_input_plan(config.input))
 
 
@@ -144,7 +143,7 @@ def workdir_record(plan: ImportPlan, imported: convert.Imported, sha256: str,
   record = {key: fields[key] for key in sorted(fields)}
   record.update({
       "input": model_input,
-      "reference": os.path.abspath(plan.reference) if plan.reference else "",
+      "reference": nmjax_io.absolute(plan.reference) if plan.reference else "",
       "source_sha256": sha256, "model": convert.check_arch(plan.arch).model,
       "model_options": imported.spec.options, "num_classes": imported.spec.num_classes,
       "dtype": "float32", "reference_difference": differences})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -55,7 +54,7 @@ def to_json(plan: Any, job: str) -> str:
 
 def write(plan: Any, job: str, workdir: str) -> None:
   """Writes workdir/plan.json atomically."""
-  nmjax_io.write_text(os.path.join(workdir, PLAN_FILE), to_json(plan, job) + "\n")
+  nmjax_io.write_text(nmjax_io.join(workdir, PLAN_FILE), to_json(plan, job) + "\n")
 
 
 def identity(plan: Any, ignore: Iterable[str] = ()) -> dict[str, Any]:

@@ -6,7 +6,6 @@ with the accuracy when labels are present (nmjax.heads.predicted_labels does the
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import zipfile
 from typing import Any
@@ -56,8 +55,9 @@ def _check_head(config: ml_collections.ConfigDict) -> None:
   if not config.head:
     raise ConfigError("config.head is empty; pass --config.head=DIR, a saved head's folder (a"
                       " job's WORKDIR/heads/<task>/<method>/ or head.save's directory)")
-  if not os.path.isfile(os.path.join(config.head, heads.HEAD_FILE)):
-    what = "does not exist" if not os.path.exists(config.head) else f"has no {heads.HEAD_FILE}"
+  if not nmjax_io.isfile(nmjax_io.join(config.head, heads.HEAD_FILE)):
+    what = ("does not exist" if not nmjax_io.exists(config.head)
+            else f"has no {heads.HEAD_FILE}")
     raise ConfigError(f"config.head={config.head}: {what}; pass a saved head's folder (a job's"
                       " WORKDIR/heads/<task>/<method>/ or head.save's directory)")
 
@@ -68,7 +68,7 @@ def _check_mode(config: ml_collections.ConfigDict) -> tuple[str, str]:
     raise ConfigError("pass either config.features (a features file) or config.checkpoint with"
                       " config.task, not both")
   if config.features:
-    if not os.path.isfile(config.features):
+    if not nmjax_io.isfile(config.features):
       raise ConfigError(f"config.features={config.features}: no such file; pass a features file"
                         " (.npz: features (N, D), labels (N,) optional)")
     return "features", ""
@@ -122,8 +122,7 @@ def read_features(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   """
   name = f"features file {path}"
   try:
-    with np.load(path, allow_pickle=False) as data:
-      contents = {k: data[k] for k in data.files}
+    contents = features_lib.npz_arrays(path)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise DataError(f"{name} cannot be read as .npz ({type(e).__name__}); write it with"
                     " np.savez(path, features=..., labels=...)") from None
@@ -141,7 +140,7 @@ def _inputs(plan: PredictPlan, workdir: str) -> tuple[np.ndarray, np.ndarray | N
   """The features to predict, their labels (None when unknown) and where they come from."""
   if plan.mode == "features":
     features, labels = read_features(plan.features)
-    return features, labels, os.path.abspath(plan.features)
+    return features, labels, nmjax_io.absolute(plan.features)
   cache = encoder_lib.open_cache(plan.checkpoint, workdir, step=plan.step,
                                  batch_size=plan.batch_size, batch_field="batch_size",
                                  max_examples=plan.max_examples, data_dir=plan.data_dir)
@@ -149,7 +148,8 @@ def _inputs(plan: PredictPlan, workdir: str) -> tuple[np.ndarray, np.ndarray | N
   test, _ = cache.test_set(task)
   print(f"[predict] {cache.encoder.describe()}: task {task.name}, test {test.domain}",
         flush=True)
-  return test.features, test.labels, f"{os.path.abspath(plan.checkpoint)}:{task.name}:{test.domain}"
+  return (test.features, test.labels,
+          f"{nmjax_io.absolute(plan.checkpoint)}:{task.name}:{test.domain}")
 
 
 def _check_dim(plan: PredictPlan, head: heads.Head, features: np.ndarray, source: str) -> None:
@@ -165,7 +165,7 @@ def _write(plan: PredictPlan, workdir: str, predicted: np.ndarray, labels: np.nd
            logits: np.ndarray) -> str:
   """predictions.jsonl (or .npz) in workdir; returns its path."""
   ids = np.arange(len(predicted), dtype=np.int64)
-  path = os.path.join(workdir, f"predictions.{plan.output}")
+  path = nmjax_io.join(workdir, f"predictions.{plan.output}")
   if plan.output == "npz":
     arrays = {"ids": ids, "predicted": predicted, "logits": logits}
     if labels is not None:
@@ -205,8 +205,8 @@ def run(plan: PredictPlan, workdir: str) -> dict[str, Any]:
   predicted = heads.predicted_labels(head, features)
   accuracy = None if labels is None else float(np.mean(predicted == labels))
   path = _write(plan, workdir, predicted, labels, logits)
-  nmjax_io.write_json(os.path.join(workdir, "predict.json"), {
-      "head": os.path.abspath(plan.head), "method": head.method, "source": source,
+  nmjax_io.write_json(nmjax_io.join(workdir, "predict.json"), {
+      "head": nmjax_io.absolute(plan.head), "method": head.method, "source": source,
       "num_examples": int(len(predicted)), "accuracy": accuracy, "predictions": path})
   score = "no labels" if accuracy is None else f"accuracy {accuracy:.4f}"
   print(f"[predict] {head.method} head on {len(predicted)} examples: {score} | predictions in"

@@ -19,7 +19,7 @@ from nmjax.errors import ConfigError
 from nmjax.jobs import plans
 from nmjax.jobs.pretrain_fields import IDENTITY_IGNORE, check_run_fields
 from nmjax.jobs.workdir import prepare_workdir, process_index
-from nmjax.train import state as state_lib, supervised
+from nmjax.train import profiling, state as state_lib, supervised
 
 NAME = "pretrain"
 """The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
@@ -72,6 +72,7 @@ class PretrainPlan:
   data_workers: int = 0
   eval_split: str = "test"
   eval_every_epochs: int = 1
+  profile_steps: str = ""       # "N,M": a jax.profiler trace of steps N..M (workdir/profile).
 
   # Not a field (no annotation): the fields that cannot change a run's result (where it goes,
   # how verbosely, how it resumes). Two plans equal but for these train the same model
@@ -136,6 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> PretrainPlan:
   _check_fields(config)
   _check_input_pipeline(config)
   check_run_fields(config)
+  profiling.profile_window(plan.profile_steps)  # "N,M" or "": the steps traced.
   return plan
 
 

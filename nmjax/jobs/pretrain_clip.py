@@ -21,7 +21,7 @@ from nmjax.jobs import plans
 from nmjax.jobs.pretrain_fields import IDENTITY_IGNORE, check_run_fields
 from nmjax.jobs.workdir import prepare_workdir, process_index
 from nmjax.models import clip_model as clip_models
-from nmjax.train import clip_training, contrastive
+from nmjax.train import clip_training, contrastive, profiling
 
 NAME = "pretrain_clip"
 """The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
@@ -73,6 +73,7 @@ class ClipPlan:
   num_processes: int
   process_id: int
   job: str = NAME
+  profile_steps: str = ""       # "N,M": a jax.profiler trace of steps N..M (workdir/profile).
 
   # Not a field: the fields that cannot change a run's result (as PretrainPlan's).
   IDENTITY_IGNORE = IDENTITY_IGNORE
@@ -129,6 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> ClipPlan:
   plan = plans.from_config(ClipPlan, config, job=NAME)
   _check_fields(config)
   check_run_fields(config)
+  profiling.profile_window(plan.profile_steps)  # "N,M" or "": the steps traced.
   return plan
 
 

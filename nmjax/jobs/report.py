@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from nmjax import noise, stats, tasks as tasks_lib
+from nmjax import features as features_lib, io as nmjax_io, noise, stats, tasks as tasks_lib
 from nmjax.errors import ConfigError
 from nmjax.jobs import figures, plans, tables
 from nmjax.jobs.workdir import single_process
@@ -61,7 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> ReportPlan:
   if not plan.workdirs:
     raise ConfigError("config.workdirs is empty; pass study workdirs, comma-separated")
   for workdir in plan.workdirs:
-    if not os.path.isfile(os.path.join(workdir, plans.PLAN_FILE)):
+    if not nmjax_io.isfile(nmjax_io.join(workdir, plans.PLAN_FILE)):
       raise ConfigError(f"config.workdirs entry {workdir!r} holds no study ({plans.PLAN_FILE}"
                         " is missing); pass the --workdir of a study")
   return plan
@@ -91,10 +90,17 @@ def run(plan: ReportPlan, workdir: str) -> dict[str, Any]:
 
 def _read(path: str) -> dict[str, Any] | None:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(nmjax_io.read_text(path))
   except (OSError, ValueError):
     return None
+
+
+def load_hits(path: str) -> dict[str, np.ndarray]:
+  """An evaluation stage's hits file (nmjax.stats.load_hits, for a bucket stage too); {} when
+  it was not kept."""
+  if not nmjax_io.is_cloud(path):
+    return stats.load_hits(path)
+  return features_lib.npz_arrays(path) if nmjax_io.exists(path) else {}
 
 
 def _point_name(seed: int, ratio: float) -> str:
@@ -108,12 +114,12 @@ def finished_points(workdir: str, seeds: list[int], ratios: list[float]
   for seed in seeds:
     for ratio in ratios:
       name = _point_name(seed, ratio)
-      pre = _read(os.path.join(workdir, "pretrain", name, STAGE_FILE))
-      ev = _read(os.path.join(workdir, "eval", name, STAGE_FILE))
+      pre = _read(nmjax_io.join(workdir, "pretrain", name, STAGE_FILE))
+      ev = _read(nmjax_io.join(workdir, "eval", name, STAGE_FILE))
       if pre is None or ev is None or ev["plan"].get("encoder") != pre["plan"]:
         continue
-      pre["workdir"] = os.path.abspath(os.path.join(workdir, "pretrain", name))
-      ev["workdir"] = os.path.abspath(os.path.join(workdir, "eval", name))
+      pre["workdir"] = nmjax_io.absolute(nmjax_io.join(workdir, "pretrain", name))
+      ev["workdir"] = nmjax_io.absolute(nmjax_io.join(workdir, "eval", name))
       found[(seed, ratio)] = (pre, ev)
   return found
 
@@ -134,7 +140,7 @@ def records(points: dict[tuple[int, float], tuple[dict, dict]], tasks: list[Any]
     for task in tasks:
       out.append({"record": "spectrum", **common, "task": task.name, "kind": task.kind,
                   **ev["spectra"][task.name]})
-  hits = {key: stats.load_hits(os.path.join(ev["workdir"], HITS_FILE))
+  hits = {key: load_hits(nmjax_io.join(ev["workdir"], HITS_FILE))
           for key, (_, ev) in points.items()}
 
   def hits_of(r):
@@ -153,12 +159,12 @@ def render_study(workdir: str, *, sources: tuple[str, ...] = (), partial: bool =
   """Writes the report of the studies in `sources` (default: workdir itself) into workdir and
   prints its table; partial: of what is finished (naming what is missing), else all of it."""
   sources = tuple(sources) or (workdir,)
-  study = _read(os.path.join(sources[0], plans.PLAN_FILE))
+  study = _read(nmjax_io.join(sources[0], plans.PLAN_FILE))
   seeds, ratios = list(study["seeds"]), list(study["ratios"])
   tasks = tasks_lib.resolve(",".join(study["tasks"]))
   points: dict[tuple[int, float], tuple[dict, dict]] = {}
   for source in sources:
-    other = _read(os.path.join(source, plans.PLAN_FILE)) or study
+    other = _read(nmjax_io.join(source, plans.PLAN_FILE)) or study
     for seed in other["seeds"]:
       seeds += [] if seed in seeds else [seed]
     points.update(finished_points(source, list(other["seeds"]), list(other["ratios"])))
@@ -169,7 +175,7 @@ def render_study(workdir: str, *, sources: tuple[str, ...] = (), partial: bool =
                       " the missing stages first (--config.stage=list names them)")
   points = {(s, r): points[(s, r)] for s in seeds for r in shown}
   out = records(points, tasks)
-  tune = _read(os.path.join(sources[0], "tune", STAGE_FILE)) if study["tune"] else None
+  tune = _read(nmjax_io.join(sources[0], "tune", STAGE_FILE)) if study["tune"] else None
   if tune:  # The weights' record: chosen on the first seed's r = 0 encoder.
     out.append({"record": "tune", "seed": seeds[0], "noise_ratio": 0.0, **{
         k: tune[k] for k in ("grid", "val_fraction", "members", "chosen", "weights")}})

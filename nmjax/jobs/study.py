@@ -23,12 +23,11 @@ is seeded. So a study killed anywhere and started again ends with the same numbe
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import ml_collections
 
-from nmjax import evaluate, tasks as tasks_lib
+from nmjax import evaluate, io as nmjax_io, tasks as tasks_lib
 from nmjax.config import clip_run, parse_names, parse_numbers, pretrain_run, tuning_config
 from nmjax.errors import ConfigError
 from nmjax.jobs import plans, pretrain, pretrain_clip, report, study_stages, tuning
@@ -91,7 +90,7 @@ def eval_config(config: ml_collections.ConfigDict, point: Point) -> ml_collectio
   """The nmtune job's config of one point: its checkpoint is the point's pre-training stage
   (relative to the study's workdir; the stage runs with the absolute path)."""
   cfg = tuning_config(config.nmtune, methods=config.methods, tasks=config.tasks)
-  cfg.checkpoint = os.path.join("pretrain", point.name)
+  cfg.checkpoint = nmjax_io.join("pretrain", point.name)
   cfg.seed = int(point.seed)
   cfg.data_dir = config.data_dir
   return cfg
@@ -100,7 +99,7 @@ def eval_config(config: ml_collections.ConfigDict, point: Point) -> ml_collectio
 def tune_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
   """The tune stage's nmtune config: the study's, with the grid and its validation split."""
   cfg = tuning_config(config.nmtune, methods="nmtune", tasks=config.tasks)
-  cfg.checkpoint = os.path.join("pretrain", Point(seed, 0.0).name)
+  cfg.checkpoint = nmjax_io.join("pretrain", Point(seed, 0.0).name)
   cfg.seed = int(seed)
   cfg.data_dir = config.data_dir
   cfg.grid = config.tune_grid

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from typing import Any
 
@@ -78,8 +76,7 @@ def check_held_out(pretrain_plan: Any, tasks: list[tasks_lib.Task]) -> None:
 def read_json(path: str) -> dict[str, Any] | None:
   """A finished stage's record; None when absent or torn (the stage then runs again)."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(nmjax_io.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError):
@@ -104,7 +101,7 @@ def _refuse_other(saved: dict[str, Any], current: dict[str, Any], what: str,
 
 
 def pretrain_dir(workdir: str, point: Any) -> str:
-  return os.path.join(workdir, "pretrain", point.name)
+  return nmjax_io.join(workdir, "pretrain", point.name)
 
 
 def finished_pretrain(plan: Any, point: Any, workdir: str) -> dict[str, Any] | None:
@@ -113,12 +110,12 @@ def finished_pretrain(plan: Any, point: Any, workdir: str) -> dict[str, Any] | N
   stage_dir = pretrain_dir(workdir, point)
   child = plan.pretrain_of(point)
   what = f"the pre-training stage {point.name}"
-  saved = read_json(os.path.join(stage_dir, STAGE_FILE))
+  saved = read_json(nmjax_io.join(stage_dir, STAGE_FILE))
   if saved is not None:
     _refuse_other(saved["plan"], identity(child), what, workdir)
-    saved["workdir"] = os.path.abspath(stage_dir)  # Where it is now: a workdir may have moved.
+    saved["workdir"] = nmjax_io.absolute(stage_dir)  # Where it is now: a workdir may have moved.
     return saved
-  started = read_json(os.path.join(stage_dir, "config.json"))
+  started = read_json(nmjax_io.join(stage_dir, "config.json"))
   if started is not None:  # Killed mid-way: the pre-training job resumes from its checkpoint.
     _refuse_other(plans.identity(started, NOT_IDENTITY), identity(child),
                   f"a pre-training run {point.name}", workdir)
@@ -138,8 +135,8 @@ def run_pretrain(plan: Any, point: Any, workdir: str) -> dict[str, Any]:
   record = {"plan": identity(child), "workdir": stage_dir,
             "result": {k: result[k] for k in PRETRAIN_FIELDS if k in result},
             "seconds": time.perf_counter() - start}
-  nmjax_io.write_json(os.path.join(stage_dir, STAGE_FILE), record)
-  shutil.rmtree(os.path.join(workdir, "eval", point.name), ignore_errors=True)
+  nmjax_io.write_json(nmjax_io.join(stage_dir, STAGE_FILE), record)
+  nmjax_io.rmtree(nmjax_io.join(workdir, "eval", point.name))
   return record
 
 
@@ -165,27 +162,29 @@ def finished_eval(workdir: str, point: Any, child: Any,
                   pre: dict[str, Any]) -> dict[str, Any] | None:
   """A point's finished evaluation record for this plan and encoder, or None (then it runs:
   a changed downstream field runs the evaluation again, never the pre-training)."""
-  stage_dir = os.path.join(workdir, "eval", point.name)
-  saved = read_json(os.path.join(stage_dir, STAGE_FILE))
+  stage_dir = nmjax_io.join(workdir, "eval", point.name)
+  saved = read_json(nmjax_io.join(stage_dir, STAGE_FILE))
   if saved is None or saved["plan"] != eval_identity(child, pre):
     return None
-  saved["workdir"] = os.path.abspath(stage_dir)
+  saved["workdir"] = nmjax_io.absolute(stage_dir)
   return saved
 
 
 def run_eval(workdir: str, point: Any, child: Any, pre: dict[str, Any]) -> dict[str, Any]:
   """Runs a point's nmtune job (reusing the features cached with its encoder); its record."""
   start = time.perf_counter()
-  stage_dir = prepare_workdir(os.path.join(workdir, "eval", point.name))
-  if os.path.exists(os.path.join(stage_dir, STAGE_FILE)):
-    os.remove(os.path.join(stage_dir, STAGE_FILE))  # Another plan's: it runs again.
+  stage_dir = prepare_workdir(nmjax_io.join(workdir, "eval", point.name))
+  stage_file = nmjax_io.join(stage_dir, STAGE_FILE)
+  if nmjax_io.exists(stage_file):
+    nmjax_io.remove(stage_file)  # Another plan's: it runs again.
   plans.write(child, tuning.NAME, stage_dir)
   out, _ = tuning.evaluate_checkpoint(child, stage_dir)  # Its files; the study prints its line.
-  np.savez_compressed(os.path.join(stage_dir, HITS_FILE), **out.correct)  # Before stage.json.
+  with nmjax_io.atomic_path(nmjax_io.join(stage_dir, HITS_FILE)) as tmp, open(tmp, "wb") as f:
+    np.savez_compressed(f, **out.correct)  # Before stage.json.
   record = {"plan": eval_identity(child, pre), "workdir": stage_dir, "rows": out.rows,
             "spectra": out.spectra, "features_extracted": out.features_extracted,
             "seconds": time.perf_counter() - start}
-  nmjax_io.write_json(os.path.join(stage_dir, STAGE_FILE), record)
+  nmjax_io.write_json(stage_file, record)
   return record
 
 
@@ -199,7 +198,7 @@ def _tune_identity(plan: Any) -> dict[str, Any]:
 
 
 def _finished_tune(plan: Any, tune_dir: str) -> dict[str, Any] | None:
-  saved = read_json(os.path.join(tune_dir, STAGE_FILE))
+  saved = read_json(nmjax_io.join(tune_dir, STAGE_FILE))
   if saved is None or saved["plan"] != _tune_identity(plan):
     return None
   return saved
@@ -235,7 +234,7 @@ def tuned(plan: Any, workdir: str, *, run: bool = True) -> dict[str, Any] | None
   run=False."""
   if plan.tune is None:
     return None
-  tune_dir = os.path.join(workdir, study_tune.STAGE_NAME)
+  tune_dir = nmjax_io.join(workdir, study_tune.STAGE_NAME)
   record = _finished_tune(plan, tune_dir)
   if record is not None or not run:
     return record
@@ -315,6 +314,6 @@ def run_sweep(plan: Any, workdir: str) -> dict[str, Any]:
   result = report.render_study(workdir)
   print(f"[study] done in {format_seconds(clock.elapsed())} ({ran} stage(s) run,"
         f" {num_stages - ran} reused). Report in {workdir}: " + ", ".join(report.STUDY_FILES)
-        + ", tb/ (tensorboard --logdir " + os.path.join(workdir, "tb")
+        + ", tb/ (tensorboard --logdir " + nmjax_io.join(workdir, "tb")
         + "); per-task curves in eval/*/curves.png", flush=True)
   return {**result, "stages_run": ran}

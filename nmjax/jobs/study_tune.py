@@ -58,7 +58,7 @@ def run_grid(plan: Any, tasks: list[Any], tune_dir: str,
                 for i, m in enumerate(members)],
             "chosen": chosen, "weights": members[chosen],
             "seconds": time.perf_counter() - start}
-  nmjax_io.write_json(f"{tune_dir}/stage.json", record)
+  nmjax_io.write_json(nmjax_io.join(tune_dir, "stage.json"), record)
   return record
 
 

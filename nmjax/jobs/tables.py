@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from nmjax import io as nmjax_io
 from nmjax.io import atomic_path, write_jsonl, write_text
 from nmjax.tasks import KIND_LABELS, KINDS
 from nmjax.writers import summary_writer
@@ -92,9 +93,9 @@ def encoder_header(enc: Any, text: str) -> str:
 def write_evaluation(rows: list[dict[str, Any]], methods: list[str], workdir: str, *,
                      title: str, header: str) -> str:
   """An evaluation's results.jsonl and results.md in workdir; returns the markdown."""
-  write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+  write_jsonl(nmjax_io.join(workdir, "results.jsonl"), rows)
   table = format_results(rows, methods, title, header)
-  write_text(os.path.join(workdir, "results.md"), table)
+  write_text(nmjax_io.join(workdir, "results.md"), table)
   return table
 
 
@@ -133,8 +134,8 @@ def save_heads(heads: Mapping[tuple[str, ...], Any], workdir: str) -> list[str]:
   """
   folders = []
   for key, head in heads.items():
-    folder = os.path.join(workdir, HEADS_DIR, *key)
-    os.makedirs(folder, exist_ok=True)
+    folder = nmjax_io.join(workdir, HEADS_DIR, *key)
+    nmjax_io.makedirs(folder)
     head.save(folder)
     folders.append(folder)
   return folders
@@ -142,10 +143,10 @@ def save_heads(heads: Mapping[tuple[str, ...], Any], workdir: str) -> list[str]:
 
 def _read_rows(path: str) -> list[dict[str, Any]]:
   """The JSON lines of `path` (none when it is missing; a torn last line is dropped)."""
-  if not os.path.exists(path):
+  if not nmjax_io.exists(path):
     return []
   rows = []
-  with open(path, encoding="utf-8") as f:
+  with nmjax_io.open(path, encoding="utf-8") as f:
     for line in f:
       try:
         rows.append(json.loads(line))
@@ -177,7 +178,7 @@ def write_tuning(rows: list[dict[str, Any]], enc: Any, config: Any, methods: lis
                                f" {config.epochs} epochs; SVE/LSVR of the frozen test features"
                                " (row centering).")
   table = write_evaluation(rows, methods, workdir, title="NMTune results", header=header)
-  plot_curves(rows, os.path.join(workdir, "curves.png"),
+  plot_curves(rows, nmjax_io.join(workdir, "curves.png"),
               f"{enc.pretraining.model}, {enc.pretraining.dataset}, noise"
               f" {enc.pretraining.noise_ratio},"
               f" {config.views} views")
@@ -409,7 +410,8 @@ def format_study(table: Table, header: str) -> str:
 
 
 def write_scalars(table: Table, root: str) -> None:
-  """TensorBoard: one run per seed under root (rewritten), r in per mille as the step."""
+  """TensorBoard: one run per seed under the local folder root (rewritten), r in per mille as
+  the step."""
   shutil.rmtree(root, ignore_errors=True)
   sweep = table.sweep
   for seed in sweep.seeds:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
 
-from nmjax import encoder as encoder_lib, evaluate, parallel, probe, tasks as tasks_lib
+from nmjax import encoder as encoder_lib, evaluate, io as nmjax_io, parallel, probe, \
+  tasks as tasks_lib
 from nmjax.clip import zeroshot
 from nmjax.config import check_choice, check_range, parse_names
 from nmjax.jobs import plans, tables
@@ -148,10 +148,10 @@ def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
                                     title="Transfer results", header=header)
     pre = enc.pretraining
     tables.plot_task_spectra(
-        result.spectra, {t.name: t.kind for t in chosen}, os.path.join(workdir, "spectra.png"),
+        result.spectra, {t.name: t.kind for t in chosen}, nmjax_io.join(workdir, "spectra.png"),
         f"{pre.model}, {pre.dataset}, noise {pre.noise_ratio}, step {enc.step}")
     print(table, flush=True)
   print(f"[transfer] done in {format_seconds(time.perf_counter() - start)}; results in"
-        f" {os.path.join(workdir, 'results.jsonl')}, results.md, spectra.png and heads/",
+        f" {nmjax_io.join(workdir, 'results.jsonl')}, results.md, spectra.png and heads/",
         flush=True)
   return {"rows": result.rows, "features_extracted": result.features_extracted}

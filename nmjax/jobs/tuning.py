@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import time
 from typing import Any
@@ -23,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from nmjax import encoder as encoder_lib, evaluate, features as features_lib, parallel
-from nmjax import tasks as tasks_lib
+from nmjax import io as nmjax_io, tasks as tasks_lib
 from nmjax.config import check_choice, check_range, parse_names
 from nmjax.errors import ConfigError, DataError
 from nmjax.jobs import plans, tables
@@ -234,15 +233,15 @@ _FILE_KEYS = ("method", "train_features", "test_features")  # What names a featu
 def _run_files(plan: TuningPlan, workdir: str) -> dict[str, Any]:
   """Features-file mode: one results.jsonl line per method (replacing an earlier run's line of
   the same method and files) and its head in heads/<method>/."""
-  path = os.path.join(workdir, "results.jsonl")
+  path = nmjax_io.join(workdir, "results.jsonl")
   train, test = _load_files(plan)
   rows = []
   for method in plan.methods:
     config = method_config(plan, method, plan.num_classes)
     result = evaluate.METHODS[method](train, {"test": test}, config)["test"]
     row = {**evaluate.tuning_fields(result),
-           "train_features": os.path.abspath(plan.train_features),
-           "test_features": os.path.abspath(plan.test_features)}
+           "train_features": nmjax_io.absolute(plan.train_features),
+           "test_features": nmjax_io.absolute(plan.test_features)}
     rows.append(row)
     if jax.process_index() == 0:
       tables.replace_rows(path, [row], _FILE_KEYS)
@@ -254,7 +253,7 @@ def _run_files(plan: TuningPlan, workdir: str) -> dict[str, Any]:
           f" {row['num_test']} test, D={row['feature_dim']}, C={row['num_classes']} |"
           f" {format_seconds(row['seconds'])}", flush=True)
   print(f"[nmtune] wrote {len(rows)} line(s) to {path}; heads in"
-        f" {os.path.join(workdir, tables.HEADS_DIR)}", flush=True)
+        f" {nmjax_io.join(workdir, tables.HEADS_DIR)}", flush=True)
   return {"rows": rows}
 
 
@@ -284,6 +283,6 @@ def run(plan: TuningPlan, workdir: str) -> dict[str, Any]:
   if table is not None:
     print(table, flush=True)
   print(f"[nmtune] done in {format_seconds(time.perf_counter() - start)}; results in"
-        f" {os.path.join(workdir, 'results.jsonl')}, results.md and curves.png", flush=True)
+        f" {nmjax_io.join(workdir, 'results.jsonl')}, results.md and curves.png", flush=True)
   return {"rows": result.rows, "spectra": result.spectra,
           "features_extracted": result.features_extracted, "correct": result.correct}

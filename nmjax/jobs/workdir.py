@@ -5,12 +5,33 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from nmjax import io as nmjax_io
 from nmjax.errors import ConfigError
 
 
+def _check_bucket(workdir: str, path: str) -> None:
+  """One line when the bucket of a cloud workdir cannot be reached or does not exist."""
+  from nmjax.io import paths  # pylint: disable=g-import-not-at-top
+  fs, inner = paths.filesystem(path)
+  bucket = inner.strip("/").split("/")[0]
+  try:
+    found = fs.exists(bucket)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"--workdir={workdir}: its bucket {bucket} cannot be reached"
+                      f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                      ) from None
+  if not found:
+    raise ConfigError(f"--workdir={workdir}: bucket {bucket} does not exist (or this account"
+                      " cannot see it); create it or pass another --workdir")
+
+
 def prepare_workdir(workdir: str) -> str:
-  """Creates the workdir (absolute path) or fails with one line saying why."""
-  path = os.path.abspath(workdir)
+  """Creates the workdir (absolute path; a bucket path as given) or fails with one line saying
+  why. A bucket workdir (gs://...) needs its client (nmjax[cloud]) and a bucket that exists."""
+  path = nmjax_io.absolute(workdir)
+  if nmjax_io.is_cloud(path):
+    _check_bucket(workdir, path)
+    return path
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
@@ -28,7 +49,10 @@ def use_compile_cache(workdir: str) -> None:
   only if nothing was compiled yet in this process (main.py's case)."""
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
+    # A bucket workdir keeps the cache on local disk: compiled programs are per host anyway.
+    folder = (os.path.join(nmjax_io.paths.mirror_root(), "..", "compile_cache")
+              if nmjax_io.is_cloud(workdir) else os.path.join(workdir, "compile_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.path.normpath(folder))
     # The default (1 s) leaves out most of the study's programs, which compile faster than that;
     # writing one is cheap.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)

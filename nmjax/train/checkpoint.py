@@ -18,10 +18,16 @@ steer training (data position, epoch sums) with a collective before saving; wall
 are process 0's.
 Restoring takes the shardings from the abstract state, so a checkpoint written on 8 devices (or
 2 processes) restores onto 1 device, or any other mesh.
+
+A workdir in a bucket (gs://...): orbax writes a step in place and marks it complete with
+`commit_success.txt` (an object store has no rename), so there a step folder without that file
+is a save that never finished: not a step. Moving a bad step aside copies it and deletes the
+original.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -34,18 +40,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from nmjax import parallel
+from nmjax import io as nmjax_io, parallel
 from nmjax.errors import DataError, NmjaxError
 
 _STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # orbax's own step names; tmp folders never match.
 # Files whose absence makes a step unusable, relative to the step folder.
 _REQUIRED_JSON = ("state/_METADATA", "loop/metadata")
 _LOOP_KEYS = ("data", "epoch_sums")  # What a training resume reads from the loop state.
+_COMMITTED = "commit_success.txt"  # orbax's mark of a step saved in place (a bucket).
 
 
 def directory(workdir: str) -> str:
-  """WORKDIR/checkpoints, absolute (orbax wants absolute paths)."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """WORKDIR/checkpoints, absolute (orbax wants absolute paths; a bucket path as it is)."""
+  return nmjax_io.join(nmjax_io.absolute(workdir), "checkpoints")
 
 
 def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
@@ -57,8 +64,11 @@ def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.C
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, loop_state: dict[str, Any]) -> None:
+  # The JSON is written in the background: a copy, so that the loop's next steps (which add
+  # into the epoch sums in place) never change what this step saves.
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          loop=ocp.args.JsonSave(loop_state)), force=True)
+                                          loop=ocp.args.JsonSave(copy.deepcopy(loop_state))),
+            force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -80,9 +90,12 @@ def saved_steps(workdir: str) -> list[int]:
   """The steps named under WORKDIR/checkpoints, newest first, whatever their content (orbax's
   temporary folders and folders moved aside are not steps)."""
   root = directory(workdir)
-  if not os.path.isdir(root):
+  if not nmjax_io.isdir(root):
     return []
-  return sorted((int(n) for n in os.listdir(root) if _STEP_NAME.fullmatch(n)), reverse=True)
+  names = [n for n in nmjax_io.listdir(root) if _STEP_NAME.fullmatch(n)]
+  if nmjax_io.is_cloud(root):  # A step saved in place is one once orbax marked it complete.
+    names = [n for n in names if nmjax_io.exists(nmjax_io.join(root, n, _COMMITTED))]
+  return sorted((int(n) for n in names), reverse=True)
 
 
 class _Unusable(Exception):
@@ -91,21 +104,23 @@ class _Unusable(Exception):
 
 def _check_files(folder: str) -> None:
   """The cheap structural check: the items, their metadata, every file readable."""
-  if not os.path.isdir(folder):
+  if not nmjax_io.isdir(folder):
     raise _Unusable("not a folder")
-  if not os.listdir(folder):
+  if not nmjax_io.listdir(folder):
     raise _Unusable("an empty folder")
   for item in ("state", "loop"):
-    if not os.path.isdir(os.path.join(folder, item)):
+    if not nmjax_io.isdir(nmjax_io.join(folder, item)):
       raise _Unusable(f"no {item}/ item: not an nmjax checkpoint")
   for name in _REQUIRED_JSON:
     try:
-      with open(os.path.join(folder, name)) as f:
+      with nmjax_io.open(nmjax_io.join(folder, name)) as f:
         json.load(f)
     except FileNotFoundError:
       raise _Unusable(f"{name} is missing") from None
     except (OSError, ValueError) as e:
       raise _Unusable(f"{name} is unreadable ({type(e).__name__})") from None
+  if nmjax_io.is_cloud(folder):
+    return  # Objects: each one listed is whole and readable by whoever can list it.
   for parent, _, files in os.walk(folder):
     for name in files:
       path = os.path.join(parent, name)
@@ -113,15 +128,26 @@ def _check_files(folder: str) -> None:
         raise _Unusable(f"{os.path.relpath(path, folder)} is not a readable file")
 
 
+def _kvstore(folder: str) -> dict[str, Any]:
+  """The tensorstore spec of a folder: a file:// one, or the bucket's (gs://; tensorstore reaches
+  an emulator through TENSORSTORE_GCS_HTTP_URL)."""
+  if not nmjax_io.is_cloud(folder):
+    return {"driver": "file", "path": folder + os.sep}
+  scheme, _, rest = folder.partition("://")
+  if scheme.lower() not in ("gs", "gcs"):
+    raise _Unusable(f"its arrays cannot be read ({scheme}:// is not a store orbax writes)")
+  bucket, _, inner = rest.partition("/")
+  return {"driver": "gcs", "bucket": bucket, "path": inner.rstrip("/") + "/"}
+
+
 def _check_values(state_dir: str) -> None:
   """Reads the last byte of every value of the state's OCDBT store (array chunks and their zarr
   metadata), so that a truncated or missing data file is found here, cheaply, before orbax's
   restore, whose half-failed parallel reads would litter stderr with tracebacks."""
-  if not os.path.isfile(os.path.join(state_dir, "manifest.ocdbt")):
+  if not nmjax_io.isfile(nmjax_io.join(state_dir, "manifest.ocdbt")):
     raise _Unusable("state/manifest.ocdbt is missing")
   try:
-    store = ts.KvStore.open({"driver": "ocdbt",
-                             "base": {"driver": "file", "path": state_dir + os.sep}}).result()
+    store = ts.KvStore.open({"driver": "ocdbt", "base": _kvstore(state_dir)}).result()
     keys = store.list().result()
     for key, tail in [(k, store.read(k, byte_range=slice(-1, None))) for k in keys]:
       try:
@@ -173,9 +199,9 @@ def _read_step(mngr: ocp.CheckpointManager, step: int, abstract: Callable[[Any],
                loop_keys: tuple[str, ...] = ()) -> tuple[Any, dict]:
   """Checks one step (files, metadata, arrays against abstract(metadata tree), the loop state's
   keys) and restores it; raises _Unusable with the reason when it cannot be used."""
-  folder = os.path.join(str(mngr.directory), str(step))
+  folder = nmjax_io.join(str(mngr.directory), str(step))
   _check_files(folder)
-  _check_values(os.path.join(folder, "state"))
+  _check_values(nmjax_io.join(folder, "state"))
   try:
     metadata = mngr.item_metadata(step)["state"]
     recorded = metadata.tree if hasattr(metadata, "tree") else metadata
@@ -202,12 +228,18 @@ def _warn(text: str) -> None:
 
 def _move_aside(folder: str) -> str:
   """Renames a bad step folder to <step>.bad-<time> (not a step name: never listed, never
-  deleted by orbax) so that a later save at that step finds the name free."""
+  deleted by orbax) so that a later save at that step finds the name free. In a bucket the
+  objects are copied to the new name, then deleted."""
   stamp = time.strftime("%Y%m%d-%H%M%S")
   target, n = f"{folder}.bad-{stamp}", 1
-  while os.path.exists(target):
+  while nmjax_io.exists(target):
     target, n = f"{folder}.bad-{stamp}-{n}", n + 1
-  os.rename(folder, target)
+  if nmjax_io.is_cloud(folder):  # Copied object by object, then deleted (no rename there).
+    fs, inner = nmjax_io.paths.filesystem(folder)
+    fs.copy(inner, nmjax_io.paths.filesystem(target)[1], recursive=True)
+    fs.rm(inner, recursive=True)
+  else:
+    os.rename(folder, target)
   return target
 
 
@@ -230,11 +262,11 @@ def _newest_good(workdir: str, steps: list[int], abstract: Callable[[Any], Any],
   finally:
     mngr.close()
   if chosen is None:
-    found = ", ".join(f"{os.path.join(root, str(s))} ({why})" for s, why in bad)
+    found = ", ".join(f"{nmjax_io.join(root, str(s))} ({why})" for s, why in bad)
     raise DataError(f"no usable checkpoint in {root}: found {found}; {remedy}")
   parallel.assert_same_on_all_processes(chosen[0], "the checkpoint step chosen to restore")
   for bad_step, why in bad:
-    folder = os.path.join(root, str(bad_step))
+    folder = nmjax_io.join(root, str(bad_step))
     action = "left it in place"
     if move_bad and parallel.is_main_process():  # After the collective: all have checked it.
       action = f"moved it to {_move_aside(folder)}"
@@ -291,7 +323,7 @@ def load_state(workdir: str, *, step: int | None = None,
     return step, _read_step(mngr, step, from_metadata)[0]
   except _Unusable as e:
     others = ", ".join(str(s) for s in steps if s != step) or "none"
-    raise DataError(f"checkpoint {os.path.join(root, str(step))} (step {step}) cannot be used:"
+    raise DataError(f"checkpoint {nmjax_io.join(root, str(step))} (step {step}) cannot be used:"
                     f" {e}; other saved steps: {others}") from None
   finally:
     mngr.close()

@@ -24,12 +24,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from nmjax import models, noise, parallel
+from nmjax import io as nmjax_io, models, noise, parallel
 from nmjax.clip import tokenizer
 from nmjax.config import total_steps
 from nmjax.data import image_text, pipeline, records, sources, webdataset
 from nmjax.models import clip_model as clip_models
-from nmjax.train import contrastive, loop, state as state_lib
+from nmjax.train import contrastive, loop, profiling, state as state_lib
 from nmjax.train.supervised import prefix, start_run
 
 # OpenAI CLIP's image normalisation (fractions of 255), which open_clip's RN50 recipe uses.
@@ -81,8 +81,8 @@ def _real_pairs(plan: Any, data_dir: str | None) -> Sequence[Any]:
   if plan.dataset == "coco_captions":
     return image_text.coco_captions_pairs("train", seed=plan.seed, data_dir=data_dir)
   folder = plan.dataset[len(ARRAY_RECORD):]
-  if not os.path.isabs(folder) and data_dir:
-    folder = os.path.join(data_dir, folder)
+  if not os.path.isabs(folder) and not nmjax_io.is_cloud(folder) and data_dir:
+    folder = nmjax_io.join(data_dir, folder)
   return webdataset.WebdatasetPairs(folder)
 
 
@@ -249,7 +249,8 @@ def _loop_spec(plan: Any, input_fns: tuple[Callable, Callable],
       log_every_steps=plan.log_every_steps,
       checkpoint_every_steps=plan.checkpoint_every_steps, max_to_keep=plan.max_to_keep,
       param_sharding=plan.param_sharding, record_examples=bool(plan.record_examples),
-      eval_every_epochs=plan.eval_every_epochs, name="pretrain_clip")
+      eval_every_epochs=plan.eval_every_epochs, name="pretrain_clip",
+      profile_steps=profiling.profile_window(plan.profile_steps))
 
 
 def run(plan: Any, workdir: str) -> dict[str, Any]:

@@ -16,6 +16,9 @@ at once, leaving only committed checkpoints.
 
 Several processes: every process runs the same steps; arrays are global (jit with shardings),
 checkpoints are written collectively by orbax, and process 0 alone writes metrics and logs.
+
+Profiling: LoopSpec.profile_steps (N, M) has process 0 write a jax.profiler trace of steps N to M
+into WORKDIR/profile (nmjax/train/profiling.py).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nmjax import parallel
+from nmjax import io as nmjax_io, parallel
 from nmjax.errors import Interrupted, TrainingError
 from nmjax.progress import Progress, format_seconds
 from nmjax.train import checkpoint
+from nmjax.train.profiling import Profiler
 from nmjax.train.state import TrainState
 from nmjax.train.steps import Objective
 from nmjax.writers import MetricWriter
@@ -58,6 +62,7 @@ class LoopSpec:
   record_examples: bool = False  # Write each step's example indices to examples_seen.jsonl.
   eval_every_epochs: int = 1  # Test-set evaluation every N epochs (0: never), and after the end.
   name: str = "pretrain"
+  profile_steps: tuple[int, int] | None = None  # Steps N..M (1-based) traced by jax.profiler.
 
 
 def _epoch_keys(spec: LoopSpec) -> tuple[str, ...]:
@@ -182,6 +187,7 @@ class _Loop:
   examples_log: MetricWriter | None
   progress: Progress
   eval_step_fn: Callable
+  profiler: Profiler
 
 
 @dataclasses.dataclass
@@ -223,7 +229,7 @@ def _restore_or_init(spec: LoopSpec, workdir: str, shape: Any,
     state = jax.jit(spec.init_state, out_shardings=state_sharding)()
     return 0, _Running(state, _zero_sums(spec), None), None
   start_step, state, loop_state = found
-  folder = os.path.join(checkpoint.directory(workdir), str(start_step))
+  folder = nmjax_io.join(checkpoint.directory(workdir), str(start_step))
   _say(f"[{spec.name}] resumed from {folder} (step {start_step})")
   running = _Running(state, dict(loop_state["epoch_sums"]), loop_state.get("last_record"))
   return start_step, running, loop_state["data"]
@@ -291,6 +297,9 @@ def _save(loop: _Loop, running: _Running, done: int, iterator: Any) -> None:
   parallel.assert_same_on_all_processes(
       {"data": data_state, "sums": {k: running.sums[k] for k in _epoch_keys(loop.spec)}},
       f"the data position or epoch sums at step {done}")
+  for log in (loop.writer, loop.examples_log):  # A bucket's copy covers what the step saves.
+    if log is not None:
+      log.flush()
   checkpoint.save(loop.mngr, done, state, {"data": data_state, "epoch_sums": running.sums,
                                            "last_record": running.record})
 
@@ -302,8 +311,10 @@ def _run_steps(loop: _Loop, running: _Running, iterator: Any, train_step_fn: Cal
   done, preempted = start_step, False
   for step in range(start_step, spec.total_steps):
     batch = parallel.host_to_global(next(iterator), loop.mesh)
+    loop.profiler.before(step + 1)
     running.state, metrics = train_step_fn(running.state, batch)
     done = step + 1
+    loop.profiler.after(done, running.state)
     running.window.append((done, metrics))
     if loop.examples_log is not None:
       # Gathered from the global batch, i.e. what the step consumed on every process.
@@ -367,8 +378,14 @@ def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh 
     iterator = spec.train_iterator(data_state)
     progress = Progress(spec.total_steps, start=start_step, prefix=f"[{spec.name}] ",
                         active=parallel.is_main_process())
-    loop = _Loop(spec, mesh, mngr, writer, examples_log, progress, eval_step_fn)
-    done, preempted = _run_steps(loop, running, iterator, train_step_fn, start_step, watch)
+    profiler = Profiler(spec.profile_steps, workdir, spec.name)
+    loop = _Loop(spec, mesh, mngr, writer, examples_log, progress, eval_step_fn, profiler)
+    try:
+      done, preempted = _run_steps(loop, running, iterator, train_step_fn, start_step, watch)
+    finally:  # A trace still running (the run ended or stopped inside its window) is closed.
+      profiler.stop(running.state)
+      for log in logs:  # A bucket workdir gets the records written so far, whatever happened.
+        log.flush()
     mngr.wait_until_finished()  # A Ctrl-C while the last save commits still stops at once.
   mngr.close()
   for log in logs:

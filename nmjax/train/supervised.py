@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -22,7 +21,7 @@ from nmjax import io as nmjax_io, models, noise, parallel
 from nmjax.config import total_steps
 from nmjax.data import imagenet, pipeline, records, sources
 from nmjax.errors import ConfigError
-from nmjax.train import checkpoint, loop, state as state_lib, steps
+from nmjax.train import checkpoint, loop, profiling, state as state_lib, steps
 
 # default: the in-memory image pipeline (random crop after zero padding, flip); imagenet: JPEGs
 # decoded and cropped by area in grain workers (nmjax/data/imagenet.py).
@@ -38,7 +37,8 @@ FIXED_FIELDS = ("dataset", "model", "noise_ratio", "noise_type", "seed", "max_tr
 # may change it only when plan.allow_changes names it, and config.json records the change.
 FREE_FIELDS = ("job", "log_every_steps", "checkpoint_every_steps", "max_to_keep", "data_dir",
                "mesh", "param_sharding", "record_examples", "data_workers", "allow_changes",
-               "distributed", "coordinator_address", "num_processes", "process_id")
+               "distributed", "coordinator_address", "num_processes", "process_id",
+               "profile_steps")
 
 
 def _jpeg_input(plan: Any) -> bool:
@@ -55,9 +55,9 @@ def _saved_config(workdir: str, steps: list[int]) -> dict[str, Any] | None:
 
   Checkpoints without a readable config.json are refused: nothing says which run they are of.
   """
-  path = os.path.join(workdir, "config.json")
+  path = nmjax_io.join(workdir, "config.json")
   try:
-    with open(path) as f:
+    with nmjax_io.open(path) as f:
       saved = json.load(f)
     if not isinstance(saved, dict):
       raise ValueError("not a JSON object")
@@ -147,7 +147,7 @@ def record_config(plan: Any, workdir: str) -> None:
     if history:
       record["history"] = history
   if jax.process_index() == 0 and record != saved:
-    nmjax_io.write_json(os.path.join(workdir, "config.json"), record)
+    nmjax_io.write_json(nmjax_io.join(workdir, "config.json"), record)
 
 
 def _split_records(plan: Any, source: sources.Source) -> tuple[Sequence, Sequence]:
@@ -217,7 +217,8 @@ def _loop_spec(plan: Any, info: sources.SourceInfo, input_fns: tuple[Callable, C
       log_every_steps=plan.log_every_steps,
       checkpoint_every_steps=plan.checkpoint_every_steps, max_to_keep=plan.max_to_keep,
       param_sharding=plan.param_sharding, record_examples=bool(plan.record_examples),
-      eval_every_epochs=plan.eval_every_epochs)
+      eval_every_epochs=plan.eval_every_epochs,
+      profile_steps=profiling.profile_window(plan.profile_steps))
 
 
 def start_run(plan: Any, workdir: str) -> jax.sharding.Mesh:
