@@ -20,7 +20,8 @@ Overrides, e.g.: --config.noise_ratios=0,0.05,0.1,0.2,0.3 --config.seeds=0,1,2
   --config.nmtune.epochs=20 --config.tune_grid= (config.nmtune's weights) --config.methods=lp,mlp
 
 As a job array (docs/study.md): --config.stage=list prints the points, --config.stage=NAME (or
-an index) runs one point in its own process on a shared workdir, --config.stage=render the report.
+an index) runs one point in its own process on a shared workdir, --config.stage=render the report;
+every task takes the same --config.* flags (a task with others is refused before it trains).
 
 The design and the default run's results: docs/study.md; its time: docs/performance.md.
 """

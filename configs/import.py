@@ -43,7 +43,8 @@ Fields (--config.FIELD=VALUE):
                        A CLIP's: `features` = encode_image(inputs), and/or `tokens` (N, 77)
                        with `text_features` = encode_text(tokens); the surest check of the
                        QuickGELU choice.
-  trust_pickle         let torch unpickle arbitrary objects (only for files you trust).
+  trust_pickle         let torch unpickle arbitrary objects, and torch.jit.load a TorchScript
+                       archive, running its code (only for files you trust).
 Writes DIR/config.json (these fields, the file's sha256, the model's layout), DIR/plan.json and
 the orbax checkpoint DIR/checkpoints/0; --dry_run prints the checked plan and writes nothing.
 More in docs/import.md.

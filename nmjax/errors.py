@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -14,6 +15,10 @@ from collections.abc import Iterator
 EXIT_CODE = 2
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+# tensorstore (orbax's array store) reports an OS error as a ValueError whose text carries the
+# errno, `[os_error_code='28']`, and the file in quotes.
+_STATUS_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
+_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
 
 class NmjaxError(Exception):
@@ -40,14 +45,31 @@ class Interrupted(NmjaxError):
 
 def os_error_in(error: BaseException | None, errnos: tuple[int, ...]) -> OSError | None:
   """The first OSError with one of `errnos` in the chain of `error`'s causes (libraries such as
-  TFDS or orbax re-raise a full disk or a read-only folder inside their own exceptions)."""
+  TFDS or orbax re-raise a full disk or a read-only folder inside their own exceptions); an
+  error of tensorstore's that names an errno in its text counts as that OSError."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in errnos:
-      return error
+    found = error if isinstance(error, OSError) else _status_os_error(error)
+    if found is not None and found.errno in errnos:
+      return found
     error = error.__cause__ or error.__context__
   return None
+
+
+def _status_os_error(error: BaseException) -> OSError | None:
+  """The OSError (errno, its text, the last quoted absolute path) that a tensorstore error's
+  text reports, or None."""
+  try:
+    text = str(error)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  match = _STATUS_ERRNO.search(text)
+  if match is None:
+    return None
+  code = int(match.group(1))
+  paths = _QUOTED_PATH.findall(text)
+  return OSError(code, os.strerror(code), paths[-1] if paths else None)
 
 
 def fail(message: str, code: int = EXIT_CODE) -> None:
@@ -61,13 +83,17 @@ def _free_space(path: str) -> str:
   while folder and not os.path.exists(folder):
     folder = os.path.dirname(folder)
   try:
-    free = shutil.disk_usage(folder).free
+    return format_bytes(shutil.disk_usage(folder).free)
   except OSError:
     return "unknown"
+
+
+def format_bytes(count: float) -> str:
+  """A byte count as people read it: 512 B, 1.5 KB, 3.0 MB, 12.4 GB."""
   for unit in ("B", "KB", "MB", "GB"):
-    if free < 1024 or unit == "GB":
-      return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-    free /= 1024
+    if count < 1024 or unit == "GB":
+      return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    count /= 1024
   return ""
 
 
@@ -111,7 +137,12 @@ def one_line_errors() -> Iterator[None]:
     fail(explain_os_error(fault))
 
 
+def debug() -> bool:
+  """Whether NMJAX_DEBUG asks for the tracebacks (and library logs) behind one-line errors."""
+  return os.environ.get("NMJAX_DEBUG", "") not in ("", "0")
+
+
 def _debug_traceback() -> None:
   """NMJAX_DEBUG=1: the traceback of an error nmjax reports as one line, before that line."""
-  if os.environ.get("NMJAX_DEBUG", "") not in ("", "0"):
+  if debug():
     traceback.print_exc()

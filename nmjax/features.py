@@ -9,13 +9,14 @@ A features file is an .npz holding
 
 from any source, a black-box API included: the probes and NMTune read these. `load` and
 `as_feature_set` refuse a file (or array pair) that is not such an .npz (a plain .npy, a truncated
-or foreign file, a directory), a non-finite value, a wrong dimension or labels outside [0, C) with
-one line naming the file and the problem. Where the labels themselves size a head (no
-num_classes given: C = max label + 1), C may be at most CLASS_GAP_FACTOR x the distinct labels
-present and at most MAX_CLASSES (ImageNet-21k, the largest label set in common use, has 21,843
-classes), so one stray label such as 999999 is refused naming its row instead of becoming a
-million-class head. Features past HUGE_FEATURE in absolute value get a warning line: float32
-products of them overflow and the probes fall to chance level.
+or foreign file, a directory, a FIFO or a device, an .npz of pickled object arrays), a non-finite
+value, a wrong dimension or labels outside [0, C) with one line naming the file and the problem.
+Where the labels themselves size a head (no num_classes given: C = max label + 1), C may be at most
+CLASS_GAP_FACTOR x the distinct labels present and at most MAX_CLASSES (ImageNet-21k, the largest
+label set in common use, has 21,843 classes), so one stray label such as 999999 is refused naming
+its row instead of becoming a million-class head. Features past HUGE_FEATURE in absolute value get
+a warning line (float32 products overflow: the probes fall to chance), and so do constant features
+(every row the same: no head can tell the classes apart), once per array and process.
 
 `extract` runs an encoder in inference mode over padded, masked batches (nmjax.data.pipeline's
 eval_batches) and returns the features of every example exactly once, in batch order, on any mesh.
@@ -23,10 +24,13 @@ eval_batches) and returns the features of every example exactly once, in batch o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
+import stat
 import sys
+import weakref
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -150,16 +154,55 @@ def inferred_classes_note(num_classes: int) -> str:
           " split lacks the top classes")
 
 
+# (id of an array, the line said of it) -> a weak reference to that array: each warning once per
+# array, however many methods read it (the NMTune job runs every method on the same arrays).
+_WARNED: dict[tuple[int, str], weakref.ref] = {}
+
+
+def _warn_once(features: Array, line: str) -> None:
+  """Prints `warning: line` unless that very line was already said of this very array."""
+  key = (id(features), line)
+  known = _WARNED.get(key)
+  if known is not None and known() is features:
+    return
+  with contextlib.suppress(TypeError):  # An array that is not weakly referable: every time.
+    _WARNED[key] = weakref.ref(features, lambda _, key=key: _WARNED.pop(key, None))
+  print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def peak_value(features: Array) -> float:
+  """The largest absolute value of `features` (0 when empty), from the two extremes: no copy."""
+  return float(max(np.max(features), -np.min(features))) if np.size(features) else 0.0
+
+
 def warn_if_huge(name: str, features: Array) -> None:
   """Prints one warning line when features exceed HUGE_FEATURE in absolute value (finite, but
   their float32 products overflow: a probe on them scores at chance level)."""
-  # The two extremes, not np.abs(features).max(): no temporary copy of a large table.
-  peak = float(max(np.max(features), -np.min(features))) if np.size(features) else 0.0
+  peak = peak_value(features)
   if peak > HUGE_FEATURE:
-    print(f"warning: {name}: features reach {peak:.3g} in absolute value (over {HUGE_FEATURE:g});"
-          " float32 products of such values overflow, so the results may be at chance level;"
-          " rescale the features (e.g. divide by their standard deviation)", file=sys.stderr,
-          flush=True)
+    _warn_once(features, f"{name}: features reach {peak:.3g} in absolute value (over"
+               f" {HUGE_FEATURE:g}); float32 products of such values overflow, so the results may"
+               " be at chance level; rescale the features (e.g. divide by their standard"
+               " deviation)")
+
+
+def warn_if_constant(name: str, features: Array) -> None:
+  """Prints one warning line when every row of (N, D) features, N >= 2, is the same (each
+  feature has zero variance): no head can tell the classes apart, so accuracies are at chance."""
+  if features.ndim != 2 or features.shape[0] < 2:
+    return
+  low, high = np.min(features, axis=0), np.max(features, axis=0)
+  if np.all(low == high):
+    zero = ", all zero" if not np.any(low) else ""
+    _warn_once(features, f"{name}: features are constant (zero variance: all"
+               f" {features.shape[0]} rows are identical{zero}), so no head can tell the classes"
+               " apart and accuracies will be at chance level; check how they were extracted")
+
+
+def warn_if_degenerate(name: str, features: Array) -> None:
+  """warn_if_huge and warn_if_constant: what every reader of features says of them."""
+  warn_if_huge(name, features)
+  warn_if_constant(name, features)
 
 
 def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
@@ -180,6 +223,15 @@ def _check(name: str, features: Any, labels: Any, clean_labels: Any, *,
   return features, labels, clean_labels
 
 
+class PickledArrays(ValueError):
+  """An .npz holding object arrays (pickled Python objects), which nmjax never unpickles."""
+
+  def __init__(self, names: list[str]):
+    self.names = names
+    super().__init__(f"holds object arrays ({', '.join(names)}: pickled Python objects), which"
+                     " nmjax does not load")
+
+
 def npz_arrays(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, Array]:
   """Every array of an .npz file, local or in a bucket (a cloud file is read whole into memory).
 
@@ -191,16 +243,43 @@ def npz_arrays(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[s
     {name: array}.
 
   Raises:
+    PickledArrays: (a ValueError) the file holds object arrays and allow_pickle is False; its
+      `names` lists them.
     OSError, ValueError, EOFError, zipfile.BadZipFile: as np.load raises them.
   """
   path = os.fspath(path)
   source = io.BytesIO(nmjax_io.read_bytes(path)) if nmjax_io.is_cloud(path) else path
+  arrays, pickled = {}, []
   with np.load(source, allow_pickle=allow_pickle) as data:
-    return {k: data[k] for k in data.files}
+    for key in data.files:
+      try:
+        arrays[key] = data[key]
+      except ValueError as e:
+        if "allow_pickle" not in str(e):
+          raise
+        pickled.append(key)
+  if pickled:
+    raise PickledArrays(pickled)
+  return arrays
+
+
+def _special_file(name: str) -> str | None:
+  """What a local path is when it is neither a regular file nor a folder (a FIFO, a device, a
+  socket), from os.stat alone: opening a FIFO would wait for a writer."""
+  try:
+    mode = 0 if nmjax_io.is_cloud(name) else os.stat(name).st_mode
+  except OSError:
+    return None
+  kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+  return next((what for test, what in kinds if test(mode)), None)
 
 
 def _read_npz(name: str) -> dict[str, Array]:
   """Every array of the .npz file `name`, or a DataError saying what the file is instead."""
+  if special := _special_file(name):
+    raise DataError(f"features file {name} is {special}, not a features file; pass an .npz file"
+                    " written by np.savez(path, features=..., labels=...)")
   if nmjax_io.isdir(name):
     raise DataError(f"features file {name} is a directory, not an .npz file")
   if not nmjax_io.isfile(name):
@@ -217,6 +296,10 @@ def _read_npz(name: str) -> dict[str, Array]:
                     " nmjax.features.save")
   try:
     return npz_arrays(name)
+  except PickledArrays as e:
+    raise DataError(f"features file {name} {e}; save numeric arrays: np.savez(path,"
+                    " features=np.asarray(features, np.float32), labels=np.asarray(labels,"
+                    " np.int64))") from None
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
     # numpy's own text may advise loading "unsafely" with allow_pickle: never useful here.
     raise DataError(f"features file {name} cannot be read as .npz (truncated or damaged:"

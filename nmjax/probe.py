@@ -45,7 +45,7 @@ import optax
 from nmjax.config import check_range, overlay, probe_fields
 from nmjax.errors import ConfigError, DataError
 from nmjax.features import (MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set,
-                            inferred_classes_note, warn_if_huge)
+                            inferred_classes_note, warn_if_degenerate)
 from nmjax.heads import Head, make_head
 # The closed-form algebra lives in nmjax.ridge; its names stay importable from here.
 from nmjax.ridge import (Moments, dual_solutions, holdout_split, mean_std, primal_solution,
@@ -101,8 +101,8 @@ def _load_splits(train: FeaturesLike, test: FeaturesLike, num_classes: int | Non
   test_set = as_feature_set(
       test, name="probe test features", num_classes=num_classes, feature_dim=train_set.feature_dim,
       note="" if given else inferred_classes_note(num_classes))
-  warn_if_huge(train_set.where("probe train features"), train_set.features)
-  warn_if_huge(test_set.where("probe test features"), test_set.features)
+  warn_if_degenerate(train_set.where("probe train features"), train_set.features)
+  warn_if_degenerate(test_set.where("probe test features"), test_set.features)
   return train_set, test_set, num_classes
 
 

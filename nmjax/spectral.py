@@ -14,7 +14,10 @@ Preprocessing (as the reference implementation's; see docs/method.md), chosen by
     "feature"  the standard PCA-style centering: subtract each feature's mean over the M rows.
     None       no centering.
 A zero row stays zero under normalization (its norm is clamped to 1e-12, as the reference's
-normalization does).
+normalization does). Features far from unit scale (max |x| past HUGE_FEATURE = 1e8, or below
+1 / HUGE_FEATURE) are first divided by the power of two nearest their max |x|: exact in floating
+point, so SVE, LSVR and the spectrum (all scale-invariant) are what they are at unit scale, where
+the float32 squares of the normalization and the SVD would overflow (or vanish).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from nmjax.errors import ConfigError, DataError
-from nmjax.features import check_matrix
+from nmjax.features import HUGE_FEATURE, check_matrix, peak_value
 
 __all__ = ["singular_values", "sve", "lsvr", "spectrum", "metrics"]
 
@@ -32,7 +35,11 @@ CENTERINGS = ("row", "feature", None)
 DEFAULT_CENTER = "row"
 
 
-def _preprocess(features: Any, center: str | None, normalize: bool) -> np.ndarray:
+def _preprocess(features: Any, center: str | None, normalize: bool
+                ) -> tuple[np.ndarray, float, float]:
+  """(the preprocessed matrix of features / scale, scale, the features' max |x|): scale is a
+  power of two (1 at ordinary scales) that keeps every float32 square finite and normal, and 1
+  after normalization (the rows' scale is gone)."""
   if center not in CENTERINGS:
     raise ConfigError(f"center={center!r} is unknown; allowed: 'row' (reference, default),"
                       " 'feature', None")
@@ -40,13 +47,28 @@ def _preprocess(features: Any, center: str | None, normalize: bool) -> np.ndarra
     raise ConfigError(f"normalize={normalize!r} is not allowed; allowed: True, False")
   # A copy: the caller's array is never modified by the in-place steps below.
   matrix = np.array(check_matrix("spectral metrics", features), dtype=np.float32, copy=True)
+  peak, scale = peak_value(matrix), 1.0
+  if peak > HUGE_FEATURE or 0 < peak < 1 / HUGE_FEATURE:
+    exponent = int(np.frexp(peak)[1])  # peak / 2**exponent lies in [0.5, 1).
+    matrix, scale = np.ldexp(matrix, -exponent).astype(np.float32), 2.0 ** exponent  # Exact.
   if normalize:
     matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
   if center == "row":
     matrix -= matrix.mean(axis=1, keepdims=True)
   elif center == "feature":
     matrix -= matrix.mean(axis=0, keepdims=True)
-  return matrix
+  return matrix, 1.0 if normalize else scale, peak
+
+
+def _why_zero(peak: float, center: str | None, num_rows: int) -> str:
+  """Why preprocessing left a matrix of zeros (the features' peak |x| and the centering)."""
+  if peak == 0:
+    return "the features are all zero"
+  if center == "feature":
+    return (f"the features are constant: all {num_rows} rows are identical, so centering each"
+            " feature (center='feature') leaves zeros")
+  return ("every row's entries are equal, so centering each row (center='row', the default)"
+          " leaves zeros")
 
 
 def singular_values(features: Any, *, center: str | None = DEFAULT_CENTER,
@@ -64,7 +86,8 @@ def singular_values(features: Any, *, center: str | None = DEFAULT_CENTER,
 
   Raises:
     ConfigError: an unknown `center` or a `normalize` that is not a bool.
-    DataError: features that are not a non-empty 2-D array of finite real numbers.
+    DataError: features that are not a non-empty 2-D array of finite real numbers, or
+      (normalize=False) so large that their singular values pass float32's range.
 
   Examples:
     >>> import numpy as np
@@ -72,7 +95,16 @@ def singular_values(features: Any, *, center: str | None = DEFAULT_CENTER,
     >>> spectral.singular_values(np.eye(3), center=None)
     array([1., 1., 1.], dtype=float32)
   """
-  return np.linalg.svd(_preprocess(features, center, normalize), compute_uv=False)
+  matrix, scale, peak = _preprocess(features, center, normalize)
+  sigma = np.linalg.svd(matrix, compute_uv=False)
+  if scale == 1.0:
+    return sigma
+  unscaled = sigma.astype(np.float64) * scale
+  if unscaled[0] > np.finfo(np.float32).max:
+    raise DataError(f"spectral metrics: the features reach {peak:.3g} in absolute"
+                    f" value, so their largest singular value ({unscaled[0]:.3g}) is past float32's"
+                    " range; rescale them (SVE, LSVR and the spectrum do not depend on the scale)")
+  return unscaled.astype(np.float32)
 
 
 def spectrum(features: Any, *, center: str | None = DEFAULT_CENTER, normalize: bool = True,
@@ -103,12 +135,13 @@ def spectrum(features: Any, *, center: str | None = DEFAULT_CENTER, normalize: b
   if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
                             or top_k < 1):
     raise ConfigError(f"top_k={top_k!r} is not allowed; allowed: None or an integer >= 1")
-  sigma = singular_values(features, center=center, normalize=normalize).astype(np.float64)
-  total = sigma.sum()
-  if not total > 0:
-    raise DataError("spectral metrics: every singular value is 0 after preprocessing (the"
-                    " features are constant); SVE and LSVR are undefined")
-  p = sigma / total
+  # At the preprocessing's scale: p does not depend on it, and no float32 value overflows.
+  matrix, _, peak = _preprocess(features, center, normalize)
+  sigma = np.linalg.svd(matrix, compute_uv=False).astype(np.float64)
+  if not sigma.sum() > 0:
+    raise DataError(f"spectral metrics: every singular value is 0 after preprocessing"
+                    f" ({_why_zero(peak, center, len(matrix))}); SVE and LSVR are undefined")
+  p = sigma / sigma.sum()
   return p if top_k is None else p[:top_k]
 
 

@@ -206,8 +206,6 @@ def _members(key, *, image=True, text=b"a caption"):
     ("text_no_image", _members("k1", image=False), "key k1 has text but no image (k1.jpg)"),
     ("not_utf8", _members("k1", text=b"\xff\xfe caption"), "key k1 has a caption file k1.txt"
      " that is not UTF-8"),
-    ("not_an_image", [("k1.jpg", b"not a jpeg"), ("k1.txt", b"x")],
-     "key k1 has an image k1.jpg that cannot be read"),
     ("split_sample", _members("k1") + _members("k2") + [("k1.json", b"{}")],
      "key k1 appears twice"),
 ])

@@ -96,7 +96,8 @@ def test_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
   assert first.parent == tmp_path and first.exists()
   stamp = first.stat().st_mtime_ns
   assert resample.build(compiler) == first and first.stat().st_mtime_ns == stamp
-  assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+  # No temporary left behind: the library and the sha256 recorded beside it.
+  assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]
 
 
 def test_crop_decode_gives_the_pixels_of_pillows_whole_decode():

@@ -22,7 +22,7 @@ from nmjax import jobs  # pylint: disable=wrong-import-position
 from nmjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from nmjax import tasks as tasks_lib  # pylint: disable=wrong-import-position
 from nmjax.jobs import figures, tables as report  # pylint: disable=wrong-import-position
-from nmjax.jobs import study, study_stages  # pylint: disable=wrong-import-position
+from nmjax.jobs import plans, study, study_stages  # pylint: disable=wrong-import-position
 
 # Minutes of processes and training: the full tier (`-m "not slow"` leaves them out).
 pytestmark = pytest.mark.slow
@@ -301,6 +301,35 @@ def test_stages_run_as_a_job_array_then_render_the_one_process_report(smoke_run,
   assert {r["noise_ratio"] for r in _read_records(str(partial))} == {0.0}
   with pytest.raises(ConfigError, match=r"config.stage='seed9' is not a stage of this study"):
     jobs.run(_smoke(stage="seed9"), str(tmp_path / "bad"))
+
+
+def test_a_later_task_with_a_changed_flag_is_refused_before_training(smoke_run, tmp_path):
+  """The first task's point finished; the next task, started with another pre-training or
+  downstream flag, is refused with one line before it trains and leaves the workdir as it was;
+  the same task with the study's flags then runs and gives the one-process run's numbers."""
+  workdir, _ = smoke_run
+  shared = tmp_path / "array"
+  for part in ("pretrain/seed0_r0", "tune", "eval/seed0_r0"):
+    shutil.copytree(os.path.join(workdir, part), shared / part)
+  shutil.copy(os.path.join(workdir, plans.PLAN_FILE), shared)
+  before = sorted(str(p.relative_to(shared)) for p in shared.rglob("*"))
+  for flag, words in (("--config.pretrain.learning_rate=0.05",
+                       "holds the pre-training stage seed0_r0 of a different study"
+                       " (learning_rate: saved 0.1 vs now 0.05)"),
+                      ("--config.nmtune.epochs=3", "holds a study run with other flags"
+                                                   " (config.nmtune.epochs: recorded 2 vs now 3)")):
+    refused = _main(shared, "--config.stage=seed0_r0.3", flag, stderr=subprocess.PIPE)
+    out, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and err.count("\n") == 1 and words in err, err
+    assert "[pretrain] step" not in out, out
+    assert sorted(str(p.relative_to(shared)) for p in shared.rglob("*")) == before
+  task = _main(shared, "--config.stage=seed0_r0.3")
+  out = task.communicate(timeout=300)[0]
+  assert task.returncode == 0, out
+  result = jobs.run(_smoke(stage="render"), str(shared))
+  assert not result["missing"]
+  assert helpers.study_scores(_read_records(str(shared))) == helpers.study_scores(
+      _read_records(workdir))
 
 
 @pytest.mark.parametrize("overrides, message", [

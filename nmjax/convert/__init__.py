@@ -5,11 +5,12 @@
 
 `images_nhwc` are float32 images normalized as the source model expects: the same numbers the
 PyTorch model takes, transposed from NCHW. The files are read by nmjax.convert.readers
-(safetensors without torch; torch pickles with torch, weights only; TorchScript archives), their
-names mapped by nmjax.convert.layouts (ARCHS: resnet18, resnet50, vit_s16, vit_b16) and
-nmjax.convert.clip_layouts (CLIP_ARCHS), and every name, shape and variable checked by
-nmjax.convert.mapping. The import job (configs/import.py) writes the result as a pre-training
-workdir that every evaluation job reads like its own (save_workdir).
+(safetensors without torch; torch pickles with torch, weights only; TorchScript archives as
+data, without torch, nothing in them run), their names mapped by nmjax.convert.layouts (ARCHS:
+resnet18, resnet50, vit_s16, vit_b16) and nmjax.convert.clip_layouts (CLIP_ARCHS), and every
+name, shape and variable checked by nmjax.convert.mapping. The import job (configs/import.py)
+writes the result as a pre-training workdir that every evaluation job reads like its own
+(save_workdir).
 
 A CLIP arch (clip_rn50, clip_rn50_quickgelu, clip_vit_b16, clip_vit_b16_quickgelu, clip_small)
 gives the nmjax.models.clip_model.CLIP module itself, not a (logits, features) classifier:
@@ -110,7 +111,10 @@ def from_tensors(tensors: dict[str, np.ndarray], arch: str, *, what: str,
 
 def read(path: str, arch: str, *, trust_pickle: bool = False,
          quick_gelu: bool | None = None) -> Imported:
-  """Reads and converts the checkpoint file `path` as `arch` (ARCHS or CLIP_ARCHS)."""
+  """Reads and converts the checkpoint file `path` as `arch` (ARCHS or CLIP_ARCHS).
+
+  `trust_pickle`: torch unpickles arbitrary objects and torch.jit.load reads a TorchScript
+  archive (running its code); only for files you trust."""
   check_arch(arch)
   if is_clip(arch):  # Refuse a name/flag contradiction before reading the file.
     clip_layouts.resolve_quick_gelu(arch, quick_gelu)
@@ -149,7 +153,7 @@ def load(path: str, arch: str, *,
     >>> convert.load("no_such_file.pth", "resnet50")
     Traceback (most recent call last):
     ...
-    nmjax.errors.DataError: checkpoint file no_such_file.pth does not exist (or is not a file)
+    nmjax.errors.DataError: checkpoint file no_such_file.pth does not exist
   """
   imported = read(path, arch, quick_gelu=quick_gelu)
   return imported.model, imported.variables

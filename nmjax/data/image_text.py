@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from nmjax.data import fashion_mnist, imagenet, locations, records, sources, webdataset
+from nmjax.data import webdataset_shards
 from nmjax import errors
 from nmjax.errors import ConfigError, DataError
 
@@ -372,8 +373,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   with errors.one_line_errors():
     manifest = webdataset.convert(args.shards, args.output)
+    skipped = webdataset_shards.skipped_words(manifest["skipped"])
     print(f"converted {manifest['count']:,} pairs from {len(manifest['shards'])} shards into "
-          f"{args.output}", flush=True)
+          f"{args.output}{'; ' + skipped if skipped else ''}", flush=True)
 
 
 if __name__ == "__main__":

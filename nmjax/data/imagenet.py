@@ -48,9 +48,9 @@ from PIL import Image
 
 from nmjax.data import locations, pipeline, records, resample
 # The JPEG steps, named here too (this module's callers and tests use them as imagenet.*).
-from nmjax.data.jpeg import (Box, JpegFrame, dct_scale, decode, decode_crop,  # noqa: F401
-                             decode_for_box, decode_for_scaled_box, decode_rows, jpeg_frame,
-                             open_image, resize_rows, scaled_box)
+from nmjax.data.jpeg import (DECODE_ERRORS, Box, JpegFrame, dct_scale, decode,  # noqa: F401
+                             decode_crop, decode_for_box, decode_for_scaled_box, decode_rows,
+                             jpeg_frame, open_image, resize_rows, scaled_box)
 from nmjax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
@@ -206,12 +206,15 @@ def center_crop(image: Image.Image | bytes, size: int, *, decode_less: bool = Tr
 
 def _crop_or_fail(example: Mapping[str, Any],
                   crop: Callable[[bytes], np.ndarray]) -> np.ndarray:
-  """crop(the example's encoded image), naming the record if its image cannot be decoded."""
+  """crop(the example's encoded image), naming the record if its image cannot be decoded (a
+  truncated file, a header claiming more pixels than jpeg.check_pixels allows): the run stops
+  there, as the same record comes at the same point of every rerun."""
   try:
     return crop(example["image"])
-  except (OSError, ValueError) as e:
+  except DECODE_ERRORS as e:
     raise DataError(f"record {int(example['index'])} holds an image that cannot be decoded "
-                    f"({e}); fix: re-prepare the dataset with tfds build") from None
+                    f"({type(e).__name__}: {e}); fix: re-prepare the dataset with tfds build"
+                    ) from None
 
 
 def _center_crop_example(example: Mapping[str, Any], image_size: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,9 +28,38 @@ _OTHER_FRAMES = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 _CUT_MARGIN = 2
 
 
+class ImageTooLarge(ValueError):
+  """An image whose header claims more pixels than Pillow decodes (check_pixels)."""
+
+
+# What decoding a damaged image raises (Pillow's plugins use all of these).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def check_pixels(width: int, height: int) -> None:
+  """ImageTooLarge where width x height is over Pillow's decompression-bomb limit
+  (Image.MAX_IMAGE_PIXELS, the one the conversion of webdataset shards applies too): a header
+  that claims that many pixels is damaged or hostile, and decoding it takes seconds and
+  gigabytes (a JPEG whose data stops early comes out grey)."""
+  limit = Image.MAX_IMAGE_PIXELS
+  if limit and width * height > limit:
+    raise ImageTooLarge(f"its header claims {width}x{height} = {width * height:,} pixels, over"
+                        f" Pillow's limit of {limit:,} (a decompression bomb)")
+
+
 def open_image(data: bytes) -> Image.Image:
-  """An encoded image opened (its header read) but not decoded: the crops below decode it."""
-  return Image.open(io.BytesIO(data))
+  """An encoded image opened (its header read) but not decoded: the crops below decode it.
+  Raises ImageTooLarge for one over check_pixels' limit."""
+  if jpeg_frame(data) is not None:  # Its size checked there: Pillow has nothing to warn of.
+    return Image.open(io.BytesIO(data))
+  try:
+    with warnings.catch_warnings():  # Over the limit: refused below, in one line.
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise ImageTooLarge(str(e)) from None
+  check_pixels(*image.size)
+  return image
 
 
 def decode(jpeg: bytes) -> Image.Image:
@@ -62,7 +92,8 @@ class JpegFrame(NamedTuple):
 
 def jpeg_frame(data: bytes) -> JpegFrame | None:
   """The frame of a Huffman-coded (baseline, extended or progressive) greyscale or colour JPEG;
-  None for anything else (CMYK, lossless, arithmetic-coded, not a JPEG), which Pillow opens."""
+  None for anything else (CMYK, lossless, arithmetic-coded, not a JPEG), which Pillow opens.
+  Raises ImageTooLarge where the frame claims more pixels than check_pixels allows."""
   if data[:2] != b"\xff\xd8":
     return None
   pos, frame = 2, None
@@ -83,6 +114,7 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
       if frame is None or frame[1] == 0 or frame[4] not in (1, 3):
         return None
       width, height, offset, sequential, components = frame
+      check_pixels(width, height)
       return JpegFrame(width, height, offset, sequential and data[pos + 4] == components)
     pos += 2 + length
   return None

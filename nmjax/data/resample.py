@@ -25,7 +25,10 @@ headers, or the system's libjpeg; where libjpeg reports anything about a file (a
 warning) it gives no answer and Pillow decodes, so Pillow's errors stay the errors.
 
 The C files are compiled on first use into $NMJAX_CACHE_DIR (default ~/.cache/nmjax/native),
-one library per source, compiler and CPU (-march=native); bootstrap builds them ahead.
+one library per source, compiler and CPU (-march=native), each with the sha256 of its bytes
+beside it; a library whose bytes no longer match (a damaged disk or copy, which the dynamic
+loader can die on with SIGBUS before any message) is compiled again, with one line on stderr,
+before it is loaded. bootstrap builds them ahead.
 NMJAX_NATIVE_RESAMPLE=0 turns both off.
 """
 
@@ -94,25 +97,47 @@ def pillow_libjpeg() -> pathlib.Path | None:
 
 def build(compiler: str, source: pathlib.Path = _SOURCE,
           link: tuple[str, ...] = ()) -> pathlib.Path:
-  """The compiled library of `source` for this compiler, CPU and `link` arguments (compiled now
-  if missing; the file appears whole or not at all, so concurrent processes share it). Raises
-  OSError or subprocess.CalledProcessError when compiling fails."""
+  """The compiled library of `source` for this compiler, CPU and `link` arguments, checked
+  against the sha256 recorded beside it when it was compiled (`<name>.so.sha256`); compiled here
+  where it is missing, unrecorded or damaged (a damaged one, which the loader could die on with
+  SIGBUS, is said in one line). The files appear whole or not at all, so concurrent processes
+  share them. Raises OSError or subprocess.CalledProcessError when compiling fails."""
   parts = [source.read_bytes(), compiler.encode(), platform.machine().encode(),
            _cpu_flags().encode(), *(a.encode() for a in link)]
   if source != _SOURCE:  # it includes resample.c
     parts.append(_SOURCE.read_bytes())
   key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
   target = cache_dir() / f"{source.stem}-{key}.so"
+  recorded = target.with_name(target.name + ".sha256")
   if target.exists():
-    return target
+    if _intact(target, recorded):
+      return target
+    if recorded.exists():
+      print(f"[nmjax] {target} is damaged (its sha256 is not the one recorded in {recorded.name}"
+            " when it was compiled): compiling it again", file=sys.stderr, flush=True)
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
     subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", f"-I{_SOURCE.parent}",
                     "-o", str(built), str(source), *link, "-lm"],
                    check=True, capture_output=True, text=True)
+    digest = pathlib.Path(tmp) / recorded.name
+    digest.write_text(_sha256(built) + "\n")
+    os.replace(digest, recorded)  # First: a library never stands beside another's digest.
     os.replace(built, target)
   return target
+
+
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library_path: pathlib.Path, recorded: pathlib.Path) -> bool:
+  """Whether the library's bytes are those whose sha256 was recorded when it was compiled."""
+  try:
+    return recorded.read_text().strip() == _sha256(library_path)
+  except OSError:
+    return False
 
 
 def _load(source: pathlib.Path, link: tuple[str, ...], what: str) -> ctypes.CDLL | None:

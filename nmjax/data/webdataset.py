@@ -2,28 +2,34 @@
 
 Input: tar shards (plain or compressed) of samples `KEY.jpg` (or .jpeg/.png/.webp) + `KEY.txt`
 (the caption, UTF-8) [+ `KEY.json`, metadata, ignored], the format of CC3M/CC12M/YFCC15M/LAION
-copies. A sample's key is its member name up to the first dot of the file name (webdataset's
-rule); its files must lie next to each other in the tar, as img2dataset writes them.
+copies, read and checked by nmjax.data.webdataset_shards (its docstring lists the checks).
 
 `convert(shards, output)` (the command `python -m nmjax.data.image_text convert --output DIR
 SHARD...`) expands globs, sorts the shard paths (the same shards give the same indices whatever
 the order named) and writes, per shard s (in that order):
-  DIR/pairs-<s>.array_record     one record per sample: a little-endian uint32 n, then n bytes of
-                                 UTF-8 JSON {"index", "key", "caption", "image_format"}, then the
-                                 image file's bytes as stored (not re-encoded);
-  DIR/captions-<s>.array_record  the same samples' captions alone (UTF-8), so caption noise can
+  DIR/pairs-<s>.array_record     one record per converted pair: a little-endian uint32 n, then n
+                                 bytes of UTF-8 JSON {"index", "key", "caption", "image_format"},
+                                 then the image file's bytes as stored (not re-encoded);
+  DIR/captions-<s>.array_record  the same pairs' captions alone (UTF-8), so caption noise can
                                  read another pair's caption without its image;
-  DIR/manifest.json              {"format", "version", "count", "shards": [{"path", "sha256",
-                                 "bytes", "count", "first_index", "pairs", "captions"}]}.
-`index` is global: the position of the sample over all shards in sorted order, 0..count-1.
-Files are written with group_size 1 (one record per chunk: random access), uncompressed (JPEGs
-do not compress). The whole folder is written as DIR.incomplete-<pid> and renamed to DIR at the
-end, so a killed or refused conversion never leaves a DIR that a reader would trust; an existing
-DIR is never overwritten. Bad input stops the conversion with one line naming the shard and the
-key: an empty caption, an image without text or text without image, an unreadable tar or image,
-a duplicate key, no shard matched. Shards and DIR may lie in a bucket (gs://...): each shard is
-then read from there, and its two files are uploaded as soon as written, manifest.json last, so a
-folder without it is never read (a conversion refuses a DIR that holds anything).
+  DIR/manifest.json              {"format", "version", "count", "skipped": {reason: count},
+                                 "shards": [{"path", "sha256", "bytes", "count", "first_index",
+                                 "pairs", "captions"}]}.
+`index` is global: the position of the pair over all shards in sorted order, 0..count-1. Pairs
+with a key or an image and caption already converted, or an image that does not decode (or is a
+decompression bomb), are skipped: printed (the first few) and counted in "skipped". A shard that
+cannot be read, holds no samples or a malformed sample stops the conversion with one line
+naming the shard (and the key), as do a glob that matches nothing and a conversion left without
+pairs. Files are written with group_size 1 (one record per chunk: random access), uncompressed
+(JPEGs do not compress). The whole folder is written as DIR.incomplete-<host>-<pid> and renamed
+to DIR at the end, so a killed or refused conversion never leaves a DIR that a reader would
+trust; an existing DIR is never overwritten. A later conversion into DIR removes such a folder
+(saying so) when its process is no longer running on this host, or when it was made on another
+host and untouched for an hour; it refuses while a conversion of this host is writing it. A full
+disk or an unwritable DIR stops the conversion with one line, leaving nothing under DIR. Shards
+and DIR may lie in a bucket (gs://...): each shard is then read from there, and its two files
+are uploaded as soon as written, manifest.json last, so a folder without it is never read (a
+conversion refuses a DIR that holds anything).
 
 `WebdatasetPairs(DIR)` reads the result with grain's ArrayRecordDataSource (random access, so a
 stream resumes exactly from index-addressed reads): records {"image": encoded bytes, "caption":
@@ -35,35 +41,33 @@ only).
 from __future__ import annotations
 
 import glob
-import hashlib
-import io
 import json
 import os
 import pathlib
+import re
 import shutil
+import socket
 import struct
 import sys
 import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, TextIO
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from nmjax import errors
 from nmjax import io as nmjax_io
 from nmjax import progress
 from nmjax.data import locations
-from nmjax.errors import DataError
-from nmjax.io import paths as io_paths
+from nmjax.data import webdataset_shards as shards_lib
+from nmjax.errors import ConfigError, DataError
 
 FORMAT = "nmjax-image-text"
 VERSION = 1
 MANIFEST = "manifest.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTENSION = "txt"
 _WRITER_OPTIONS = "group_size:1,uncompressed"
 _HEADER = struct.Struct("<I")
 _STALE_SECONDS = 3600
@@ -85,161 +89,31 @@ def decode_pair(record: bytes) -> dict[str, Any]:
   return header
 
 
-def expand_shards(patterns: Sequence[str]) -> list[pathlib.Path | str]:
-  """Shard paths named by `patterns` (globs expanded), absolute, sorted, without repeats: local
-  ones as pathlib.Path, then bucket ones (gs://...) as str.
-
-  A name without glob characters must exist; raises DataError when nothing matches at all.
-  """
-  paths = set()
-  for pattern in patterns:
-    if nmjax_io.is_cloud(pattern):
-      paths.update(_bucket_shards(pattern))
-    elif glob.has_magic(pattern):
-      paths.update(pathlib.Path(p).resolve() for p in glob.glob(os.path.expanduser(pattern))
-                   if os.path.isfile(p))
-    elif os.path.isfile(os.path.expanduser(pattern)):
-      paths.add(pathlib.Path(pattern).expanduser().resolve())
-    else:
-      raise DataError(f"shard {pattern} does not exist (or is not a file)")
-  if not paths:
-    raise DataError(f"no shards matched {' '.join(patterns) or '(none given)'}; give tar files "
-                    f"or globs such as 'shards/*.tar'")
-  return (sorted(p for p in paths if isinstance(p, pathlib.Path))
-          + sorted(p for p in paths if isinstance(p, str)))
-
-
-def _bucket_shards(pattern: str) -> list[str]:
-  """The bucket files a pattern names (a glob, or one file that must exist)."""
-  fs, inner = io_paths.filesystem(pattern)
-  scheme = pattern.split("://", 1)[0]
-  if glob.has_magic(pattern):
-    found = fs.glob(inner, detail=True)
-    return [f"{scheme}://{name}" for name, info in found.items() if info.get("type") == "file"]
-  if not nmjax_io.isfile(pattern):
-    raise DataError(f"shard {pattern} does not exist (or is not a file)")
-  return [nmjax_io.absolute(pattern)]
-
-
-class _HashingReader(io.RawIOBase):
-  """A read-only file that hashes (sha256) and counts every byte read through it."""
-
-  def __init__(self, raw: BinaryIO):
-    super().__init__()
-    self._raw = raw
-    self.sha256 = hashlib.sha256()
-    self.bytes = 0
-
-  def readable(self) -> bool:
-    return True
-
-  def readinto(self, buffer: Any) -> int:
-    n = self._raw.readinto(buffer)
-    self.sha256.update(memoryview(buffer)[:n])
-    self.bytes += n
-    return n
-
-  def drain(self) -> None:
-    """Reads (and hashes) what the tar reader left unread: end-of-archive padding."""
-    while self.read(1 << 20):
-      pass
-
-
-def _split_name(name: str) -> tuple[str, str]:
-  folder, base = os.path.split(name)
-  stem, _, extension = base.partition(".")
-  return os.path.join(folder, stem), extension.lower()
-
-
-def _samples(tar: tarfile.TarFile, shard: pathlib.Path | str
-             ) -> Iterator[tuple[str, dict[str, bytes]]]:
-  """(key, {extension: content}) per sample, in tar order; members of adjacent equal keys."""
-  key, files, seen = None, {}, set()
-  for member in tar:
-    if not member.isfile():
-      continue
-    member_key, extension = _split_name(member.name)
-    if member_key != key:
-      if key is not None:
-        yield key, files
-      if member_key in seen:
-        raise DataError(f"shard {shard}: key {member_key} appears twice (its files are not "
-                        f"adjacent, or the shard holds two samples with that key)")
-      key, files = member_key, {}
-      seen.add(key)
-    if extension in files:
-      raise DataError(f"shard {shard}: key {key} has two files {key}.{extension}")
-    files[extension] = tar.extractfile(member).read()
-  # Before the last sample: a cut after its image must not read as "an image but no text".
-  _check_complete(tar, shard, key)
-  if key is not None:
-    yield key, files
-
-
-def _checked_sample(shard: pathlib.Path | str, key: str, files: dict[str, bytes]
-                    ) -> tuple[str, bytes, str]:
-  """(caption, image bytes, image format) of a sample, or a DataError naming shard and key."""
-  images = [e for e in IMAGE_EXTENSIONS if e in files]
-  if len(images) > 1:
-    raise DataError(f"shard {shard}: key {key} has several images ({', '.join(images)})")
-  if TEXT_EXTENSION not in files:
-    what = "an image" if images else "no image (only " + ", ".join(sorted(files)) + ")"
-    raise DataError(f"shard {shard}: key {key} has {what} but no text ({key}.txt)")
-  if not images:
-    raise DataError(f"shard {shard}: key {key} has text but no image ({key}.jpg)")
-  try:
-    caption = files[TEXT_EXTENSION].decode("utf-8").strip()
-  except UnicodeDecodeError as e:
-    raise DataError(f"shard {shard}: key {key} has a caption file {key}.txt that is not UTF-8 "
-                    f"({e.reason} at byte {e.start})") from None
-  if not caption:
-    raise DataError(f"shard {shard}: key {key} has an empty caption file {key}.txt")
-  image = files[images[0]]
-  try:
-    Image.open(io.BytesIO(image))  # Reads the header only: cheap, and catches non-images.
-  except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise DataError(f"shard {shard}: key {key} has an image {key}.{images[0]} that cannot be "
-                    f"read ({type(e).__name__})") from None
-  return caption, image, images[0]
-
-
-def _check_complete(tar: tarfile.TarFile, shard: pathlib.Path | str, key: str | None) -> None:
-  """Refuses a tar cut short between members, which tarfile reads as a shorter archive.
-
-  A whole archive ends with a zero block where the next header would be; a cut one holds less
-  than a block there. In stream mode `tar.fileobj` is the (decompressed) stream, `tar.offset`
-  where that header starts.
-  """
-  while tar.fileobj.read(1 << 20):
-    pass
-  if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
-    where = f" at key {key}" if key is not None else ""
-    raise DataError(f"shard {shard} is not a readable tar file: it is cut short{where} (no "
-                    f"end-of-archive block); copy or download it again")
-
-
-def _convert_shard(shard: pathlib.Path | str, first_index: int, pairs_path: pathlib.Path,
-                   captions_path: pathlib.Path) -> dict[str, Any]:
-  """Writes one shard's two files; returns its manifest entry."""
+def _convert_shard(shard: pathlib.Path | str, s: int, first_index: int, pairs_path: pathlib.Path,
+                   captions_path: pathlib.Path, kept: shards_lib.PairFilter) -> dict[str, Any]:
+  """Writes the kept pairs of shard number s into its two files; returns its manifest entry."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   pairs = array_record_module.ArrayRecordWriter(os.fspath(pairs_path), _WRITER_OPTIONS)
   captions = array_record_module.ArrayRecordWriter(os.fspath(captions_path), _WRITER_OPTIONS)
   count, key = 0, None
   try:
-    with nmjax_io.open(shard, "rb") as raw:
-      reader = _HashingReader(raw)
-      try:
+    try:
+      with nmjax_io.open(shard, "rb") as raw:
+        reader = shards_lib.HashingReader(raw)
         with tarfile.open(fileobj=reader, mode="r|*") as tar:
-          for key, files in _samples(tar, shard):
-            caption, image, image_format = _checked_sample(shard, key, files)
-            pairs.write(encode_pair(first_index + count, key, caption, image, image_format))
-            captions.write(caption.encode())
-            count += 1
+          for key, files in shards_lib.samples(tar, shard):
+            caption, image, extension = shards_lib.checked_sample(shard, key, files)
+            if kept.keep(s, key, caption, image, extension):
+              pairs.write(encode_pair(first_index + count, key, caption, image, extension))
+              captions.write(caption.encode())
+              count += 1
         reader.drain()
-      except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        where = f" after key {key}" if key is not None else ""
-        raise DataError(f"shard {shard} is not a readable tar file{where} "
-                        f"({type(e).__name__}: {e})") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+      if errors.os_error_in(e, errors.FULL_DISK):
+        raise  # Writing, not reading: convert says so.
+      where = f" after key {key}" if key is not None else ""
+      raise DataError(f"shard {shard} is not a readable tar file{where} "
+                      f"({type(e).__name__}: {e})") from None
   finally:
     pairs.close()
     captions.close()
@@ -248,7 +122,36 @@ def _convert_shard(shard: pathlib.Path | str, first_index: int, pairs_path: path
           "captions": captions_path.name}
 
 
-def _prepare_output(output: pathlib.Path) -> pathlib.Path:
+def _host() -> str:
+  """This host's name as a folder name takes it."""
+  return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
+def _remove_leftovers(output: pathlib.Path, stream: TextIO) -> None:
+  """Removes the OUTPUT.incomplete-HOST-PID folders of conversions that stopped, one line each:
+  of this host when process PID is not running, of another host when untouched for an hour
+  (each shard written touches it). Refuses while a conversion of this host writes one."""
+  for folder in output.parent.glob(f"{glob.escape(output.name)}.incomplete-*"):
+    host, _, pid = folder.name[len(output.name) + len(".incomplete-"):].rpartition("-")
+    if not folder.is_dir():
+      continue
+    if host == _host() and pid.isdigit():
+      holder = nmjax_io.Holder(int(pid), socket.gethostname(), 0.0, "convert")
+      if int(pid) != os.getpid() and holder.running():
+        raise ConfigError(f"another conversion (process {pid} on this host) is writing --output"
+                          f" {output} (into {folder}); wait for it to finish, or stop it (if"
+                          f" none runs, delete {folder})")
+      why = f"process {pid} on this host is not running"
+    elif time.time() - folder.stat().st_mtime > _STALE_SECONDS:
+      why = f"made on {host or 'an unnamed host'}, untouched for over an hour"
+    else:
+      continue
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"convert: removed {folder}, left by a conversion that stopped ({why})", file=stream,
+          flush=True)
+
+
+def _prepare_output(output: pathlib.Path, stream: TextIO) -> pathlib.Path:
   """Checks that `output` may be written; returns the temporary folder to write instead."""
   if (output / MANIFEST).exists():
     raise DataError(f"{output} already holds a conversion ({output / MANIFEST}); read it as it "
@@ -256,12 +159,8 @@ def _prepare_output(output: pathlib.Path) -> pathlib.Path:
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
     raise DataError(f"--output {output} exists and is not an empty folder; choose another")
   output.parent.mkdir(parents=True, exist_ok=True)
-  for folder in output.parent.glob(f"{output.name}.incomplete-*"):
-    # Left by a killed conversion: each shard written touches it, so an hour-old one is dead.
-    if folder.is_dir() and time.time() - folder.stat().st_mtime > _STALE_SECONDS:
-      shutil.rmtree(folder, ignore_errors=True)
-  tmp = output.parent / f"{output.name}.incomplete-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  _remove_leftovers(output, stream)
+  tmp = output.parent / f"{output.name}.incomplete-{_host()}-{os.getpid()}"
   tmp.mkdir()
   return tmp
 
@@ -285,10 +184,11 @@ def _convert_all(paths: Sequence[pathlib.Path | str], tmp: pathlib.Path, stream:
   """Converts every shard into tmp (each uploaded to `bucket` and removed from tmp, when given),
   printing progress; returns the manifest."""
   countdown = progress.Countdown(len(paths))
+  kept = shards_lib.PairFilter(paths, stream)
   entries, total, last_line = [], 0, 0.0
   for s, shard in enumerate(paths):
-    entry = _convert_shard(shard, total, tmp / f"pairs-{s:05d}.array_record",
-                           tmp / f"captions-{s:05d}.array_record")
+    entry = _convert_shard(shard, s, total, tmp / f"pairs-{s:05d}.array_record",
+                           tmp / f"captions-{s:05d}.array_record", kept)
     if bucket is not None:
       for name in (entry["pairs"], entry["captions"]):
         nmjax_io.upload(tmp / name, nmjax_io.join(bucket, name))
@@ -301,45 +201,103 @@ def _convert_all(paths: Sequence[pathlib.Path | str], tmp: pathlib.Path, stream:
       rate = total / max(countdown.elapsed(), 1e-9)
       print(f"convert: shard {s + 1}/{len(paths)} ({os.path.basename(shard)}) | {total:,} "
             f"pairs, {rate:,.0f} pairs/s | {countdown.line()}", file=stream, flush=True)
-  return {"format": FORMAT, "version": VERSION, "count": total, "shards": entries}
+  if not total:
+    raise DataError(f"no pairs left to convert from {len(paths)} shard(s): "
+                    f"{shards_lib.skipped_words(kept.skipped)} (the lines above name them)")
+  return {"format": FORMAT, "version": VERSION, "count": total, "skipped": kept.skipped,
+          "shards": entries}
+
+
+def _free(path: pathlib.Path | str) -> str:
+  """The free space of the disk holding `path` (or its nearest existing folder)."""
+  folder = os.fspath(path)
+  while folder and not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+  try:
+    return f"{shutil.disk_usage(folder).free / 1e9:.1f} GB"
+  except OSError:
+    return "unknown"
+
+
+def _writing_fault(error: Exception, output: pathlib.Path | str, tmp: pathlib.Path | None,
+                   bucket: bool) -> errors.NmjaxError | None:
+  """The one line for a full disk or an unwritable folder met writing `output` (through the
+  local folder `tmp`); None for any other error."""
+  full = errors.os_error_in(error, errors.FULL_DISK) is not None or (
+      isinstance(error, RuntimeError)  # array_record's writer says it in words.
+      and any(os.strerror(number) in str(error) for number in errors.FULL_DISK))
+  if full:
+    where = f"{tmp} (the local staging folder for {output})" if bucket else output
+    left = "nothing of it is kept: free some space"
+    if bucket and nmjax_io.exists(output):
+      left = (f"delete {output} (what was uploaded is never read without {MANIFEST}), free some"
+              f" space")
+    return errors.NmjaxError(
+        f"no space left on the device writing {where} ({_free(tmp or output)} free there); "
+        f"{left} (the conversion takes about as much as the shards) or choose another --output,"
+        f" and run the same command again")
+  denied = errors.os_error_in(error, errors.NOT_WRITABLE)
+  if denied is not None:
+    path = os.fspath(denied.filename or output)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)  # Where it was created.
+    return errors.NmjaxError(f"cannot write --output {output}: {denied.strerror} ({path}); "
+                             f"make {folder} writable or choose another --output")
+  return None
 
 
 def convert(shards: Sequence[str], output: str | os.PathLike, *,
             stream: TextIO | None = None) -> dict[str, Any]:
   """Converts webdataset tar shards into array_record under `output`; returns the manifest.
 
-  shards: tar paths or globs (expand_shards), local or in a bucket. output: a local folder, or a
-  bucket folder (gs://...), to which each shard's two files are uploaded as they are written,
-  then manifest.json last (what makes a reader trust the folder). A progress line with the
-  pairs converted, the rate and an ETA is printed to `stream` (default stdout) after the first
-  shard and then at most every 10 s, and at the end. Raises DataError (one line naming shard and
-  key) on bad input; no manifest is written under `output` then (nothing at all, locally).
+  shards: tar paths or globs (webdataset_shards.expand_shards), local or in a bucket. output: a
+  local folder, or a bucket folder (gs://...), to which each shard's two files are uploaded as
+  they are written, then manifest.json last (what makes a reader trust the folder). A progress
+  line with the pairs converted, the rate and an ETA is printed to `stream` (default stdout)
+  after the first shard and then at most every 10 s, and at the end; skipped pairs too. Raises
+  DataError (one line naming shard and key) on bad input, NmjaxError on a full disk or an
+  unwritable --output; no manifest is written under `output` then (nothing at all, locally).
   """
-  paths = expand_shards(shards)
+  stream = stream or sys.stdout
+  paths = shards_lib.expand_shards(shards)
   bucket = nmjax_io.absolute(output) if nmjax_io.is_cloud(output) else None
   if bucket is None:
     output = pathlib.Path(output).expanduser().resolve()
-    tmp = _prepare_output(output)
   else:
     _check_bucket_output(bucket)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="nmjax-convert-"))
+  tmp = None
   try:
-    manifest = _convert_all(paths, tmp, stream or sys.stdout, bucket)
-    text = json.dumps(manifest, indent=1) + "\n"
-    if bucket is not None:
-      nmjax_io.write_text(nmjax_io.join(bucket, MANIFEST), text)
-      return manifest
-    (tmp / MANIFEST).write_text(text)
-    try:
-      if output.exists():
-        output.rmdir()  # Checked empty above.
-      os.rename(tmp, output)
-    except OSError as e:
-      raise DataError(f"--output {output} was filled by another process while converting "
-                      f"({e.strerror}); read that one, or delete it and convert again") from None
+    tmp = (_prepare_output(output, stream) if bucket is None
+           else pathlib.Path(tempfile.mkdtemp(prefix="nmjax-convert-")))
+    manifest = _convert_all(paths, tmp, stream, bucket)
+    _commit(manifest, output, tmp, bucket)
+  except (OSError, RuntimeError) as e:
+    fault = _writing_fault(e, bucket or output, tmp, bucket is not None)
+    if fault is None:
+      raise
+    raise fault from e
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
   return manifest
+
+
+def _commit(manifest: dict[str, Any], output: pathlib.Path, tmp: pathlib.Path,
+            bucket: str | None) -> None:
+  """Writes manifest.json: into the bucket folder, or into tmp, then renamed to `output`."""
+  text = json.dumps(manifest, indent=1) + "\n"
+  if bucket is not None:
+    nmjax_io.write_text(nmjax_io.join(bucket, MANIFEST), text)
+    return
+  (tmp / MANIFEST).write_text(text)
+  try:
+    if output.exists():
+      output.rmdir()  # Checked empty above.
+    os.rename(tmp, output)
+  except OSError as e:
+    if errors.os_error_in(e, errors.FULL_DISK + errors.NOT_WRITABLE):
+      raise
+    raise DataError(f"--output {output} was filled by another process while converting "
+                    f"({e.strerror}); read that one, or delete it and convert again") from None
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:

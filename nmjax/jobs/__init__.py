@@ -76,8 +76,10 @@ def validate(config: Any) -> tuple[ModuleType, Any]:
 def execute(job: ModuleType, plan: Any, workdir: str) -> dict:
   """Runs a validated plan in `workdir`, holding the workdir's lock.
 
-  The workdir is made, locked (nmjax.io.hold) in the lock file of this process
-  (job.lock_index(plan); None: the job locks what it writes itself), and plan.json written.
+  A job with a check_workdir(plan, workdir) first has it read what the workdir holds (a refusal
+  there leaves the workdir as it was); then the workdir is made, locked (nmjax.io.hold) in the
+  lock file of this process (job.lock_index(plan); None: the job locks what it writes itself),
+  and plan.json written.
 
   Args:
     job: the job's module (from validate or JOBS).
@@ -89,10 +91,14 @@ def execute(job: ModuleType, plan: Any, workdir: str) -> dict:
 
   Raises:
     InUse: another run holds the workdir's lock.
-    ConfigError: the workdir cannot be made or locked, or holds another run's results.
+    ConfigError: the workdir cannot be made or locked, or holds another run's results (or, for
+      a study, stages of other flags).
     DataError: input data the job cannot read.
     TrainingError: training cannot go on (a non-finite loss).
   """
+  check = getattr(job, "check_workdir", None)
+  if check is not None:
+    check(plan, workdir)
   index = job.lock_index(plan)
   if index is None:
     return job.run(plan, workdir)  # A job that locks what it writes itself (a sweep's stage).

@@ -86,7 +86,8 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
 
   Raises:
     ConfigError: with one line naming the field and the allowed values.
-    DataError: a checkpoint file that is missing.
+    DataError: a checkpoint file that is missing, not a regular file, not of its kind (text,
+      empty, truncated), or (untrusted) a TorchScript archive that cannot be read as data.
   """
   plan = plans.from_config(ImportPlan, config, job=NAME, input=InputPlan())
   convert.check_arch(plan.arch)
@@ -95,10 +96,11 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
   elif plan.quick_gelu is not None:
     raise ConfigError(f"config.quick_gelu is a CLIP option; config.arch={plan.arch} takes"
                       " none (leave it unset)")
-  readers.check_path(plan.source)
-  if plan.reference and not nmjax_io.isfile(plan.reference):
-    raise ConfigError(f"config.reference={plan.reference} does not exist; pass an .npz with"
-                      " inputs and logits and/or features, or leave it empty")
+  readers.check_path(plan.source, trust_pickle=plan.trust_pickle)
+  why = readers.not_a_file(plan.reference) if plan.reference else None
+  if why:
+    raise ConfigError(f"config.reference={plan.reference} {why}; pass an .npz with inputs and"
+                      " logits and/or features, or leave it empty")
   check_range(config, "reference_tolerance", low=0.0, low_inclusive=False)
   if plan.noise_ratio is not None:
     check_range(config, "noise_ratio", low=0.0, high=1.0)

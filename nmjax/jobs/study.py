@@ -15,7 +15,10 @@ changed pre-training field is refused (those checkpoints are another study's). F
 cached with the encoder (nmjax.encoder), so an evaluation run again extracts nothing.
 A point runs as its own process (a job-array task) on a shared workdir with --config.stage=NAME
 or an index (list: the names), holding the point's lock; --config.stage=render runs the report
-job (nmjax/jobs/report.py) on what is finished. A killed pre-training stage resumes from its last
+job (nmjax/jobs/report.py) on what is finished. Such a task takes the flags its study recorded
+(plan.json) once a stage exists: one with other flags is refused before it trains, and writes
+nothing (nmjax/jobs/study_checks.py, which also checks every fit's data-dependent fields in
+validate, before the first pre-training). A killed pre-training stage resumes from its last
 checkpoint bitwise; a killed evaluation or tune stage runs again on its cached features; every fit
 is seeded. So a study killed anywhere and started again ends with the same numbers.
 """
@@ -30,7 +33,7 @@ import ml_collections
 from nmjax import evaluate, io as nmjax_io, tasks as tasks_lib
 from nmjax.config import clip_run, parse_names, parse_numbers, pretrain_run, tuning_config
 from nmjax.errors import ConfigError
-from nmjax.jobs import plans, pretrain, pretrain_clip, report, study_stages, tuning
+from nmjax.jobs import plans, pretrain, pretrain_clip, report, study_checks, study_stages, tuning
 from nmjax.jobs.study_stages import Point
 from nmjax.jobs.workdir import prepare_workdir, use_compile_cache
 
@@ -167,22 +170,37 @@ def validate(config: ml_collections.ConfigDict) -> StudyPlan:
   job = _pretrain_job(config)
   points = [Point(seed, ratio) for seed in seeds for ratio in ratios]
   stage = _chosen_stage(str(config.stage), points)
+  if "zeroshot" in methods and config.pretrain_job != "pretrain_clip":
+    raise ConfigError("config.methods entry 'zeroshot' needs a CLIP encoder's text tower; this"
+                      f" study pre-trains with config.pretrain_job={config.pretrain_job!r}"
+                      " (use configs/study_clip.py, or drop zeroshot)")
   pretrain_plans = tuple(job.validate(pretrain_config(config, p.seed, p.noise_ratio))
                          for p in points)
   study_stages.check_held_out(pretrain_plans[0], chosen)
-  evaluate_plans = tuple(tuning.validate(eval_config(config, p)) for p in points)
+  with study_checks.named(study_checks.EVAL_FIELDS):
+    evaluate_plans = tuple(tuning.validate(eval_config(config, p)) for p in points)
   tune = tune_pretrain = None
   if str(config.tune_grid).strip():
-    if not 0 < float(config.tune_val_fraction) < 1:
-      raise ConfigError(f"config.tune_val_fraction={config.tune_val_fraction} is out of range;"
-                        " allowed: 0 < tune_val_fraction < 1")
-    tune = tuning.validate(tune_config(config, seeds[0]))
-    first = Point(seeds[0], 0.0)
-    tune_pretrain = (pretrain_plans[points.index(first)] if first in points else
-                     job.validate(pretrain_config(config, seeds[0], 0.0)))
+    tune, tune_pretrain = _tune_plans(config, job, pretrain_plans, points)
+  if stage not in ("list", "render"):  # Runs that train: the fits' sizes, before any stage.
+    study_checks.check_fits(config.pretrain_job, pretrain_plans[0], chosen, evaluate_plans, tune)
   return StudyPlan(config.pretrain_job, tuple(ratios), tuple(seeds), tuple(methods),
                    tuple(names), tuple(spectrum_tasks), stage, pretrain_plans, evaluate_plans,
                    tune, tune_pretrain)
+
+
+def _tune_plans(config: ml_collections.ConfigDict, job: Any, pretrain_plans: tuple[Any, ...],
+                points: list[Point]) -> tuple[Any, Any]:
+  """The tune stage's nmtune plan and the first seed's r = 0 pre-training plan it reads."""
+  if not 0 < float(config.tune_val_fraction) < 1:
+    raise ConfigError(f"config.tune_val_fraction={config.tune_val_fraction} is out of range;"
+                      " allowed: 0 < tune_val_fraction < 1")
+  seed = points[0].seed
+  with study_checks.named(study_checks.TUNE_FIELDS):
+    tune = tuning.validate(tune_config(config, seed))
+  first = Point(seed, 0.0)
+  return tune, (pretrain_plans[points.index(first)] if first in points else
+                job.validate(pretrain_config(config, seed, 0.0)))
 
 
 def lock_index(plan: StudyPlan) -> int | None:
@@ -196,6 +214,22 @@ def lock_index(plan: StudyPlan) -> int | None:
     locks the point it runs itself.
   """
   return None if plan.stage else 0
+
+
+def check_workdir(plan: StudyPlan, workdir: str) -> None:
+  """What the workdir already holds, read before the run writes anything there (the runner
+  calls it first): a pre-training stage of another plan, or a job-array task's flags other than
+  its study's, is refused and leaves the workdir as it was (nmjax/jobs/study_checks.py).
+
+  Args:
+    plan: the study's plan.
+    workdir: the study's folder (it may not exist yet).
+
+  Raises:
+    ConfigError: one line naming the stage or the flag that differs.
+  """
+  if plan.stage != "list":
+    study_checks.check_workdir(plan, workdir)
 
 
 def run(plan: StudyPlan, workdir: str) -> dict[str, Any]:

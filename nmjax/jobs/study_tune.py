@@ -21,7 +21,7 @@ import numpy as np
 from nmjax import evaluate, io as nmjax_io, nmtune
 from nmjax.jobs import tuning
 from nmjax.jobs.workdir import prepare_workdir
-from nmjax.nmtune import grid as grid_lib
+from nmjax.nmtune import grid as grid_lib, runs
 
 STAGE_NAME = "tune"
 
@@ -45,6 +45,7 @@ def run_grid(plan: Any, tasks: list[Any], tune_dir: str,
     points = grid_lib.point_configs(tuning.method_config(
         plan, "nmtune", cache.info(split.dataset).num_classes))
     results = [r["train"] for r in nmtune.fit_grid_multi(train, {"train": plain}, points)]
+    runs.refuse_total_divergence(results, train)  # Names the cause (the features' scale).
     per_split[str(split)] = [r.get("val_accuracy") for r in results]
     diverged = [d or bool(r.get("diverged")) for d, r in zip(diverged, results)]
     print(f"[study] tune on {split}: val " + " ".join(

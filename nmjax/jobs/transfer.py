@@ -17,6 +17,7 @@ from nmjax import encoder as encoder_lib, evaluate, io as nmjax_io, parallel, pr
   tasks as tasks_lib
 from nmjax.clip import zeroshot
 from nmjax.config import check_choice, check_range, parse_names
+from nmjax.errors import ConfigError
 from nmjax.jobs import plans, tables
 from nmjax.jobs.pretrain_fields import check_distributed
 from nmjax.jobs.workdir import prepare_workdir, process_index
@@ -123,7 +124,8 @@ def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
     encoder's feature cache held them all)}.
 
   Raises:
-    ConfigError: a checkpoint that is not a finished pre-training or import workdir.
+    ConfigError: a checkpoint that is not a finished pre-training or import workdir, or method
+      zeroshot on an encoder without a text tower.
     DataError: a task's dataset that is missing or malformed.
   """
   start = time.perf_counter()
@@ -132,6 +134,9 @@ def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
   cache = encoder_lib.open_cache(plan.checkpoint, workdir, step=plan.step,
                                  batch_size=plan.batch_size, batch_field="batch_size",
                                  max_examples=plan.max_examples, data_dir=plan.data_dir)
+  if "zeroshot" in plan.methods and cache.encoder.encode_text is None:  # Before any fit.
+    raise ConfigError(f"config.methods entry 'zeroshot' needs a CLIP encoder (a pretrain_clip"
+                      f" workdir); config.checkpoint holds {cache.encoder.pretraining.model}")
   chosen = tasks_lib.resolve(plan.tasks)
   center = None if plan.spectral_center == "none" else plan.spectral_center
   keeper = tables.HeadKeeper(evaluate.probe_row)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import sys
 import time
+import zipfile
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from nmjax import encoder as encoder_lib, evaluate, features as features_lib, pa
 from nmjax import io as nmjax_io, tasks as tasks_lib
 from nmjax.config import check_choice, check_range, parse_names
 from nmjax.errors import ConfigError, DataError
-from nmjax.jobs import plans, tables
+from nmjax.jobs import fit_checks, plans, tables
 from nmjax.jobs.pretrain_fields import check_distributed
 from nmjax.jobs.workdir import prepare_workdir, process_index
 from nmjax.nmtune.fit import default_config, probe_config, resolve_config
@@ -133,9 +134,60 @@ def validate(config: ml_collections.ConfigDict) -> TuningPlan:
   for method in methods:
     method_config(plan, method)
   mode = _check_mode(config)
-  if mode == "files":
-    return plan
-  return dataclasses.replace(plan, mode=mode, tasks=tasks_lib.names(config.tasks))
+  if mode == "checkpoint":
+    plan = dataclasses.replace(plan, mode=mode, tasks=tasks_lib.names(config.tasks))
+  check_fits(plan)
+  return plan
+
+
+def check_fits(plan: TuningPlan) -> None:
+  """What the plan alone decides about its fits (nmjax.jobs.fit_checks.check_batches), and
+  zero-shot's prompt set and encoder, before any work.
+
+  Args:
+    plan: an nmtune plan.
+
+  Raises:
+    ConfigError: one line naming the field.
+  """
+  if "zeroshot" in plan.methods:
+    if plan.mode == "files":
+      raise ConfigError("config.methods entry 'zeroshot' needs a CLIP checkpoint's text tower"
+                        " (config.checkpoint of a pretrain_clip workdir); features files have"
+                        " none")
+    fit_checks.check_templates(plan.zeroshot_templates)
+  fit_checks.check_batches(nmtune_configs(plan), two_view=two_view(plan))
+
+
+def two_view(plan: TuningPlan) -> bool:
+  """Whether the plan's NMTune methods train on two augmented views per image."""
+  return plan.mode == "checkpoint" and plan.views != "features"
+
+
+def nmtune_configs(plan: TuningPlan, num_classes: int | None = None
+                   ) -> dict[str, ml_collections.ConfigDict]:
+  """The fit config of each of the plan's methods that nmjax.nmtune trains."""
+  return {m: method_config(plan, m, num_classes) for m in plan.methods
+          if m in fit_checks.NMTUNE_METHODS}
+
+
+def check_tasks(plan: TuningPlan, cache: encoder_lib.FeatureCache) -> None:
+  """The checkpoint mode's checks that need the encoder and the tasks' train labels (read
+  without encoding), before the first fit.
+
+  Raises:
+    ConfigError, DataError: one line naming the field and the task.
+  """
+  if "zeroshot" in plan.methods and cache.encoder.encode_text is None:
+    raise ConfigError(f"config.methods entry 'zeroshot' needs a CLIP encoder (a pretrain_clip"
+                      f" workdir); config.checkpoint holds {cache.encoder.pretraining.model}")
+  for split, where in fit_checks.train_splits(tasks_lib.resolve(plan.tasks)).items():
+    labels = _cached_labels(cache.path(split))
+    if labels is None:  # Not extracted yet: the dataset's labels, read without the images.
+      labels = fit_checks.split_labels(split, data_dir=cache.data_dir or "",
+                                       max_examples=cache.max_examples)
+    fit_checks.check_data(nmtune_configs(plan, cache.info(split.dataset).num_classes), labels,
+                          cache.encoder.feature_dim, two_view=two_view(plan), where=where)
 
 
 def lock_index(plan: TuningPlan) -> int:
@@ -171,6 +223,16 @@ def method_config(plan: TuningPlan, method: str,
   return config
 
 
+def _cached_labels(path: str) -> np.ndarray | None:
+  """The labels array of a cached features file, read alone; None when there is none to read
+  (the cache then extracts the split, or extracts it again)."""
+  try:
+    with nmjax_io.open(path, "rb") as f, np.load(f) as contents:
+      return np.asarray(contents["labels"]).reshape(-1)
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    return None
+
+
 def open_cache(plan: TuningPlan, workdir: str) -> encoder_lib.FeatureCache:
   """The checkpoint's encoder and its feature cache (processes started where the plan asks)."""
   parallel.maybe_initialize_distributed(plan)
@@ -194,6 +256,7 @@ def evaluate_checkpoint(plan: TuningPlan, workdir: str
   results.md, curves.png and heads/<task>/<method>/ written by process 0 (the markdown
   returned; None elsewhere)."""
   cache = open_cache(plan, workdir)
+  check_tasks(plan, cache)
   evaluation = request(plan)
   keeper = tables.HeadKeeper(evaluation.row)
   evaluation.row = keeper
@@ -235,6 +298,8 @@ def _run_files(plan: TuningPlan, workdir: str) -> dict[str, Any]:
   the same method and files) and its head in heads/<method>/."""
   path = nmjax_io.join(workdir, "results.jsonl")
   train, test = _load_files(plan)
+  fit_checks.check_data(nmtune_configs(plan, plan.num_classes), train.labels, train.feature_dim,
+                        two_view=False, where=f"train features file {train.path}")
   rows = []
   for method in plan.methods:
     config = method_config(plan, method, plan.num_classes)
@@ -272,8 +337,10 @@ def run(plan: TuningPlan, workdir: str) -> dict[str, Any]:
     per-example hits, "task|method" -> bool array)}.
 
   Raises:
-    ConfigError: a checkpoint that is not a finished pre-training or import workdir.
-    DataError: features files or a task's dataset that are missing or malformed.
+    ConfigError: a checkpoint that is not a finished pre-training or import workdir, or a fit
+      field the data refuses (svd_topk above D), before any method runs.
+    DataError: features files or a task's dataset that are missing or malformed, or too small
+      for a fit (batch_size), before any method runs.
   """
   start = time.perf_counter()
   workdir = prepare_workdir(workdir)

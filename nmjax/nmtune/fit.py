@@ -16,6 +16,7 @@ nmjax.nmtune.grid) trains every point of it and returns the one chosen on valida
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,11 +29,11 @@ from nmjax import config as config_lib, heads, probe, spectral
 from nmjax.config import check_choice, check_range
 from nmjax.errors import ConfigError, DataError
 from nmjax.features import MAX_CLASSES, FeatureSet, FeaturesLike, as_feature_set, \
-    inferred_classes_note, warn_if_huge
+    inferred_classes_note, warn_if_degenerate
 from nmjax.nmtune import grid as grid_lib
 from nmjax.nmtune.programs import LOSS_TERMS, predict_all
-from nmjax.nmtune.runs import (TrainLike, Trained, prepare, program_groups, train_group,
-                               train_labels)
+from nmjax.nmtune.runs import (TrainLike, Trained, prepare, program_groups,
+                               refuse_total_divergence, train_group, train_labels)
 
 METHODS = ("nmtune", "mlp", "lp_aug")
 
@@ -154,7 +155,7 @@ def _test_sets(tests: Mapping[str, FeaturesLike], feature_dim: int, num_classes:
     if sets[name].feature_dim != feature_dim:
       raise DataError(f"{where}: feature dimension {sets[name].feature_dim} differs from the"
                       f" train features' ({feature_dim})")
-    warn_if_huge(sets[name].where(where), sets[name].features)
+    warn_if_degenerate(sets[name].where(where), sets[name].features)
   return sets
 
 
@@ -198,7 +199,7 @@ def _settings(trained: Trained) -> dict[str, Any]:
     settings.update(num_val=run.val.num_examples, val_accuracy=trained.val_accuracy[-1],
                     val_accuracy_per_epoch=trained.val_accuracy)
   if trained.diverged:
-    settings["diverged"] = trained.diverged
+    settings.update(diverged=trained.diverged, diverged_step=trained.diverged_step)
   return settings
 
 
@@ -224,7 +225,10 @@ def _results(group: Sequence[Trained], test_sets: Mapping[str, FeatureSet],
       if not trained.diverged:
         logits, z = predict_all(trained.run.spec.model, trained.state[0], trained.state[1],
                                 test_set.features)
-        spectrum = spectral.metrics(z)
+        # A z whose singular values are all 0 (constant test features under lp_aug; a warning
+        # line said so) has no SVE or LSVR: None, as a diverged member's.
+        with contextlib.suppress(DataError):
+          spectrum = spectral.metrics(z)
         correct = np.argmax(logits + biases[name], axis=-1) == test_set.labels
       results[name] = {**settings, "accuracy": trained.test_accuracy[name][-1],
                        "head": _head(trained, biases[name]),
@@ -340,6 +344,7 @@ def _grid_fit(train: TrainLike, tests: Mapping[str, FeaturesLike],
   all_results = fit_grid_multi(train, tests, points, logit_subsets=logit_subsets, log=log)
   # Any test set's result carries the run's validation accuracy: the choice reads only that.
   shared = [next(iter(r.values())) for r in all_results]
+  refuse_total_divergence(shared, train)
   chosen = grid_lib.choose([r.get("val_accuracy") for r in shared],
                            [bool(r.get("diverged")) for r in shared])
   best = all_results[chosen]

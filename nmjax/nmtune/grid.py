@@ -49,7 +49,7 @@ def parse_grid(text: str) -> list[tuple[str, list[int | float]]]:
     if not part:
       continue
     field, sep, values = part.partition("=")
-    if not sep or not values:
+    if not sep:
       raise ConfigError(f"config.grid part {part!r} needs field=value,value,...; e.g."
                         " svd_weight=0.001,0.01;cov_weight=0.04,0.4")
     if field not in GRID_FIELDS:
@@ -57,7 +57,13 @@ def parse_grid(text: str) -> list[tuple[str, list[int | float]]]:
                         f" {', '.join(GRID_FIELDS)}")
     if field in (f for f, _ in axes):
       raise ConfigError(f"config.grid lists {field} twice")
+    if values[:1] + values[-1:] in ("[]", "()"):  # A list written as one: [v1,v2].
+      values = values[1:-1]
     parsed = [_value(field, v) for v in values.split(",") if v]
+    if not parsed:
+      raise ConfigError(f"config.grid: the {field} axis is empty ({part!r} lists no value), so"
+                        f" the grid has no configuration; give it values ({field}=v1,v2,...) or"
+                        " drop it")
     if len(set(parsed)) != len(parsed):
       raise ConfigError(f"config.grid repeats a value of {field}: {values}")
     axes.append((field, parsed))
@@ -154,8 +160,11 @@ def choose(val_accuracies: Sequence[float | None], diverged: Sequence[bool]) -> 
   candidates = [i for i, (v, bad) in enumerate(zip(val_accuracies, diverged))
                 if v is not None and not bad]
   if not candidates:
-    raise ConfigError("config.grid: no configuration has a validation accuracy to choose on"
-                      " (all diverged, or config.val_fraction is 0)")
+    why = ("the grid has no configuration" if not diverged else
+           "the loss of every configuration became non-finite" if all(diverged)
+           else "config.val_fraction is 0, so there is no validation split")
+    raise ConfigError(f"config.grid: no configuration has a validation accuracy to choose on"
+                      f" ({why})")
   return max(candidates, key=lambda i: (val_accuracies[i], -i))
 
 

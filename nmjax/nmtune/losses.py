@@ -290,9 +290,13 @@ def singular_value_route(route: str = "auto") -> str:
 
 def dominant_share(sigma: jax.Array, k: jax.Array | int) -> jax.Array:
   """Mean of the top-k entries of sigma / sum(sigma), sigma descending; k may be traced (one
-  compiled program for every k, as a grid over svd_topk needs)."""
+  compiled program for every k, as a grid over svd_topk needs). 0 (with a zero gradient) when
+  every sigma is 0: a z of zeros (lp_aug on all-zero features) has no direction to share."""
   top = jnp.arange(sigma.shape[0]) < k
-  return jnp.sum(jnp.where(top, sigma, 0.0)) / (k * jnp.sum(sigma))
+  total = jnp.sum(sigma)
+  some = total > 0
+  return jnp.where(some, jnp.sum(jnp.where(top, sigma, 0.0)) / (k * jnp.where(some, total, 1.0)),
+                   0.0)
 
 
 def dominant_singular_value_loss(z: jax.Array, k: int = 5, *, route: str = "auto") -> jax.Array:
@@ -312,7 +316,7 @@ def dominant_singular_value_loss(z: jax.Array, k: int = 5, *, route: str = "auto
       of the smaller Gram matrix), or "auto" (default: the backend's faster one).
 
   Returns:
-    A float32 scalar in (0, 1].
+    A float32 scalar in (0, 1], or 0 for a z of zeros.
 
   Raises:
     ConfigError: a z that is not 2-D, a k that is not a static Python int (a traced k

@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 
 from nmjax.errors import ConfigError, DataError, TrainingError
-from nmjax.features import (FeatureSet, as_feature_set, check_labels, check_matrix,
-                            warn_if_huge)
+from nmjax.features import (HUGE_FEATURE, MAX_CLASSES, FeatureSet, as_feature_set,
+                            check_labels, check_matrix, peak_value, warn_if_degenerate)
 from nmjax.nmtune.head import NMTuneHead, init_variables, parameter_count
 from nmjax.nmtune.losses import singular_value_route
 from nmjax.nmtune.programs import (LOSS_TERMS, ProgramSpec, State, grid_online_epoch,
@@ -63,7 +63,7 @@ def train_labels(train: TrainLike, num_classes: int | None) -> tuple[Any, np.nda
       raise DataError(f"NMTune cached views: features must be (K, N, D), got shape"
                       f" {train.features.shape}")
     table = check_matrix("NMTune cached views", train.features.reshape(-1, train.feature_dim))
-    warn_if_huge("NMTune cached views", table)
+    warn_if_degenerate("NMTune cached views", table)
     labels = check_labels("NMTune cached views", train.labels, train.features.shape[1],
                           num_classes)
     return train, labels, train.feature_dim
@@ -71,15 +71,16 @@ def train_labels(train: TrainLike, num_classes: int | None) -> tuple[Any, np.nda
     labels = check_labels("NMTune online views", train.labels, len(train.images), num_classes)
     return train, labels, train.feature_dim
   train_set = as_feature_set(train, name="NMTune train features", num_classes=num_classes)
-  warn_if_huge(train_set.where("NMTune train features"), train_set.features)
+  warn_if_degenerate(train_set.where("NMTune train features"), train_set.features)
   return train_set, train_set.labels, train_set.feature_dim
 
 
-def validation_split(labels: np.ndarray, fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(labels: np.ndarray, fraction: float, seed: int, *,
+                     name: str = "NMTune train features") -> tuple[np.ndarray, np.ndarray]:
   """(train example ids, validation example ids), both sorted: round(fraction * N_c) examples of
   each class c drawn by a generator seeded with `seed` (at most N_c - 1: every class keeps a
-  train example). fraction 0: every example trains."""
+  train example). fraction 0: every example trains. A split that would hold no example is a
+  DataError naming `name` (the train data) and why."""
   everything = np.arange(len(labels))
   if fraction <= 0:
     return everything, everything[:0]
@@ -91,9 +92,27 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int
     held.append(rng.permutation(members)[:count])
   val = np.sort(np.concatenate(held))
   if not len(val):
-    raise DataError(f"config.val_fraction={fraction} holds out no train example (N ="
-                    f" {len(labels)}); raise it or pass more train examples")
+    raise DataError(f"{name}: {_empty_validation(labels, fraction)}")
   return np.setdiff1d(everything, val), val
+
+
+def _empty_validation(labels: np.ndarray, fraction: float) -> str:
+  """Why config.val_fraction held out no example: every class has one train example (which it
+  keeps), or round(fraction x N_c) is 0 for every class, with what to do."""
+  classes, counts = np.unique(labels, return_counts=True)
+  if counts.max() < 2:
+    shown = ", ".join(f"class {c}: 1" for c in classes[:3]) + (", ..." if len(classes) > 3 else "")
+    only = (f"class {classes[0]} has only 1 training example" if len(classes) == 1 else
+            f"every class has only 1 training example ({shown})")
+    return (f"{only}, so no validation split (config.val_fraction={fraction}) can hold one:"
+            " each class keeps its example to train on, at any val_fraction; pass at least 2"
+            " train examples of some class (more, for a useful validation split), or set"
+            " config.val_fraction=0 without config.grid")
+  largest = int(np.argmax(counts))
+  return (f"config.val_fraction={fraction} holds out no train example (N = {len(labels)}):"
+          f" round({fraction} x N_c) is 0 for every class (the largest, class"
+          f" {classes[largest]}, has {counts[largest]} examples); raise it to at least"
+          f" {1 / counts[largest]:.3g} or pass more train examples")
 
 
 def _validation_set(train: Any, labels: np.ndarray, val_ids: np.ndarray) -> FeatureSet | None:
@@ -146,7 +165,9 @@ def prepare(source: tuple[Any, np.ndarray, int], config: ml_collections.ConfigDi
     raise ConfigError(f"config.batch_size={rows_per_step} must be even with two views per image"
                       " (it counts rows: 2 views x batch_size / 2 images)")
   images_per_step = rows_per_step // 2 if two_view else rows_per_step
-  examples, val_ids = validation_split(labels, config.val_fraction, config.seed)
+  where = (train.where("NMTune train features") if isinstance(train, FeatureSet) else
+           f"NMTune {'online' if isinstance(train, OnlineViews) else 'cached'} views")
+  examples, val_ids = validation_split(labels, config.val_fraction, config.seed, name=where)
   if images_per_step > len(examples):
     held = f" after the validation split ({len(val_ids)} held out)" if len(val_ids) else ""
     raise DataError(
@@ -249,6 +270,7 @@ class Trained:
   val_accuracy: list[float]
   losses: list[np.ndarray]
   diverged: str | None = None   # a grid member whose loss became non-finite: where
+  diverged_step: int | None = None  # ... and at which step (1-based)
 
 
 def _accuracies(runs: Sequence[Run], state: State, features: np.ndarray, labels: np.ndarray,
@@ -260,13 +282,59 @@ def _accuracies(runs: Sequence[Run], state: State, features: np.ndarray, labels:
   return [float(v) for v in (np.argmax(logits + bias, axis=-1) == labels).mean(axis=1)]
 
 
-def _nonfinite(terms: np.ndarray, epoch: int) -> str | None:
-  """Where a run's loss first became non-finite this epoch (terms (S, len(LOSS_TERMS)))."""
+def _nonfinite(terms: np.ndarray, epoch: int) -> tuple[int, str] | None:
+  """(step, where) of the first non-finite loss of a run this epoch (terms (S, len(LOSS_TERMS)))."""
   bad = np.flatnonzero(~np.isfinite(terms).all(axis=1))
   if not len(bad):
     return None
-  return (f"step {epoch * len(terms) + bad[0] + 1} (epoch {epoch + 1}; terms"
-          f" {dict(zip(LOSS_TERMS, terms[bad[0]].tolist()))})")
+  step = epoch * len(terms) + int(bad[0]) + 1
+  return step, (f"step {step} (epoch {epoch + 1}; terms"
+                f" {dict(zip(LOSS_TERMS, terms[bad[0]].tolist()))})")
+
+
+def train_scale(train: Any) -> tuple[float | None, str]:
+  """(the largest |x| of the train features, how messages name them), for any TrainLike form;
+  the peak is None for online views, whose features the encoder makes in each step."""
+  if isinstance(train, OnlineViews):
+    return None, "the train features"
+  if isinstance(train, CachedViews):
+    return peak_value(np.asarray(train.features)), "the cached views' features"
+  train = as_feature_set(train, name="NMTune train features", num_classes=MAX_CLASSES)
+  return peak_value(train.features), ("the train features" + (
+      f" (features file {train.path})" if train.path else ""))
+
+
+def divergence_advice(peak: float | None, step: int, name: str = "the train features") -> str:
+  """What to change when the loss became non-finite at `step` (1-based) on train features (named
+  `name`) whose largest |x| is `peak` (None: not known): their scale when it is past
+  HUGE_FEATURE or the very first step failed (before any update, where config.lr plays no
+  part), else config.lr."""
+  reach = "" if peak is None else f" (largest |x| {peak:.3g})"
+  if peak is not None and peak > HUGE_FEATURE:
+    return (f"{name} reach {peak:.3g} in absolute value (over {HUGE_FEATURE:g}): that scale, not"
+            " config.lr, makes the float32 loss overflow; standardize the features (subtract each"
+            " feature's mean, divide by its standard deviation) and run again")
+  if step == 1:
+    return (f"it failed before any update, so config.lr plays no part: the scale of {name}"
+            f"{reach} or the regularizer weights make it overflow; standardize the features"
+            " (subtract each feature's mean, divide by its standard deviation) or lower the"
+            " weights")
+  large = (f"; {name} reach {peak:.3g} in absolute value: standardizing them may help too"
+           if peak is not None and peak > 1e3 else "")
+  return f"lower config.lr or the regularizer weights{large}"
+
+
+def refuse_total_divergence(results: Sequence[Mapping[str, Any]], train: Any) -> None:
+  """Raises TrainingError, naming the cause (divergence_advice), when every grid member's
+  result (fit's) is marked diverged: no configuration is left to choose."""
+  steps = [r.get("diverged_step") for r in results]
+  if not steps or None in steps:
+    return
+  first = int(np.argmin(steps))
+  peak, name = train_scale(train)
+  raise TrainingError(f"config.grid: the loss of all {len(steps)} configurations became"
+                      f" non-finite (the first at {results[first]['diverged']});"
+                      f" {divergence_advice(peak, steps[first], name)}")
 
 
 def _train_epoch(runs: Sequence[Run], epoch: int, rngs: Sequence[np.random.Generator],
@@ -281,11 +349,14 @@ def _train_epoch(runs: Sequence[Run], epoch: int, rngs: Sequence[np.random.Gener
   terms = np.asarray(terms).reshape(-1, len(runs), len(LOSS_TERMS))
   for i, trained in enumerate(done):
     trained.losses.append(terms[:, i].mean(axis=0))
-    where = trained.diverged or _nonfinite(terms[:, i], epoch)
-    if where and not mark_divergence:
-      raise TrainingError(f"NMTune: the loss became non-finite at {where}; lower config.lr or"
-                          " the regularizer weights")
-    trained.diverged = where
+    if trained.diverged:
+      continue
+    found = _nonfinite(terms[:, i], epoch)
+    if found and not mark_divergence:
+      peak, name = train_scale(trained.run.train)
+      raise TrainingError(f"NMTune: the loss became non-finite at {found[1]};"
+                          f" {divergence_advice(peak, found[0], name)}")
+    trained.diverged_step, trained.diverged = found or (None, None)
   for name, test_set in test_sets.items():
     for trained, accuracy in zip(done, _accuracies(runs, state, test_set.features,
                                                    test_set.labels, biases[name])):

@@ -11,6 +11,13 @@ step that fails either is skipped with one warning, and the newest good one is u
 resume moves a skipped folder aside (`<step>.bad-<time>`, never listed as a step) so that the
 next save at that step finds the name free; other readers leave the workdir as it is.
 
+A full disk: a save is refused before anything is written where the disk has less free space
+than the state's arrays (check_room, one process); one that fails while orbax writes it
+(tensorstore raises a ValueError carrying the errno, no OSError) has its temporary folder
+removed once the writes have stopped (disk_faults, around the training loop), and both end as an
+OSError ENOSPC naming the step's folder, which nmjax.errors.one_line_errors reports in one line;
+orbax's own log records of it are kept off stderr (NMJAX_DEBUG=1 shows them).
+
 Multi-process: the arrays are written collectively (each process writes the shards it holds);
 the JSON loop state is written once, by the primary process, and read by every process. That is
 only right where the loop state is the same on every process: the loop checks the parts that
@@ -27,12 +34,18 @@ original.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
+import gc
 import json
+import logging
 import os
 import re
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import jax
@@ -40,7 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from nmjax import io as nmjax_io, parallel
+from nmjax import errors, io as nmjax_io, parallel
 from nmjax.errors import DataError, NmjaxError
 
 _STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # orbax's own step names; tmp folders never match.
@@ -48,6 +61,11 @@ _STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # orbax's own step names; tmp folders
 _REQUIRED_JSON = ("state/_METADATA", "loop/metadata")
 _LOOP_KEYS = ("data", "epoch_sums")  # What a training resume reads from the loop state.
 _COMMITTED = "commit_success.txt"  # orbax's mark of a step saved in place (a bucket).
+_UNFINISHED = ".orbax-checkpoint-tmp"  # in the names of the folders of a save in flight
+_UNFINISHED_STEP = re.compile(r"(?:^|/)(0|[1-9][0-9]*)\.orbax-checkpoint-tmp")
+# Room a step takes beyond its arrays' bytes, asked for with them before a save: orbax's
+# metadata (73 KB for the 86 arrays of the smoke ResNet) and the files' last blocks.
+_METADATA_ROOM, _ROOM_PER_ARRAY = 64 << 10, 2 << 10
 
 
 def directory(workdir: str) -> str:
@@ -60,15 +78,112 @@ def manager(workdir: str, *, max_to_keep: int = 3, create: bool = True) -> ocp.C
   # also answers reached_preemption() for jax's preemption service.
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                          enable_async_checkpointing=True)
+  _quiet_disk_faults()
   return ocp.CheckpointManager(directory(workdir), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, loop_state: dict[str, Any]) -> None:
+  """Starts the save of `step` (written in the background) after check_room."""
+  # orbax's save waits for the one in flight first anyway: waiting here lets that save's own
+  # failure come first and the free space be measured after it.
+  mngr.wait_until_finished()
+  check_room(mngr, step, state)
   # The JSON is written in the background: a copy, so that the loop's next steps (which add
   # into the epoch sums in place) never change what this step saves.
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           loop=ocp.args.JsonSave(copy.deepcopy(loop_state))),
             force=True)
+
+
+def check_room(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """OSError ENOSPC naming the step's folder where the disk under a local checkpoint folder has
+  less free space than the state's arrays take plus room for orbax's metadata, before anything
+  is written (one process only: with several, every process would have to agree; a full disk
+  met by orbax's writes is turned into the same error by disk_faults)."""
+  root = str(mngr.directory)
+  if nmjax_io.is_cloud(root) or jax.process_count() > 1:
+    return
+  leaves = jax.tree.leaves(state)
+  need = (sum(int(getattr(x, "nbytes", 0)) for x in leaves) + _METADATA_ROOM
+          + _ROOM_PER_ARRAY * len(leaves))
+  try:
+    free = shutil.disk_usage(root).free
+  except OSError:
+    return
+  if free < need:
+    raise OSError(errno.ENOSPC, f"the checkpoint of step {step} needs about"
+                  f" {errors.format_bytes(need)}", os.path.join(root, str(step)))
+
+
+@contextlib.contextmanager
+def disk_faults(mngr: ocp.CheckpointManager) -> Iterator[None]:
+  """Cleans up after a full disk (or quota) inside the block: the save in flight is waited for
+  and the folders of unfinished saves are removed, so that only committed steps remain. A fault
+  met by orbax while writing a step (tensorstore's ValueError naming the errno) is raised as an
+  OSError naming the step's folder (nmjax.errors.one_line_errors turns it into one line)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    fault = errors.os_error_in(e, errors.FULL_DISK)
+    if fault is None:
+      raise
+    try:
+      mngr.close()  # Waits for the save in flight, whose failure is the one being reported.
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if parallel.is_main_process():
+      remove_unfinished(str(mngr.directory))
+    gc.collect()  # Closes orbax's abandoned writes now, not noisily at interpreter exit.
+    step = _UNFINISHED_STEP.search(fault.filename or "")
+    if fault is e or step is None:
+      raise
+    raise OSError(fault.errno, fault.strerror,
+                  os.path.join(str(mngr.directory), step.group(1))) from e
+
+
+def remove_unfinished(root: str) -> list[str]:
+  """Removes (and returns) the folders of unfinished saves under a local checkpoint folder
+  (`<step>.orbax-checkpoint-tmp*`), where no save is in flight."""
+  if nmjax_io.is_cloud(root) or not os.path.isdir(root):
+    return []
+  removed = [os.path.join(root, n) for n in os.listdir(root) if _UNFINISHED in n]
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+class _DiskFaultRecords(logging.Filter):
+  """Drops the log records (each with a long traceback) of a full disk that orbax's threads and
+  asyncio's abandoned tasks write, which the error raised to the caller reports in one line;
+  NMJAX_DEBUG=1 keeps them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    fault = error is not None and errors.os_error_in(error, errors.FULL_DISK) is not None
+    return not fault or errors.debug()
+
+
+def _quiet_disk_faults() -> None:
+  """Installs, once, what keeps a failed save's aftermath off stderr: _DiskFaultRecords on the
+  loggers of absl (orbax's) and asyncio, and an unraisable-exception hook that drops the
+  `Event loop is closed` reports of tensorstore writes finishing after orbax closed the event
+  loop of a failed save (a consequence, never a cause; NMJAX_DEBUG=1 keeps them)."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DiskFaultRecords) for f in logger.filters):
+      logger.addFilter(_DiskFaultRecords())
+  previous = sys.unraisablehook
+  if getattr(previous, "nmjax_quiet", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+            and unraisable.object is None) or errors.debug():
+      previous(unraisable)
+
+  hook.nmjax_quiet = True
+  sys.unraisablehook = hook
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:

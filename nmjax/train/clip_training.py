@@ -9,6 +9,12 @@ index) or real image-text records (TFDS coco_captions, or webdataset shards conv
 array_record; nmjax/data/image_text.py). Caption noise: noise.caption_permutation, exactly
 round(r * N) pairs given another pair's caption, keyed by pair index.
 
+A pair whose image cannot be decoded (a truncated file, a header claiming more pixels than
+Pillow's decompression-bomb limit) stops the run with DataError naming its index and key
+(decode_named): the same pair comes at the same point of every rerun, and skipping it would
+change the batches that a resume reproduces bitwise. The conversion skips such images; a folder
+converted without that check is converted again.
+
 A run's fields come from a plan: any object with the attributes of the pretrain_clip job's
 ClipPlan (nmjax/jobs/pretrain_clip.py), read as they are; nothing here checks them.
 """
@@ -27,7 +33,8 @@ import numpy as np
 from nmjax import io as nmjax_io, models, noise, parallel
 from nmjax.clip import tokenizer
 from nmjax.config import total_steps
-from nmjax.data import image_text, pipeline, records, sources, webdataset
+from nmjax.data import image_text, jpeg, pipeline, records, sources, webdataset
+from nmjax.errors import DataError, NmjaxError
 from nmjax.models import clip_model as clip_models
 from nmjax.train import contrastive, loop, profiling, state as state_lib
 from nmjax.train.supervised import prefix, start_run
@@ -141,10 +148,40 @@ class PairBatches:
     self._inner.set_state(state)
 
 
+def decode_fix(dataset: str) -> str:
+  """What to do about a pair whose image cannot be decoded, for the message that names it."""
+  if dataset == "coco_captions":
+    return "fix: prepare coco_captions again (its stored record is damaged)"
+  return ("fix: convert the shards again into a new folder (the conversion skips an image that"
+          " does not decode) and train on that")
+
+
+def decode_named(pair: Any, image_size: int, uniforms: np.ndarray | None = None, *,
+                 fix: str = "") -> np.ndarray:
+  """image_text.decode_image(pair, image_size, uniforms), or DataError naming the pair (index
+  and key) whose image fails to decode (a truncated file, a header claiming too many pixels):
+  training stops there, as the same pair comes at the same point of every rerun."""
+  try:
+    return image_text.decode_image(pair, image_size, uniforms)
+  except jpeg.DECODE_ERRORS as e:
+    if isinstance(e, NmjaxError):
+      raise
+    key = f" (key {pair['key']})" if "key" in pair else ""
+    raise DataError(f"pair {int(pair['index'])}{key} holds an image that cannot be decoded"
+                    f" ({type(e).__name__}: {e}); {fix or decode_fix('')}") from None
+
+
 def real_batch(batch: dict[str, np.ndarray], *, pairs: Sequence[Any], image_size: int,
-               context_length: int) -> dict[str, np.ndarray]:
-  """A stream element ({id, uniforms}) -> decoded random-resized crops and caption tokens."""
-  read = image_text.read_batch(pairs, batch["id"], batch["uniforms"], image_size=image_size)
+               context_length: int, fix: str = "") -> dict[str, np.ndarray]:
+  """A stream element ({id, uniforms}) -> decoded random-resized crops and caption tokens.
+  A pair whose image cannot be decoded is named (decode_named)."""
+  try:
+    read = image_text.read_batch(pairs, batch["id"], batch["uniforms"], image_size=image_size)
+  except jpeg.DECODE_ERRORS as e:
+    if not isinstance(e, NmjaxError):  # Find the pair (decoded alone, it fails the same way).
+      for i, uniforms in zip(batch["id"], batch["uniforms"]):
+        decode_named(pairs[int(i)], image_size, uniforms, fix=fix)
+    raise
   return {"image": read["image"],
           "tokens": tokenizer.tokenize(read["caption"], context_length=context_length),
           "caption_index": read.get("caption_source", read["index"]).astype(np.int32),
@@ -153,8 +190,9 @@ def real_batch(batch: dict[str, np.ndarray], *, pairs: Sequence[Any], image_size
 
 def _real_eval(test: Sequence[Any], plan: Any,
                process: dict[str, int]) -> Iterator[dict[str, np.ndarray]]:
+  fix = decode_fix(plan.dataset)
   crops = records.MappedRecords(test, lambda pair: {
-      "image": image_text.decode_image(pair, plan.image_size), "label": 0,
+      "image": decode_named(pair, plan.image_size, fix=fix), "label": 0,
       "index": pair["index"], "caption": pair["caption"]})
   for batch in pipeline.eval_batches(crops, batch_size=plan.eval_batch_size,
                                      num_threads=max(1, plan.data_workers), **process):
@@ -200,7 +238,7 @@ def _real_inputs(plan: Any, train: Sequence[Any], test: Sequence[Any],
   whole_source[:len(source)] = source
   noisy = image_text.NoisyCaptions(pairs, whole_source)
   load = functools.partial(real_batch, pairs=noisy, image_size=plan.image_size,
-                           context_length=plan.context_length)
+                           context_length=plan.context_length, fix=decode_fix(plan.dataset))
   fingerprint = {"pipeline": "image_text", "seed": int(plan.seed),
                  "global_batch_size": int(plan.batch_size), "num_examples": len(train),
                  "image_size": int(plan.image_size)}

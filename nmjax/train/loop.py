@@ -366,6 +366,16 @@ def train_and_evaluate(spec: LoopSpec, workdir: str, *, mesh: jax.sharding.Mesh 
   # Before the writing manager exists: a damaged newest step is moved aside first.
   start_step, running, data_state = _restore_or_init(spec, workdir, shape, state_sharding)
   mngr = checkpoint.manager(workdir, max_to_keep=spec.max_to_keep)
+  # A full disk leaves the committed steps and no folder of an unfinished save.
+  with checkpoint.disk_faults(mngr):
+    return _train(spec, workdir, mesh, mngr, writer, start_step, running, data_state,
+                  state_sharding)
+
+
+def _train(spec: LoopSpec, workdir: str, mesh: jax.sharding.Mesh, mngr: Any,
+           writer: MetricWriter | None, start_step: int, running: _Running,
+           data_state: dict | None, state_sharding: Any) -> dict[str, Any]:
+  """train_and_evaluate's steps, from the restored (or fresh) state on."""
   writer = writer or MetricWriter(workdir)
   examples_log = (MetricWriter(workdir, filename="examples_seen.jsonl", tensorboard=False)
                   if spec.record_examples else None)
