@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from nmjax import io as nmjax_io
-from nmjax.errors import DataError
+from nmjax.errors import DataError, format_bytes
 from nmjax.io import paths as io_paths
 
 # TFDS record shards: <dataset>-<split>.<format>-00000-of-00008.
@@ -119,14 +119,6 @@ def _fetch(path: str, objects: dict[str, tuple[str, int, float | None]]) -> str:
   return copy
 
 
-def _size(count: float) -> str:
-  for unit in ("bytes", "KB", "MB", "GB"):
-    if count < 1000 or unit == "GB":
-      return f"{count:,} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-    count /= 1000
-  return ""
-
-
 def mirror(path: str | os.PathLike, *, what: str) -> str:
   """A local copy of a bucket folder (nmjax.io.local_mirror), said in one line on stderr when
   anything is copied: `path` itself when local. A local file is kept when its size and time are
@@ -155,7 +147,7 @@ def mirror(path: str | os.PathLike, *, what: str) -> str:
   if pending:
     kept = len(objects) - len(pending)
     print(f"[nmjax] copying {what} from {path} to {local_path(path)} ({len(pending)} files, "
-          f"{_size(sum(pending))}{f'; {kept} already there' if kept else ''}), once on this "
+          f"{format_bytes(sum(pending))}{f'; {kept} already there' if kept else ''}), once on this "
           f"host: array_record reads local files only", file=sys.stderr, flush=True)
   return _fetch(path, objects)
 
