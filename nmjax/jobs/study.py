@@ -29,6 +29,7 @@ import dataclasses
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from nmjax import evaluate, io as nmjax_io, tasks as tasks_lib
 from nmjax.config import clip_run, parse_names, parse_numbers, pretrain_run, tuning_config
@@ -63,6 +64,8 @@ class StudyPlan:
   evaluate: tuple[Any, ...]         # one nmtune plan per point (checkpoint set when it runs)
   tune: Any = None                  # the tune stage's nmtune plan (a grid), or None
   tune_pretrain: Any = None         # the first seed's r = 0 pre-training plan (the tune's encoder)
+  vmap_seeds: bool = True           # pending pre-training stages side by side in one program
+  smoke: bool = False               # a smoke variant: its numbers test the plumbing only
 
   @property
   def points(self) -> list[Point]:
@@ -186,7 +189,16 @@ def validate(config: ml_collections.ConfigDict) -> StudyPlan:
     study_checks.check_fits(config.pretrain_job, pretrain_plans[0], chosen, evaluate_plans, tune)
   return StudyPlan(config.pretrain_job, tuple(ratios), tuple(seeds), tuple(methods),
                    tuple(names), tuple(spectrum_tasks), stage, pretrain_plans, evaluate_plans,
-                   tune, tune_pretrain)
+                   tune, tune_pretrain, _flag(config, "vmap_seeds", True),
+                   _flag(config, "smoke", False))
+
+
+def _flag(config: ml_collections.ConfigDict, name: str, default: bool) -> bool:
+  """A boolean field (absent: its default); true/false only."""
+  value = config.get(name, default)
+  if not isinstance(value, (bool, np.bool_)):
+    raise ConfigError(f"config.{name}={value!r} is not a boolean; allowed: true, false")
+  return bool(value)
 
 
 def _tune_plans(config: ml_collections.ConfigDict, job: Any, pretrain_plans: tuple[Any, ...],

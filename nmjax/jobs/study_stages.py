@@ -8,7 +8,9 @@ killed before it runs again (a pre-training stage resumes from its last checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from typing import Any
@@ -20,6 +22,7 @@ from nmjax.errors import ConfigError
 from nmjax.jobs import plans, pretrain, pretrain_clip, report, study_tune, tuning
 from nmjax.jobs.workdir import prepare_workdir
 from nmjax.progress import Countdown, format_seconds
+from nmjax.train import side_by_side
 
 STAGE_FILE = report.STAGE_FILE
 HITS_FILE = report.HITS_FILE
@@ -132,9 +135,7 @@ def run_pretrain(plan: Any, point: Any, workdir: str) -> dict[str, Any]:
   result = job.run(child, stage_dir)
   if result.get("preempted"):
     raise Preempted(f"pre-training {point}")
-  record = {"plan": identity(child), "workdir": stage_dir,
-            "result": {k: result[k] for k in PRETRAIN_FIELDS if k in result},
-            "seconds": time.perf_counter() - start}
+  record = _pretrain_record(child, stage_dir, result, time.perf_counter() - start)
   nmjax_io.write_json(nmjax_io.join(stage_dir, STAGE_FILE), record)
   nmjax_io.rmtree(nmjax_io.join(workdir, "eval", point.name))
   return record
@@ -142,6 +143,53 @@ def run_pretrain(plan: Any, point: Any, workdir: str) -> dict[str, Any]:
 
 def _pretrain_job(plan: Any) -> Any:
   return pretrain_clip if plan.clip else pretrain
+
+
+SIDE_BY_SIDE = "side_by_side-"  # pretrain/side_by_side-<members' hash>/: a group's checkpoints
+
+
+def side_by_side_ok(plan: Any) -> bool:
+  """Whether plan.vmap_seeds can apply: supervised pre-training from in-memory images (CLIP and
+  JPEG-decoding runs train one after another)."""
+  return (plan.vmap_seeds and not plan.clip
+          and getattr(plan.pretrain[0], "input_pipeline", "default") == "default")
+
+
+def _pretrain_record(child: Any, stage_dir: str, result: dict[str, Any],
+                     seconds: float) -> dict[str, Any]:
+  return {"plan": identity(child), "workdir": stage_dir,
+          "result": {k: result[k] for k in PRETRAIN_FIELDS if k in result}, "seconds": seconds}
+
+
+def run_pretrain_side_by_side(plan: Any, points: list[Any], workdir: str
+                              ) -> dict[Any, dict[str, Any]]:
+  """The pre-training stages of `points`, trained side by side in one program (nmjax.train.
+  side_by_side), holding every point's lock; returns their records. A killed group resumes
+  from its own checkpoints (pretrain/side_by_side-*), removed once every record is kept."""
+  children = [plan.pretrain_of(p) for p in points]
+  key = hashlib.sha1(",".join(p.name for p in points).encode()).hexdigest()[:10]
+  group_dir = nmjax_io.join(workdir, "pretrain", SIDE_BY_SIDE + key)
+  start = time.perf_counter()
+  with contextlib.ExitStack() as locks:
+    stage_dirs = []
+    for point, child in zip(points, children):
+      stage_dir = prepare_workdir(pretrain_dir(workdir, point))
+      locks.enter_context(nmjax_io.hold(stage_dir, f"study stage {point.name}"))
+      plans.write(child, pretrain.NAME, stage_dir)
+      stage_dirs.append(stage_dir)
+    results = side_by_side.run(children, stage_dirs, prepare_workdir(group_dir))
+    if results[0].get("preempted"):
+      raise Preempted(f"pre-training of {len(points)} runs side by side")
+    seconds = (time.perf_counter() - start) / len(points)
+    records = {}
+    for point, child, stage_dir, result in zip(points, children, stage_dirs, results):
+      record = _pretrain_record(child, stage_dir, result, seconds)
+      record["side_by_side"] = len(points)
+      nmjax_io.write_json(nmjax_io.join(stage_dir, STAGE_FILE), record)
+      nmjax_io.rmtree(nmjax_io.join(workdir, "eval", point.name))
+      records[point] = record
+  nmjax_io.rmtree(group_dir)
+  return records
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -305,6 +353,16 @@ def run_sweep(plan: Any, workdir: str) -> dict[str, Any]:
         f" {workdir}", flush=True)
   clock, ran = Countdown(pending), 0
   try:
+    waiting = [p for p in plan.points if done[p] is None]
+    if len(waiting) > 1 and side_by_side_ok(plan):
+      print(f"[study] pre-training {len(waiting)} stages side by side in one program"
+            " (--config.vmap_seeds=false: one after another)", flush=True)
+      done.update(run_pretrain_side_by_side(plan, waiting, workdir))
+      for point in waiting:
+        clock.done("pretrain", done[point]["seconds"])
+      ran += len(waiting)
+    elif len(waiting) > 1 and plan.vmap_seeds:
+      print("[study] vmap_seeds: CLIP and JPEG pre-training run one after another", flush=True)
     for i, point in enumerate(plan.points):
       ran += run_point(plan, point, workdir, done[point], clock, 2 * i)[2]
   except Preempted as e:

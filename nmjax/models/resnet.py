@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from nmjax.models import batching
+
 # He-normal over fan_out, the usual ResNet convolution init: it keeps the variance of gradients
 # steady through deep ReLU stacks, so no stage starts out learning much faster than another.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -116,9 +118,11 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Returns (logits (B, num_classes), features (B, feature_dim)), both float32."""
+    # The convolution's own vmap rule: seeds trained side by side run one plain convolution each
+    # on the CPU, where a grouped one is slow (nmjax/models/batching.py); the same op otherwise.
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=_CONV_INIT)
+        kernel_init=_CONV_INIT, conv_general_dilated=batching.conv_general_dilated)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype, param_dtype=jnp.float32)

@@ -104,7 +104,7 @@ def _diverged(mngr, what: str, step: int) -> TrainingError:
 
 
 @jax.jit
-def _all_finite(tree: Any) -> jax.Array:
+def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -289,7 +289,7 @@ def _save(loop: _Loop, running: _Running, done: int, iterator: Any) -> None:
   """A checkpoint of the state, the data position and the epoch sums, if the state is finite."""
   state = running.state
   # The loss of the last step predates its update: only finite parameters are worth saving.
-  if not bool(_all_finite((state.params, state.batch_stats))):
+  if not bool(all_finite((state.params, state.batch_stats))):
     raise _diverged(loop.mngr, "the parameters", done)
   data_state = iterator.get_state()
   # Process 0 alone writes the JSON that every process restores: what steers training must be

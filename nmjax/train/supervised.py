@@ -150,7 +150,7 @@ def record_config(plan: Any, workdir: str) -> None:
     nmjax_io.write_json(nmjax_io.join(workdir, "config.json"), record)
 
 
-def _split_records(plan: Any, source: sources.Source) -> tuple[Sequence, Sequence]:
+def split_records(plan: Any, source: sources.Source) -> tuple[Sequence, Sequence]:
   """(train, test) records, cut to max_train_examples and max_test_examples."""
   if _jpeg_input(plan):
     # Encoded JPEGs, decoded and cropped to image_size in grain workers (data/imagenet.py).
@@ -163,7 +163,7 @@ def _split_records(plan: Any, source: sources.Source) -> tuple[Sequence, Sequenc
   return prefix(train, plan.max_train_examples), prefix(test, plan.max_test_examples)
 
 
-def _input_fns(plan: Any, info: sources.SourceInfo, train_records: Sequence,
+def input_fns(plan: Any, info: sources.SourceInfo, train_records: Sequence,
                test_records: Sequence, noisy: np.ndarray,
                num_steps: int) -> tuple[Callable[[dict | None], Iterator], Callable[[], Iterable]]:
   """The loop's train_iterator (from a saved iterator state) and eval_batches."""
@@ -191,7 +191,7 @@ def _input_fns(plan: Any, info: sources.SourceInfo, train_records: Sequence,
   return train_iterator, eval_batches
 
 
-def _loop_spec(plan: Any, info: sources.SourceInfo, input_fns: tuple[Callable, Callable],
+def loop_spec(plan: Any, info: sources.SourceInfo, inputs: tuple[Callable, Callable],
                steps_per_epoch: int, num_steps: int) -> loop.LoopSpec:
   """The model, optimizer and schedule of the plan, as the loop's spec."""
   dtype = models.DTYPES[plan.dtype]
@@ -208,7 +208,7 @@ def _loop_spec(plan: Any, info: sources.SourceInfo, input_fns: tuple[Callable, C
   def init_state() -> state_lib.TrainState:
     return state_lib.create_train_state(model, jax.random.key(plan.seed), input_shape, tx)
 
-  train_iterator, eval_batches = input_fns
+  train_iterator, eval_batches = inputs
   return loop.LoopSpec(
       init_state=init_state, train_iterator=train_iterator, eval_batches=eval_batches,
       steps_per_epoch=steps_per_epoch, total_steps=num_steps,
@@ -250,7 +250,7 @@ def run(plan: Any, workdir: str) -> dict[str, Any]:
   mesh = start_run(plan, workdir)
   source = sources.get_source(plan.dataset, data_dir=plan.data_dir or None)
   info = source.info
-  train_records, test_records = _split_records(plan, source)
+  train_records, test_records = split_records(plan, source)
   # The noise is drawn on the labels of the images used (exactly round(r N) of them changed).
   clean = source.labels("train")[:len(train_records)]
   noisy = noise.apply_label_noise(clean, plan.noise_ratio, info.num_classes, plan.seed,
@@ -258,8 +258,8 @@ def run(plan: Any, workdir: str) -> dict[str, Any]:
   steps_per_epoch, num_steps = total_steps(
       num_examples=len(train_records), global_batch_size=plan.batch_size,
       num_epochs=plan.num_epochs, num_train_steps=plan.num_train_steps)
-  input_fns = _input_fns(plan, info, train_records, test_records, noisy, num_steps)
-  spec = _loop_spec(plan, info, input_fns, steps_per_epoch, num_steps)
+  inputs = input_fns(plan, info, train_records, test_records, noisy, num_steps)
+  spec = loop_spec(plan, info, inputs, steps_per_epoch, num_steps)
   changed = float(np.mean(noisy != clean))
   if parallel.is_main_process():
     print(f"[pretrain] {plan.model} on {plan.dataset}: {len(train_records)} train /"

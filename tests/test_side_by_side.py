@@ -1,0 +1,90 @@
+"""Seeds side by side (nmjax/train/side_by_side.py, nmjax/models/batching.py): one vmapped
+program equals separate runs, per member, and its workdirs read as separate runs'."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from nmjax.errors import ConfigError
+from nmjax.jobs import pretrain, study
+from nmjax.models import batching, get_model
+from nmjax.train import checkpoint, side_by_side, supervised
+
+
+def _plans(seeds=(0, 1), ratios=(0.0, 0.3), **overrides):
+  config = default_config.get_config("smoke")
+  for key, value in overrides.items():
+    setattr(config.pretrain, key, value)
+  return [pretrain.validate(study.pretrain_config(config, s, r)) for s in seeds for r in ratios]
+
+
+def _params(workdir):
+  return checkpoint.load_state(workdir)[1]["params"]
+
+
+def _max_difference(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_vmapped_conv_is_the_plain_conv_and_its_gradient():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 9, 9, 4))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
+  dims = jax.lax.conv_dimension_numbers(x.shape[1:], k.shape[1:], ("NHWC", "HWIO", "NHWC"))
+
+  def loss(conv, xi, ki):
+    return jnp.sum(jnp.sin(conv(xi, ki, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dims)))
+
+  for mode in batching.BATCHINGS:
+    os.environ["NMJAX_SEED_CONV"] = mode
+    try:
+      ours = jax.jit(jax.vmap(jax.value_and_grad(
+          lambda a, b: loss(batching.conv_general_dilated, a, b), argnums=(0, 1))))(x, k)
+    finally:
+      del os.environ["NMJAX_SEED_CONV"]
+    plain = jax.vmap(jax.value_and_grad(
+        lambda a, b: loss(jax.lax.conv_general_dilated, a, b), argnums=(0, 1)))(x, k)
+    assert _max_difference(ours, plain) < 1e-4, mode
+
+
+def test_members_must_share_everything_but_seed_and_noise():
+  plans = _plans(seeds=(0,), ratios=(0.0,)) + _plans(seeds=(1,), ratios=(0.0,),
+                                                     learning_rate=0.05)
+  with pytest.raises(ConfigError, match="differ in learning_rate"):
+    side_by_side.check_members(plans)
+  with pytest.raises(ConfigError, match="at least two"):
+    side_by_side.check_members(plans[:1])
+
+
+def test_side_by_side_equals_separate_runs(tmp_path):
+  plans = _plans()
+  separate = []
+  for i, plan in enumerate(plans):
+    workdir = tmp_path / f"separate{i}"
+    workdir.mkdir()
+    separate.append(supervised.run(plan, str(workdir)))
+  workdirs = []
+  for i in range(len(plans)):
+    (tmp_path / f"member{i}").mkdir()
+    workdirs.append(str(tmp_path / f"member{i}"))
+  (tmp_path / "group").mkdir()
+  together = side_by_side.run(plans, workdirs, str(tmp_path / "group"))
+  for i, (alone, side) in enumerate(zip(separate, together)):
+    assert side["step"] == alone["step"] == plans[i].num_train_steps
+    assert side["noise_rate_train"] == alone["noise_rate_train"]
+    difference = _max_difference(_params(str(tmp_path / f"separate{i}")), _params(workdirs[i]))
+    assert difference < 1e-5, (i, difference)
+    assert abs(side["test_acc"] - alone["test_acc"]) <= 2 / alone["test_count"]
+    # The member's workdir reads as a separate run's: its config.json and metrics records.
+    saved = json.loads((tmp_path / f"member{i}" / "config.json").read_text())
+    assert saved["seed"] == plans[i].seed and saved["noise_ratio"] == plans[i].noise_ratio
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / f"member{i}" / "metrics.jsonl").read_text().splitlines()]
+    alone_steps = [json.loads(line)["step"] for line in
+                   (tmp_path / f"separate{i}" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == alone_steps
