@@ -36,6 +36,9 @@ def get_config(arg: str | None = None):
   config.stage = ""
   config.tune_grid = ""                       # NMTune's weights as config.nmtune sets them.
   config.tune_val_fraction = 0.2
+  # Side by side (one program) applies to supervised pre-training; CLIP's stages run in turn.
+  config.vmap_seeds = False
+  config.smoke = bool(args.smoke)  # The report says its numbers test the plumbing only.
   config.pretrain = clip_experiment(dataset="fashion_mnist", model="clip_small",
                                     variant="smoke" if args.smoke else "embedded")
   if not args.smoke:

@@ -88,3 +88,31 @@ def test_side_by_side_equals_separate_runs(tmp_path):
     alone_steps = [json.loads(line)["step"] for line in
                    (tmp_path / f"separate{i}" / "metrics.jsonl").read_text().splitlines()]
     assert steps == alone_steps
+
+
+def test_a_preempted_group_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+  """SIGTERM's path (the preemption watch says stop after step 5): the group saves and returns;
+  the same call again resumes from the group's checkpoint and ends bitwise where an
+  uninterrupted group ends."""
+  plans = _plans(ratios=(0.3,))
+
+  def run(root, stop_at=None):
+    workdirs = [str(root / f"m{i}") for i in range(len(plans))]
+    for d in workdirs + [str(root / "group")]:
+      os.makedirs(d, exist_ok=True)
+    if stop_at is not None:
+      monkeypatch.setattr(side_by_side.loop.PreemptionWatch, "reached",
+                          lambda self, step: step == stop_at)
+    try:
+      return side_by_side.run(plans, workdirs, str(root / "group")), workdirs
+    finally:
+      monkeypatch.undo()
+
+  stopped, _ = run(tmp_path / "killed", stop_at=5)
+  assert stopped[0]["preempted"] and stopped[0]["step"] == 5
+  assert checkpoint.saved_steps(str(tmp_path / "killed" / "group")) == [5]
+  resumed, workdirs = run(tmp_path / "killed")
+  straight, straight_dirs = run(tmp_path / "straight")
+  for a, b in zip(workdirs, straight_dirs):
+    assert _max_difference(_params(a), _params(b)) == 0.0
+  assert [r["test_acc"] for r in resumed] == [r["test_acc"] for r in straight]

@@ -356,7 +356,8 @@ def test_main_default_config_is_the_study():
   config = default_config.get_config()
   assert config.job == "study"
   assert config.noise_ratios == "0,0.1,0.3" and config.methods == "lp,mlp,nmtune"
-  assert config.seeds == "0,1" and config.tune_grid and config.tune_val_fraction == 0.2
+  assert config.seeds == "0,1,2" and config.tune_grid and config.tune_val_fraction == 0.2
+  assert config.vmap_seeds is True and not config.smoke
   assert config.tasks == "study" and config.pretrain.model == "resnet_small"
   assert config.pretrain.dataset == "fashion_mnist" and config.pretrain.noise_type == "symmetric"
   # What the sweep sets per stage is not a field of the sub-configs.

@@ -189,11 +189,11 @@ def validate(config: ml_collections.ConfigDict) -> StudyPlan:
     study_checks.check_fits(config.pretrain_job, pretrain_plans[0], chosen, evaluate_plans, tune)
   return StudyPlan(config.pretrain_job, tuple(ratios), tuple(seeds), tuple(methods),
                    tuple(names), tuple(spectrum_tasks), stage, pretrain_plans, evaluate_plans,
-                   tune, tune_pretrain, _flag(config, "vmap_seeds", True),
-                   _flag(config, "smoke", False))
+                   tune, tune_pretrain, _check_flag(config, "vmap_seeds", True),
+                   _check_flag(config, "smoke", False))
 
 
-def _flag(config: ml_collections.ConfigDict, name: str, default: bool) -> bool:
+def _check_flag(config: ml_collections.ConfigDict, name: str, default: bool) -> bool:
   """A boolean field (absent: its default); true/false only."""
   value = config.get(name, default)
   if not isinstance(value, (bool, np.bool_)):

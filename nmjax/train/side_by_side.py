@@ -68,9 +68,9 @@ def check_members(plans: Sequence[Any]) -> None:
                       " side by side; allowed: default (use vmap_seeds=false)")
 
 
-def _stack(trees: Sequence[Any]) -> Any:
-  """The trees' leaves stacked, in the first tree's structure (its static fields: each
-  member's apply_fn and optimizer are equal but distinct objects)."""
+def stack(trees: Sequence[Any]) -> Any:
+  """The trees' leaves stacked on a new leading axis, in the first tree's structure (train
+  states: each member's apply_fn and optimizer are equal but distinct objects)."""
   leaves = [jax.tree.leaves(tree) for tree in trees]
   return jax.tree.unflatten(jax.tree.structure(trees[0]),
                             [jnp.stack(column) for column in zip(*leaves)])
@@ -141,7 +141,7 @@ class _Group:
     self.shape = shape
 
   def _init(self) -> Any:
-    return _stack([m.spec.init_state() for m in self.members])
+    return stack([m.spec.init_state() for m in self.members])
 
   def restore_or_init(self) -> tuple[int, Any]:
     abstract = checkpoint.abstract_with_sharding(self.shape, self.state_sharding)
@@ -278,6 +278,39 @@ def _hand_over(group: _Group, state: Any, done: int) -> None:
     m.writer.close()
 
 
+def _steps(group: _Group, mngr: Any, watch: Any, progress: Progress, state: Any,
+           start_step: int) -> tuple[Any, int, bool]:
+  """The steps from start_step to the end or a preemption: (state, last step done, preempted)."""
+  spec = group.spec
+  window: list[tuple[int, dict]] = []
+  clock, done, preempted = time.perf_counter(), start_step, False
+  for step in range(start_step, spec.total_steps):
+    state, metrics = group.train_fn(state, group.batch())
+    done = step + 1
+    window.append((done, metrics))
+    preempted = watch.reached(done) and done < spec.total_steps
+    if step == start_step:
+      jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
+      progress.started(done)
+      clock = time.perf_counter()
+    end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
+    save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch or preempted
+    if done % spec.log_every_steps == 0 or save_now:
+      _fold(group, window, mngr)
+      window = []
+      now = time.perf_counter()
+      _line(group, progress, done, now - clock)
+      clock = now
+    if end_of_epoch:
+      _end_epoch(group, state, done, progress)
+      clock = time.perf_counter()
+    if save_now:
+      _save(group, mngr, state, done)
+    if preempted:
+      break
+  return state, done, preempted
+
+
 def run(plans: Sequence[Any], workdirs: Sequence[str], group_dir: str) -> list[dict[str, Any]]:
   """Trains (or resumes) the runs of `plans` side by side in one program.
 
@@ -317,32 +350,7 @@ def run(plans: Sequence[Any], workdirs: Sequence[str], group_dir: str) -> list[d
     progress = Progress(spec.total_steps, start=start_step,
                         prefix=f"[pretrain x{len(members)}] ",
                         active=parallel.is_main_process())
-    window: list[tuple[int, dict]] = []
-    clock, done, preempted = time.perf_counter(), start_step, False
-    for step in range(start_step, spec.total_steps):
-      state, metrics = group.train_fn(state, group.batch())
-      done = step + 1
-      window.append((done, metrics))
-      preempted = watch.reached(done) and done < spec.total_steps
-      if step == start_step:
-        jax.block_until_ready(metrics)  # Compile time stays out of the rate and the ETA.
-        progress.started(done)
-        clock = time.perf_counter()
-      end_of_epoch = done % spec.steps_per_epoch == 0 or done == spec.total_steps
-      save_now = done % spec.checkpoint_every_steps == 0 or end_of_epoch or preempted
-      if done % spec.log_every_steps == 0 or save_now:
-        _fold(group, window, mngr)
-        window = []
-        now = time.perf_counter()
-        _line(group, progress, done, now - clock)
-        clock = now
-      if end_of_epoch:
-        _end_epoch(group, state, done, progress)
-        clock = time.perf_counter()
-      if save_now:
-        _save(group, mngr, state, done)
-      if preempted:
-        break
+    state, done, preempted = _steps(group, mngr, watch, progress, state, start_step)
     mngr.wait_until_finished()
   mngr.close()
   if watch.interrupted or preempted:
