@@ -187,7 +187,7 @@ def run_pretrain_side_by_side(plan: Any, points: list[Any], workdir: str
       record["side_by_side"] = len(points)
       nmjax_io.write_json(nmjax_io.join(stage_dir, STAGE_FILE), record)
       nmjax_io.rmtree(nmjax_io.join(workdir, "eval", point.name))
-      records[point] = record
+      records[point] = {**record, "together": len(points)}  # Not in stage.json: this run's.
   nmjax_io.rmtree(group_dir)
   return records
 
@@ -313,8 +313,10 @@ def run_point(plan: Any, point: Any, workdir: str, done: dict | None, clock: Cou
     if pre is None:
       pre, ran = run_pretrain(plan, point, workdir), 1
     seconds = clock.done("pretrain", time.perf_counter() - start) if ran else None
-    report.stage_line(index + 1, num_stages, f"pretrain {point}", report.pretrain_text(pre),
-                      seconds, clock)
+    text = report.pretrain_text(pre)
+    if pre.get("together"):  # Trained side by side in this run: its share of the group's time.
+      seconds, text = pre["seconds"], f"{text} (one of {pre['together']} side by side)"
+    report.stage_line(index + 1, num_stages, f"pretrain {point}", text, seconds, clock)
     tune = tuned(plan, workdir)
     start, seconds = time.perf_counter(), None
     child = eval_plan(plan, point, pre, tune)
