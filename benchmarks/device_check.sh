@@ -11,6 +11,7 @@
 #   nmtune    the NMTune step at D = 512 and 2048, and the K = 16 grid against 16 fits at D = 64
 #   clip      the CLIP RN50 train step at 224, batch 256, bfloat16
 #   features  frozen-encoder feature extraction, resnet50 and vit_s16 at 224, batch 512
+#   text_features  text-encoder feature extraction, BERT-Large at 128 tokens, batch 256, bfloat16
 #   input     the ImageNet input pipeline with one worker process per core
 # With no accelerator it runs a short version of itself: the same scripts and sections at toy
 # sizes (seconds of measuring; start-up and compilation are most of its time), written to $1 or
@@ -92,17 +93,20 @@ if [ "$backend" = "cpu" ]; then
       --steps 2 --repeats 1
   bench clip 120 -- --models clip_small --batch 8 --steps 1
   bench features 120 -- --models resnet_small --batch 16 --examples 64 --repeats 1 --steps 1
+  bench text_features 120 -- --model bert_tiny --length 32 --batch 4 --examples 8 --repeats 1 \
+      --steps 1
   bench input 120 -- --images 8 --large_images 2 --batch 4 --batches 2 --rounds 1 \
       --workers 1 --threads_in_process "" --headline_workers 1
 else
-  bench pretrain 160 -- --steps 10
+  bench pretrain 140 -- --steps 10
   # The parent process measures the step; the grid runs in fresh child processes beside it on
   # the same device, so none may take most of its memory up front.
-  bench nmtune 100 XLA_PYTHON_CLIENT_PREALLOCATE=false -- --sections step,grid --grid-dims 64 \
+  bench nmtune 90 XLA_PYTHON_CLIENT_PREALLOCATE=false -- --sections step,grid --grid-dims 64 \
       --grid-rows 10000 --dims 512,2048 --steps 20 --repeats 3
-  bench clip 75 -- --models clip_rn50 --steps 5
-  bench features 55 -- --examples 8192 --repeats 1
-  bench input 65 -- --images 128 --batches 20 --rounds 1 --workers "$cores" \
+  bench clip 65 -- --models clip_rn50 --steps 5
+  bench features 45 -- --examples 8192 --repeats 1
+  bench text_features 50 -- --model bert_large --batch 256 --examples 4096 --repeats 1
+  bench input 60 -- --images 128 --batches 20 --rounds 1 --workers "$cores" \
       --threads_in_process "" --headline_workers "$cores"
 fi
 

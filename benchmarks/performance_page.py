@@ -52,8 +52,9 @@ or `--out FOLDER/` to write elsewhere), where `<device>` is jax's device kind (`
 ```
 
 On a machine with a GPU or TPU, one call measures every accelerator benchmark (pre-training step
-per model, CLIP step, NMTune step and grid, feature extraction, the input pipeline on every core)
-in under 8 minutes, each benchmark under its own time limit, and writes their JSON to
+per model, CLIP step, NMTune step and grid, feature extraction of images and of BERT-Large's
+text, the input pipeline on every core) in under 9 minutes, each benchmark under its own time
+limit, and writes their JSON to
 `docs/benchmarks/` (or the folder given as its argument). Without an accelerator it runs a short
 version of itself (the same scripts at toy sizes) into a temporary folder; the tests run that.
 
@@ -254,6 +255,37 @@ def features_tables(figures: dict[str, Any]) -> list[str]:
   return [table(header, rows)]
 
 
+def text_features_tables(figures: dict[str, Any]) -> list[str]:
+  rows = [(name, e.get("length"), e.get("batch"), e.get("examples"), e.get("mean_real_tokens"),
+           e.get("dtype"), e.get("pooling"), e.get("feature_dim"), e.get("devices"),
+           e.get("sequences_per_s"), e.get("encode_only_sequences_per_s"),
+           e.get("first_call_s"))
+          for name, e in figures.get("models", {}).items()]
+  header = ("model", "length", "batch", "sequences", "mean real tokens", "dtype", "pooling",
+            "feature dim", "devices", "sequences/s (extract)", "sequences/s (encoder alone)",
+            "first call s")
+  return [table(header, rows)]
+
+
+def seeds_tables(figures: dict[str, Any]) -> list[str]:
+  out = []
+  runs = figures.get("runs")
+  if runs:
+    out.append(table(("runs", "steps each", "batch", "one after another s", "side by side s",
+                      "speed-up", "largest parameter difference"),
+                     [(runs.get("runs"), runs.get("steps"), runs.get("batch"),
+                       runs.get("separate_s"), runs.get("side_by_side_s"), runs.get("speed_up"),
+                       runs.get("max_param_difference"))]))
+  step = figures.get("step")
+  if step:
+    out.append(table(("runs", "batch", "K plain steps s", "vmapped, unrolled convolutions s",
+                      "speed-up", "vmapped, grouped convolutions s", "speed-up"),
+                     [(step.get("runs"), step.get("batch"), step.get("plain_steps_s"),
+                       step.get("vmapped_unroll_s"), step.get("speed_up_unroll"),
+                       step.get("vmapped_group_s"), step.get("speed_up_group"))]))
+  return out
+
+
 def input_tables(figures: dict[str, Any]) -> list[str]:
   rows = []
   for e in figures.get("pipeline", []):
@@ -332,6 +364,14 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Any], list[str]]]] = {
     "features": ("Feature extraction", "`benchmarks/features.py`: `nmjax.features.extract` of "
                  "a frozen encoder over padded, masked batches, end to end and the encoder "
                  "alone.", features_tables),
+    "text_features": ("Text feature extraction", "`benchmarks/text_features.py`: "
+                      "`nmjax.features.extract` of a randomly initialised text encoder (BERT, "
+                      "RoBERTa, GPT-2 at their published sizes) over padded, masked token "
+                      "batches, end to end and the encoder alone.", text_features_tables),
+    "seeds": ("Seeds side by side", "`benchmarks/seeds.py`: the study's pre-training runs "
+              "trained one after another (each a whole run: data, steps, checkpoints, the test "
+              "evaluation) against the same runs side by side in one vmapped program, both "
+              "with their compilation; and the train step alone.", seeds_tables),
     "input": ("ImageNet input pipeline", "`benchmarks/input.py`: the training input on "
               "synthetic JPEGs of ImageNet's sizes; images per CPU-second count this process "
               "and its workers.", input_tables),

@@ -1,5 +1,7 @@
-"""A frozen encoder restored from a pre-training workdir, and its features per dataset split,
-extracted once and kept as features files beside its checkpoints (the feature cache).
+"""A frozen encoder restored from a pre-training workdir (or a Hugging Face text model folder), and
+its features per dataset split, extracted once and kept as features files beside its checkpoints
+(the feature cache). A text encoder (nmjax.text_features) reads text tasks' splits
+(nmjax.data.text_sources) and tokenizes them; an image encoder reads images.
 
 The weights are restored from the workdir's orbax checkpoints onto the current mesh (replicated)
 from the checkpoint's own metadata, so a checkpoint saved on any number of devices loads here.
@@ -26,8 +28,8 @@ import numpy as np
 
 from nmjax import features as features_lib
 from nmjax import io as nmjax_io
-from nmjax import models, parallel, tasks as tasks_lib
-from nmjax.data import pipeline, records as records_lib, sources
+from nmjax import models, parallel, tasks as tasks_lib, text_features
+from nmjax.data import pipeline, records as records_lib, sources, text_sources
 from nmjax.data.transforms import EvalTransform
 from nmjax.errors import ConfigError, DataError
 from nmjax.train import checkpoint
@@ -85,11 +87,12 @@ def pretraining(record: Mapping[str, Any], where: str = "config.json") -> Pretra
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-  """A frozen pre-trained model. encode(variables, uint8 images) -> (n, D) pooled features."""
+  """A frozen pre-trained model. encode(variables, uint8 images) -> (n, D) pooled features; a
+  text encoder's encode takes text_features.INPUTS (token ids and masks) instead."""
   workdir: str
   step: int
   pretraining: Pretraining            # what it is (from config.json)
-  info: sources.SourceInfo            # the pre-training dataset (input shape, normalisation)
+  info: sources.SourceInfo | None     # the pre-training dataset (input shape, normalisation)
   variables: Any                      # {"params", "batch_stats"}, replicated on the mesh
   encode: Callable[[Any, jax.Array], jax.Array]
   feature_dim: int
@@ -98,6 +101,9 @@ class Encoder:
   encode_text: Callable[[Any, jax.Array], jax.Array] | None = None
   context_length: int = 0             # A CLIP's token positions.
   transform: EvalTransform = EvalTransform()  # How task images of other sizes become its input.
+  # A text encoder's model and tokenizer, and the tokens it reads per example; None for images.
+  text: text_features.TextModel | None = None
+  max_length: int = 0
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -184,21 +190,35 @@ def read_record(workdir: str) -> dict[str, Any]:
 
 
 def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
-         data_dir: str | None = None) -> Encoder:
-  """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint)."""
+         data_dir: str | None = None, pooling: str = "", max_length: int = 128) -> Encoder:
+  """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint) or of a
+  Hugging Face text model folder; a text encoder pools as `pooling` ("": its family's default)
+  over max_length tokens."""
   workdir = nmjax_io.absolute(workdir) if workdir else workdir
+  mesh = mesh or parallel.make_mesh()
+  if text_features.is_folder(workdir):
+    text, variables = text_features.from_folder(workdir, pooling)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    # Nothing records what a downloaded model was pre-trained on, or with what noise.
+    pre = Pretraining("import", text.family, "unknown", "float32", "unknown", None, False, {}, {})
+    return _text_encoder(workdir, 0, pre, text, variables, max_length)
   steps = _checkpoint_steps(workdir)
   record = read_record(workdir)
   pre = pretraining(record, where=f"config.checkpoint={workdir}: its config.json")
   if step >= 0 and step not in steps:
     raise ConfigError(f"config.step={step} is not a checkpoint of {workdir}; saved steps:"
                       f" {', '.join(map(str, sorted(steps)))}")
-  mesh = mesh or parallel.make_mesh()
   # The newest usable step (damaged newer ones skipped with a warning), or the one asked for,
   # refused with its folder named when it cannot be used.
   step, state = checkpoint.load_state(workdir, step=step if step >= 0 else None,
                                       sharding=parallel.replicated(mesh))
   variables = {k: state[k] for k in ("params", "batch_stats")}
+  if text_features.is_record(record):
+    text = text_features.from_record(workdir, record, pooling)
+    return _text_encoder(workdir, int(step), pre, text, variables, max_length)
+  if pooling:
+    raise ConfigError(f"config.pooling={pooling!r} is for text encoders; config.checkpoint holds"
+                      f" {pre.model}, an image encoder (leave config.pooling empty)")
   if pre.job != "import":  # A run trained here knows where its data was (an import has none).
     data_dir = data_dir or record["data_dir"] or None
   if pre.clip:  # Pre-trained here (pretrain_clip) or imported (configs/import.py).
@@ -216,6 +236,19 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
   return Encoder(workdir=workdir, step=int(step), pretraining=pre, info=info,
                  variables=variables, encode=encode, feature_dim=model.feature_dim,
                  digest=content_digest(pre, variables), transform=transform)
+
+
+def _text_encoder(workdir: str, step: int, pre: Pretraining, text: text_features.TextModel,
+                  variables: Any, max_length: int) -> Encoder:
+  """A text encoder's Encoder: its content digest covers the weights, the architecture, the
+  pooling, max_length and the tokenizer's files."""
+  text_features.check_length(text, max_length)
+  pre = dataclasses.replace(pre, model_options=text.options,
+                            input={"max_length": max_length, "tokenizer": text.tokenizer_digest})
+  return Encoder(workdir=workdir, step=step, pretraining=pre, info=None, variables=variables,
+                 encode=text_features.encode_fn(text.model),
+                 feature_dim=text.model.feature_dim, digest=content_digest(pre, variables),
+                 text=text, max_length=max_length)
 
 
 def _clip_encoder(workdir: str, step: int, pre: Pretraining, record: Mapping[str, Any],
@@ -245,14 +278,17 @@ def _clip_encoder(workdir: str, step: int, pre: Pretraining, record: Mapping[str
 
 
 def open_cache(checkpoint: str, workdir: str, *, step: int, batch_size: int, batch_field: str,
-               max_examples: int, data_dir: str) -> "FeatureCache":
+               max_examples: int, data_dir: str, pooling: str = "", max_length: int = 128,
+               file_sets: Sequence[text_sources.FileSet] = ()) -> "FeatureCache":
   """The prologue of every evaluation (after jax.distributed, where asked, has started): the
-  mesh, the checkpoint's encoder and its features cache (falling back to `workdir`)."""
+  mesh, the checkpoint's encoder and its features cache (falling back to `workdir`); a text
+  encoder's pooling and max_length, and the text sets declared as files."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(batch_size, mesh, field=batch_field)
-  enc = load(checkpoint, step=step, mesh=mesh, data_dir=data_dir or None)
+  enc = load(checkpoint, step=step, mesh=mesh, data_dir=data_dir or None, pooling=pooling,
+             max_length=max_length)
   return FeatureCache(enc, workdir, batch_size=batch_size, max_examples=max_examples,
-                      data_dir=data_dir or None, mesh=mesh)
+                      data_dir=data_dir or None, mesh=mesh, file_sets=file_sets)
 
 
 def evenly_spaced(records: Sequence[Any], limit: int) -> Sequence[Any]:
@@ -312,8 +348,10 @@ class FeatureCache:
   one."""
 
   def __init__(self, encoder: Encoder, workdir: str, *, batch_size: int, max_examples: int,
-               data_dir: str | None, mesh: jax.sharding.Mesh | None):
+               data_dir: str | None, mesh: jax.sharding.Mesh | None,
+               file_sets: Sequence[text_sources.FileSet] = ()):
     self.encoder = encoder
+    self.file_sets = {s.name: s for s in file_sets}  # Text sets given as files, by name.
     self.root = cache_root(encoder, workdir)
     self.batch_size = batch_size
     self.max_examples = max_examples
@@ -322,13 +360,29 @@ class FeatureCache:
     self.extracted = 0  # Splits encoded (not read from the cache) by this process.
 
   @functools.lru_cache(maxsize=None)
-  def info(self, dataset: str) -> sources.SourceInfo:
+  def info(self, dataset: str) -> sources.SourceInfo | text_sources.TextInfo:
+    if self.encoder.text is not None:
+      return self.text_source(dataset).info
     return sources.get_source(dataset, data_dir=self.data_dir).info
 
+  @functools.lru_cache(maxsize=None)
+  def text_source(self, dataset: str) -> text_sources.TextSource:
+    """A text dataset's source (a text encoder's tasks)."""
+    return text_sources.get_source(dataset, data_dir=self.data_dir, file_sets=self.file_sets)
+
   def path(self, split: tasks_lib.Split, suffix: str = "") -> str:
-    """The split's features file (suffix: another array of the split, e.g. augmented views)."""
+    """The split's features file (suffix: another array of the split, e.g. augmented views); a
+    text set given as files is keyed by its files' content too."""
     limit = f"-max{self.max_examples}" if self.max_examples > 0 else ""
+    if self.encoder.text is not None and self.info(split.dataset).digest:
+      limit += f"-{self.info(split.dataset).digest}"
     return nmjax_io.join(self.root, f"{split.key}{limit}{suffix}.npz")
+
+  def text_split(self, split: tasks_lib.Split) -> text_sources.TextSplit:
+    """A text split's examples, at most max_examples spread evenly (the rows its features
+    hold)."""
+    examples = self.text_source(split.dataset).split(split.split)
+    return examples.take(list(evenly_spaced(np.arange(len(examples)), self.max_examples)))
 
   def records(self, split: tasks_lib.Split) -> Sequence[Any]:
     """The split's examples at the encoder's input shape, capped at max_examples."""
@@ -347,16 +401,23 @@ class FeatureCache:
       except DataError as e:
         print(f"[features] ignoring a bad cached features file ({e}); extracting again",
               flush=True)
-    batches = pipeline.eval_batches(self.records(split), batch_size=self.batch_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-    values, labels = features_lib.extract(self.encoder.encode, self.encoder.variables, batches,
-                                          mesh=self.mesh)
+    values, labels = self._extract(split)
     self.extracted += 1
     if jax.process_index() == 0:
       features_lib.save(path, values, labels, domain=str(split), extra={
           "checkpoint": self.encoder.workdir, "step": self.encoder.step})
     return features_lib.FeatureSet(values, labels, domain=str(split), path=path)
+
+  def _extract(self, split: tasks_lib.Split) -> tuple[np.ndarray, np.ndarray]:
+    enc = self.encoder
+    if enc.text is not None:
+      return text_features.extract(enc.encode, enc.variables, enc.text, self.text_split(split),
+                                   max_length=enc.max_length, batch_size=self.batch_size,
+                                   mesh=self.mesh)
+    batches = pipeline.eval_batches(self.records(split), batch_size=self.batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    return features_lib.extract(enc.encode, enc.variables, batches, mesh=self.mesh)
 
   def test_set(self, task: tasks_lib.Task) -> tuple[features_lib.FeatureSet, np.ndarray | None]:
     """The task's test splits' features, concatenated, with labels in the train set's classes;

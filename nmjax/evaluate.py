@@ -305,8 +305,36 @@ def _fit_split(cache: encoder_lib.FeatureCache, request: Request, split: tasks_l
   return rows
 
 
+def check_tasks(cache: encoder_lib.FeatureCache, tasks: Sequence[tasks_lib.Task],
+                views: str = "features") -> None:
+  """Before any features are extracted: that the encoder reads the tasks' examples (a text
+  encoder text tasks, an image encoder image tasks) and that a text encoder's features train on
+  one view (views "features"); then every text split is read, so a bad line of a text file
+  fails here.
+
+  Raises:
+    ConfigError, DataError: one line naming the task, the field or the file.
+  """
+  enc = cache.encoder
+  modality = "image" if enc.text is None else "text"
+  for task in tasks:
+    if task.modality != modality:
+      raise ConfigError(f"task {task.name} is a {task.modality} task but config.checkpoint="
+                        f"{enc.workdir} holds {enc.pretraining.model}, a {modality} encoder;"
+                        f" pass {modality} tasks (docs/text.md lists the text tasks)")
+  if enc.text is None:
+    return
+  if views != "features":
+    raise ConfigError(f"config.views={views!r} is for image encoders (augmented views); a text"
+                      " encoder's features train on one view: allowed: features")
+  for task in tasks:
+    for split in (task.train, *task.test):
+      cache.text_split(split)
+
+
 def run(cache: encoder_lib.FeatureCache, request: Request) -> Evaluation:
   """Every method of the request on every task: one fit per (train split, method)."""
+  check_tasks(cache, request.tasks, request.views)
   groups: dict[tasks_lib.Split, list[tasks_lib.Task]] = {}
   for task in request.tasks:
     groups.setdefault(task.train, []).append(task)

@@ -18,8 +18,7 @@ its row instead of becoming a million-class head. Features past HUGE_FEATURE in 
 a warning line (float32 products overflow: the probes fall to chance), and so do constant features
 (every row the same: no head can tell the classes apart), once per array and process.
 
-`extract` runs an encoder in inference mode over padded, masked batches (nmjax.data.pipeline's
-eval_batches) and returns the features of every example exactly once, in batch order, on any mesh.
+`extract` runs an encoder over padded, masked batches (images or tokens): every example once.
 """
 
 from __future__ import annotations
@@ -388,21 +387,21 @@ def save(path: str | os.PathLike, features: Array, labels: Array, *,
   return path
 
 
-def extract(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
-            batches: Iterable[Mapping[str, np.ndarray]], *,
-            mesh: jax.sharding.Mesh | None = None) -> tuple[Array, Array]:
+def extract(apply_fn: Callable[..., jax.Array], variables: Any,
+            batches: Iterable[Mapping[str, np.ndarray]], *, mesh: jax.sharding.Mesh | None = None,
+            inputs: tuple[str, ...] = ("image",)) -> tuple[Array, Array]:
   """Features and labels of every unmasked example, once each, in batch order.
 
   The batch is split over the mesh's 'data' axis and the variables are replicated; the result is
   gathered, so every process gets all features. One batch is copied out while the next computes.
 
   Args:
-    apply_fn: apply_fn(variables, images) -> (n, D) features, e.g. a frozen encoder in inference
-      mode (BatchNorm running statistics); jitted here.
+    apply_fn: apply_fn(variables, *inputs) -> (n, D) features (an encoder in inference mode).
     variables: the encoder's variables.
-    batches: this process's slices of the global batches, dicts with "image", "label" and "mask"
-      (False on padding rows), as nmjax.data.pipeline.eval_batches gives them.
+    batches: this process's slices of the global batches: the inputs, "label" and "mask" (False
+      on padding rows), as nmjax.data.pipeline.eval_batches gives them.
     mesh: the device mesh (None: nmjax.parallel.make_mesh(), every device on 'data').
+    inputs: the batch arrays apply_fn takes, in order (a text encoder's: token ids and masks).
 
   Returns:
     (features float32 (N, D), labels int64 (N,)), N the unmasked examples.
@@ -424,7 +423,8 @@ def extract(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
   replicated = parallel.replicated(mesh)
 
   def features_of(variables, batch):
-    return apply_fn(variables, batch["image"]).astype(np.float32), batch["label"], batch["mask"]
+    values = apply_fn(variables, *(batch[k] for k in inputs)).astype(np.float32)
+    return values, batch["label"], batch["mask"]
 
   jitted = jax.jit(features_of, in_shardings=(replicated, parallel.data_sharded(mesh)),
                    out_shardings=replicated)
@@ -437,8 +437,7 @@ def extract(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
     chunks.append((features[mask], labels[mask].astype(np.int64)))
 
   for batch in batches:
-    batch = parallel.host_to_global(
-        {k: batch[k] for k in ("image", "label", "mask")}, mesh)
+    batch = parallel.host_to_global({k: batch[k] for k in (*inputs, "label", "mask")}, mesh)
     outputs = jitted(variables, batch)
     if pending is not None:  # Copy the previous batch out while this one computes.
       collect(pending)

@@ -36,6 +36,16 @@ The paper's tasks are registered by their TFDS names and read only where prepare
 array_record (nmjax.data.sources; nothing is downloaded). Groups select several tasks at once:
 embedded, embedded_id, embedded_ood, paper, paper_id, paper_ood.
 
+Text tasks (modality "text", read by a text encoder from nmjax.data.text_sources; docs/text.md):
+  glue_<config>            id   GLUE's classification configs in TFDS (sst2, mnli, qnli, rte, mrpc,
+                                qqp, cola, wnli): probe on train, test on validation (GLUE's test
+                                splits are unlabelled); group "glue"
+  glue_mnli_to_mnli_mismatched  ood  MNLI train, tested on its mismatched genres
+  sets declared as files (FileTask, a job's config.text_files; group "files"): a set with a
+  train file is an id task of its own name; a set tested against another task's train split
+  (GLUE-X's files) is an ood task <train task>_to_<set>. The paper's pairs: glue_sst2 to GLUE-X's
+  sentiment sets (IMDB, Yelp, Amazon) and glue_mnli to its NLI sets (SNLI, SICK).
+
 Task names are shell-safe: a task from A to B is named A_to_B. The older A->B spelling (which an
 unquoted shell turns into a redirect) is accepted wherever a task name is read (ALIASES).
 """
@@ -48,12 +58,13 @@ from typing import Any
 
 import numpy as np
 
-from nmjax.data import shifts, sources
+from nmjax.data import shifts, sources, text_sources as text_data
 from nmjax.data.transforms import EvalTransform, resize_center_crop
 from nmjax.data.records import MappedRecords, SubsetRecords
 from nmjax.errors import ConfigError, DataError
 
 KINDS = ("source", "id", "ood", "far")  # In the order reports show them.
+MODALITIES = ("image", "text")  # What a task's examples are (the encoder must read them).
 KIND_LABELS = {"source": "Source", "id": "ID", "ood": "OOD", "far": "Far"}
 PARTS = ("probe_train", "probe_test", "held_out")
 HELD_OUT = 5000  # Part "held_out": the split's last HELD_OUT examples.
@@ -88,6 +99,25 @@ class Task:
   train: Split
   test: tuple[Split, ...]
   logit_subset: bool = False
+  modality: str = "image"   # MODALITIES
+
+
+@dataclasses.dataclass(frozen=True)
+class FileTask:
+  """A text task declared from a job's config: a set given as files, trained on its own train
+  file (an id task named like the set) or tested against the train split of `train_task` (an
+  ood task <train_task>_to_<set name>)."""
+  files: text_data.FileSet
+  train_task: str = ""
+
+  def task(self, known: Mapping[str, Task]) -> Task:
+    """The declared task (`known`: the tasks a train_task may name)."""
+    name = self.files.name
+    test = Split(f"{text_data.FILE_PREFIX}{name}", "test")
+    if not self.train_task:
+      return Task(name, "id", Split(test.dataset, "train"), (test,), modality="text")
+    return Task(f"{self.train_task}_to_{name}", "ood", known[self.train_task].train, (test,),
+                modality="text")
 
 
 def _id(name: str, dataset: str, train: str = "train", test: str = "test") -> Task:
@@ -155,18 +185,30 @@ def _registry() -> dict[str, Task]:
       _ood("imagenet_to_imagenet_r", imagenet, Split("imagenet_r", "test"), logit_subset=True),
       _ood("imagenet_to_imagenet_a", imagenet, Split("imagenet_a", "test"), logit_subset=True),
   ]
-  return {t.name: t for t in tasks}
+  return {t.name: t for t in tasks + _text_tasks()}
+
+
+def _text_tasks() -> list[Task]:
+  tasks = [Task(f"glue_{config}", "id", Split(f"glue/{config}", "train"),
+                (Split(f"glue/{config}", "validation"),), modality="text")
+           for config in text_data.GLUE_FIELDS if config != "mnli"]
+  mnli = Split("glue/mnli", "train")
+  return [Task("glue_mnli", "id", mnli, (Split("glue/mnli", "validation_matched"),),
+               modality="text"),
+          Task("glue_mnli_to_mnli_mismatched", "ood", mnli,
+               (Split("glue/mnli", "validation_mismatched"),), modality="text"), *tasks]
 
 
 TASKS: Mapping[str, Task] = _registry()
 # The older names of tasks from one dataset to another (A->B, now A_to_B), still accepted.
-ALIASES: Mapping[str, str] = {n.replace("_to_", "->", 1): n for n in TASKS if "_to_" in n}
+ALIASES: Mapping[str, str] = {n.replace("_to_", "->", 1): n for n, t in TASKS.items()
+                              if "_to_" in n and t.modality == "image"}
 _EMBEDDED = ("fashion_mnist", "mnist", "digits", "mnist_to_digits", "digits_to_mnist",
              "fashion_mnist_c")
 _STUDY = ("fashion_mnist_source", "mnist", "digits", "fashion_mnist_test_c", "mnist_c",
           "mnist_to_digits", "digits_to_mnist")
 _PAPER = tuple(n for n, t in TASKS.items()
-               if not n.startswith(_EMBEDDED) and n not in _STUDY)
+               if not n.startswith(_EMBEDDED) and n not in _STUDY and t.modality == "image")
 GROUPS: Mapping[str, tuple[str, ...]] = {
     "embedded": _EMBEDDED,
     "embedded_id": tuple(n for n in _EMBEDDED if TASKS[n].kind == "id"),
@@ -175,13 +217,15 @@ GROUPS: Mapping[str, tuple[str, ...]] = {
     "paper": _PAPER,
     "paper_id": tuple(n for n in _PAPER if TASKS[n].kind == "id"),
     "paper_ood": tuple(n for n in _PAPER if TASKS[n].kind == "ood"),
+    "glue": tuple(n for n, t in TASKS.items() if n.startswith("glue_")),
 }
+FILES_GROUP = "files"  # Every task declared as files (FileTask) in the job's config.
 
 
 def known_names() -> str:
   listed = [n for n in TASKS if not n.startswith("fashion_mnist_c/")]
   return (", ".join(listed) + ", fashion_mnist_c/<corruption>_<1..5>; groups: "
-          + ", ".join(GROUPS))
+          + ", ".join((*GROUPS, FILES_GROUP)))
 
 
 def canonical(name: str) -> str:
@@ -190,27 +234,52 @@ def canonical(name: str) -> str:
   return ALIASES[name] if name in ALIASES else name
 
 
-def resolve(spec: str | Sequence[str]) -> list[Task]:
+def declared_tasks(declared: Sequence[FileTask]) -> dict[str, Task]:
+  """{name: task} of the tasks declared as files, each checked against the registry."""
+  tasks: dict[str, Task] = {}
+  # Sets with a train file first: another set may be an ood test of one.
+  for file_task in sorted(declared, key=lambda t: bool(t.train_task)):
+    where, known = f"config.text_files.{file_task.files.name}", {**TASKS, **tasks}
+    train_task = known.get(file_task.train_task)
+    if file_task.train_task and (train_task is None or train_task.modality != "text"):
+      raise ConfigError(f"{where}.train_task={file_task.train_task!r} is not a text task;"
+                        f" allowed: {', '.join(GROUPS['glue'])} or a set with a train file")
+    task = file_task.task(known)
+    if task.name in TASKS or task.name in tasks:
+      raise ConfigError(f"{where} declares task {task.name!r}, which is already a task; rename"
+                        " the set")
+    tasks[task.name] = task
+  return tasks
+
+
+def resolve(spec: str | Sequence[str], declared: Sequence[FileTask] = ()) -> list[Task]:
   """Tasks from a list of task and group names, comma-separated (or '+'-joined, as older
-  commands wrote them); order kept, no repeats, older A->B names accepted."""
+  commands wrote them); order kept, no repeats, older A->B names accepted. `declared`: the
+  tasks declared as files (group "files")."""
   names = spec.replace("+", ",").split(",") if isinstance(spec, str) else list(spec)
   names = [canonical(n) for n in names if n.strip()]
   if not names:
     raise ConfigError(f"config.tasks is empty; known tasks: {known_names()}")
+  files = declared_tasks(declared)
+  known = {**TASKS, **files}
   chosen: list[str] = []
   for name in names:
-    members = GROUPS[name] if name in GROUPS else (name,)
+    members = tuple(files) if name == FILES_GROUP else GROUPS.get(name, (name,))
     for member in members:
-      if member not in TASKS:
-        raise ConfigError(f"task {member!r} is unknown; known tasks: {known_names()}")
+      if member not in known:
+        raise ConfigError(f"task {member!r} is unknown; known tasks: {known_names()}"
+                          + (f"; declared as files: {', '.join(files)}" if files else ""))
       if member not in chosen:
         chosen.append(member)
-  return [TASKS[n] for n in chosen]
+  if not chosen:
+    raise ConfigError(f"config.tasks selects no task (group {FILES_GROUP} is empty: give a set's"
+                      " files as config.text_files.NAME.test)")
+  return [known[n] for n in chosen]
 
 
-def names(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """The registry names of the tasks `spec` selects (resolve's tasks, by name)."""
-  return tuple(t.name for t in resolve(spec))
+def names(spec: str | Sequence[str], declared: Sequence[FileTask] = ()) -> tuple[str, ...]:
+  """The names of the tasks `spec` selects (resolve's tasks, by name)."""
+  return tuple(t.name for t in resolve(spec, declared))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,10 +340,15 @@ def label_map(train_info: sources.SourceInfo, test_info: sources.SourceInfo,
               task: Task) -> np.ndarray | None:
   """For a logit-subset task: train-class index of each test class (matched by name).
 
-  None when the test labels already mean the train classes (same number of classes).
+  None when the test labels already mean the train classes (same number of classes); the
+  permutation by name when both name the same classes in another order (a text set's files).
   """
+  same_names = sorted(test_info.class_names) == sorted(train_info.class_names)
   if test_info.num_classes == train_info.num_classes and not task.logit_subset:
-    return None
+    if not same_names or tuple(test_info.class_names) == tuple(train_info.class_names):
+      return None
+    return np.asarray([list(train_info.class_names).index(n) for n in test_info.class_names],
+                      dtype=np.int64)
   if not task.logit_subset:
     raise DataError(
         f"task {task.name}: the test set {test_info.name} has {test_info.num_classes} classes but"

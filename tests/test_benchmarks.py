@@ -12,7 +12,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
-DEVICE_CHECK = ("pretrain", "nmtune", "clip", "features", "input")
+DEVICE_CHECK = ("pretrain", "nmtune", "clip", "features", "text_features", "input")
 RECORD_FIELDS = ("benchmark", "figures", "complete", "command", "commit", "worktree_clean",
                  "date", "machine")
 MACHINE_FIELDS = ("cpu_model", "cpu_cores", "device_platform", "device_kind", "device_count",
@@ -39,7 +39,7 @@ def _check_record(record, name):
   assert record["machine"]["cpu_model"] and record["machine"]["cpu_cores"] >= 1
 
 
-@pytest.mark.slow  # Five fresh processes compiling their programs: about a minute on 2 idle cores.
+@pytest.mark.slow  # Six fresh processes compiling their programs: about a minute on 2 idle cores.
 def test_device_check_on_cpu_writes_every_benchmark_json_and_the_page_renders_them(tmp_path):
   out = tmp_path / "bench"
   env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
@@ -53,7 +53,7 @@ def test_device_check_on_cpu_writes_every_benchmark_json_and_the_page_renders_th
   for name in DEVICE_CHECK:
     assert f"Source: [{name}-cpu.json](benchmarks/{name}-cpu.json)" in page
   for title in ("Pre-training step", "CLIP step", "NMTune", "Feature extraction",
-                "ImageNet input pipeline"):
+                "Text feature extraction", "ImageNet input pipeline"):
     assert f"\n## {title}\n" in page
   with open(out / "pretrain-cpu.json") as f:
     images_per_s = json.load(f)["figures"]["resnet_small"]["images_per_s"]

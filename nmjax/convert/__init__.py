@@ -22,6 +22,14 @@ gives the nmjax.models.clip_model.CLIP module itself, not a (logits, features) c
 
 the embeddings unnormalized (as open_clip's encode_image / encode_text), logit_scale already
 exp()'d (clipped at 100); `tokens` from nmjax.clip.tokenizer.tokenize (context 77).
+
+A folder instead of a file is a Hugging Face text model (BERT, RoBERTa, GPT-2) as transformers'
+save_pretrained writes it; its config.json says the architecture (nmjax.convert.hf_text):
+
+    model, variables = nmjax.convert.load("bert-base-uncased/")
+    hidden_states, pooled = model.apply(variables, ids, mask, train=False)
+
+`ids, mask` from nmjax.text.tokenizer(folder).encode(texts, max_length).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nmjax import features as features_lib, io as nmjax_io, models
-from nmjax.convert import clip_layouts, layouts, mapping, readers
+from nmjax.convert import clip_layouts, hf_text, layouts, mapping, readers
 from nmjax.convert.clip_layouts import CLIP_ARCHS, ClipArch
 from nmjax.convert.layouts import ARCHS, Arch, Spec
 from nmjax.data.transforms import INTERPOLATIONS
@@ -126,23 +134,32 @@ def read(path: str, arch: str, *, trust_pickle: bool = False,
   return from_tensors(checkpoint.tensors, arch, what=path, quick_gelu=quick_gelu)
 
 
-def load(path: str, arch: str, *,
-         quick_gelu: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
-  """Reads a PyTorch or safetensors checkpoint file as an nmjax model and its variables.
+def load(path: str, arch: str | None = None, *, quick_gelu: bool | None = None,
+         pooling: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+  """Reads a PyTorch or safetensors checkpoint file, or a Hugging Face text model folder, as an
+  nmjax model and its variables.
 
   Args:
-    path: the file (.safetensors, .pth, .pth.tar, .pt, .bin; TorchScript archives too).
-    arch: its architecture: resnet18, resnet50, vit_s16, vit_b16, or a CLIP arch (clip_rn50,
-      clip_rn50_quickgelu, clip_vit_b16, clip_vit_b16_quickgelu, clip_small).
+    path: the file (.safetensors, .pth, .pth.tar, .pt, .bin; TorchScript archives too), or a
+      folder written by transformers' save_pretrained (config.json with model_type bert,
+      roberta or gpt2, and model.safetensors or pytorch_model.bin).
+    arch: a file's architecture: resnet18, resnet50, vit_s16, vit_b16, or a CLIP arch
+      (clip_rn50, clip_rn50_quickgelu, clip_vit_b16, clip_vit_b16_quickgelu, clip_small). A
+      folder's is read from its config.json: leave it None.
     quick_gelu: a CLIP's activation (None: the arch name's); other archs take none.
+    pooling: a text model's pooled vector: "cls", "mean" or "last" (None: cls for BERT and
+      RoBERTa, last for GPT-2); other models take none.
 
   Returns:
     (model, variables). Supervised archs: model.apply(variables, images, train=False) returns
     (logits, pooled features) for NHWC float32 images normalized as the source expects. CLIP
-    archs: the CLIP module (see the module docstring).
+    archs: the CLIP module (see the module docstring). Text folders:
+    model.apply(variables, ids, mask, train=False) returns (hidden_states (B, L, hidden),
+    pooled (B, hidden)), hidden_states equal to transformers' last_hidden_state.
 
   Raises:
-    ConfigError: an unknown arch or a QuickGELU switch the arch contradicts.
+    ConfigError: an unknown arch, a QuickGELU switch the arch contradicts, a file without an
+      arch, or a folder without config.json or of another model_type.
     DataError: a file that is missing, unreadable, or not that architecture (one line naming
       the missing and unexpected tensors).
 
@@ -155,6 +172,16 @@ def load(path: str, arch: str, *,
     ...
     nmjax.errors.DataError: checkpoint file no_such_file.pth does not exist
   """
+  if arch is None:
+    if nmjax_io.isdir(path):
+      if quick_gelu is not None:
+        raise ConfigError("quick_gelu is a CLIP option; a Hugging Face text model takes none")
+      return hf_text.load_hf(path, pooling=pooling)
+    raise ConfigError(f"checkpoint file {path} needs its architecture; pass arch, one of"
+                      f" {', '.join([*ARCHS, *CLIP_ARCHS])} (only a Hugging Face folder's is"
+                      " read from its config.json)")
+  if pooling is not None:
+    raise ConfigError(f"pooling is a text model's option; {arch} takes none")
   imported = read(path, arch, quick_gelu=quick_gelu)
   return imported.model, imported.variables
 
@@ -259,17 +286,21 @@ def max_relative_difference(ours: np.ndarray, reference: np.ndarray) -> float:
   return float(np.max(np.abs(ours - reference)) / max(float(np.max(np.abs(reference))), 1e-30))
 
 
-def compare(imported: Imported, reference_path: str) -> dict[str, float]:
+def compare(imported: Imported | hf_text.TextImport, reference_path: str) -> dict[str, float]:
   """{output: max_relative_difference} of the model against a reference file: an .npz holding
   the PyTorch input (`inputs`, NCHW float32, as normalized for the model) and the PyTorch
   model's `logits` and/or pooled `features` on it. For a CLIP: `features` are the image
   embeddings of `inputs` (open_clip's encode_image), `text_features` those of `tokens` (int,
-  (N, T), encode_text); either pair may be left out."""
+  (N, T), encode_text); either pair may be left out. For a text model: `ids`, `mask` and
+  `hidden_states` and/or `pooled` (nmjax.convert.hf_text.reference_outputs)."""
   try:
     arrays = features_lib.npz_arrays(reference_path)
   except (OSError, ValueError) as e:
     raise DataError(f"reference file {reference_path} cannot be read as .npz"
                     f" ({type(e).__name__})") from None
+  if isinstance(imported, hf_text.TextImport):
+    return {key: max_relative_difference(ours, theirs) for key, (ours, theirs)
+            in hf_text.reference_outputs(imported, arrays, reference_path).items()}
   name = next((k for k in REFERENCE_INPUTS if k in arrays), None)
   images = None
   channels = (1, 3) if is_clip(imported.arch) else (3,)
@@ -319,9 +350,11 @@ def _same_import(saved: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
   return all(saved.get(k) == record.get(k) for k in keys)
 
 
-def save_workdir(workdir: str, record: dict[str, Any], imported: Imported) -> bool:
-  """Writes an imported model as a pre-training workdir: WORKDIR/config.json (`record`) and an
-  orbax checkpoint of step 0 under WORKDIR/checkpoints (params and batch_stats), which
+def save_workdir(workdir: str, record: dict[str, Any], imported: Imported | hf_text.TextImport,
+                 files: Mapping[str, bytes] | None = None) -> bool:
+  """Writes an imported model as a pre-training workdir: `files` ({path under the workdir:
+  bytes}, e.g. a text model's tokenizer), WORKDIR/config.json (`record`) and an orbax
+  checkpoint of step 0 under WORKDIR/checkpoints (params and batch_stats), which
   nmjax.encoder.load restores like a trained one. False (nothing written) when the workdir
   already holds this import; ConfigError when it holds anything else."""
   steps = checkpoint.saved_steps(workdir)
@@ -335,8 +368,12 @@ def save_workdir(workdir: str, record: dict[str, Any], imported: Imported) -> bo
       return False
     raise ConfigError(f"--workdir={workdir} already holds checkpoints (steps"
                       f" {', '.join(map(str, steps))}) of another model; pass a new --workdir")
-  # config.json first: a kill before the checkpoint commits leaves a workdir that the
+  # The files, then config.json: a kill before the checkpoint commits leaves a workdir that the
   # evaluation jobs refuse (no checkpoint) and that this job writes again.
+  for name, data in (files or {}).items():
+    target = nmjax_io.join(workdir, name)
+    nmjax_io.makedirs(os.path.dirname(target))
+    nmjax_io.write_bytes(target, data)
   nmjax_io.write_json(path, record)
   state = {"params": imported.variables["params"],
            "batch_stats": imported.variables.get("batch_stats", {})}

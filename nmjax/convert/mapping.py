@@ -113,14 +113,22 @@ def _shape(array: Any) -> str:
   return "x".join(map(str, array.shape)) or "scalar"
 
 
+def _listed(items: list[str], limit: int | None) -> str:
+  """The names, or the first `limit` of them and how many more."""
+  if limit is None or len(items) <= limit:
+    return ", ".join(items)
+  return f"{', '.join(items[:limit])} and {len(items) - limit} more"
+
+
 def assign(tensors: dict[str, np.ndarray], layout: Layout, template: Any, *,
-           what: str) -> dict[str, Any]:
+           what: str, limit: int | None = None) -> dict[str, Any]:
   """The model's variables (the nested dicts of `template`, an abstract or real variable tree)
   filled from `tensors` by `layout`, as float32 numpy arrays.
 
   Raises DataError with one line naming `what` (the file and layout) and listing the missing
   names (the layout's, not in the file), the unexpected ones (the file's, not in the layout) and
-  the mis-shaped ones (with the file's shape and the one the model needs).
+  the mis-shaped ones (with the file's shape and the one the model needs), each with its count;
+  `limit`: at most that many names of each kind (None: all).
   """
   expected = flatten(template)
   names = {n for n in tensors if not n.endswith(IGNORED_SUFFIXES)}
@@ -143,7 +151,7 @@ def assign(tensors: dict[str, np.ndarray], layout: Layout, template: Any, *,
         break
       filled[path] = value
   if missing or unexpected or misshaped:
-    parts = [f"{label} {len(items)}: {', '.join(items)}" for label, items in (
+    parts = [f"{label} {len(items)}: {_listed(items, limit)}" for label, items in (
         ("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
     raise DataError(f"{what}: the names do not match; " + "; ".join(parts))
   unfilled = sorted("/".join(p) for p in set(expected) - set(filled))

@@ -6,7 +6,13 @@ reference file, the evaluation input the user set); run(plan, workdir) reads, co
 and writes. A CLIP arch's workdir is a CLIP workdir: its config.json carries what
 nmjax.train.clip_training.build_model and source_info read (model, dtype, quick_gelu, loss,
 context_length, image_size, dataset) and caption_noise (the reports' r), so nmjax.encoder
-restores it as a CLIP encoder (image embeddings as features, the text tower for zero-shot)."""
+restores it as a CLIP encoder (image embeddings as features, the text tower for zero-shot).
+
+A folder source is a Hugging Face text model (BERT, RoBERTa, GPT-2; nmjax.convert.hf_text), its
+architecture read from its config.json (config.arch stays empty). Its workdir's config.json
+carries `text_config` (the fields of nmjax.models.text_encoders.TextConfig) and `pooling`, and
+the folder's tokenizer files are copied to WORKDIR/tokenizer/ (nmjax.text.tokenizer reads them
+there)."""
 
 from __future__ import annotations
 
@@ -20,11 +26,13 @@ import numpy as np
 
 from nmjax import convert, io as nmjax_io
 from nmjax.config import check_range
-from nmjax.convert import clip_layouts, readers
+from nmjax.convert import clip_layouts, hf_text, readers
 from nmjax.errors import ConfigError, DataError
 from nmjax.jobs import plans
 from nmjax.jobs.workdir import prepare_workdir, single_process
+from nmjax.models import text_encoders
 from nmjax.progress import format_seconds
+from nmjax.text import TOKENIZER_FILES
 
 NAME = "import"
 """The job's name: config.job's value and its key in nmjax.jobs.JOBS."""
@@ -43,10 +51,12 @@ class InputPlan:
 
 @dataclasses.dataclass(frozen=True)
 class ImportPlan:
-  """An import, checked: the file (absolute path) and its architecture, what it was pre-trained
-  on (reports only), the evaluation input set, and the reference check."""
+  """An import, checked: the file or Hugging Face folder (absolute path) and its architecture (a
+  folder's: empty, read from its config.json), what it was pre-trained on (reports only), the
+  evaluation input set, and the reference check."""
   source: str
-  arch: str
+  arch: str = ""
+  pooling: str | None = None  # A text model's pooled vector; None: its family's.
   quick_gelu: bool | None = None  # CLIP only; None: the arch name's (the file may refuse it).
   dataset: str = "unknown"
   noise_ratio: float | None = None
@@ -90,6 +100,15 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
       empty, truncated), or (untrusted) a TorchScript archive that cannot be read as data.
   """
   plan = plans.from_config(ImportPlan, config, job=NAME, input=InputPlan())
+  if nmjax_io.isdir(plan.source):
+    return _validate_text(plan, config)
+  if not plan.arch:
+    raise ConfigError(f"config.arch is empty; the checkpoint file {plan.source} needs its"
+                      f" architecture, one of {', '.join([*convert.ARCHS, *convert.CLIP_ARCHS])}"
+                      " (only a Hugging Face folder's is read from its config.json)")
+  if plan.pooling is not None:
+    raise ConfigError(f"config.pooling is a text model's option; config.arch={plan.arch} takes"
+                      " none (leave it unset)")
   convert.check_arch(plan.arch)
   if convert.is_clip(plan.arch):
     clip_layouts.resolve_quick_gelu(plan.arch, plan.quick_gelu)
@@ -108,10 +127,42 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
                              input=_input_plan(config.input))
 
 
+def _validate_text(plan: ImportPlan, config: ml_collections.ConfigDict) -> ImportPlan:
+  """validate's checks for a Hugging Face text folder: its config.json's architecture and its
+  weight files, no image or CLIP fields, the reference file and the numbers."""
+  if plan.arch:
+    raise ConfigError(f"config.arch={plan.arch!r}, but config.source={plan.source} is a folder: a"
+                      " Hugging Face text model whose config.json says its architecture; leave"
+                      " config.arch empty")
+  hf_text.text_config(hf_text.folder_config(plan.source),
+                      nmjax_io.join(plan.source, "config.json"))
+  hf_text.weight_files(plan.source)
+  if plan.pooling is not None and plan.pooling not in text_encoders.POOLINGS:
+    raise ConfigError(f"config.pooling={plan.pooling!r} is unknown; allowed:"
+                      f" {', '.join(text_encoders.POOLINGS)}")
+  if plan.quick_gelu is not None:
+    raise ConfigError("config.quick_gelu is a CLIP option; a text model takes none (leave it"
+                      " unset)")
+  stated = [k for k, v in dataclasses.asdict(plan.input).items() if v is not None]
+  if stated:
+    raise ConfigError(f"config.input.{stated[0]} is an image model's evaluation input; a text"
+                      " model takes none (leave config.input unset)")
+  why = readers.not_a_file(plan.reference) if plan.reference else None
+  if why:
+    raise ConfigError(f"config.reference={plan.reference} {why}; pass an .npz with ids, mask"
+                      " and hidden_states and/or pooled, or leave it empty")
+  check_range(config, "reference_tolerance", low=0.0, low_inclusive=False)
+  if plan.noise_ratio is not None:
+    check_range(config, "noise_ratio", low=0.0, high=1.0)
+  return dataclasses.replace(plan, source=nmjax_io.absolute(plan.source))
+
+
 lock_index = single_process  # One process: lock file 0.
 
 
-def _check_reference(imported: convert.Imported, plan: ImportPlan) -> dict[str, float]:
+def _check_reference(imported: convert.Imported | hf_text.TextImport,
+                     plan: ImportPlan) -> dict[str, float]:
+  text = isinstance(imported, hf_text.TextImport)
   differences = convert.compare(imported, plan.reference)
   for output, difference in differences.items():
     print(f"[import] reference {plan.reference}: {output} largest relative difference"
@@ -121,8 +172,8 @@ def _check_reference(imported: convert.Imported, plan: ImportPlan) -> dict[str, 
     raise DataError(f"the imported model's {worst} differ from {plan.reference} by"
                     f" {differences[worst]:.3g} (relative), more than"
                     f" config.reference_tolerance={plan.reference_tolerance}: the file is not"
-                    f" a {plan.arch} as nmjax reads it, or the reference was made on another"
-                    " input; nothing was written")
+                    f" a {imported.model_type if text else plan.arch} as nmjax reads it, or the"
+                    " reference was made on another input; nothing was written")
   return differences
 
 
@@ -183,6 +234,8 @@ def run(plan: ImportPlan, workdir: str) -> dict[str, Any]:
   """
   start = time.perf_counter()
   workdir = prepare_workdir(workdir)
+  if nmjax_io.isdir(plan.source):
+    return _run_text(plan, workdir, start)
   sha256 = readers.file_sha256(plan.source)
   imported = convert.read(plan.source, plan.arch, trust_pickle=plan.trust_pickle,
                           quick_gelu=plan.quick_gelu)
@@ -194,6 +247,55 @@ def run(plan: ImportPlan, workdir: str) -> dict[str, Any]:
   written = convert.save_workdir(workdir, record, imported)
   state = "written" if written else "already there (the same import), left as it was"
   print(f"[import] {workdir}: config.json and checkpoints/0 {state}, in"
+        f" {format_seconds(time.perf_counter() - start)}; evaluate it with --config.checkpoint="
+        f"{workdir}", flush=True)
+  return {"workdir": workdir, "record": record, "written": written, "differences": differences}
+
+
+# ------------------------------------------------------------------------ Hugging Face text
+
+TOKENIZER_DIR = "tokenizer"  # WORKDIR/tokenizer/: the folder's tokenizer files, copied.
+
+
+def tokenizer_files(folder: str) -> dict[str, bytes]:
+  """{tokenizer/NAME: bytes} of the folder's tokenizer files (nmjax.text's TOKENIZER_FILES)."""
+  return {f"{TOKENIZER_DIR}/{name}": nmjax_io.read_bytes(nmjax_io.join(folder, name))
+          for name in TOKENIZER_FILES if nmjax_io.isfile(nmjax_io.join(folder, name))}
+
+
+def text_record(plan: ImportPlan, imported: hf_text.TextImport, sha256: str,
+                differences: dict[str, float] | None, tokenizer: bool) -> dict[str, Any]:
+  """A text import's config.json: the import's fields, then what the folder said (the model
+  type as `model`, `text_config`, `pooling`, whether a tokenizer was copied)."""
+  fields = {"job": NAME, **plans.as_dict(plan)}
+  record = {key: fields[key] for key in sorted(fields)}
+  pooling = imported.model.pooling
+  record.update({
+      "input": {}, "reference": nmjax_io.absolute(plan.reference) if plan.reference else "",
+      "source_sha256": sha256, "model": imported.model_type,
+      "model_options": {"pooling": pooling}, "num_classes": 0, "dtype": "float32",
+      "reference_difference": differences, "text_config": dataclasses.asdict(imported.config),
+      "pooling": pooling, "tokenizer": TOKENIZER_DIR if tokenizer else None})
+  return record
+
+
+def _run_text(plan: ImportPlan, workdir: str, start: float) -> dict[str, Any]:
+  """run() for a Hugging Face text folder."""
+  imported = hf_text.read(plan.source, pooling=plan.pooling, trust_pickle=plan.trust_pickle)
+  sha256 = hf_text.files_sha256(imported.files)
+  files = tokenizer_files(plan.source)
+  config = imported.config
+  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(imported.variables["params"]))
+  print(f"[import] {config.family} from {plan.source} (sha256 {sha256[:16]}): {count:,}"
+        f" parameters, {config.num_layers} layers, hidden {config.hidden_size}, pooling"
+        f" {imported.model.pooling}; tokenizer files:"
+        f" {', '.join(n.split('/', 1)[1] for n in files) or 'none'}", flush=True)
+  differences = _check_reference(imported, plan) if plan.reference else None
+  record = text_record(plan, imported, sha256, differences, tokenizer=bool(files))
+  written = convert.save_workdir(workdir, record, imported, files=files)
+  state = "written" if written else "already there (the same import), left as it was"
+  wrote = f"config.json, checkpoints/0{f' and {TOKENIZER_DIR}/' if files else ''}"
+  print(f"[import] {workdir}: {wrote} {state}, in"
         f" {format_seconds(time.perf_counter() - start)}; evaluate it with --config.checkpoint="
         f"{workdir}", flush=True)
   return {"workdir": workdir, "record": record, "written": written, "differences": differences}

@@ -1,7 +1,8 @@
 """The transfer job, configs/transfer.py: probes (lp, ridge) and zero-shot over a checkpoint's
 frozen features on downstream tasks, with SVE/LSVR of each task's test features; writes
 results.jsonl, results.md, spectra.png and each fitted head in heads/<task>/<method>/
-(nmjax.heads.load reads it; nmjax.evaluate does the work)."""
+(nmjax.heads.load reads it; nmjax.evaluate does the work). A text encoder (a Hugging Face folder
+or an import workdir of one: configs/text_transfer.py:job=transfer) runs on text tasks."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from nmjax.config import check_choice, check_range, parse_names
 from nmjax.errors import ConfigError
 from nmjax.jobs import plans, tables
 from nmjax.jobs.pretrain_fields import check_distributed
+from nmjax.jobs.text_fields import check_text_fields
 from nmjax.jobs.workdir import prepare_workdir, process_index
 from nmjax.progress import format_seconds
 
@@ -32,8 +34,9 @@ class TransferPlan:
   """A transfer evaluation, resolved (configs/transfer.py).
 
   Attributes:
-    checkpoint: the pre-training (or import) workdir whose encoder is evaluated.
-    tasks: nmjax.tasks registry names.
+    checkpoint: the pre-training (or import) workdir whose encoder is evaluated, or a Hugging
+      Face text model folder.
+    tasks: nmjax.tasks registry names, and those text_files declares.
     methods: evaluate.TRANSFER_METHODS entries (lp, ridge, zeroshot).
     method_configs: each method's config, a plain dict (the classes are set per train split at
       run time).
@@ -48,6 +51,9 @@ class TransferPlan:
   batch_size: int = 512             # feature extraction (global)
   max_examples: int = -1            # > 0: at most this many examples per split
   data_dir: str = ""
+  pooling: str = ""                 # text encoders: "" (the model's) | cls | mean | last
+  max_length: int = 128             # text encoders: tokens per example
+  text_files: tuple[tasks_lib.FileTask, ...] = ()  # text sets given as files (config.text_files)
   distributed: str = "none"
   coordinator_address: str = ""
   num_processes: int = 1
@@ -79,7 +85,8 @@ def validate(config: ml_collections.ConfigDict) -> TransferPlan:
   Raises:
     ConfigError: with one line naming the field and the allowed values.
   """
-  tasks = tasks_lib.names(config.tasks)
+  text = check_text_fields(config)
+  tasks = tasks_lib.names(config.tasks, text["text_files"])
   methods = tuple(parse_names(config, "methods", evaluate.TRANSFER_METHODS))
   check_choice(config, "spectral_center", evaluate.CENTERS)
   check_range(config, "batch_size", low=1, integer=True)
@@ -88,7 +95,7 @@ def validate(config: ml_collections.ConfigDict) -> TransferPlan:
   check_distributed(config)
   return plans.from_config(TransferPlan, config, job=NAME, ignore=("probe", "zeroshot_templates"),
                            tasks=tasks, methods=methods,
-                           method_configs=_method_configs(config, methods))
+                           method_configs=_method_configs(config, methods), **text)
 
 
 def lock_index(plan: TransferPlan) -> int:
@@ -133,11 +140,13 @@ def run(plan: TransferPlan, workdir: str) -> dict[str, Any]:
   parallel.maybe_initialize_distributed(plan)
   cache = encoder_lib.open_cache(plan.checkpoint, workdir, step=plan.step,
                                  batch_size=plan.batch_size, batch_field="batch_size",
-                                 max_examples=plan.max_examples, data_dir=plan.data_dir)
+                                 max_examples=plan.max_examples, data_dir=plan.data_dir,
+                                 pooling=plan.pooling, max_length=plan.max_length,
+                                 file_sets=[t.files for t in plan.text_files])
   if "zeroshot" in plan.methods and cache.encoder.encode_text is None:  # Before any fit.
     raise ConfigError(f"config.methods entry 'zeroshot' needs a CLIP encoder (a pretrain_clip"
                       f" workdir); config.checkpoint holds {cache.encoder.pretraining.model}")
-  chosen = tasks_lib.resolve(plan.tasks)
+  chosen = tasks_lib.resolve(plan.tasks, plan.text_files)
   center = None if plan.spectral_center == "none" else plan.spectral_center
   keeper = tables.HeadKeeper(evaluate.probe_row)
   request = evaluate.Request(

@@ -2,6 +2,7 @@
 from features files (black-box mode: one results.jsonl line per method, heads/<method>/) or over a
 checkpoint's tasks with plain or augmented train views (results.jsonl, results.md, curves.png,
 heads/<task>/<method>/). Each fitted head is saved with head.save (nmjax.heads.load reads it).
+A text encoder's checkpoint (configs/text_transfer.py) runs on text tasks, on one view.
 
 The plan keeps the NMTune fit's fields (epochs, the loss weights, seed, ...) and the checkpoint as
 its own top-level fields, and each method's fit config is built from them at run time
@@ -28,6 +29,7 @@ from nmjax.config import check_choice, check_range, parse_names
 from nmjax.errors import ConfigError, DataError
 from nmjax.jobs import fit_checks, plans, tables
 from nmjax.jobs.pretrain_fields import check_distributed
+from nmjax.jobs.text_fields import check_text_fields
 from nmjax.jobs.workdir import prepare_workdir, process_index
 from nmjax.nmtune.fit import default_config, probe_config, resolve_config
 from nmjax.nmtune.grid import report_lines
@@ -43,8 +45,10 @@ class TuningPlan:
   """An NMTune evaluation, resolved (configs/nmtune.py; the study's evaluation and tune stages).
 
   mode "files" reads train_features and test_features; mode "checkpoint" reads checkpoint, step
-  and tasks (registry names). The NMTune fit's fields default to nmjax.nmtune.default_config's
-  (lp: the linear probe's, a plain dict); the other fields are the config's, one for one.
+  and tasks (registry names, and those text_files declares); a text encoder's checkpoint (a
+  Hugging Face folder or an import workdir of one) also pooling and max_length. The NMTune fit's
+  fields default to nmjax.nmtune.default_config's (lp: the linear probe's, a plain dict); the
+  other fields are the config's, one for one.
   """
   methods: tuple[str, ...]
   mode: str                          # MODES
@@ -59,6 +63,9 @@ class TuningPlan:
   extract_batch_size: int = 512
   max_examples: int = -1
   zeroshot_templates: str = "imagenet"
+  pooling: str = ""                  # text encoders: "" (the model's) | cls | mean | last
+  max_length: int = 128              # text encoders: tokens per example
+  text_files: tuple[tasks_lib.FileTask, ...] = ()   # text sets given as files (config.text_files)
   epochs: int = 30
   batch_size: int = 128
   lr: float = 1e-3
@@ -129,13 +136,15 @@ def validate(config: ml_collections.ConfigDict) -> TuningPlan:
     ConfigError: with one line naming the field and the allowed values.
   """
   methods = _methods(config)
+  text = check_text_fields(config)
   plan = plans.from_config(TuningPlan, config, job=NAME, ignore=("method",), methods=methods,
-                           mode="files", tasks=())
+                           mode="files", tasks=(), **text)
   for method in methods:
     method_config(plan, method)
   mode = _check_mode(config)
   if mode == "checkpoint":
-    plan = dataclasses.replace(plan, mode=mode, tasks=tasks_lib.names(config.tasks))
+    plan = dataclasses.replace(plan, mode=mode,
+                               tasks=tasks_lib.names(config.tasks, text["text_files"]))
   check_fits(plan)
   return plan
 
@@ -178,12 +187,20 @@ def check_tasks(plan: TuningPlan, cache: encoder_lib.FeatureCache) -> None:
   Raises:
     ConfigError, DataError: one line naming the field and the task.
   """
+  tasks = tasks_lib.resolve(plan.tasks, plan.text_files)
+  text_splits = {t.train for t in tasks if t.modality == "text"}
+  # Text tasks: the encoder must read text, and every text file is read now (evaluate.run checks
+  # the tasks of an image encoder too).
+  if text_splits:
+    evaluate.check_tasks(cache, tasks, plan.views)
   if "zeroshot" in plan.methods and cache.encoder.encode_text is None:
     raise ConfigError(f"config.methods entry 'zeroshot' needs a CLIP encoder (a pretrain_clip"
                       f" workdir); config.checkpoint holds {cache.encoder.pretraining.model}")
-  for split, where in fit_checks.train_splits(tasks_lib.resolve(plan.tasks)).items():
+  for split, where in fit_checks.train_splits(tasks).items():
     labels = _cached_labels(cache.path(split))
-    if labels is None:  # Not extracted yet: the dataset's labels, read without the images.
+    if labels is None and split in text_splits:  # A text split's, read without tokenizing.
+      labels = cache.text_split(split).labels
+    elif labels is None:  # Not extracted yet: the dataset's labels, read without the images.
       labels = fit_checks.split_labels(split, data_dir=cache.data_dir or "",
                                        max_examples=cache.max_examples)
     fit_checks.check_data(nmtune_configs(plan, cache.info(split.dataset).num_classes), labels,
@@ -239,12 +256,14 @@ def open_cache(plan: TuningPlan, workdir: str) -> encoder_lib.FeatureCache:
   return encoder_lib.open_cache(plan.checkpoint, workdir, step=plan.step,
                                 batch_size=plan.extract_batch_size,
                                 batch_field="extract_batch_size", max_examples=plan.max_examples,
-                                data_dir=plan.data_dir)
+                                data_dir=plan.data_dir, pooling=plan.pooling,
+                                max_length=plan.max_length,
+                                file_sets=[t.files for t in plan.text_files])
 
 
 def request(plan: TuningPlan, prefix: str = "[nmtune]") -> evaluate.Request:
   """The checkpoint mode's evaluation: the plan's tasks x methods (rows: evaluate.tuning_row)."""
-  return evaluate.Request(tasks_lib.resolve(plan.tasks), list(plan.methods),
+  return evaluate.Request(tasks_lib.resolve(plan.tasks, plan.text_files), list(plan.methods),
                           functools.partial(method_config, plan), evaluate.tuning_row,
                           views=plan.views, num_views=plan.cached_views, seed=plan.seed,
                           prefix=prefix)

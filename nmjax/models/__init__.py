@@ -2,7 +2,9 @@
 
 `get_model(config.model, num_classes)` is the one way jobs build an encoder; a name outside the
 registry is a ConfigError that lists the known names. Two-tower CLIP models have their own
-registry, `CLIP_MODELS`, built by `get_clip_model(name)` (nmjax.models.clip_model).
+registry, `CLIP_MODELS`, built by `get_clip_model(name)` (nmjax.models.clip_model), and so do
+the text encoders (BERT, RoBERTa, GPT-2): `TEXT_MODELS`, built by `get_text_model(name or
+TextConfig)` (nmjax.models.text_encoders), which map token ids and a mask to (hidden states, pooled).
 """
 
 from typing import Any, Callable
@@ -14,8 +16,10 @@ from nmjax.errors import ConfigError
 from nmjax.models import resnet, vit
 # The two-tower registry (its models take no num_classes); the module holds the CLIP classes.
 from nmjax.models.clip_model import CLIP_MODELS, get_clip_model
+# The text registry (token ids in, hidden states and a pooled vector out).
+from nmjax.models.text_encoders import TEXT_MODELS, TextConfig, get_text_model
 
-__all__ = ["get_model"]
+__all__ = ["get_model", "get_text_model"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet.resnet_small,
