@@ -22,8 +22,11 @@ def study_scores(records) -> dict:
       out[key] = (r["accuracy"], r["sve"], r["lsvr"], r["z_sve"] if "z_sve" in r else None)
     elif r["record"] == "spectrum":
       out[key] = (r["sve"], r["lsvr"], tuple(r["spectrum"]))
-    elif r["record"] in ("delta", "gain"):
-      out[key + (r["kind"], r.get("baseline"))] = (r["delta"], tuple(r["delta_ci95"] or ()))
+    elif r["record"] in ("delta", "gain", "spectral_delta"):
+      out[key + (r["kind"], r.get("baseline"), r.get("metric"))] = (
+          r["delta"], tuple(r["delta_ci95"] or ()), r["ci_method"])
+    elif r["record"] == "claim":
+      out[key + (r["kind"], r["claim"])] = (r["estimate"], tuple(r["ci95"] or ()), r["verdict"])
     elif r["record"] == "tune":
       out[key] = (r["chosen"], tuple(m["mean_val_accuracy"] for m in r["members"]))
     else:

@@ -13,16 +13,20 @@ r > 0, nmjax.stats), "spectrum", and the "tune" record.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
+import os
+import platform
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from nmjax import features as features_lib, io as nmjax_io, noise, stats, tasks as tasks_lib
+from nmjax.config import parse_numbers
 from nmjax.errors import ConfigError
-from nmjax.jobs import figures, plans, tables
+from nmjax.jobs import claims, figures, plans, tables
 from nmjax.jobs.workdir import single_process
 from nmjax.progress import Countdown, format_seconds
 
@@ -40,8 +44,10 @@ class ReportPlan:
 
   Attributes:
     workdirs: the study workdirs to render together (each holding a study's plan.json).
+    seeds: the seeds to render (empty: every seed the workdirs hold).
   """
   workdirs: tuple[str, ...]
+  seeds: tuple[int, ...] = ()
 
 
 def validate(config: ml_collections.ConfigDict) -> ReportPlan:
@@ -54,15 +60,26 @@ def validate(config: ml_collections.ConfigDict) -> ReportPlan:
     The report's ReportPlan.
 
   Raises:
-    ConfigError: no workdirs, or one that holds no study (no plan.json).
+    ConfigError: no workdirs, one that holds no study (no plan.json), or a seed none of them
+      holds.
   """
-  plan = plans.from_config(ReportPlan, config, job=NAME)
+  seeds = (parse_numbers(config, "seeds", int, lambda s: s >= 0, "seeds of the studies,"
+                         " comma-separated, e.g. 0,1,2,3 (empty: all)")
+           if str(config.seeds).strip() else [])
+  plan = plans.from_config(ReportPlan, config, job=NAME, seeds=tuple(seeds))
   if not plan.workdirs:
     raise ConfigError("config.workdirs is empty; pass study workdirs, comma-separated")
+  held = []
   for workdir in plan.workdirs:
-    if not nmjax_io.isfile(nmjax_io.join(workdir, plans.PLAN_FILE)):
+    study = _read(nmjax_io.join(workdir, plans.PLAN_FILE))
+    if study is None:
       raise ConfigError(f"config.workdirs entry {workdir!r} holds no study ({plans.PLAN_FILE}"
                         " is missing); pass the --workdir of a study")
+    held += [s for s in study["seeds"] if s not in held]
+  for seed in plan.seeds:
+    if seed not in held:
+      raise ConfigError(f"config.seeds entry {seed} is not a seed of the studies; allowed:"
+                        f" {', '.join(map(str, held))} (empty: all)")
   return plan
 
 
@@ -82,7 +99,7 @@ def run(plan: ReportPlan, workdir: str) -> dict[str, Any]:
   Returns:
     The rendered report's summary (render_study's).
   """
-  return render_study(workdir, sources=plan.workdirs, partial=True)
+  return render_study(workdir, sources=plan.workdirs, partial=True, seeds=plan.seeds)
 
 
 # ----------------------------------------------------------------------------- reading stages
@@ -148,26 +165,28 @@ def records(points: dict[tuple[int, float], tuple[dict, dict]], tasks: list[Any]
 
   stats.add_deltas(out, hits_of)
   stats.add_gains(out, hits_of)
+  stats.add_spectral_deltas(out)
   return out
 
 
 # ----------------------------------------------------------------------------------- rendering
 
 
-def render_study(workdir: str, *, sources: tuple[str, ...] = (), partial: bool = False
-                 ) -> dict[str, Any]:
+def render_study(workdir: str, *, sources: tuple[str, ...] = (), partial: bool = False,
+                 seeds: tuple[int, ...] = ()) -> dict[str, Any]:
   """Writes the report of the studies in `sources` (default: workdir itself) into workdir and
-  prints its table; partial: of what is finished (naming what is missing), else all of it."""
+  prints its tables; partial: of what is finished (naming what is missing), else all of it;
+  seeds: those seeds only (default: all)."""
   sources = tuple(sources) or (workdir,)
   study = _read(nmjax_io.join(sources[0], plans.PLAN_FILE))
-  seeds, ratios = list(study["seeds"]), list(study["ratios"])
+  held, ratios = list(study["seeds"]), list(study["ratios"])
   tasks = tasks_lib.resolve(",".join(study["tasks"]))
   points: dict[tuple[int, float], tuple[dict, dict]] = {}
   for source in sources:
     other = _read(nmjax_io.join(source, plans.PLAN_FILE)) or study
-    for seed in other["seeds"]:
-      seeds += [] if seed in seeds else [seed]
+    held += [s for s in other["seeds"] if s not in held]
     points.update(finished_points(source, list(other["seeds"]), list(other["ratios"])))
+  seeds = list(seeds) or held
   missing = [_point_name(s, r) for s in seeds for r in ratios if (s, r) not in points]
   shown = [r for r in ratios if all((s, r) in points for s in seeds)]
   if not shown:
@@ -175,22 +194,94 @@ def render_study(workdir: str, *, sources: tuple[str, ...] = (), partial: bool =
                       " the missing stages first (--config.stage=list names them)")
   points = {(s, r): points[(s, r)] for s in seeds for r in shown}
   out = records(points, tasks)
+  plumbing = ("a smoke run" if study.get("smoke", False)
+              else "one seed" if len(seeds) < 2 else "")
+  if not plumbing:
+    claims.add_claims(out, shown, seeds)
   tune = _read(nmjax_io.join(sources[0], "tune", STAGE_FILE)) if study["tune"] else None
-  if tune:  # The weights' record: chosen on the first seed's r = 0 encoder.
-    out.append({"record": "tune", "seed": seeds[0], "noise_ratio": 0.0, **{
+  if tune:  # The weights' record: chosen on the study's first seed's r = 0 encoder.
+    out.append({"record": "tune", "seed": study["seeds"][0], "noise_ratio": 0.0, **{
         k: tune[k] for k in ("grid", "val_fraction", "members", "chosen", "weights")}})
   sweep = tables.Sweep(shown, seeds, list(study["methods"]), {t.name: t.kind for t in tasks},
-                       list(study["spectrum_tasks"]),
+                       list(study["spectrum_tasks"]), plumbing=plumbing,
                        **(CLIP_SWEEP if study["pretrain_job"] == "pretrain_clip" else {}))
   pre = study["pretrain"][0]
   title = f"{pre['model']} pre-trained on {pre['dataset']} with {noise_words(study)}"
-  header = describe(study, seeds, tasks, tune)
+  header = "\n\n".join([describe(study, seeds, tasks, tune), run_line(points, seeds)]
+                        + ([] if plumbing else [claims_section(out)]))
   table = figures.write_study(out, sweep, workdir, header=header, title=title)
-  print("\n" + header + "\n\n" + tables.format_summary(table), flush=True)
+  print("\n" + "\n\n".join(filter(None, [tables.plumbing_line(sweep), header,
+                                         tables.format_summary(table)])), flush=True)
   if partial:
     print(f"[study] report in {workdir} from {len(points)} of {len(seeds) * len(ratios)} stage(s)"
           + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)
   return {"records": table.records, "missing": missing, "workdir": workdir}
+
+
+INTERVAL_SENTENCE = (
+    "Each interval is 95% and two-level: the spread of the per-seed values enters through a t"
+    " distribution with n - 1 degrees of freedom (a bootstrap over so few seeds is too narrow),"
+    " the sampling of the test examples, which all seeds share, through a paired bootstrap (one"
+    " resample for both fits and every seed) scaled to the part of the examples' variance the"
+    f" seeds have in common, the two added draw by draw over {stats.RESAMPLES} draws; the"
+    " spectral metrics' changes get t intervals over seeds (nmjax.stats).")
+VERDICT_SENTENCE = (
+    "A claim is reproduced where its interval excludes 0 in the paper's direction, contradicted"
+    " where it excludes 0 the other way, and undetermined where it holds 0.")
+
+
+def claims_section(out: list[dict[str, Any]]) -> str:
+  """results.md's claims: how the intervals and verdicts are read, then the table."""
+  return "\n\n".join(["## The paper's claims", f"{INTERVAL_SENTENCE} {VERDICT_SENTENCE}",
+                       claims.format_claims(out).rstrip("\n") or "(No claim is measured by"
+                       " this study's tasks and methods.)"])
+
+
+def utc_now() -> str:
+  """The time now, UTC, to the second: '2026-02-01T10:22:05Z'."""
+  now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+  return now.isoformat().replace("+00:00", "Z")
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+  """This host as a stage records it: CPU model and cores, jax's device kind and count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
+          "device_kind": devices[0].device_kind, "device_count": len(devices)}
+
+
+def machine_words(host: dict[str, Any]) -> str:
+  """'AMD EPYC 7B13 (2 cores)', with the accelerator where there is one."""
+  words = f"{host['cpu_model']} ({host['cpu_cores']} cores)"
+  if host.get("device_kind", "cpu").lower() != "cpu":
+    words += f", {host['device_count']} x {host['device_kind']}"
+  return words
+
+
+def run_line(points: dict[tuple[int, float], tuple[dict, dict]], seeds: list[int]) -> str:
+  """The run's date (the last stage's, UTC), machine(s) and seeds, as the stages recorded
+  them."""
+  stages = [stage for pair in points.values() for stage in pair]
+  dates = sorted(s["finished"] for s in stages if s.get("finished"))
+  hosts = list(dict.fromkeys(machine_words(s["machine"]) for s in stages if s.get("machine")))
+  when = f"finished {dates[-1].replace('T', ' ').replace('Z', ' UTC')}" if dates else (
+      "date not recorded by its stages")
+  where = f"on {'; '.join(hosts)}" if hosts else "machine not recorded by its stages"
+  return (f"Run: {when}, {where}; seeds {', '.join(map(str, seeds))} ({len(seeds)}"
+          f" seed{'s' if len(seeds) != 1 else ''}).")
 
 
 def noise_words(study: dict[str, Any]) -> str:

@@ -158,7 +158,13 @@ def side_by_side_ok(plan: Any) -> bool:
 def _pretrain_record(child: Any, stage_dir: str, result: dict[str, Any],
                      seconds: float) -> dict[str, Any]:
   return {"plan": identity(child), "workdir": stage_dir,
-          "result": {k: result[k] for k in PRETRAIN_FIELDS if k in result}, "seconds": seconds}
+          "result": {k: result[k] for k in PRETRAIN_FIELDS if k in result}, "seconds": seconds,
+          **stamp()}
+
+
+def stamp() -> dict[str, Any]:
+  """When and where a stage finished (UTC; CPU and device), for the report's run line."""
+  return {"finished": report.utc_now(), "machine": report.machine()}
 
 
 def run_pretrain_side_by_side(plan: Any, points: list[Any], workdir: str
@@ -231,7 +237,7 @@ def run_eval(workdir: str, point: Any, child: Any, pre: dict[str, Any]) -> dict[
     np.savez_compressed(f, **out.correct)  # Before stage.json.
   record = {"plan": eval_identity(child, pre), "workdir": stage_dir, "rows": out.rows,
             "spectra": out.spectra, "features_extracted": out.features_extracted,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, **stamp()}
   nmjax_io.write_json(stage_file, record)
   return record
 

@@ -1,12 +1,10 @@
-"""Tables: rows -> JSON lines, markdown tables and TensorBoard scalars (the runner's; plots are in
-nmjax.jobs.figures)."""
+"""Tables: rows -> JSON lines and markdown tables (the runner's; the study's plots and
+TensorBoard scalars are in nmjax.jobs.figures, its claims in nmjax.jobs.claims)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,9 +12,8 @@ import numpy as np
 
 from nmjax import io as nmjax_io
 from nmjax.io import atomic_path, write_jsonl, write_text
+from nmjax.stats import SPECTRAL
 from nmjax.tasks import KIND_LABELS, KINDS
-from nmjax.writers import summary_writer
-
 
 
 def present_kinds(kinds: Any) -> list[str]:
@@ -48,8 +45,10 @@ def label_axes(ax: Any, *, title: str, xlabel: str, ylabel: str,
 
 
 def save_figure(fig: Any, path: str) -> None:
-  """Lays out, writes `path` (PNG) atomically and closes the figure."""
-  fig.tight_layout()
+  """Lays out (tight, unless the figure has a layout engine), writes `path` (PNG) atomically and
+  closes the figure."""
+  if fig.get_layout_engine() is None:
+    fig.tight_layout()
   with atomic_path(path) as tmp:
     fig.savefig(tmp)
   pyplot().close(fig)
@@ -227,15 +226,14 @@ def plot_curves(rows: list[dict[str, Any]], path: str, title: str) -> None:
   save_figure(fig, path)
 
 
-
-
 # ------------------------------------------------------------- the study (rows per noise ratio)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
   """The study's axes: noise ratios x seeds, the methods, the tasks (name -> kind, in order) and
-  the tasks whose spectra are drawn."""
+  the tasks whose spectra are drawn; `plumbing` says why its numbers test the plumbing only (a
+  smoke run, one seed), "" when they test the science."""
   ratios: list[float]
   seeds: list[int]
   methods: list[str]
@@ -243,6 +241,7 @@ class Sweep:
   spectrum_tasks: list[str]
   noise: str = "label"              # label | caption: what r corrupts in pre-training
   pretrain_field: str = "test_acc"  # the pre-training record's number in the main table
+  plumbing: str = ""
 
   @property
   def present_kinds(self) -> list[str]:
@@ -303,10 +302,10 @@ class Table:
       return float(np.mean(values)) if values else None
     return self._seed_values(ratio, fn)
 
-  def delta(self, ratio: float, method: str, kind: str) -> dict[str, Any] | None:
-    """The "delta" record (nmjax.stats) of (r, method, kind): the change from r = 0, or None."""
-    return next((r for r in self.records if r["record"] == "delta" and r["noise_ratio"] == ratio
-                 and r["method"] == method and r["kind"] == kind), None)
+  def find(self, record: str, ratio: float, **fields: Any) -> dict[str, Any] | None:
+    """The first record of type `record` at r = ratio whose fields match, or None."""
+    return next((r for r in self.records if r["record"] == record and r["noise_ratio"] == ratio
+                 and all(r.get(k) == v for k, v in fields.items())), None)
 
   def pretrain(self, ratio: float, field: str) -> list[float]:
     return self._seed_values(ratio, lambda rows: next(
@@ -317,8 +316,18 @@ def ratio_label(ratio: float) -> str:
   return f"{100 * ratio:g}%"
 
 
+def plumbing_line(sweep: Sweep) -> str:
+  """The one line that opens a plumbing report ('' for a report of the science)."""
+  if not sweep.plumbing:
+    return ""
+  return (f"**{sweep.plumbing.capitalize()}: these numbers test the plumbing, not the science**"
+          " (no claims, intervals, changes from r = 0 or gains are shown).")
+
+
 def format_summary(table: Table) -> str:
-  """The study's main table: rows r, ID and OOD averages per method (and the spectral metrics)."""
+  """The study's main table: rows r, the averages per kind and method, the spectral metrics
+  (mean ± sample std over seeds); then, unless its numbers are plumbing, the changes from r = 0,
+  the gains and the spectral changes with their intervals."""
   sweep = table.sweep
   gap = any(r.get("memorization_gap") is not None for r in table.records
             if r["record"] == "pretrain")
@@ -335,32 +344,44 @@ def format_summary(table: Table) -> str:
     cells += [_cell(table.spectral(ratio, "sve", kind="id"), 1, 4),
               _cell(table.spectral(ratio, "lsvr", kind="ood"), 1, 4)]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n" + format_deltas(table) + format_gains(table)
+  if sweep.plumbing:
+    return "\n".join(lines) + "\n"
+  return ("\n".join(lines) + "\n" + format_deltas(table) + format_gains(table)
+          + format_spectral_deltas(table))
 
 
-def _delta_cell(record: dict[str, Any] | None) -> str:
+def interval_cell(record: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
+  """'+0.58 [-1.30, +2.41]': a record's delta and delta_ci95 (scaled), '-' without one."""
   if record is None:
     return "-"
   ci = record["delta_ci95"]
-  return f"{100 * record['delta']:+.2f}" + (
-      "" if ci is None else f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
+  return f"{scale * record['delta']:+.{digits}f}" + (
+      "" if ci is None else f" [{scale * ci[0]:+.{digits}f}, {scale * ci[1]:+.{digits}f}]")
+
+
+def _interval_table(words: str, head: list[str], ratios: list[float],
+                    cell: Callable[[float, int], str]) -> str:
+  """A titled table of intervals: a row per r, cell(r, column) in each column of `head`."""
+  lines = ["", words, "", "| r | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+  for ratio in ratios:
+    cells = [cell(ratio, i) for i in range(len(head))]
+    lines.append("| " + " | ".join([ratio_label(ratio)] + cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def format_deltas(table: Table) -> str:
-  """The change from r = 0 of each average (points): the mean over seeds and its 95% paired
-  bootstrap interval (nmjax.stats); '' when the sweep has no r = 0 or no r > 0."""
+  """The change from r = 0 of each average (points): the mean over seeds and its interval
+  (nmjax.stats); '' when the sweep has no r = 0 or no r > 0."""
   sweep = table.sweep
   ratios = [r for r in sweep.ratios if r > 0]
   if not ratios or 0 not in sweep.ratios:
     return ""
-  head = ["r"] + [f"{KIND_LABELS[k]} {m}" for k in sweep.present_kinds for m in sweep.methods]
-  lines = ["", "Change from r = 0 (points; mean over seeds [95% paired bootstrap interval]):", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for ratio in ratios:
-    cells = [_delta_cell(table.delta(ratio, m, kind)) for kind in sweep.present_kinds
-             for m in sweep.methods]
-    lines.append("| " + " | ".join([ratio_label(ratio)] + cells) + " |")
-  return "\n".join(lines) + "\n"
+  columns = [(k, m) for k in sweep.present_kinds for m in sweep.methods]
+  return _interval_table(
+      "Change from r = 0 (points; mean over seeds [95% interval: seeds and test examples]):",
+      [f"{KIND_LABELS[k]} {m}" for k, m in columns], ratios,
+      lambda r, i: interval_cell(table.find("delta", r, method=columns[i][1],
+                                            kind=columns[i][0])))
 
 
 def format_gains(table: Table) -> str:
@@ -371,20 +392,33 @@ def format_gains(table: Table) -> str:
                                if r["kind"] in table.sweep.present_kinds))
   if not columns:
     return ""
-  head = ["r"] + [f"{KIND_LABELS[k]} {m} - {b}" for m, b, k in columns]
-  lines = ["", "Gain of one method over another on the same encoder (points; mean over seeds"
-           " [95% paired bootstrap interval]):", "", "| " + " | ".join(head) + " |",
-           "|" + "---|" * len(head)]
-  for ratio in table.sweep.ratios:
-    cells = [_delta_cell(next((r for r in gains if r["noise_ratio"] == ratio and
-                               (r["method"], r["baseline"], r["kind"]) == c), None))
-             for c in columns]
-    lines.append("| " + " | ".join([ratio_label(ratio)] + cells) + " |")
-  return "\n".join(lines) + "\n"
+  head = [f"{KIND_LABELS[k]} {m} - {b}" for m, b, k in columns]
+  return _interval_table(
+      "Gain of one method over another on the same encoder (points; mean over seeds [95%"
+      " interval: seeds and test examples]):", head, table.sweep.ratios,
+      lambda r, i: interval_cell(table.find("gain", r, method=columns[i][0],
+                                            baseline=columns[i][1], kind=columns[i][2])))
+
+
+def format_spectral_deltas(table: Table) -> str:
+  """The change from r = 0 of each kind's average SVE and LSVR (nmjax.stats.add_spectral_deltas)
+  with its interval over seeds; '' without them."""
+  found = {(r["metric"], r["kind"]) for r in table.records
+           if r["record"] == "spectral_delta" and r["task"] is None}
+  columns = [(m, k) for m in SPECTRAL for k in table.sweep.present_kinds if (m, k) in found]
+  if not columns:
+    return ""
+  return _interval_table(
+      "Change of the spectral metrics from r = 0 (mean over seeds [95% t interval over seeds]):",
+      [f"{m.upper()} ({KIND_LABELS[k]})" for m, k in columns],
+      [r for r in table.sweep.ratios if r > 0],
+      lambda r, i: interval_cell(table.find("spectral_delta", r, metric=columns[i][0],
+                                            kind=columns[i][1], task=None), 1.0, 4))
 
 
 def format_study(table: Table, header: str) -> str:
-  """results.md: the main table, then per-task tables (accuracy per method, SVE, LSVR)."""
+  """results.md: the plumbing line where the numbers are plumbing, the title, `header`, the main
+  table (format_summary), then per-task tables (accuracy per method, SVE, LSVR)."""
   sweep = table.sweep
   names = list(sweep.kinds)
   task_head = ["r"] + [f"{n} ({table.kinds[n].upper()})" for n in names]
@@ -396,9 +430,9 @@ def format_study(table: Table, header: str) -> str:
                    + " |")
     return lines
 
-  parts = [f"# Embedded study: {sweep.noise} noise in pre-training, measured downstream\n",
-           header, "",
-           format_summary(table)]
+  parts = ([plumbing_line(sweep) + "\n"] if sweep.plumbing else []) + [
+      f"# Embedded study: {sweep.noise} noise in pre-training, measured downstream\n", header,
+      "\n## Averages per noise ratio\n", format_summary(table)]
   for method in sweep.methods:
     parts += task_table(f"{method}: test accuracy (%) per task",
                         lambda r, n, m=method: _cell(table.accuracy(r, m, n)))
@@ -407,40 +441,6 @@ def format_study(table: Table, header: str) -> str:
   parts += task_table("LSVR of the frozen test features per task",
                       lambda r, n: _cell(table.spectral(r, "lsvr", task=n), 1, 4))
   return "\n".join(parts) + "\n"
-
-
-def write_scalars(table: Table, root: str) -> None:
-  """TensorBoard: one run per seed under the local folder root (rewritten), r in per mille as
-  the step."""
-  shutil.rmtree(root, ignore_errors=True)
-  sweep = table.sweep
-  for seed in sweep.seeds:
-    writer = summary_writer(os.path.join(root, f"seed{seed}"))
-    for record in table.records:
-      if record["seed"] != seed:
-        continue
-      step = int(round(1000 * record["noise_ratio"]))
-      field = sweep.pretrain_field
-      if record["record"] == "pretrain" and field in record:
-        writer.add_scalar(f"pretrain/{field}", record[field], step)
-      elif record["record"] == "task":
-        writer.add_scalar(f"accuracy/{record['task']}/{record['method']}", record["accuracy"],
-                          step)
-      elif record["record"] == "spectrum":
-        writer.add_scalar(f"spectral/{record['task']}/sve", record["sve"], step)
-        writer.add_scalar(f"spectral/{record['task']}/lsvr", record["lsvr"], step)
-    # The averages, as the tables compute them, over this seed alone.
-    one_seed = Table(dataclasses.replace(sweep, seeds=[seed]), table.records)
-    for ratio in sweep.ratios:
-      step = int(round(1000 * ratio))
-      for method in sweep.methods:
-        for kind in sweep.present_kinds:
-          for value in one_seed.avg_accuracy(ratio, method, kind):
-            writer.add_scalar(f"accuracy/{kind}_avg/{method}", value, step)
-      for metric, kind in (("sve", "id"), ("lsvr", "ood")):
-        for value in one_seed.spectral(ratio, metric, kind=kind):
-          writer.add_scalar(f"spectral/{metric}_{kind}_avg", value, step)
-    writer.close()
 
 
 STUDY_FILES = ("results.jsonl", "results.md", "accuracy_vs_noise.png", "spectra.png",
