@@ -807,3 +807,48 @@ def test_a_failing_run_block_is_reported(tmp_path):
   assert sys.executable in failure and "not reached" not in failure.split("--- output:")[1]
   assert (tmp_path / "work" / "tmp" / "out.txt").is_file()
   assert run_block(dataclasses.replace(block, body=block.body[:2]), tmp_path / "again") is None
+
+
+def _generated_blocks(text):
+  """{source: lines} of the blocks a page marks `<!-- generated: SOURCE -->`, each up to the
+  first blank line after its first table."""
+  blocks = {}
+  lines = text.splitlines()
+  for i, line in enumerate(lines):
+    match = re.fullmatch(r"<!-- generated: (\S+) -->", line.strip())
+    if not match:
+      continue
+    body, seen_table = [], False
+    for following in lines[i + 1:]:
+      if not following.strip() and seen_table:
+        break
+      seen_table |= following.startswith("|")
+      body.append(following)
+    blocks.setdefault(match.group(1), []).append([l for l in body if l.strip()])
+  return blocks
+
+
+def test_claims_tables_are_pasted_whole_from_the_generated_results():
+  """The README's and the study page's claims tables are the lines of a generated results.md
+  (kept under docs/results/), not written by hand."""
+  found = 0
+  for page in ("README.md", "docs/study.md"):
+    with open(os.path.join(ROOT, page)) as f:
+      blocks = _generated_blocks(f.read())
+    for source, bodies in blocks.items():
+      with open(os.path.join(ROOT, source)) as f:
+        generated = [line for line in f.read().splitlines() if line.strip()]
+      for body in bodies:
+        # Each paragraph of the block (a run line, a title, a table) is lines of the file, whole.
+        paragraphs = [[body[0]]]
+        for line in body[1:]:
+          if line.startswith("|") and paragraphs[-1][-1].startswith("|"):
+            paragraphs[-1].append(line)
+          else:
+            paragraphs.append([line])
+        for lines in paragraphs:
+          start = generated.index(lines[0])
+          assert generated[start:start + len(lines)] == lines, (page, source, lines[0])
+        assert any(len(lines) > 2 for lines in paragraphs), (page, source, "no table")
+        found += 1
+  assert found >= 3, "README.md and docs/study.md paste the generated claims tables"
