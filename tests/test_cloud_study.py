@@ -49,6 +49,7 @@ def _transfer(checkpoint, workdir):
   return jobs.run(config, workdir)
 
 
+@pytest.mark.slow  # A transfer job end to end in a bucket: about ten seconds.
 def test_transfer_reads_a_bucket_checkpoint_and_writes_a_bucket_workdir(checkpoint, bucket,
                                                                        tmp_path):
   local = _local_copy(checkpoint, tmp_path / "pretrain")

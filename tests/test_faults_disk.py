@@ -66,6 +66,7 @@ def _torn_step(root, step):
 # ---------------------------------------------------------- a full disk during a checkpoint
 
 
+@pytest.mark.slow  # A pre-training run on a filled disk: several seconds.
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_committed_steps(
     tmp_path, monkeypatch, capsys):
   """The smoke pre-training saves steps 4, 5, 8, 10 and 12; step 8's arrays meet a full disk."""

@@ -148,6 +148,7 @@ def test_reference_is_compared_and_a_mismatch_writes_nothing(source, tmp_path, c
   assert not os.path.exists(tmp_path / "bad" / "config.json")
 
 
+@pytest.mark.slow  # main.py processes: several seconds.
 def test_main_imports_and_bad_input_is_one_line(source, tmp_path):
   def main(*flags):
     return subprocess.run([sys.executable, "main.py", "--config", "configs/import.py", *flags],

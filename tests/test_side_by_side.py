@@ -61,6 +61,7 @@ def test_members_must_share_everything_but_seed_and_noise():
     side_by_side.check_members(plans[:1])
 
 
+@pytest.mark.slow  # Four separate pre-training runs and one group: about half a minute.
 def test_side_by_side_equals_separate_runs(tmp_path):
   plans = _plans()
   separate = []
@@ -90,6 +91,7 @@ def test_side_by_side_equals_separate_runs(tmp_path):
     assert steps == alone_steps
 
 
+@pytest.mark.slow  # Three groups of pre-training runs.
 def test_a_preempted_group_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
   """SIGTERM's path (the preemption watch says stop after step 5): the group saves and returns;
   the same call again resumes from the group's checkpoint and ends bitwise where an
