@@ -53,15 +53,9 @@ def slug(text: str) -> str:
 
 
 def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.lower().startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+  """The CPU's model name as the study's stages record it (nmjax.jobs.report.cpu_model)."""
+  from nmjax.jobs import report  # pylint: disable=import-outside-toplevel
+  return report.cpu_model()
 
 
 @functools.lru_cache(maxsize=None)

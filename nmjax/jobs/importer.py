@@ -116,15 +116,21 @@ def validate(config: ml_collections.ConfigDict) -> ImportPlan:
     raise ConfigError(f"config.quick_gelu is a CLIP option; config.arch={plan.arch} takes"
                       " none (leave it unset)")
   readers.check_path(plan.source, trust_pickle=plan.trust_pickle)
+  _check_reference_and_noise(plan, config, "inputs and logits and/or features")
+  return dataclasses.replace(plan, source=nmjax_io.absolute(plan.source),
+                             input=_input_plan(config.input))
+
+
+def _check_reference_and_noise(plan: ImportPlan, config: ml_collections.ConfigDict,
+                               holds: str) -> None:
+  """config.reference (a file holding `holds`), its tolerance and the noise ratio."""
   why = readers.not_a_file(plan.reference) if plan.reference else None
   if why:
-    raise ConfigError(f"config.reference={plan.reference} {why}; pass an .npz with inputs and"
-                      " logits and/or features, or leave it empty")
+    raise ConfigError(f"config.reference={plan.reference} {why}; pass an .npz with {holds}, or"
+                      " leave it empty")
   check_range(config, "reference_tolerance", low=0.0, low_inclusive=False)
   if plan.noise_ratio is not None:
     check_range(config, "noise_ratio", low=0.0, high=1.0)
-  return dataclasses.replace(plan, source=nmjax_io.absolute(plan.source),
-                             input=_input_plan(config.input))
 
 
 def _validate_text(plan: ImportPlan, config: ml_collections.ConfigDict) -> ImportPlan:
@@ -147,13 +153,7 @@ def _validate_text(plan: ImportPlan, config: ml_collections.ConfigDict) -> Impor
   if stated:
     raise ConfigError(f"config.input.{stated[0]} is an image model's evaluation input; a text"
                       " model takes none (leave config.input unset)")
-  why = readers.not_a_file(plan.reference) if plan.reference else None
-  if why:
-    raise ConfigError(f"config.reference={plan.reference} {why}; pass an .npz with ids, mask"
-                      " and hidden_states and/or pooled, or leave it empty")
-  check_range(config, "reference_tolerance", low=0.0, low_inclusive=False)
-  if plan.noise_ratio is not None:
-    check_range(config, "noise_ratio", low=0.0, high=1.0)
+  _check_reference_and_noise(plan, config, "ids, mask and hidden_states and/or pooled")
   return dataclasses.replace(plan, source=nmjax_io.absolute(plan.source))
 
 
