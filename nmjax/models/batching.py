@@ -12,6 +12,15 @@ backward, so a model built with it computes exactly what it computes without it.
 
 The rule is chosen when the program is traced: NMJAX_SEED_CONV=unroll|group overrides the
 backend's choice (benchmarks/seeds.py measures both).
+
+`compiler_options()` is what the train and eval steps of pre-training compile with, alone or
+stacked, so that a member of a stack computes bitwise what its separate run computes: on the CPU,
+XLA hands reductions (BatchNorm's statistics, pooling, the loss) to YNNPACK by default, whose
+summation order depends on the whole shape: a BatchNorm mean over one model's (B, H, W) sums in
+another order once four or more models are stacked, and training amplifies that last bit into
+visibly different weights (0.35 after 76 steps of nine stacked runs). XLA's own emitters sum each
+output in one order whatever the other dimensions, at the same speed on these models
+(benchmarks/seeds.py).
 """
 
 from __future__ import annotations
@@ -25,6 +34,27 @@ import jax.numpy as jnp
 from jax import lax
 
 BATCHINGS = ("unroll", "group")
+# XLA:CPU's option naming the fusions it hands to YNNPACK; empty: none.
+_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_takes(option: str, value: str) -> bool:
+  """Whether this jaxlib's CPU compiler knows the option (an experimental one may go)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={option: value}).lower(
+        jnp.zeros((), jnp.float32)).compile()
+  except Exception:  # pylint: disable=broad-except  # XlaRuntimeError: an unknown option.
+    return False
+  return True
+
+
+def compiler_options() -> dict[str, str]:
+  """jax.jit's compiler_options for steps that must compute alike alone and stacked: on the
+  CPU, no YNNPACK fusions (their reductions sum in a shape-dependent order); elsewhere none."""
+  if jax.default_backend() == "cpu" and _cpu_takes(_YNN_FUSIONS, ""):
+    return {_YNN_FUSIONS: ""}
+  return {}
 
 
 def seed_batching() -> str:

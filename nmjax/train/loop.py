@@ -38,6 +38,7 @@ import numpy as np
 
 from nmjax import io as nmjax_io, parallel
 from nmjax.errors import Interrupted, TrainingError
+from nmjax.models import batching
 from nmjax.progress import Progress, format_seconds
 from nmjax.train import checkpoint
 from nmjax.train.profiling import Profiler
@@ -210,11 +211,13 @@ def _jit_steps(spec: LoopSpec, mesh: jax.sharding.Mesh,
   """The jitted train step (state donated) and eval step, with explicit shardings."""
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharded(mesh)
+  options = batching.compiler_options()  # The same numbers as the steps side by side.
   train_step_fn = jax.jit(
       spec.objective.train_step, in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+      out_shardings=(state_sharding, replicated), donate_argnums=0, compiler_options=options)
   eval_step_fn = jax.jit(spec.objective.eval_step,
-                         in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+                         in_shardings=(state_sharding, batch_sharding), out_shardings=replicated,
+                         compiler_options=options)
   return train_step_fn, eval_step_fn
 
 

@@ -12,9 +12,10 @@ While it runs, the group's own checkpoints (the stacked state, each member's dat
 epoch sums) live in `group_dir`, so a killed group resumes bitwise like one run. Each member's
 workdir gets its config.json and metrics.jsonl as it goes and, at the end, a checkpoint of its
 own state at the last step (what a separate run leaves), so everything downstream (transfer,
-NMTune, a resume, the study's stages) reads it as a separate run. The results equal separate
-runs' up to float rounding: XLA compiles the stacked program differently, and training
-amplifies last-digit differences over many steps (tests/test_side_by_side.py measures it).
+NMTune, a resume, the study's stages) reads it as a separate run. The results are bitwise the
+separate runs': every member's convolutions are plain ones (the batching rule), and the steps of
+both compile with batching.compiler_options, under which XLA:CPU sums each reduction in an order
+that does not depend on how many models are stacked (tests/test_side_by_side.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from nmjax import io as nmjax_io, noise, parallel
 from nmjax.config import total_steps
 from nmjax.data import sources
 from nmjax.errors import ConfigError, Interrupted, TrainingError
+from nmjax.models import batching
 from nmjax.progress import Progress, format_seconds
 from nmjax.train import checkpoint, loop, supervised
 from nmjax.writers import MetricWriter
@@ -132,12 +134,14 @@ class _Group:
     self.state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), shape)
     self.batch_sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
     replicated = parallel.replicated(mesh)
+    options = batching.compiler_options()  # Each member's numbers are its separate run's.
     self.train_fn = jax.jit(jax.vmap(objective.train_step),
                             in_shardings=(self.state_sharding, self.batch_sharding),
-                            out_shardings=(self.state_sharding, replicated), donate_argnums=0)
+                            out_shardings=(self.state_sharding, replicated), donate_argnums=0,
+                            compiler_options=options)
     self.eval_fn = jax.jit(jax.vmap(objective.eval_step, in_axes=(0, None)),
                            in_shardings=(self.state_sharding, parallel.data_sharded(mesh)),
-                           out_shardings=replicated)
+                           out_shardings=replicated, compiler_options=options)
     self.shape = shape
 
   def _init(self) -> Any:
