@@ -283,6 +283,14 @@ def seeds_tables(figures: dict[str, Any]) -> list[str]:
                      [(step.get("runs"), step.get("batch"), step.get("plain_steps_s"),
                        step.get("vmapped_unroll_s"), step.get("speed_up_unroll"),
                        step.get("vmapped_group_s"), step.get("speed_up_group"))]))
+    defaults = step.get("xla_defaults")
+    if defaults:
+      out.append(table(("compiled with", "K plain steps s", "vmapped, unrolled convolutions s"),
+                       [("the runs' options " + ", ".join(
+                           f"`{k}={v!r}`" for k, v in (step.get("compiler_options") or {}).items()),
+                         step.get("plain_steps_s"), step.get("vmapped_unroll_s")),
+                        ("XLA's defaults (not bitwise side by side)",
+                         defaults.get("plain_steps_s"), defaults.get("vmapped_unroll_s"))]))
   return out
 
 

@@ -10,11 +10,15 @@ default.py: resnet_small on the first 2,500 Fashion-MNIST images, batch 128, SGD
          parameter difference between a member and its separate run after the last step.
   step   the train step alone: K plain steps one after another against one vmapped step over K
          stacked states, with the convolution's batching rule unrolled (the CPU's default) and
-         grouped (NMJAX_SEED_CONV=group: XLA's grouped convolution, the accelerators' default).
+         grouped (NMJAX_SEED_CONV=group: XLA's grouped convolution, the accelerators' default),
+         compiled as the runs compile them (nmjax.models.batching.compiler_options); and the
+         plain and unrolled steps again with XLA's default options (xla_defaults), to show what
+         the bitwise equality costs.
 
-Sizes: --seeds S and --ratios give K = S x len(ratios) runs; --steps the length of each run.
+Sizes: --seeds S and --ratios give K = S x len(ratios) runs; --steps the length of each run
+(0, the default: the study's whole pre-training stage, 20 epochs of 19 steps).
 
-    .venv/bin/python benchmarks/seeds.py                         # 3 seeds x 3 ratios, 76 steps
+    .venv/bin/python benchmarks/seeds.py                         # 3 seeds x 3 ratios, 380 steps
     .venv/bin/python benchmarks/seeds.py --seeds 2 --ratios 0,0.3 --steps 20 --sections step
 
 The JSON goes, with the command, commit, date and machine, to docs/benchmarks/seeds-<device>.json
@@ -37,6 +41,7 @@ import provenance  # benchmarks/provenance.py
 sys.path.insert(0, provenance.REPO)  # configs/ of this checkout
 from configs import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nmjax.jobs import pretrain, study  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nmjax.models import batching  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nmjax.train import checkpoint, side_by_side, supervised  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SECTIONS = ("runs", "step")
@@ -44,9 +49,10 @@ SECTIONS = ("runs", "step")
 
 def _plans(seeds: int, ratios: list[float], steps: int) -> list:
   config = default_config.get_config()
-  config.pretrain.num_train_steps = steps
-  config.pretrain.checkpoint_every_steps = max(steps, 1)
-  config.pretrain.log_every_steps = max(steps, 1)
+  if steps:
+    config.pretrain.num_train_steps = steps
+    config.pretrain.checkpoint_every_steps = steps
+    config.pretrain.log_every_steps = steps
   return [pretrain.validate(study.pretrain_config(config, s, r))
           for s in range(seeds) for r in ratios]
 
@@ -83,7 +89,7 @@ def measure_runs(plans: list) -> dict:
     differences = [_difference(checkpoint.load_state(os.path.join(root, f"alone{i}"))[1]["params"],
                                checkpoint.load_state(workdirs[i])[1]["params"])
                    for i in range(len(plans))]
-  return {"runs": len(plans), "steps": plans[0].num_train_steps,
+  return {"runs": len(plans), "steps": together[0]["step"],
           "batch": plans[0].batch_size, "separate_s": round(separate_s, 2),
           "side_by_side_s": round(together_s, 2), "speed_up": round(separate_s / together_s, 3),
           "max_param_difference": max(differences),
@@ -106,7 +112,8 @@ def _median_seconds(fn, state, batch, repeats: int):
 def measure_step(plans: list, repeats: int) -> dict:
   """Median step seconds: K plain steps, and one vmapped step (unrolled and grouped rules)."""
   plan = plans[0]
-  spec_of = lambda p: supervised.loop_spec(p, info, (None, None), 1, p.num_train_steps)
+  length = max(plan.num_train_steps, 1)  # The schedule's length: the step costs the same.
+  spec_of = lambda p: supervised.loop_spec(p, info, (None, None), 1, length)
   from nmjax.data import sources  # pylint: disable=import-outside-toplevel
   info = sources.get_source(plan.dataset).info
   specs = [spec_of(p) for p in plans]
@@ -116,7 +123,8 @@ def measure_step(plans: list, repeats: int) -> dict:
            "label": rng.integers(0, info.num_classes, (k, batch_size)).astype(np.int32),
            "clean_label": rng.integers(0, info.num_classes, (k, batch_size)).astype(np.int32)}
   step = specs[0].objective.train_step
-  plain = jax.jit(step, donate_argnums=0)
+  options = batching.compiler_options()  # As the runs compile their steps.
+  plain = jax.jit(step, donate_argnums=0, compiler_options=options)
   states = [jax.jit(s.init_state)() for s in specs]
   one = []
   for i in range(k):
@@ -124,11 +132,25 @@ def measure_step(plans: list, repeats: int) -> dict:
                                          repeats)
     one.append(seconds)
   figures = {"runs": k, "batch": batch_size, "plain_steps_s": round(sum(one), 4)}
+  # What the runs' compiler options cost: both steps again with XLA's defaults (on the CPU,
+  # YNNPACK reductions, whose order changes with the stack: no longer bitwise).
+  default = jax.jit(step, donate_argnums=0)
+  one_default = 0.0
+  for i in range(k):
+    seconds, states[i] = _median_seconds(default, states[i],
+                                         {key: v[i] for key, v in batch.items()}, repeats)
+    one_default += seconds
+  stacked = side_by_side.stack([jax.jit(s.init_state)() for s in specs])
+  vmapped_default, _ = _median_seconds(jax.jit(jax.vmap(step), donate_argnums=0), stacked,
+                                       batch, repeats)
+  figures["xla_defaults"] = {"plain_steps_s": round(one_default, 4),
+                             "vmapped_unroll_s": round(vmapped_default, 4)}
+  figures["compiler_options"] = options
   for rule in ("unroll", "group"):
     os.environ["NMJAX_SEED_CONV"] = rule
     try:
       stacked = side_by_side.stack([jax.jit(s.init_state)() for s in specs])
-      vmapped = jax.jit(jax.vmap(step), donate_argnums=0)
+      vmapped = jax.jit(jax.vmap(step), donate_argnums=0, compiler_options=options)
       seconds, _ = _median_seconds(vmapped, stacked, batch, repeats)
     finally:
       del os.environ["NMJAX_SEED_CONV"]
@@ -141,7 +163,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--ratios", default="0,0.1,0.3")
-  parser.add_argument("--steps", type=int, default=76, help="train steps of each run")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="train steps of each run (0: the study's whole stage)")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps in the step section")
   parser.add_argument("--sections", default=",".join(SECTIONS))
   provenance.add_out_flag(parser)
