@@ -14,13 +14,14 @@ The rule is chosen when the program is traced: NMJAX_SEED_CONV=unroll|group over
 backend's choice (benchmarks/seeds.py measures both).
 
 `compiler_options()` is what the train and eval steps of pre-training compile with, alone or
-stacked, so that a member of a stack computes bitwise what its separate run computes: on the CPU,
-XLA hands reductions (BatchNorm's statistics, pooling, the loss) to YNNPACK by default, whose
-summation order depends on the whole shape: a BatchNorm mean over one model's (B, H, W) sums in
-another order once four or more models are stacked, and training amplifies that last bit into
-visibly different weights (0.35 after 76 steps of nine stacked runs). XLA's own emitters sum each
-output in one order whatever the other dimensions, at the same speed on these models
-(benchmarks/seeds.py).
+stacked, so that a member of a stack computes bitwise what its separate run computes. On the
+CPU, XLA hands reductions (BatchNorm's statistics, pooling, the loss) to YNNPACK by default, and
+YNNPACK's summation order depends on the whole shape: a BatchNorm mean over one model's (B, H, W)
+sums in another order once four or more models are stacked, and training amplifies that last bit
+into visibly different weights (0.35 after 76 steps of nine stacked runs). The options keep
+YNNPACK for the convolutions and matrix products (stacked or not, they sum alike: checked
+on the shapes here) and leave reductions to XLA's own emitter, which sums each output in one order
+whatever the other dimensions (benchmarks/seeds.py measures the cost).
 """
 
 from __future__ import annotations
@@ -34,26 +35,32 @@ import jax.numpy as jnp
 from jax import lax
 
 BATCHINGS = ("unroll", "group")
-# XLA:CPU's option naming the fusions it hands to YNNPACK; empty: none.
+# XLA:CPU's option naming the fusions it hands to YNNPACK, and its values from the most to the
+# least preferred: convolutions and matrix products there, reductions not; nothing there.
 _YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_CHOICES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+                "")
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_takes(option: str, value: str) -> bool:
-  """Whether this jaxlib's CPU compiler knows the option (an experimental one may go)."""
+  """Whether this jaxlib's CPU compiler takes the option's value (an experimental one may go)."""
   try:
     jax.jit(lambda x: x + 1, compiler_options={option: value}).lower(
         jnp.zeros((), jnp.float32)).compile()
-  except Exception:  # pylint: disable=broad-except  # XlaRuntimeError: an unknown option.
+  except Exception:  # pylint: disable=broad-except  # XlaRuntimeError: an unknown option or value.
     return False
   return True
 
 
 def compiler_options() -> dict[str, str]:
   """jax.jit's compiler_options for steps that must compute alike alone and stacked: on the
-  CPU, no YNNPACK fusions (their reductions sum in a shape-dependent order); elsewhere none."""
-  if jax.default_backend() == "cpu" and _cpu_takes(_YNN_FUSIONS, ""):
-    return {_YNN_FUSIONS: ""}
+  CPU, reductions off YNNPACK (theirs sum in a shape-dependent order); elsewhere none."""
+  if jax.default_backend() != "cpu":
+    return {}
+  for value in _YNN_CHOICES:
+    if _cpu_takes(_YNN_FUSIONS, value):
+      return {_YNN_FUSIONS: value}
   return {}
 
 
