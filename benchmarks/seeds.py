@@ -126,20 +126,21 @@ def measure_step(plans: list, repeats: int) -> dict:
   options = batching.compiler_options()  # As the runs compile their steps.
   plain = jax.jit(step, donate_argnums=0, compiler_options=options)
   states = [jax.jit(s.init_state)() for s in specs]
-  one = []
-  for i in range(k):
-    seconds, states[i] = _median_seconds(plain, states[i], {key: v[i] for key, v in batch.items()},
-                                         repeats)
-    one.append(seconds)
-  figures = {"runs": k, "batch": batch_size, "plain_steps_s": round(sum(one), 4)}
+
+  def plain_steps(fn) -> float:
+    """Seconds of K plain steps of fn, one run after another (each run's median)."""
+    total = 0.0
+    for i in range(k):
+      seconds, states[i] = _median_seconds(fn, states[i], {key: v[i] for key, v in batch.items()},
+                                           repeats)
+      total += seconds
+    return total
+
+  plain_s = plain_steps(plain)
+  figures = {"runs": k, "batch": batch_size, "plain_steps_s": round(plain_s, 4)}
   # What the runs' compiler options cost: both steps again with XLA's defaults (on the CPU,
   # YNNPACK reductions, whose order changes with the stack: no longer bitwise).
-  default = jax.jit(step, donate_argnums=0)
-  one_default = 0.0
-  for i in range(k):
-    seconds, states[i] = _median_seconds(default, states[i],
-                                         {key: v[i] for key, v in batch.items()}, repeats)
-    one_default += seconds
+  one_default = plain_steps(jax.jit(step, donate_argnums=0))
   stacked = side_by_side.stack([jax.jit(s.init_state)() for s in specs])
   vmapped_default, _ = _median_seconds(jax.jit(jax.vmap(step), donate_argnums=0), stacked,
                                        batch, repeats)
@@ -155,7 +156,7 @@ def measure_step(plans: list, repeats: int) -> dict:
     finally:
       del os.environ["NMJAX_SEED_CONV"]
     figures[f"vmapped_{rule}_s"] = round(seconds, 4)
-    figures[f"speed_up_{rule}"] = round(sum(one) / seconds, 3)
+    figures[f"speed_up_{rule}"] = round(plain_s / seconds, 3)
   return figures
 
 
