@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from nmjax import io as nmjax_io
@@ -46,6 +47,22 @@ def test_files_in_a_bucket_are_written_whole_listed_mirrored_and_removed(bucket)
   nmjax_io.rmtree(nmjax_io.join(bucket, "a"))
   assert not nmjax_io.exists(path)
 
+
+
+def test_uploaded_files_keep_every_byte_whatever_they_end_with(bucket, tmp_path):
+  # Binary files ending in line-end bytes or in the start of a delimiter-like line, as an
+  # orbax/tensorstore data file may: each comes back byte for byte.
+  tails = [b"", b"\r", b"\r\r", b"\n", b"\r\n", b"\r\n--x", b"\n\r"]
+  rng = np.random.default_rng(0)
+  local = tmp_path / "files"
+  local.mkdir()
+  sent = {}
+  for i, tail in enumerate(tails):
+    sent[f"f{i}.bin"] = rng.integers(0, 256, 300 + 97 * i, dtype=np.uint8).tobytes() + tail
+    (local / f"f{i}.bin").write_bytes(sent[f"f{i}.bin"])
+  nmjax_io.upload(str(local), nmjax_io.join(bucket, "up"))
+  back = nmjax_io.local_mirror(nmjax_io.join(bucket, "up"))
+  assert {n: open(os.path.join(back, n), "rb").read() for n in sorted(os.listdir(back))} == sent
 
 def _holder(workdir, what="job pretrain"):
   """A process holding `workdir`'s lock until killed (it prints 'held' once it holds it)."""
