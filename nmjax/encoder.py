@@ -189,6 +189,19 @@ def read_record(workdir: str) -> dict[str, Any]:
   return record
 
 
+@functools.lru_cache(maxsize=16)
+def _image_encode(model: Any, mean: tuple[float, ...], std: tuple[float, ...],
+                  dtype: Any) -> Callable[[Any, jax.Array], jax.Array]:
+  """encode(variables, uint8 images) of an image model: one function per architecture and
+  normalization, so the encoders of a study's runs share one compiled feature step."""
+
+  def encode(variables: Any, images: jax.Array) -> jax.Array:
+    _, pooled = model.apply(variables, normalize(images, mean, std, dtype), train=False)
+    return pooled.astype(jnp.float32)
+
+  return encode
+
+
 def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
          data_dir: str | None = None, pooling: str = "", max_length: int = 128) -> Encoder:
   """Restores the encoder of a pre-training workdir (step -1: its latest checkpoint) or of a
@@ -227,12 +240,11 @@ def load(workdir: str, *, step: int = -1, mesh: jax.sharding.Mesh | None = None,
   dtype = models.DTYPES[pre.dtype]
   model = models.get_model(pre.model, num_classes=info.num_classes, dtype=dtype,
                            **(pre.model_options or {}))
-  mean, std = tuple(info.mean), tuple(info.std)
-
-  def encode(variables: Any, images: jax.Array) -> jax.Array:
-    _, pooled = model.apply(variables, normalize(images, mean, std, dtype), train=False)
-    return pooled.astype(jnp.float32)
-
+  args = (model, tuple(info.mean), tuple(info.std), dtype)
+  try:
+    encode = _image_encode(*args)
+  except TypeError:  # A model with an unhashable option: its own function.
+    encode = _image_encode.__wrapped__(*args)
   return Encoder(workdir=workdir, step=int(step), pretraining=pre, info=info,
                  variables=variables, encode=encode, feature_dim=model.feature_dim,
                  digest=content_digest(pre, variables), transform=transform)

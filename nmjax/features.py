@@ -8,17 +8,13 @@ A features file is an .npz holding
     domain        str          optional (where the examples come from, e.g. "mnist/test")
 
 from any source, a black-box API included: the probes and NMTune read these. `load` and
-`as_feature_set` refuse a file (or array pair) that is not such an .npz (a plain .npy, a truncated
-or foreign file, a directory, a FIFO or a device, an .npz of pickled object arrays), a non-finite
-value, a wrong dimension or labels outside [0, C) with one line naming the file and the problem.
-Where the labels themselves size a head (no num_classes given: C = max label + 1), C may be at most
-CLASS_GAP_FACTOR x the distinct labels present and at most MAX_CLASSES (ImageNet-21k, the largest
-label set in common use, has 21,843 classes), so one stray label such as 999999 is refused naming
-its row instead of becoming a million-class head. Features past HUGE_FEATURE in absolute value get
-a warning line (float32 products overflow: the probes fall to chance), and so do constant features
-(every row the same: no head can tell the classes apart), once per array and process.
-
-`extract` runs an encoder over padded, masked batches (images or tokens): every example once.
+`as_feature_set` refuse, with one line naming the file and the problem, what is not such an .npz
+(a .npy, a truncated or foreign file, a directory, FIFO or device, pickled object arrays), a
+non-finite value, a wrong dimension or labels outside [0, C). Where the labels size a head (C = max
+label + 1), C is at most CLASS_GAP_FACTOR x the distinct labels and at most MAX_CLASSES (21,843, as
+ImageNet-21k), so a stray label such as 999999 is refused naming its row. Features past
+HUGE_FEATURE in absolute value (float32 products overflow) and constant features get a warning
+line, once per array and process. `extract` encodes padded, masked batches: every example once.
 """
 
 from __future__ import annotations
@@ -232,20 +228,10 @@ class PickledArrays(ValueError):
 
 
 def npz_arrays(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, Array]:
-  """Every array of an .npz file, local or in a bucket (a cloud file is read whole into memory).
-
-  Args:
-    path: the .npz file.
-    allow_pickle: passed to np.load.
-
-  Returns:
-    {name: array}.
-
-  Raises:
-    PickledArrays: (a ValueError) the file holds object arrays and allow_pickle is False; its
-      `names` lists them.
-    OSError, ValueError, EOFError, zipfile.BadZipFile: as np.load raises them.
-  """
+  """{name: array} of an .npz file, local or in a bucket (a cloud file is read whole into memory);
+  allow_pickle is np.load's. Raises PickledArrays (a ValueError whose `names` lists them) for
+  object arrays unless allow_pickle, else what np.load raises (OSError, ValueError, EOFError,
+  zipfile.BadZipFile)."""
   path = os.fspath(path)
   source = io.BytesIO(nmjax_io.read_bytes(path)) if nmjax_io.is_cloud(path) else path
   arrays, pickled = {}, []
@@ -387,13 +373,34 @@ def save(path: str | os.PathLike, features: Array, labels: Array, *,
   return path
 
 
+# apply_fn -> {(inputs, mesh): its jitted step}, one per encoder function, not per split encoded.
+_JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _feature_step(apply_fn: Callable[..., jax.Array], inputs: tuple[str, ...],
+                  mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  steps = _JITTED.setdefault(apply_fn, {})
+  if (inputs, mesh) not in steps:
+    fn = weakref.ref(apply_fn)  # Not apply_fn itself: the entry would keep its own key alive.
+
+    def features_of(variables, batch):
+      values = fn()(variables, *(batch[k] for k in inputs)).astype(np.float32)
+      return values, batch["label"], batch["mask"]
+
+    replicated = parallel.replicated(mesh)
+    steps[inputs, mesh] = jax.jit(features_of, out_shardings=replicated,
+                                  in_shardings=(replicated, parallel.data_sharded(mesh)))
+  return steps[inputs, mesh]
+
+
 def extract(apply_fn: Callable[..., jax.Array], variables: Any,
             batches: Iterable[Mapping[str, np.ndarray]], *, mesh: jax.sharding.Mesh | None = None,
             inputs: tuple[str, ...] = ("image",)) -> tuple[Array, Array]:
   """Features and labels of every unmasked example, once each, in batch order.
 
-  The batch is split over the mesh's 'data' axis and the variables are replicated; the result is
-  gathered, so every process gets all features. One batch is copied out while the next computes.
+  The batch is split over the mesh's 'data' axis, the variables are replicated and the result is
+  gathered to every process; one batch is copied out while the next computes. The jitted step is
+  made once per apply_fn (a function object: define it once, not per call).
 
   Args:
     apply_fn: apply_fn(variables, *inputs) -> (n, D) features (an encoder in inference mode).
@@ -421,13 +428,7 @@ def extract(apply_fn: Callable[..., jax.Array], variables: Any,
   """
   mesh = mesh or parallel.make_mesh()
   replicated = parallel.replicated(mesh)
-
-  def features_of(variables, batch):
-    values = apply_fn(variables, *(batch[k] for k in inputs)).astype(np.float32)
-    return values, batch["label"], batch["mask"]
-
-  jitted = jax.jit(features_of, in_shardings=(replicated, parallel.data_sharded(mesh)),
-                   out_shardings=replicated)
+  jitted = _feature_step(apply_fn, tuple(inputs), mesh)
   variables = jax.device_put(variables, replicated)
   chunks: list[tuple[Array, Array]] = []
   pending = None

@@ -1,12 +1,13 @@
 """nmjax.features: masked extraction of every example once on any mesh, and features files."""
 
+import gc
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from nmjax import features, models, parallel
+from nmjax import encoder as encoder_lib, features, models, parallel
 from nmjax.data import pipeline, sources
 from nmjax.data.records import ArrayRecords
 from nmjax.errors import DataError
@@ -69,6 +70,26 @@ def test_extract_over_two_processes_slices_recombines_to_the_whole(encoder):
                              rtol=1e-5, atol=1e-5)
 
 
+
+def test_extract_traces_once_per_function_and_forgets_a_dead_one():
+  traced = []
+
+  def apply_fn(w, images):
+    traced.append(images.shape)  # Python runs at trace time only.
+    return images.reshape(len(images), -1) @ w
+
+  batch = {"image": np.ones((8, 2, 2, 1), np.float32), "label": np.arange(8),
+           "mask": np.arange(8) < 5}
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  for scale in (1.0, 2.0, 3.0):  # Other variables, one trace: a study's encoders of one model.
+    values, _ = features.extract(apply_fn, np.full((4, 3), scale, np.float32), [batch], mesh=mesh)
+    np.testing.assert_array_equal(values, np.full((5, 3), 4 * scale, np.float32))
+  assert len(traced) == 1
+  before = len(features._JITTED)  # pylint: disable=protected-access
+  del apply_fn
+  gc.collect()
+  assert len(features._JITTED) == before - 1  # pylint: disable=protected-access
+
 def test_features_file_round_trip(tmp_path):
   rng = np.random.default_rng(0)
   values = rng.normal(size=(12, 5))
@@ -122,3 +143,9 @@ def test_as_feature_set_validates_arrays_under_the_given_name():
     features.as_feature_set((np.array([[np.inf, 0.0]]), [0]), name="train")
   with pytest.raises(DataError, match="expected a features file path"):
     features.as_feature_set(42, name="test")
+
+
+def test_encoders_of_one_architecture_share_one_feature_function(checkpoint):
+  # What lets a study's runs (same model, other weights) share one compiled feature step.
+  older, newest = encoder_lib.load(checkpoint, step=10), encoder_lib.load(checkpoint)
+  assert older.step == 10 and newest.step == 12 and older.encode is newest.encode
