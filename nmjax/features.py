@@ -10,11 +10,9 @@ A features file is an .npz holding
 from any source, a black-box API included: the probes and NMTune read these. `load` and
 `as_feature_set` refuse, with one line naming the file and the problem, what is not such an .npz
 (a .npy, a truncated or foreign file, a directory, FIFO or device, pickled object arrays), a
-non-finite value, a wrong dimension or labels outside [0, C). Where the labels size a head (C = max
-label + 1), C is at most CLASS_GAP_FACTOR x the distinct labels and at most MAX_CLASSES (21,843, as
-ImageNet-21k), so a stray label such as 999999 is refused naming its row. Features past
-HUGE_FEATURE in absolute value (float32 products overflow) and constant features get a warning
-line, once per array and process. `extract` encodes padded, masked batches: every example once.
+non-finite value, a wrong dimension, labels outside [0, C) or a stray label that would size a huge
+head (check_labels). Huge (past HUGE_FEATURE) and constant features get a warning line, once per
+array and process. `extract` encodes padded, masked batches: every example once.
 """
 
 from __future__ import annotations
@@ -379,9 +377,11 @@ _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _feature_step(apply_fn: Callable[..., jax.Array], inputs: tuple[str, ...],
                   mesh: jax.sharding.Mesh) -> Callable[..., Any]:
-  steps = _JITTED.setdefault(apply_fn, {})
+  try:  # A weak reference in the step: a strong one would keep its own key alive for ever.
+    steps, fn = _JITTED.setdefault(apply_fn, {}), weakref.ref(apply_fn)
+  except TypeError:  # Not weakly referable or not hashable: a step for this call alone.
+    steps, fn = {}, lambda: apply_fn
   if (inputs, mesh) not in steps:
-    fn = weakref.ref(apply_fn)  # Not apply_fn itself: the entry would keep its own key alive.
 
     def features_of(variables, batch):
       values = fn()(variables, *(batch[k] for k in inputs)).astype(np.float32)

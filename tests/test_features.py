@@ -90,6 +90,15 @@ def test_extract_traces_once_per_function_and_forgets_a_dead_one():
   gc.collect()
   assert len(features._JITTED) == before - 1  # pylint: disable=protected-access
 
+  class Slotted:  # No weak references to it: extracted with a step of its own each call.
+    __slots__ = ()
+
+    def __call__(self, w, images):
+      return images.reshape(len(images), -1) @ w
+
+  values, _ = features.extract(Slotted(), np.ones((4, 3), np.float32), [batch], mesh=mesh)
+  np.testing.assert_array_equal(values, np.full((5, 3), 4.0, np.float32))
+
 def test_features_file_round_trip(tmp_path):
   rng = np.random.default_rng(0)
   values = rng.normal(size=(12, 5))
