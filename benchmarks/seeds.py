@@ -136,25 +136,26 @@ def measure_step(plans: list, repeats: int) -> dict:
       total += seconds
     return total
 
+  def vmapped_step(rule: str, **jit_options) -> float:
+    """Seconds of one vmapped step over the K stacked states, convolutions batched by `rule`."""
+    os.environ["NMJAX_SEED_CONV"] = rule
+    try:
+      stacked = side_by_side.stack([jax.jit(s.init_state)() for s in specs])
+      vmapped = jax.jit(jax.vmap(step), donate_argnums=0, **jit_options)
+      return _median_seconds(vmapped, stacked, batch, repeats)[0]
+    finally:
+      del os.environ["NMJAX_SEED_CONV"]
+
   plain_s = plain_steps(plain)
   figures = {"runs": k, "batch": batch_size, "plain_steps_s": round(plain_s, 4)}
   # What the runs' compiler options cost: both steps again with XLA's defaults (on the CPU,
   # YNNPACK reductions, whose order changes with the stack: no longer bitwise).
-  one_default = plain_steps(jax.jit(step, donate_argnums=0))
-  stacked = side_by_side.stack([jax.jit(s.init_state)() for s in specs])
-  vmapped_default, _ = _median_seconds(jax.jit(jax.vmap(step), donate_argnums=0), stacked,
-                                       batch, repeats)
-  figures["xla_defaults"] = {"plain_steps_s": round(one_default, 4),
-                             "vmapped_unroll_s": round(vmapped_default, 4)}
+  defaults_s = plain_steps(jax.jit(step, donate_argnums=0))
+  figures["xla_defaults"] = {"plain_steps_s": round(defaults_s, 4),
+                             "vmapped_unroll_s": round(vmapped_step("unroll"), 4)}
   figures["compiler_options"] = options
   for rule in ("unroll", "group"):
-    os.environ["NMJAX_SEED_CONV"] = rule
-    try:
-      stacked = side_by_side.stack([jax.jit(s.init_state)() for s in specs])
-      vmapped = jax.jit(jax.vmap(step), donate_argnums=0, compiler_options=options)
-      seconds, _ = _median_seconds(vmapped, stacked, batch, repeats)
-    finally:
-      del os.environ["NMJAX_SEED_CONV"]
+    seconds = vmapped_step(rule, compiler_options=options)
     figures[f"vmapped_{rule}_s"] = round(seconds, 4)
     figures[f"speed_up_{rule}"] = round(plain_s / seconds, 3)
   return figures
